@@ -1,0 +1,99 @@
+//! The engine's one error type.
+//!
+//! Rules:
+//! - Every variant says *what* failed (a path, a key, a run) so a message is actionable without a
+//!   backtrace; frontends map variants to exit codes or errnos and never parse messages.
+//! - Corruption of stored data is a value (`Corrupt`, `MissingObject`), never a panic and never
+//!   wrong bytes handed to a caller.
+//! - `Backend` says whether retrying could help, so tiering and the CLI can decide.
+//! - Programming errors (broken invariants) are `Internal`; they should never reach a user.
+
+use std::path::PathBuf;
+
+/// Result alias used across the engine.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything the engine can fail with.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A local file-system operation failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Stored bytes do not match what the index or their own framing says they are.
+    #[error("corrupt {what}: {reason}")]
+    Corrupt { what: String, reason: String },
+    /// An object the index refers to is not in the object store.
+    #[error("missing object {key} in {backend}")]
+    MissingObject { key: String, backend: String },
+    /// The object-store backend failed.
+    #[error("backend {backend}: {op} {key}: {message}")]
+    Backend {
+        backend: String,
+        op: &'static str,
+        key: String,
+        retryable: bool,
+        message: String,
+    },
+    /// The SQLite index failed or is unreadable.
+    #[error("index {path}: {message}")]
+    Index { path: PathBuf, message: String },
+    /// A name, path, option or value given by the caller is not acceptable.
+    #[error("invalid {what}: {reason}")]
+    Invalid { what: String, reason: String },
+    /// The thing asked for does not exist.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The thing to create exists already (e.g. a run name that is sealed).
+    #[error("already exists: {0}")]
+    AlreadyExists(String),
+    /// The store is owned by another process.
+    #[error("store {path} is in use by another process ({holder})")]
+    Locked { path: PathBuf, holder: String },
+    /// The directory is not an artifactfs store (or not one this version understands).
+    #[error("{path} is not an artifactfs store: {reason}")]
+    NotAStore { path: PathBuf, reason: String },
+    /// An operation is not allowed in the object's current state (e.g. writing a sealed run).
+    #[error("{0}")]
+    State(String),
+    /// A broken internal invariant.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// An I/O error on `path` during `op`.
+    pub fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            op,
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// A caller-supplied value that is refused.
+    pub fn invalid(what: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::Invalid {
+            what: what.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Stored data that fails a check.
+    pub fn corrupt(what: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::Corrupt {
+            what: what.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// True when the error means stored data is damaged or missing.
+    pub fn is_damage(&self) -> bool {
+        matches!(self, Error::Corrupt { .. } | Error::MissingObject { .. })
+    }
+}

@@ -1,0 +1,744 @@
+//! The SQLite index: packs, chunks, runs, files and the event log.
+//!
+//! It is an index, not the source of truth: everything in it can be rebuilt from the packs'
+//! chunk tables and the manifests (`artifactfs index rebuild`, later). It runs in WAL mode with a
+//! busy timeout; writers use `BEGIN IMMEDIATE`; the schema version is SQLite's `user_version`
+//! and migrations run in order on open. Only this module runs SQL.
+//!
+//! Commit order (the invariant that keeps the store consistent after a crash): a pack is durable
+//! in the object store before its chunks are inserted here, and a manifest is durable before the
+//! run that names it is marked sealed. So the index never refers to bytes that are not stored;
+//! a crash can only leave unreferenced packs and manifests behind, which gc reclaims.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+
+use crate::codec::Codec;
+use crate::error::{Error, Result};
+use crate::id::{ChunkId, FileHash, ManifestDigest, PackId};
+use crate::manifest::{ChunkRef, Entry, Kind, Manifest, XattrValue};
+use crate::names::RunRef;
+use crate::pack::PackEntry;
+
+/// Schema version written by this build.
+pub const SCHEMA_VERSION: i64 = 1;
+
+const MIGRATIONS: &[&str] = &[
+    // 0 -> 1
+    r#"
+    CREATE TABLE packs (
+        id          INTEGER PRIMARY KEY,
+        hash        BLOB NOT NULL UNIQUE,
+        size        INTEGER NOT NULL,
+        chunks      INTEGER NOT NULL,
+        created_at  INTEGER NOT NULL
+    );
+    CREATE TABLE chunks (
+        hash        BLOB PRIMARY KEY,
+        pack        INTEGER NOT NULL REFERENCES packs(id),
+        offset      INTEGER NOT NULL,
+        stored_len  INTEGER NOT NULL,
+        raw_len     INTEGER NOT NULL,
+        codec       INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX chunks_pack ON chunks(pack);
+    CREATE TABLE runs (
+        id          INTEGER PRIMARY KEY,
+        namespace   TEXT NOT NULL,
+        name        TEXT NOT NULL,
+        state       TEXT NOT NULL,
+        manifest    BLOB,
+        created_at  INTEGER NOT NULL,
+        sealed_at   INTEGER,
+        files       INTEGER NOT NULL DEFAULT 0,
+        raw_bytes   INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE UNIQUE INDEX runs_name ON runs(namespace, name) WHERE state <> 'deleted';
+    CREATE TABLE run_meta (
+        run         INTEGER NOT NULL REFERENCES runs(id),
+        key         TEXT NOT NULL,
+        value       TEXT NOT NULL,
+        PRIMARY KEY (run, key)
+    ) WITHOUT ROWID;
+    CREATE TABLE files (
+        run         INTEGER NOT NULL REFERENCES runs(id),
+        path        TEXT NOT NULL,
+        kind        TEXT NOT NULL,
+        mode        INTEGER NOT NULL,
+        uid         INTEGER NOT NULL,
+        gid         INTEGER NOT NULL,
+        size        INTEGER NOT NULL,
+        mtime_ns    INTEGER NOT NULL,
+        blake3      BLOB,
+        chunks      BLOB,
+        target      TEXT,
+        rdev        INTEGER,
+        xattrs      TEXT,
+        PRIMARY KEY (run, path)
+    ) WITHOUT ROWID;
+    CREATE TABLE events (
+        seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+        at          INTEGER NOT NULL,
+        kind        TEXT NOT NULL,
+        namespace   TEXT,
+        run         TEXT,
+        detail      TEXT NOT NULL DEFAULT '{}'
+    );
+    "#,
+];
+
+/// A run as the index knows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunRow {
+    pub id: i64,
+    pub run: RunRef,
+    pub state: String,
+    pub manifest: Option<ManifestDigest>,
+    pub created_at_ns: i64,
+    pub sealed_at_ns: Option<i64>,
+    pub files: u64,
+    pub raw_bytes: u64,
+}
+
+/// One event of the append-only log.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct EventRow {
+    pub seq: i64,
+    pub at_ns: i64,
+    pub kind: String,
+    pub namespace: Option<String>,
+    pub run: Option<String>,
+    pub detail: serde_json::Value,
+}
+
+/// Store-wide counts.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct IndexStats {
+    pub runs_sealed: u64,
+    pub runs_open: u64,
+    pub files: u64,
+    pub raw_bytes: u64,
+    pub chunks: u64,
+    pub chunk_raw_bytes: u64,
+    pub chunk_stored_bytes: u64,
+    pub packs: u64,
+    pub pack_bytes: u64,
+}
+
+/// A chunk's location.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChunkLoc {
+    pub pack: PackId,
+    pub entry: PackEntry,
+}
+
+/// The index connection.
+pub struct Index {
+    conn: Connection,
+    path: PathBuf,
+}
+
+fn sql_err(path: &Path) -> impl Fn(rusqlite::Error) -> Error + '_ {
+    move |e| Error::Index {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    }
+}
+
+impl Index {
+    /// Opens (creating if `create`) and migrates the index at `path`.
+    pub fn open(path: &Path, create: bool) -> Result<Self> {
+        if !create && !path.exists() {
+            return Err(Error::Index {
+                path: path.to_path_buf(),
+                message: "index file is missing".into(),
+            });
+        }
+        let err = sql_err(path);
+        let conn = Connection::open(path).map_err(&err)?;
+        conn.busy_timeout(Duration::from_secs(30)).map_err(&err)?;
+        // Reading the mode also proves the file is a database (a truncated or foreign file fails).
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+            .map_err(&err)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(Error::Index {
+                path: path.to_path_buf(),
+                message: format!("cannot use WAL mode (got {mode})"),
+            });
+        }
+        conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")
+            .map_err(&err)?;
+        let mut idx = Self {
+            conn,
+            path: path.to_path_buf(),
+        };
+        idx.migrate()?;
+        Ok(idx)
+    }
+
+    fn err(&self) -> impl Fn(rusqlite::Error) -> Error + '_ {
+        sql_err(&self.path)
+    }
+
+    fn migrate(&mut self) -> Result<()> {
+        let path = self.path.clone();
+        let err = sql_err(&path);
+        let version: i64 = self
+            .conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(&err)?;
+        if version > SCHEMA_VERSION {
+            return Err(Error::Index {
+                path: path.clone(),
+                message: format!(
+                    "schema version {version} is newer than this build understands ({SCHEMA_VERSION})"
+                ),
+            });
+        }
+        if version == 0 {
+            // A new file must be empty; an index that lost its header is not silently re-created.
+            let tables: i64 = self
+                .conn
+                .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
+                .map_err(&err)?;
+            if tables != 0 {
+                return Err(Error::Index {
+                    path: path.clone(),
+                    message: "has tables but no schema version".into(),
+                });
+            }
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            let tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(&err)?;
+            tx.execute_batch(sql).map_err(&err)?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64)
+                .map_err(&err)?;
+            tx.commit().map_err(&err)?;
+        }
+        Ok(())
+    }
+
+    /// Path of the index file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether a chunk is already stored.
+    pub fn has_chunk(&self, id: &ChunkId) -> Result<bool> {
+        self.conn
+            .prepare_cached("SELECT 1 FROM chunks WHERE hash = ?1")
+            .and_then(|mut s| s.exists(params![id.as_bytes()]))
+            .map_err(self.err())
+    }
+
+    /// Where a chunk is stored.
+    pub fn chunk(&self, id: &ChunkId) -> Result<Option<ChunkLoc>> {
+        self.conn
+            .prepare_cached(
+                "SELECT p.hash, c.codec, c.raw_len, c.stored_len, c.offset
+                 FROM chunks c JOIN packs p ON p.id = c.pack WHERE c.hash = ?1",
+            )
+            .and_then(|mut s| {
+                s.query_row(params![id.as_bytes()], |r| {
+                    Ok((
+                        r.get::<_, Vec<u8>>(0)?,
+                        r.get::<_, u8>(1)?,
+                        r.get::<_, u32>(2)?,
+                        r.get::<_, u32>(3)?,
+                        r.get::<_, i64>(4)?,
+                    ))
+                })
+                .optional()
+            })
+            .map_err(self.err())?
+            .map(|(pack, codec, raw_len, stored_len, offset)| {
+                Ok(ChunkLoc {
+                    pack: PackId::from_slice(&pack)?,
+                    entry: PackEntry {
+                        chunk: *id,
+                        codec: Codec::from_u8(codec)?,
+                        raw_len,
+                        stored_len,
+                        offset: offset as u64,
+                    },
+                })
+            })
+            .transpose()
+    }
+
+    /// Records a durable pack and its chunks (chunks already indexed elsewhere are kept there).
+    pub fn insert_pack(
+        &mut self,
+        id: &PackId,
+        size: u64,
+        entries: &[PackEntry],
+        now_ns: i64,
+    ) -> Result<()> {
+        let path = self.path.clone();
+        let err = sql_err(&path);
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(&err)?;
+        tx.execute(
+            "INSERT OR IGNORE INTO packs (hash, size, chunks, created_at) VALUES (?1, ?2, ?3, ?4)",
+            params![id.as_bytes(), size as i64, entries.len() as i64, now_ns],
+        )
+        .map_err(&err)?;
+        let pack_row: i64 = tx
+            .query_row(
+                "SELECT id FROM packs WHERE hash = ?1",
+                params![id.as_bytes()],
+                |r| r.get(0),
+            )
+            .map_err(&err)?;
+        {
+            let mut ins = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO chunks (hash, pack, offset, stored_len, raw_len, codec)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )
+                .map_err(&err)?;
+            for e in entries {
+                ins.execute(params![
+                    e.chunk.as_bytes(),
+                    pack_row,
+                    e.offset as i64,
+                    e.stored_len,
+                    e.raw_len,
+                    e.codec as u8
+                ])
+                .map_err(&err)?;
+            }
+        }
+        tx.commit().map_err(&err)
+    }
+
+    /// The run with this name that is not deleted.
+    pub fn run(&self, r: &RunRef) -> Result<Option<RunRow>> {
+        self.conn
+            .prepare_cached(
+                "SELECT id, namespace, name, state, manifest, created_at, sealed_at, files, raw_bytes
+                 FROM runs WHERE namespace = ?1 AND name = ?2 AND state <> 'deleted'",
+            )
+            .and_then(|mut s| s.query_row(params![r.namespace, r.run], run_row).optional())
+            .map_err(self.err())?
+            .transpose()
+    }
+
+    /// Runs (not deleted), optionally of one namespace, by namespace and name.
+    pub fn runs(&self, namespace: Option<&str>) -> Result<Vec<RunRow>> {
+        let mut s = self
+            .conn
+            .prepare_cached(
+                "SELECT id, namespace, name, state, manifest, created_at, sealed_at, files, raw_bytes
+                 FROM runs WHERE state <> 'deleted' AND (?1 IS NULL OR namespace = ?1)
+                 ORDER BY namespace, name",
+            )
+            .map_err(self.err())?;
+        let rows = s
+            .query_map(params![namespace], run_row)
+            .map_err(self.err())?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(self.err())?;
+        rows.into_iter().collect()
+    }
+
+    /// Metadata key/values of a run.
+    pub fn run_meta(&self, run_id: i64) -> Result<Vec<(String, String)>> {
+        let mut s = self
+            .conn
+            .prepare_cached("SELECT key, value FROM run_meta WHERE run = ?1 ORDER BY key")
+            .map_err(self.err())?;
+        s.query_map(params![run_id], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(self.err())?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(self.err())
+    }
+
+    /// Records a sealed run in one transaction: run row, metadata, files and events.
+    /// Fails with [`Error::AlreadyExists`] if a run of that name exists.
+    pub fn insert_sealed_run(
+        &mut self,
+        m: &Manifest,
+        digest: &ManifestDigest,
+        now_ns: i64,
+        event_detail: serde_json::Value,
+    ) -> Result<i64> {
+        let path = self.path.clone();
+        let err = sql_err(&path);
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(&err)?;
+        let exists: Option<String> = tx
+            .query_row(
+                "SELECT state FROM runs WHERE namespace = ?1 AND name = ?2 AND state <> 'deleted'",
+                params![m.namespace, m.run],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(&err)?;
+        if let Some(state) = exists {
+            return Err(Error::AlreadyExists(format!(
+                "run {}/{} ({state})",
+                m.namespace, m.run
+            )));
+        }
+        let files = m.entries.iter().filter(|e| e.kind != Kind::Dir).count();
+        tx.execute(
+            "INSERT INTO runs (namespace, name, state, manifest, created_at, sealed_at, files, raw_bytes)
+             VALUES (?1, ?2, 'sealed', ?3, ?4, ?4, ?5, ?6)",
+            params![
+                m.namespace,
+                m.run,
+                digest.as_bytes(),
+                now_ns,
+                files as i64,
+                m.raw_bytes() as i64
+            ],
+        )
+        .map_err(&err)?;
+        let run_id = tx.last_insert_rowid();
+        {
+            let mut meta = tx
+                .prepare_cached("INSERT INTO run_meta (run, key, value) VALUES (?1, ?2, ?3)")
+                .map_err(&err)?;
+            for (k, v) in &m.metadata {
+                meta.execute(params![run_id, k, v]).map_err(&err)?;
+            }
+            let mut ins = tx
+                .prepare_cached(
+                    "INSERT INTO files (run, path, kind, mode, uid, gid, size, mtime_ns, blake3, chunks,
+                                        target, rdev, xattrs)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                )
+                .map_err(&err)?;
+            for e in &m.entries {
+                let xattrs = if e.xattrs.is_empty() {
+                    None
+                } else {
+                    Some(
+                        serde_json::to_string(&e.xattrs)
+                            .map_err(|x| Error::Internal(x.to_string()))?,
+                    )
+                };
+                ins.execute(params![
+                    run_id,
+                    e.path,
+                    e.kind.as_str(),
+                    e.mode,
+                    e.uid,
+                    e.gid,
+                    e.size as i64,
+                    e.mtime_ns,
+                    e.blake3.map(|h| h.0.to_vec()),
+                    (!e.chunks.is_empty()).then(|| e.chunk_blob()),
+                    e.target,
+                    e.rdev.map(|d| d as i64),
+                    xattrs,
+                ])
+                .map_err(&err)?;
+            }
+        }
+        let run_name = Some(m.run.as_str());
+        let ns = Some(m.namespace.as_str());
+        append_event(
+            &tx,
+            now_ns,
+            "run.opened",
+            ns,
+            run_name,
+            &serde_json::json!({}),
+        )
+        .map_err(&err)?;
+        append_event(&tx, now_ns, "run.sealed", ns, run_name, &event_detail).map_err(&err)?;
+        tx.commit().map_err(&err)?;
+        Ok(run_id)
+    }
+
+    /// One entry of a run.
+    pub fn file(&self, run_id: i64, path: &str) -> Result<Option<Entry>> {
+        self.conn
+            .prepare_cached(&format!(
+                "SELECT {FILE_COLS} FROM files WHERE run = ?1 AND path = ?2"
+            ))
+            .and_then(|mut s| s.query_row(params![run_id, path], file_row).optional())
+            .map_err(self.err())?
+            .transpose()
+    }
+
+    /// All entries of a run, by path.
+    pub fn files(&self, run_id: i64) -> Result<Vec<Entry>> {
+        let mut s = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {FILE_COLS} FROM files WHERE run = ?1 ORDER BY path"
+            ))
+            .map_err(self.err())?;
+        let rows = s
+            .query_map(params![run_id], file_row)
+            .map_err(self.err())?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(self.err())?;
+        rows.into_iter().collect()
+    }
+
+    /// The direct children of directory `dir` ("" or "." for the run root).
+    pub fn children(&self, run_id: i64, dir: &str) -> Result<Vec<Entry>> {
+        let (lo, hi) = if dir.is_empty() || dir == "." {
+            (String::new(), "\u{10FFFF}".to_string())
+        } else {
+            (format!("{dir}/"), format!("{dir}0"))
+        };
+        let mut s = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {FILE_COLS} FROM files WHERE run = ?1 AND path > ?2 AND path < ?3 ORDER BY path"
+            ))
+            .map_err(self.err())?;
+        let rows = s
+            .query_map(params![run_id, lo, hi], file_row)
+            .map_err(self.err())?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(self.err())?;
+        let mut out = Vec::new();
+        for e in rows {
+            let e = e?;
+            if e.path != "." && !e.path[lo.len()..].contains('/') {
+                out.push(e);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every distinct chunk referenced by the given sealed runs (all when `None`), with the
+    /// (run, path) pairs that reference it.
+    pub fn referenced_chunks(
+        &self,
+        runs: &[RunRow],
+    ) -> Result<std::collections::HashMap<ChunkId, Vec<(RunRef, String)>>> {
+        let mut out: std::collections::HashMap<ChunkId, Vec<(RunRef, String)>> =
+            std::collections::HashMap::new();
+        let mut s = self
+            .conn
+            .prepare_cached("SELECT path, chunks FROM files WHERE run = ?1 AND chunks IS NOT NULL")
+            .map_err(self.err())?;
+        for run in runs {
+            let rows = s
+                .query_map(params![run.id], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
+                })
+                .map_err(self.err())?;
+            for row in rows {
+                let (path, blob) = row.map_err(self.err())?;
+                for c in Entry::chunks_from_blob(&blob)? {
+                    let refs = out.entry(c.0).or_default();
+                    if refs.last().map(|(r, p)| (r, p)) != Some((&run.run, &path)) {
+                        refs.push((run.run.clone(), path.clone()));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// All packs: id and size.
+    pub fn packs(&self) -> Result<Vec<(PackId, u64)>> {
+        let mut s = self
+            .conn
+            .prepare_cached("SELECT hash, size FROM packs ORDER BY id")
+            .map_err(self.err())?;
+        let rows = s
+            .query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?)))
+            .map_err(self.err())?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(self.err())?;
+        rows.into_iter()
+            .map(|(h, s)| Ok((PackId::from_slice(&h)?, s as u64)))
+            .collect()
+    }
+
+    /// Appends an event outside of any other change.
+    pub fn event(
+        &mut self,
+        now_ns: i64,
+        kind: &str,
+        run: Option<&RunRef>,
+        detail: &serde_json::Value,
+    ) -> Result<i64> {
+        let path = self.path.clone();
+        append_event(
+            &self.conn,
+            now_ns,
+            kind,
+            run.map(|r| r.namespace.as_str()),
+            run.map(|r| r.run.as_str()),
+            detail,
+        )
+        .map_err(sql_err(&path))
+    }
+
+    /// Events with `seq > after`, in order, at most `limit`.
+    pub fn events(&self, after: i64, limit: usize) -> Result<Vec<EventRow>> {
+        let mut s = self
+            .conn
+            .prepare_cached(
+                "SELECT seq, at, kind, namespace, run, detail FROM events WHERE seq > ?1
+                 ORDER BY seq LIMIT ?2",
+            )
+            .map_err(self.err())?;
+        let rows = s
+            .query_map(params![after, limit as i64], |r| {
+                Ok(EventRow {
+                    seq: r.get(0)?,
+                    at_ns: r.get(1)?,
+                    kind: r.get(2)?,
+                    namespace: r.get(3)?,
+                    run: r.get(4)?,
+                    detail: serde_json::from_str(&r.get::<_, String>(5)?)
+                        .unwrap_or(serde_json::Value::Null),
+                })
+            })
+            .map_err(self.err())?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(self.err())?;
+        Ok(rows)
+    }
+
+    /// Store-wide counts.
+    pub fn stats(&self) -> Result<IndexStats> {
+        let q = |sql: &str| -> Result<i64> {
+            self.conn
+                .query_row(sql, [], |r| r.get::<_, Option<i64>>(0))
+                .map(|v| v.unwrap_or(0))
+                .map_err(self.err())
+        };
+        Ok(IndexStats {
+            runs_sealed: q("SELECT count(*) FROM runs WHERE state = 'sealed'")? as u64,
+            runs_open: q("SELECT count(*) FROM runs WHERE state = 'open'")? as u64,
+            files: q("SELECT sum(files) FROM runs WHERE state = 'sealed'")? as u64,
+            raw_bytes: q("SELECT sum(raw_bytes) FROM runs WHERE state = 'sealed'")? as u64,
+            chunks: q("SELECT count(*) FROM chunks")? as u64,
+            chunk_raw_bytes: q("SELECT sum(raw_len) FROM chunks")? as u64,
+            chunk_stored_bytes: q("SELECT sum(stored_len) FROM chunks")? as u64,
+            packs: q("SELECT count(*) FROM packs")? as u64,
+            pack_bytes: q("SELECT sum(size) FROM packs")? as u64,
+        })
+    }
+}
+
+const FILE_COLS: &str =
+    "path, kind, mode, uid, gid, size, mtime_ns, blake3, chunks, target, rdev, xattrs";
+
+type FileRowRaw = (
+    String,
+    String,
+    u32,
+    u32,
+    u32,
+    i64,
+    i64,
+    Option<Vec<u8>>,
+    Option<Vec<u8>>,
+    Option<String>,
+    Option<i64>,
+    Option<String>,
+);
+
+fn file_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Entry>> {
+    let raw: FileRowRaw = (
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+        r.get(6)?,
+        r.get(7)?,
+        r.get(8)?,
+        r.get(9)?,
+        r.get(10)?,
+        r.get(11)?,
+    );
+    Ok(entry_from_raw(raw))
+}
+
+fn entry_from_raw(raw: FileRowRaw) -> Result<Entry> {
+    let (path, kind, mode, uid, gid, size, mtime_ns, blake3, chunks, target, rdev, xattrs) = raw;
+    let xattrs = match xattrs {
+        None => Default::default(),
+        Some(s) => serde_json::from_str::<std::collections::BTreeMap<String, XattrValue>>(&s)
+            .map_err(|e| Error::corrupt(format!("xattrs of {path}"), e.to_string()))?,
+    };
+    let chunks: Vec<ChunkRef> = match chunks {
+        None => Vec::new(),
+        Some(b) => Entry::chunks_from_blob(&b)?,
+    };
+    Ok(Entry {
+        kind: Kind::parse(&kind)?,
+        mode,
+        uid,
+        gid,
+        size: size as u64,
+        mtime_ns,
+        blake3: blake3.map(|b| FileHash::from_slice(&b)).transpose()?,
+        chunks,
+        target,
+        rdev: rdev.map(|d| d as u64),
+        xattrs,
+        path,
+    })
+}
+
+fn run_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<RunRow>> {
+    let manifest: Option<Vec<u8>> = r.get(4)?;
+    let row = (
+        r.get::<_, i64>(0)?,
+        r.get::<_, String>(1)?,
+        r.get::<_, String>(2)?,
+        r.get::<_, String>(3)?,
+        r.get::<_, i64>(5)?,
+        r.get::<_, Option<i64>>(6)?,
+        r.get::<_, i64>(7)?,
+        r.get::<_, i64>(8)?,
+    );
+    Ok((|| {
+        Ok(RunRow {
+            id: row.0,
+            run: RunRef {
+                namespace: row.1,
+                run: row.2,
+            },
+            state: row.3,
+            manifest: manifest
+                .map(|m| ManifestDigest::from_slice(&m))
+                .transpose()?,
+            created_at_ns: row.4,
+            sealed_at_ns: row.5,
+            files: row.6 as u64,
+            raw_bytes: row.7 as u64,
+        })
+    })())
+}
+
+fn append_event(
+    conn: &Connection,
+    now_ns: i64,
+    kind: &str,
+    namespace: Option<&str>,
+    run: Option<&str>,
+    detail: &serde_json::Value,
+) -> rusqlite::Result<i64> {
+    conn.prepare_cached(
+        "INSERT INTO events (at, kind, namespace, run, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![now_ns, kind, namespace, run, detail.to_string()])?;
+    Ok(conn.last_insert_rowid())
+}

@@ -1,0 +1,350 @@
+//! The object-store trait and its local implementations.
+//!
+//! Keys are `/`-separated relative names (`packs/ab/ab12…`, `manifests/cd/cd34…`). `put` is atomic
+//! and durable when it returns: readers see the whole object or none of it, and a crash after
+//! `put` returns does not lose it. Objects are immutable once written; a second `put` of the same
+//! key with the same bytes is a no-op in effect.
+//!
+//! Implementations here: [`LocalStore`] (a directory; the embedded default) and [`MemoryStore`]
+//! (for unit tests). The S3 / Ceph RGW implementation lives in its own crate.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{ErrorKind, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use crate::error::{Error, Result};
+
+/// One listed object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectMeta {
+    pub key: String,
+    pub size: u64,
+}
+
+/// Storage for immutable, whole objects.
+pub trait ObjectStore: Send + Sync {
+    /// A short description for messages (`local:/path`, `s3://bucket/prefix`).
+    fn describe(&self) -> String;
+    /// Stores `data` under `key`, atomically and durably.
+    fn put(&self, key: &str, data: &[u8]) -> Result<()>;
+    /// Reads a whole object. A missing object is [`Error::MissingObject`].
+    fn get(&self, key: &str) -> Result<Vec<u8>>;
+    /// Reads `len` bytes at `offset`. Reading past the end is [`Error::Corrupt`].
+    fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>>;
+    /// The object's size, or `None` if it does not exist.
+    fn head(&self, key: &str) -> Result<Option<u64>>;
+    /// All objects whose key starts with `prefix`, sorted by key.
+    fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>>;
+    /// Removes an object; removing a missing object is not an error.
+    fn delete(&self, key: &str) -> Result<()>;
+}
+
+fn check_key(key: &str) -> Result<()> {
+    let ok = !key.is_empty()
+        && !key.starts_with('/')
+        && key
+            .split('/')
+            .all(|c| !c.is_empty() && c != "." && c != ".." && !c.starts_with(".tmp"));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid("object key", format!("{key:?}")))
+    }
+}
+
+/// Objects as files under a root directory.
+pub struct LocalStore {
+    root: PathBuf,
+}
+
+impl LocalStore {
+    /// A store rooted at `root`, created if missing.
+    pub fn open(root: impl Into<PathBuf>) -> Result<Self> {
+        let root = root.into();
+        fs::create_dir_all(&root).map_err(|e| Error::io("create directory", &root, e))?;
+        Ok(Self { root })
+    }
+
+    fn path(&self, key: &str) -> Result<PathBuf> {
+        check_key(key)?;
+        Ok(self.root.join(key))
+    }
+
+    fn missing(&self, key: &str) -> Error {
+        Error::MissingObject {
+            key: key.to_owned(),
+            backend: self.describe(),
+        }
+    }
+
+    fn open_read(&self, key: &str) -> Result<(File, PathBuf)> {
+        let path = self.path(key)?;
+        match File::open(&path) {
+            Ok(f) => Ok((f, path)),
+            Err(e) if e.kind() == ErrorKind::NotFound => Err(self.missing(key)),
+            Err(e) => Err(Error::io("open", path, e)),
+        }
+    }
+}
+
+/// fsyncs a directory so that a rename or create inside it is durable.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io("fsync directory", dir, e))
+}
+
+impl ObjectStore for LocalStore {
+    fn describe(&self) -> String {
+        format!("local:{}", self.root.display())
+    }
+
+    fn put(&self, key: &str, data: &[u8]) -> Result<()> {
+        let path = self.path(key)?;
+        let dir = path.parent().unwrap_or(&self.root).to_path_buf();
+        if !dir.is_dir() {
+            fs::create_dir_all(&dir).map_err(|e| Error::io("create directory", &dir, e))?;
+            if let Some(up) = dir.parent() {
+                sync_dir(up)?;
+            }
+        }
+        let tmp = dir.join(format!(
+            ".tmp-{}-{}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        let write = || -> std::io::Result<()> {
+            let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+            f.write_all(data)?;
+            f.sync_all()?;
+            Ok(())
+        };
+        if let Err(e) = write() {
+            let _ = fs::remove_file(&tmp);
+            return Err(Error::io("write", &tmp, e));
+        }
+        if let Err(e) = fs::rename(&tmp, &path) {
+            let _ = fs::remove_file(&tmp);
+            return Err(Error::io("rename into place", &path, e));
+        }
+        sync_dir(&dir)
+    }
+
+    fn get(&self, key: &str) -> Result<Vec<u8>> {
+        let (mut f, path) = self.open_read(key)?;
+        let mut out = Vec::new();
+        f.read_to_end(&mut out)
+            .map_err(|e| Error::io("read", &path, e))?;
+        Ok(out)
+    }
+
+    fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let (mut f, path) = self.open_read(key)?;
+        f.seek(SeekFrom::Start(offset))
+            .map_err(|e| Error::io("seek", &path, e))?;
+        let mut out = vec![0u8; len as usize];
+        match f.read_exact(&mut out) {
+            Ok(()) => Ok(out),
+            Err(e) if e.kind() == ErrorKind::UnexpectedEof => Err(Error::corrupt(
+                format!("object {key}"),
+                format!("truncated: cannot read {len} bytes at offset {offset}"),
+            )),
+            Err(e) => Err(Error::io("read", &path, e)),
+        }
+    }
+
+    fn head(&self, key: &str) -> Result<Option<u64>> {
+        let path = self.path(key)?;
+        match fs::metadata(&path) {
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io("stat", path, e)),
+        }
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
+        let mut out = Vec::new();
+        let mut stack = vec![self.root.clone()];
+        while let Some(dir) = stack.pop() {
+            let rd = match fs::read_dir(&dir) {
+                Ok(rd) => rd,
+                Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                Err(e) => return Err(Error::io("list", dir, e)),
+            };
+            for ent in rd {
+                let ent = ent.map_err(|e| Error::io("list", &dir, e))?;
+                let path = ent.path();
+                let name = ent.file_name();
+                if name.to_string_lossy().starts_with(".tmp") {
+                    continue;
+                }
+                let ft = ent.file_type().map_err(|e| Error::io("stat", &path, e))?;
+                let Ok(rel) = path.strip_prefix(&self.root) else {
+                    continue;
+                };
+                let key = rel.to_string_lossy().into_owned();
+                if ft.is_dir() {
+                    if key.starts_with(prefix) || prefix.starts_with(&format!("{key}/")) {
+                        stack.push(path);
+                    }
+                } else if ft.is_file() && key.starts_with(prefix) {
+                    let size = ent
+                        .metadata()
+                        .map_err(|e| Error::io("stat", &path, e))?
+                        .len();
+                    out.push(ObjectMeta { key, size });
+                }
+            }
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    fn delete(&self, key: &str) -> Result<()> {
+        let path = self.path(key)?;
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io("delete", path, e)),
+        }
+    }
+}
+
+/// Objects in memory; for unit tests of the engine.
+#[derive(Default)]
+pub struct MemoryStore {
+    objects: Mutex<BTreeMap<String, Vec<u8>>>,
+}
+
+impl MemoryStore {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Vec<u8>>> {
+        self.objects.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl ObjectStore for MemoryStore {
+    fn describe(&self) -> String {
+        "memory".into()
+    }
+    fn put(&self, key: &str, data: &[u8]) -> Result<()> {
+        check_key(key)?;
+        self.lock().insert(key.to_owned(), data.to_vec());
+        Ok(())
+    }
+    fn get(&self, key: &str) -> Result<Vec<u8>> {
+        self.lock()
+            .get(key)
+            .cloned()
+            .ok_or_else(|| Error::MissingObject {
+                key: key.to_owned(),
+                backend: self.describe(),
+            })
+    }
+    fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let all = self.get(key)?;
+        let end = offset.checked_add(len).filter(|e| *e <= all.len() as u64);
+        match end {
+            Some(end) => Ok(all[offset as usize..end as usize].to_vec()),
+            None => Err(Error::corrupt(
+                format!("object {key}"),
+                format!("truncated: cannot read {len} bytes at offset {offset}"),
+            )),
+        }
+    }
+    fn head(&self, key: &str) -> Result<Option<u64>> {
+        Ok(self.lock().get(key).map(|v| v.len() as u64))
+    }
+    fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
+        Ok(self
+            .lock()
+            .range(prefix.to_owned()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| ObjectMeta {
+                key: k.clone(),
+                size: v.len() as u64,
+            })
+            .collect())
+    }
+    fn delete(&self, key: &str) -> Result<()> {
+        self.lock().remove(key);
+        Ok(())
+    }
+}
+
+/// The conformance suite every [`ObjectStore`] must pass; backends' tests call it.
+pub fn conformance(store: &dyn ObjectStore) -> Result<()> {
+    let fail = |what: &str| Err(Error::Internal(format!("conformance: {what}")));
+    let k1 = "conformance/a/one";
+    let k2 = "conformance/a/two";
+    let k3 = "conformance/b/three";
+    for k in [k1, k2, k3] {
+        store.delete(k)?;
+    }
+    if store.head(k1)?.is_some() {
+        return fail("head of a missing object is Some");
+    }
+    match store.get(k1) {
+        Err(Error::MissingObject { .. }) => {}
+        _ => return fail("get of a missing object is not MissingObject"),
+    }
+    let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    store.put(k1, &data)?;
+    store.put(k2, b"")?;
+    store.put(k3, b"three")?;
+    if store.get(k1)? != data {
+        return fail("get returned other bytes");
+    }
+    if store.head(k1)? != Some(data.len() as u64) || store.head(k2)? != Some(0) {
+        return fail("head size");
+    }
+    if store.get_range(k1, 1000, 10)? != data[1000..1010] {
+        return fail("get_range returned other bytes");
+    }
+    if store.get_range(k1, data.len() as u64 - 5, 10).is_ok() {
+        return fail("get_range past the end succeeded");
+    }
+    let listed: Vec<String> = store
+        .list("conformance/a/")?
+        .into_iter()
+        .map(|m| m.key)
+        .collect();
+    if listed != [k1, k2] {
+        return fail(&format!("list returned {listed:?}"));
+    }
+    let all = store.list("conformance/")?;
+    if all.len() != 3 || all.iter().find(|m| m.key == k3).map(|m| m.size) != Some(5) {
+        return fail("list of the whole prefix");
+    }
+    store.put(k3, b"three")?;
+    store.delete(k1)?;
+    store.delete(k1)?;
+    if store.head(k1)?.is_some() {
+        return fail("deleted object still there");
+    }
+    for bad in ["", "/abs", "a/../b", "a//b"] {
+        if store.put(bad, b"x").is_ok() {
+            return fail(&format!("bad key {bad:?} accepted"));
+        }
+    }
+    store.delete(k2)?;
+    store.delete(k3)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_conformance() {
+        conformance(&MemoryStore::default()).unwrap();
+    }
+
+    #[test]
+    fn local_conformance() {
+        let dir = tempfile::tempdir().unwrap();
+        conformance(&LocalStore::open(dir.path()).unwrap()).unwrap();
+    }
+}

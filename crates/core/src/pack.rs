@@ -1,0 +1,270 @@
+//! Pack files: append-only containers of stored chunks that describe themselves.
+//!
+//! Layout (version 1, all integers little-endian; see `docs/format.md`):
+//!
+//! ```text
+//! header   "AFSPACK1"                                   8 bytes
+//! blobs    the stored bytes of each chunk, back to back
+//! table    one 49-byte entry per chunk:
+//!            chunk id (BLAKE3 of plaintext)            32
+//!            codec (0 raw, 1 zstd)                      1
+//!            raw length                                 4
+//!            stored length                              4
+//!            offset of the blob from the pack start     8
+//! footer   table length in bytes                        8
+//!          BLAKE3 of the table                         32
+//!          "AFSPEND1"                                   8
+//! ```
+//!
+//! A pack's id is the BLAKE3 of all its bytes, so a pack names itself and any damage to it is
+//! detectable. The table lets the index be rebuilt from packs alone. Packs are built in memory
+//! up to a target size, then written once with [`ObjectStore::put`] (durable on return) before
+//! the index may refer to any chunk in them.
+
+use crate::codec::{self, Codec};
+use crate::error::{Error, Result};
+use crate::id::{ChunkId, PackId};
+use crate::objstore::ObjectStore;
+
+pub const HEADER: &[u8; 8] = b"AFSPACK1";
+pub const FOOTER_MAGIC: &[u8; 8] = b"AFSPEND1";
+pub const ENTRY_LEN: usize = 49;
+pub const FOOTER_LEN: usize = 48;
+
+/// Where one chunk lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PackEntry {
+    pub chunk: ChunkId,
+    pub codec: Codec,
+    pub raw_len: u32,
+    pub stored_len: u32,
+    pub offset: u64,
+}
+
+/// The object key of a pack.
+pub fn pack_key(id: &PackId) -> String {
+    let hex = id.to_hex();
+    format!("packs/{}/{hex}", &hex[..2])
+}
+
+/// Parses a pack id back out of its key.
+pub fn pack_id_from_key(key: &str) -> Option<PackId> {
+    key.strip_prefix("packs/")?.rsplit('/').next()?.parse().ok()
+}
+
+/// A pack being assembled in memory.
+pub struct PackBuilder {
+    buf: Vec<u8>,
+    entries: Vec<PackEntry>,
+}
+
+impl Default for PackBuilder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PackBuilder {
+    pub fn new() -> Self {
+        let mut buf = Vec::with_capacity(1 << 20);
+        buf.extend_from_slice(HEADER);
+        Self {
+            buf,
+            entries: Vec::new(),
+        }
+    }
+
+    /// Bytes so far (header and blobs).
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn entries(&self) -> &[PackEntry] {
+        &self.entries
+    }
+
+    /// Appends one stored chunk.
+    pub fn add(&mut self, chunk: ChunkId, codec: Codec, raw_len: usize, stored: &[u8]) {
+        let offset = self.buf.len() as u64;
+        self.buf.extend_from_slice(stored);
+        self.entries.push(PackEntry {
+            chunk,
+            codec,
+            raw_len: raw_len as u32,
+            stored_len: stored.len() as u32,
+            offset,
+        });
+    }
+
+    /// Seals the pack: appends table and footer, returns its id, bytes and entries.
+    pub fn finish(mut self) -> (PackId, Vec<u8>, Vec<PackEntry>) {
+        let table = encode_table(&self.entries);
+        self.buf.extend_from_slice(&table);
+        self.buf
+            .extend_from_slice(&(table.len() as u64).to_le_bytes());
+        self.buf.extend_from_slice(blake3::hash(&table).as_bytes());
+        self.buf.extend_from_slice(FOOTER_MAGIC);
+        let id = PackId::of(&self.buf);
+        (id, self.buf, self.entries)
+    }
+}
+
+fn encode_table(entries: &[PackEntry]) -> Vec<u8> {
+    let mut t = Vec::with_capacity(entries.len() * ENTRY_LEN);
+    for e in entries {
+        t.extend_from_slice(e.chunk.as_bytes());
+        t.push(e.codec as u8);
+        t.extend_from_slice(&e.raw_len.to_le_bytes());
+        t.extend_from_slice(&e.stored_len.to_le_bytes());
+        t.extend_from_slice(&e.offset.to_le_bytes());
+    }
+    t
+}
+
+fn le_u32(b: &[u8]) -> u32 {
+    u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+}
+
+fn le_u64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_le_bytes(a)
+}
+
+/// Parses and checks a pack's chunk table, reading only its tail from the store.
+pub fn read_table(store: &dyn ObjectStore, key: &str) -> Result<Vec<PackEntry>> {
+    let what = || format!("pack {key}");
+    let size = store.head(key)?.ok_or_else(|| Error::MissingObject {
+        key: key.to_owned(),
+        backend: store.describe(),
+    })?;
+    if size < (HEADER.len() + FOOTER_LEN) as u64 {
+        return Err(Error::corrupt(what(), format!("only {size} bytes")));
+    }
+    let footer = store.get_range(key, size - FOOTER_LEN as u64, FOOTER_LEN as u64)?;
+    if &footer[40..48] != FOOTER_MAGIC {
+        return Err(Error::corrupt(what(), "no pack footer (truncated?)"));
+    }
+    let table_len = le_u64(&footer[0..8]);
+    let blobs_end = size - FOOTER_LEN as u64;
+    if table_len % ENTRY_LEN as u64 != 0 || table_len > blobs_end - HEADER.len() as u64 {
+        return Err(Error::corrupt(
+            what(),
+            format!("bad table length {table_len}"),
+        ));
+    }
+    let table_start = blobs_end - table_len;
+    let table = store.get_range(key, table_start, table_len)?;
+    if blake3::hash(&table).as_bytes() != &footer[8..40] {
+        return Err(Error::corrupt(what(), "chunk table checksum mismatch"));
+    }
+    let mut out = Vec::with_capacity(table.len() / ENTRY_LEN);
+    for e in table.chunks_exact(ENTRY_LEN) {
+        let entry = PackEntry {
+            chunk: ChunkId::from_slice(&e[0..32])?,
+            codec: Codec::from_u8(e[32])?,
+            raw_len: le_u32(&e[33..37]),
+            stored_len: le_u32(&e[37..41]),
+            offset: le_u64(&e[41..49]),
+        };
+        if entry.offset < HEADER.len() as u64
+            || entry.offset + u64::from(entry.stored_len) > table_start
+        {
+            return Err(Error::corrupt(
+                what(),
+                format!("entry for chunk {} points outside the pack", entry.chunk),
+            ));
+        }
+        out.push(entry);
+    }
+    Ok(out)
+}
+
+/// Reads one chunk's plaintext, checking its length and hash.
+pub fn read_chunk(store: &dyn ObjectStore, pack: &PackId, e: &PackEntry) -> Result<Vec<u8>> {
+    let key = pack_key(pack);
+    let stored = store.get_range(&key, e.offset, u64::from(e.stored_len))?;
+    decode_chunk(&key, e, &stored)
+}
+
+/// Decodes stored bytes of a chunk, checking its length and hash.
+pub fn decode_chunk(key: &str, e: &PackEntry, stored: &[u8]) -> Result<Vec<u8>> {
+    let what = || format!("chunk {} in {key}", e.chunk);
+    let data = codec::decode(e.codec, stored, e.raw_len as usize, &what)?;
+    if ChunkId::of(&data) != e.chunk {
+        return Err(Error::corrupt(
+            what(),
+            "content does not match its BLAKE3 id",
+        ));
+    }
+    Ok(data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::objstore::MemoryStore;
+
+    fn build(chunks: &[&[u8]]) -> (PackId, Vec<u8>, Vec<PackEntry>) {
+        let mut b = PackBuilder::new();
+        let mut out = Vec::new();
+        for c in chunks {
+            let codec = codec::encode(c, 3, &mut out).unwrap();
+            b.add(ChunkId::of(c), codec, c.len(), &out);
+        }
+        b.finish()
+    }
+
+    #[test]
+    fn round_trip_through_store() {
+        let text = b"hello hello hello hello hello hello hello hello hello hello".repeat(50);
+        let chunks: [&[u8]; 3] = [b"a", &text, b""];
+        let (id, bytes, entries) = build(&chunks);
+        assert_eq!(id, PackId::of(&bytes));
+        let store = MemoryStore::default();
+        store.put(&pack_key(&id), &bytes).unwrap();
+        assert_eq!(pack_id_from_key(&pack_key(&id)), Some(id));
+        let table = read_table(&store, &pack_key(&id)).unwrap();
+        assert_eq!(table, entries);
+        for (c, e) in chunks.iter().zip(&table) {
+            assert_eq!(&read_chunk(&store, &id, e).unwrap()[..], *c);
+        }
+    }
+
+    #[test]
+    fn damage_is_detected() {
+        let text = b"0123456789abcdef".repeat(100);
+        let (id, bytes, entries) = build(&[&text]);
+        let store = MemoryStore::default();
+        let key = pack_key(&id);
+        // A flipped byte inside the blob.
+        let mut bad = bytes.clone();
+        bad[HEADER.len() + 3] ^= 0x40;
+        store.put(&key, &bad).unwrap();
+        assert!(
+            read_chunk(&store, &id, &entries[0])
+                .unwrap_err()
+                .is_damage()
+        );
+        // A truncated pack.
+        store.put(&key, &bytes[..bytes.len() - 10]).unwrap();
+        assert!(read_table(&store, &key).unwrap_err().is_damage());
+        // A flipped byte in the table.
+        let mut bad = bytes.clone();
+        let n = bad.len();
+        bad[n - FOOTER_LEN - 5] ^= 1;
+        store.put(&key, &bad).unwrap();
+        assert!(read_table(&store, &key).unwrap_err().is_damage());
+        // Missing.
+        store.delete(&key).unwrap();
+        assert!(
+            read_chunk(&store, &id, &entries[0])
+                .unwrap_err()
+                .is_damage()
+        );
+    }
+}

@@ -1,0 +1,385 @@
+//! A store: one directory holding the config, the lock, the SQLite index and (for the local
+//! backend) the objects. One process owns a store at a time: `open` takes an exclusive lock on
+//! `STORE/lock` and fails with [`Error::Locked`] if another process holds it.
+//!
+//! ```text
+//! STORE/config.toml      format version, store id, chunker and compression settings
+//! STORE/lock             flock()ed by the owner; holds its pid for messages
+//! STORE/index.sqlite     the index (WAL)
+//! STORE/objects/         the local object store: packs/…, manifests/…
+//! ```
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde::{Deserialize, Serialize};
+
+use crate::chunker::ChunkerParams;
+use crate::clock::{Clock, SystemClock, to_unix_ns};
+use crate::error::{Error, Result};
+use crate::id::ManifestDigest;
+use crate::index::{Index, IndexStats, RunRow};
+use crate::manifest::{self, Entry, Kind, Manifest};
+use crate::names::RunRef;
+use crate::objstore::{LocalStore, ObjectStore};
+use crate::pack;
+use crate::writer::{ChunkWriter, WriterConfig};
+
+/// Version of the store layout written by this build.
+pub const STORE_FORMAT: u32 = 1;
+
+/// Settings fixed at `init`, kept in `config.toml`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreConfig {
+    pub format: u32,
+    pub store_id: String,
+    pub chunker: ChunkerParams,
+    /// zstd level for chunks (0 stores everything raw).
+    pub compression_level: i32,
+    /// Packs are written once they reach this many bytes.
+    pub pack_target_size: u64,
+}
+
+/// Options for [`Store::init`].
+#[derive(Clone, Debug)]
+pub struct InitOptions {
+    pub chunker: ChunkerParams,
+    pub compression_level: i32,
+    pub pack_target_size: u64,
+}
+
+impl Default for InitOptions {
+    fn default() -> Self {
+        Self {
+            chunker: ChunkerParams::default(),
+            compression_level: 3,
+            pack_target_size: 16 * 1024 * 1024,
+        }
+    }
+}
+
+/// Progress reporting hooks for long operations; frontends draw bars with them.
+pub trait Progress: Sync {
+    /// The total amount of work, in bytes, once known.
+    fn set_total(&self, _bytes: u64) {}
+    /// Work done since the last call.
+    fn inc(&self, _bytes: u64) {}
+}
+
+/// Reports nothing.
+pub struct NoProgress;
+impl Progress for NoProgress {}
+
+/// An open store.
+pub struct Store {
+    root: PathBuf,
+    config: StoreConfig,
+    pub(crate) index: Arc<Mutex<Index>>,
+    pub(crate) objects: Arc<dyn ObjectStore>,
+    pub(crate) clock: Arc<dyn Clock>,
+    _lock: File,
+}
+
+fn config_path(root: &Path) -> PathBuf {
+    root.join("config.toml")
+}
+
+impl Store {
+    /// Creates a new store in `root` (which may exist but must be empty) and opens it.
+    pub fn init(root: &Path, opts: &InitOptions) -> Result<Self> {
+        opts.chunker.validate()?;
+        if !(0..=19).contains(&opts.compression_level) {
+            return Err(Error::invalid(
+                "compression level",
+                format!("{} (0..=19)", opts.compression_level),
+            ));
+        }
+        if !(1 << 20..=1 << 30).contains(&opts.pack_target_size) {
+            return Err(Error::invalid(
+                "pack target size",
+                format!("{} (1 MiB ..= 1 GiB)", opts.pack_target_size),
+            ));
+        }
+        if root.exists() {
+            let mut rd = fs::read_dir(root).map_err(|e| Error::io("read directory", root, e))?;
+            if rd.next().is_some() {
+                if config_path(root).exists() {
+                    return Err(Error::AlreadyExists(format!(
+                        "store {} (already initialised)",
+                        root.display()
+                    )));
+                }
+                return Err(Error::invalid(
+                    "store directory",
+                    format!("{} exists and is not empty", root.display()),
+                ));
+            }
+        }
+        fs::create_dir_all(root).map_err(|e| Error::io("create directory", root, e))?;
+        let config = StoreConfig {
+            format: STORE_FORMAT,
+            store_id: format!("{:032x}", rand::random::<u128>()),
+            chunker: opts.chunker,
+            compression_level: opts.compression_level,
+            pack_target_size: opts.pack_target_size,
+        };
+        let text = toml::to_string_pretty(&config)
+            .map_err(|e| Error::Internal(format!("config encode: {e}")))?;
+        let tmp = root.join("config.toml.tmp");
+        let write = || -> std::io::Result<()> {
+            let mut f = File::create(&tmp)?;
+            f.write_all(b"# artifactfs store configuration; written by `artifactfs init`.\n")?;
+            f.write_all(text.as_bytes())?;
+            f.sync_all()
+        };
+        write().map_err(|e| Error::io("write", &tmp, e))?;
+        fs::rename(&tmp, config_path(root))
+            .map_err(|e| Error::io("rename into place", config_path(root), e))?;
+        crate::objstore::sync_dir(root)?;
+        tracing::info!(store = %root.display(), id = %config.store_id, "store initialised");
+        Self::open(root)
+    }
+
+    /// Opens an existing store with the local object store and the system clock.
+    pub fn open(root: &Path) -> Result<Self> {
+        let objects = Arc::new(LocalStore::open(root.join("objects"))?);
+        Self::open_with(root, objects, Arc::new(SystemClock))
+    }
+
+    /// Opens an existing store with the given object store and clock.
+    pub fn open_with(
+        root: &Path,
+        objects: Arc<dyn ObjectStore>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self> {
+        let cfg_path = config_path(root);
+        let mut text = String::new();
+        match File::open(&cfg_path) {
+            Ok(mut f) => {
+                f.read_to_string(&mut text)
+                    .map_err(|e| Error::io("read", &cfg_path, e))?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::NotAStore {
+                    path: root.to_path_buf(),
+                    reason: "no config.toml (run `artifactfs init` first)".into(),
+                });
+            }
+            Err(e) => return Err(Error::io("open", cfg_path, e)),
+        }
+        let config: StoreConfig = toml::from_str(&text).map_err(|e| Error::NotAStore {
+            path: root.to_path_buf(),
+            reason: format!("config.toml: {e}"),
+        })?;
+        if config.format != STORE_FORMAT {
+            return Err(Error::NotAStore {
+                path: root.to_path_buf(),
+                reason: format!(
+                    "store format {} is not supported by this build ({STORE_FORMAT})",
+                    config.format
+                ),
+            });
+        }
+        config.chunker.validate()?;
+        let lock = take_lock(root)?;
+        let index = Index::open(&root.join("index.sqlite"), true)?;
+        Ok(Self {
+            root: root.to_path_buf(),
+            config,
+            index: Arc::new(Mutex::new(index)),
+            objects,
+            clock,
+            _lock: lock,
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn config(&self) -> &StoreConfig {
+        &self.config
+    }
+
+    pub fn objects(&self) -> &dyn ObjectStore {
+        &*self.objects
+    }
+
+    pub fn clock(&self) -> &dyn Clock {
+        &*self.clock
+    }
+
+    pub(crate) fn index(&self) -> MutexGuard<'_, Index> {
+        self.index.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A write pipeline for new chunks.
+    pub fn writer(&self) -> ChunkWriter {
+        let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+        ChunkWriter::new(
+            self.index.clone(),
+            self.objects.clone(),
+            self.clock.clone(),
+            WriterConfig {
+                compression_level: self.config.compression_level,
+                pack_target_size: self.config.pack_target_size,
+                workers,
+            },
+        )
+    }
+
+    /// Records a sealed run: stores the manifest, then commits the run to the index.
+    /// All chunks it names must already be durable (a finished [`ChunkWriter`]).
+    pub fn commit_manifest(&self, m: &mut Manifest) -> Result<(ManifestDigest, u64)> {
+        m.canonicalize();
+        let bytes = m.canonical_bytes()?;
+        let (digest, stored) = manifest::store_manifest(&*self.objects, &bytes)?;
+        let now = to_unix_ns(self.clock.now());
+        let detail = serde_json::json!({
+            "manifest": digest.to_hex(),
+            "files": m.entries.iter().filter(|e| e.kind != Kind::Dir).count(),
+            "raw_bytes": m.raw_bytes(),
+        });
+        self.index().insert_sealed_run(m, &digest, now, detail)?;
+        tracing::info!(run = %format!("{}/{}", m.namespace, m.run), manifest = %digest, "run sealed");
+        Ok((digest, stored))
+    }
+
+    /// A run (not deleted) by name.
+    pub fn run(&self, r: &RunRef) -> Result<RunRow> {
+        self.index()
+            .run(r)?
+            .ok_or_else(|| Error::NotFound(format!("run {r}")))
+    }
+
+    /// Runs, optionally of one namespace.
+    pub fn runs(&self, namespace: Option<&str>) -> Result<Vec<RunRow>> {
+        self.index().runs(namespace)
+    }
+
+    /// Producer metadata of a run.
+    pub fn run_meta(&self, run: &RunRow) -> Result<Vec<(String, String)>> {
+        self.index().run_meta(run.id)
+    }
+
+    /// A sealed run's manifest digest and canonical bytes (checked against the digest).
+    pub fn manifest_bytes(&self, r: &RunRef) -> Result<(ManifestDigest, Vec<u8>)> {
+        let run = self.run(r)?;
+        let digest = run
+            .manifest
+            .ok_or_else(|| Error::State(format!("run {r} is {} and has no manifest", run.state)))?;
+        Ok((
+            digest,
+            manifest::load_manifest_bytes(&*self.objects, &digest)?,
+        ))
+    }
+
+    /// A sealed run's manifest.
+    pub fn manifest(&self, r: &RunRef) -> Result<(ManifestDigest, Manifest)> {
+        let (d, bytes) = self.manifest_bytes(r)?;
+        Ok((d, Manifest::from_bytes(&bytes, &format!("manifest {d}"))?))
+    }
+
+    /// One entry of a sealed run ("" for the root).
+    pub fn entry(&self, r: &RunRef, path: &str) -> Result<Entry> {
+        let run = self.run(r)?;
+        let p = if path.is_empty() {
+            manifest::ROOT
+        } else {
+            path
+        };
+        self.index()
+            .file(run.id, p)?
+            .ok_or_else(|| Error::NotFound(format!("{r}/{path}")))
+    }
+
+    /// Direct children of a directory in a sealed run.
+    pub fn list_dir(&self, r: &RunRef, dir: &str) -> Result<Vec<Entry>> {
+        let run = self.run(r)?;
+        self.index().children(run.id, dir)
+    }
+
+    /// Reads one chunk's plaintext, verified against its id.
+    pub fn read_chunk(&self, id: &crate::id::ChunkId) -> Result<Vec<u8>> {
+        let loc = self
+            .index()
+            .chunk(id)?
+            .ok_or_else(|| Error::MissingObject {
+                key: format!("chunk {id}"),
+                backend: "index".into(),
+            })?;
+        pack::read_chunk(&*self.objects, &loc.pack, &loc.entry)
+    }
+
+    /// Streams a file's content to `out`, chunk by chunk, each verified before it is written.
+    pub fn read_file_to(&self, entry: &Entry, out: &mut dyn Write) -> Result<u64> {
+        let mut n = 0u64;
+        for c in &entry.chunks {
+            let data = self
+                .read_chunk(&c.0)
+                .map_err(|e| with_file(e, &entry.path))?;
+            out.write_all(&data)
+                .map_err(|e| Error::io("write", "output", e))?;
+            n += data.len() as u64;
+        }
+        Ok(n)
+    }
+
+    /// Store-wide counts.
+    pub fn stats(&self) -> Result<IndexStats> {
+        self.index().stats()
+    }
+
+    /// Events after `after`.
+    pub fn events(&self, after: i64, limit: usize) -> Result<Vec<crate::index::EventRow>> {
+        self.index().events(after, limit)
+    }
+}
+
+fn with_file(e: Error, path: &str) -> Error {
+    match e {
+        Error::Corrupt { what, reason } => Error::Corrupt {
+            what: format!("{what} (file {path})"),
+            reason,
+        },
+        Error::MissingObject { key, backend } => Error::MissingObject {
+            key: format!("{key} (file {path})"),
+            backend,
+        },
+        other => other,
+    }
+}
+
+fn take_lock(root: &Path) -> Result<File> {
+    let path = root.join("lock");
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| Error::io("open", &path, e))?;
+    match f.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = f.read_to_string(&mut holder);
+            let holder = holder.trim();
+            return Err(Error::Locked {
+                path: root.to_path_buf(),
+                holder: if holder.is_empty() {
+                    "unknown pid".into()
+                } else {
+                    format!("pid {holder}")
+                },
+            });
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(Error::io("lock", &path, e)),
+    }
+    f.set_len(0).map_err(|e| Error::io("write", &path, e))?;
+    f.write_all(std::process::id().to_string().as_bytes())
+        .map_err(|e| Error::io("write", &path, e))?;
+    Ok(f)
+}

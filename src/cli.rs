@@ -1,0 +1,349 @@
+//! Command-line verbs. Each one validates its arguments, opens the store and makes one engine
+//! call; printing lives in `output`.
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use artifactfs_core::chunker::ChunkerParams;
+use artifactfs_core::{Error, InitOptions, RunRef, Store};
+use clap::{Parser, Subcommand};
+
+use crate::output::{self, Bar};
+
+/// Exit status of a run that found damaged or missing data (`verify`).
+pub const EXIT_DAMAGE: u8 = 4;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "artifactfs",
+    version,
+    about = "A content-addressed store for run artifacts"
+)]
+struct Cli {
+    /// The store directory [default: $XDG_DATA_HOME/artifactfs or ~/.local/share/artifactfs]
+    #[arg(long, global = true, env = "ARTIFACTFS_STORE", value_name = "DIR")]
+    store: Option<PathBuf>,
+
+    /// More log output (-v info, -vv debug); ARTIFACTFS_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create a new, empty store.
+    Init {
+        /// Smallest chunk, bytes (suffixes KiB, MiB accepted).
+        #[arg(long, value_parser = parse_size)]
+        chunk_min: Option<u64>,
+        /// Average chunk size.
+        #[arg(long, value_parser = parse_size)]
+        chunk_avg: Option<u64>,
+        /// Largest chunk.
+        #[arg(long, value_parser = parse_size)]
+        chunk_max: Option<u64>,
+        /// zstd level for chunks (0 = no compression).
+        #[arg(long)]
+        compression_level: Option<i32>,
+        /// Target size of pack files.
+        #[arg(long, value_parser = parse_size)]
+        pack_size: Option<u64>,
+    },
+    /// Ingest a directory as one run and seal it.
+    Ingest {
+        /// The directory to ingest.
+        src: PathBuf,
+        /// NAMESPACE/RUN
+        run: String,
+        /// Producer metadata carried in the manifest (repeatable).
+        #[arg(long = "meta", value_name = "KEY=VALUE")]
+        meta: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List runs.
+    Runs {
+        namespace: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List a sealed run's directory, or show one entry.
+    Ls {
+        /// NAMESPACE/RUN[/PATH]
+        path: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a file of a sealed run to standard output.
+    Cat {
+        /// NAMESPACE/RUN/PATH
+        path: String,
+    },
+    /// Recreate a sealed run in a directory, bit-exact.
+    Export {
+        /// NAMESPACE/RUN
+        run: String,
+        /// Destination directory (must not exist, or be empty).
+        dest: PathBuf,
+    },
+    /// Show a sealed run's manifest (--json prints its canonical bytes).
+    Manifest {
+        /// NAMESPACE/RUN
+        run: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-read and re-hash everything a run (or every run) depends on.
+    Verify {
+        /// NAMESPACE/RUN (default: all runs)
+        run: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Store-wide counts and sizes.
+    Stats {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Parses `123`, `64KiB`, `4MiB`, `1GiB` (K, M, G are binary too).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (e.g. 4096, 64KiB, 4MiB)"))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KiB" | "k" => 1 << 10,
+        "M" | "MiB" => 1 << 20,
+        "G" | "GiB" => 1 << 30,
+        other => return Err(format!("unknown size unit {other:?} (use KiB, MiB or GiB)")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+fn default_store() -> Result<PathBuf> {
+    if let Some(d) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
+        return Ok(PathBuf::from(d).join("artifactfs"));
+    }
+    let home = std::env::var_os("HOME")
+        .context("neither --store, ARTIFACTFS_STORE, XDG_DATA_HOME nor HOME is set")?;
+    Ok(PathBuf::from(home).join(".local/share/artifactfs"))
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ARTIFACTFS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn is_empty_or_missing(dir: &Path) -> bool {
+    match std::fs::read_dir(dir) {
+        Ok(mut rd) => rd.next().is_none(),
+        Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+    }
+}
+
+fn open_store(dir: &Path) -> Result<Store> {
+    Store::open(dir).with_context(|| format!("cannot open store {}", dir.display()))
+}
+
+/// The exit status for an error: scripts can tell these apart.
+pub fn exit_code(e: &anyhow::Error) -> u8 {
+    match e.downcast_ref::<Error>() {
+        Some(Error::NotFound(_)) => 3,
+        Some(err) if err.is_damage() => EXIT_DAMAGE,
+        Some(Error::Locked { .. }) => 5,
+        Some(Error::AlreadyExists(_)) => 6,
+        Some(Error::Invalid { .. }) => 7,
+        Some(Error::NotAStore { .. }) => 8,
+        _ => 1,
+    }
+}
+
+fn parse_meta(items: &[String]) -> Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for item in items {
+        let Some((k, v)) = item.split_once('=') else {
+            return Err(Error::invalid("--meta", format!("{item:?} is not KEY=VALUE")).into());
+        };
+        if k.is_empty() || k.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            return Err(Error::invalid("--meta", format!("bad key {k:?}")).into());
+        }
+        if out.insert(k.to_owned(), v.to_owned()).is_some() {
+            return Err(Error::invalid("--meta", format!("key {k:?} given twice")).into());
+        }
+    }
+    Ok(out)
+}
+
+pub fn run() -> Result<ExitCode> {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let store_dir = match cli.store {
+        Some(s) => s,
+        None => default_store()?,
+    };
+    let tty = std::io::stdout().is_terminal();
+    match cli.command {
+        Command::Init {
+            chunk_min,
+            chunk_avg,
+            chunk_max,
+            compression_level,
+            pack_size,
+        } => {
+            let d = InitOptions::default();
+            let as_u32 = |v: Option<u64>, dflt: u32| -> Result<u32> {
+                Ok(match v {
+                    None => dflt,
+                    Some(v) => u32::try_from(v).context("chunk size too large")?,
+                })
+            };
+            let opts = InitOptions {
+                chunker: ChunkerParams {
+                    min_size: as_u32(chunk_min, d.chunker.min_size)?,
+                    avg_size: as_u32(chunk_avg, d.chunker.avg_size)?,
+                    max_size: as_u32(chunk_max, d.chunker.max_size)?,
+                },
+                compression_level: compression_level.unwrap_or(d.compression_level),
+                pack_target_size: pack_size.unwrap_or(d.pack_target_size),
+            };
+            Store::init(&store_dir, &opts)
+                .with_context(|| format!("cannot initialise store {}", store_dir.display()))?;
+            println!("initialised store {}", store_dir.display());
+        }
+        Command::Ingest {
+            src,
+            run,
+            meta,
+            json,
+        } => {
+            let run = RunRef::parse(&run)?;
+            let meta = parse_meta(&meta)?;
+            let store = if is_empty_or_missing(&store_dir) {
+                Store::init(&store_dir, &InitOptions::default())
+                    .with_context(|| format!("cannot initialise store {}", store_dir.display()))?
+            } else {
+                open_store(&store_dir)?
+            };
+            let bar = Bar::bytes(tty, "ingest");
+            let report = store
+                .ingest_dir(&src, &run, meta, &bar)
+                .with_context(|| format!("ingest of {} into {run} failed", src.display()))?;
+            bar.finish();
+            output::ingest(&report, json)?;
+        }
+        Command::Runs { namespace, json } => {
+            if let Some(ns) = &namespace {
+                artifactfs_core::names::validate_component("namespace", ns, false)?;
+            }
+            let store = open_store(&store_dir)?;
+            let runs = store.runs(namespace.as_deref())?;
+            output::runs(&store, &runs, json)?;
+        }
+        Command::Ls { path, json } => {
+            let (run, p) = RunRef::parse_with_path(&path)?;
+            let store = open_store(&store_dir)?;
+            let entry = store.entry(&run, &p)?;
+            let list = if entry.kind == artifactfs_core::manifest::Kind::Dir {
+                store.list_dir(&run, &p)?
+            } else {
+                vec![entry]
+            };
+            output::ls(&list, json)?;
+        }
+        Command::Cat { path } => {
+            let (run, p) = RunRef::parse_with_path(&path)?;
+            if p.is_empty() {
+                bail!(Error::invalid(
+                    "path",
+                    format!("{path:?} names a run, not a file")
+                ));
+            }
+            let store = open_store(&store_dir)?;
+            let entry = store.entry(&run, &p)?;
+            let entry = match entry.kind {
+                artifactfs_core::manifest::Kind::File => entry,
+                artifactfs_core::manifest::Kind::Hardlink => {
+                    store.entry(&run, entry.target.as_deref().unwrap_or_default())?
+                }
+                other => bail!(Error::invalid(
+                    "path",
+                    format!("{path} is a {}, not a file", other.as_str())
+                )),
+            };
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::with_capacity(1 << 20, stdout.lock());
+            store
+                .read_file_to(&entry, &mut out)
+                .with_context(|| format!("cannot read {path}"))?;
+            out.flush().context("write to standard output")?;
+        }
+        Command::Export { run, dest } => {
+            let run = RunRef::parse(&run)?;
+            let store = open_store(&store_dir)?;
+            let bar = Bar::bytes(tty, "export");
+            let report = store
+                .export(&run, &dest, &bar)
+                .with_context(|| format!("export of {run} to {} failed", dest.display()))?;
+            bar.finish();
+            for w in &report.warnings {
+                eprintln!("artifactfs: warning: {w}");
+            }
+            if tty {
+                println!(
+                    "exported {run}: {} entries, {} bytes",
+                    report.entries, report.bytes
+                );
+            }
+        }
+        Command::Manifest { run, json } => {
+            let run = RunRef::parse(&run)?;
+            let store = open_store(&store_dir)?;
+            if json {
+                let (_, bytes) = store.manifest_bytes(&run)?;
+                let mut out = std::io::stdout().lock();
+                out.write_all(&bytes)?;
+                out.write_all(b"\n")?;
+            } else {
+                let (digest, m) = store.manifest(&run)?;
+                output::manifest(&digest, &m)?;
+            }
+        }
+        Command::Verify { run, json } => {
+            let run = run.as_deref().map(RunRef::parse).transpose()?;
+            let store = open_store(&store_dir)?;
+            let bar = Bar::bytes(tty, "verify");
+            let report = store.verify(run.as_ref(), &bar)?;
+            bar.finish();
+            output::verify(&report, json)?;
+            if !report.ok() {
+                return Ok(ExitCode::from(EXIT_DAMAGE));
+            }
+        }
+        Command::Stats { json } => {
+            let store = open_store(&store_dir)?;
+            output::stats(&store, &store.stats()?, json)?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,282 @@
+//! How the CLI prints: human-readable text by default, JSON with `--json` for scripts, and a
+//! progress bar on standard error only when standard output is a terminal.
+
+use std::io::Write;
+
+use anyhow::Result;
+use artifactfs_core::clock::{from_unix_ns, rfc3339};
+use artifactfs_core::id::ManifestDigest;
+use artifactfs_core::index::{IndexStats, RunRow};
+use artifactfs_core::ingest::IngestReport;
+use artifactfs_core::manifest::{Entry, Kind, Manifest};
+use artifactfs_core::verify::VerifyReport;
+use artifactfs_core::{Progress, Store};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+
+/// A byte-counting progress bar, hidden when not on a terminal.
+pub struct Bar(Option<ProgressBar>);
+
+impl Bar {
+    pub fn bytes(visible: bool, what: &str) -> Self {
+        if !visible {
+            return Self(None);
+        }
+        let pb = ProgressBar::new(0);
+        pb.set_style(
+            ProgressStyle::with_template(
+                "{msg:8} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        pb.set_message(what.to_owned());
+        Self(Some(pb))
+    }
+
+    pub fn finish(&self) {
+        if let Some(pb) = &self.0 {
+            pb.finish_and_clear();
+        }
+    }
+}
+
+impl Progress for Bar {
+    fn set_total(&self, bytes: u64) {
+        if let Some(pb) = &self.0 {
+            pb.set_length(bytes);
+        }
+    }
+    fn inc(&self, bytes: u64) {
+        if let Some(pb) = &self.0 {
+            pb.inc(bytes);
+        }
+    }
+}
+
+fn print_json(v: &impl serde::Serialize) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, v)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+fn ratio(x: f64) -> String {
+    if x.is_finite() {
+        format!("{x:.2}")
+    } else {
+        "inf".into()
+    }
+}
+
+pub fn ingest(r: &IngestReport, json: bool) -> Result<()> {
+    if json {
+        return print_json(r);
+    }
+    println!("run               {}", r.run);
+    println!("manifest          {}", r.manifest);
+    println!("files             {}", r.files);
+    println!("raw_bytes         {}", r.raw_bytes);
+    println!("new_stored_bytes  {}", r.new_stored_bytes);
+    println!("dedup_ratio       {}", ratio(r.dedup_ratio));
+    println!("reduction         {}", ratio(r.reduction));
+    Ok(())
+}
+
+fn time(ns: Option<i64>) -> String {
+    ns.map(|n| rfc3339(from_unix_ns(n)))
+        .unwrap_or_else(|| "-".into())
+}
+
+pub fn runs(store: &Store, runs: &[RunRow], json: bool) -> Result<()> {
+    if json {
+        let mut v = Vec::with_capacity(runs.len());
+        for r in runs {
+            let meta: serde_json::Map<String, serde_json::Value> = store
+                .run_meta(r)?
+                .into_iter()
+                .map(|(k, v)| (k, serde_json::Value::String(v)))
+                .collect();
+            v.push(json!({
+                "namespace": r.run.namespace,
+                "run": r.run.run,
+                "state": r.state,
+                "manifest": r.manifest.map(|d| d.to_hex()),
+                "created_at": time(Some(r.created_at_ns)),
+                "sealed_at": r.sealed_at_ns.map(|n| time(Some(n))),
+                "files": r.files,
+                "raw_bytes": r.raw_bytes,
+                "metadata": meta,
+            }));
+        }
+        return print_json(&v);
+    }
+    let mut out = std::io::stdout().lock();
+    for r in runs {
+        writeln!(
+            out,
+            "{}\t{}\t{}\t{}\t{}\t{}",
+            r.run,
+            r.state,
+            r.files,
+            r.raw_bytes,
+            time(r.sealed_at_ns),
+            r.manifest.map(|d| d.to_hex()).unwrap_or_else(|| "-".into())
+        )?;
+    }
+    Ok(())
+}
+
+fn mode_string(e: &Entry) -> String {
+    let t = match e.kind {
+        Kind::Dir => 'd',
+        Kind::Symlink => 'l',
+        Kind::Fifo => 'p',
+        Kind::Char => 'c',
+        Kind::Block => 'b',
+        Kind::Socket => 's',
+        Kind::File | Kind::Hardlink => '-',
+    };
+    let mut s = String::from(t);
+    for shift in [6, 3, 0] {
+        let bits = (e.mode >> shift) & 7;
+        s.push(if bits & 4 != 0 { 'r' } else { '-' });
+        s.push(if bits & 2 != 0 { 'w' } else { '-' });
+        s.push(if bits & 1 != 0 { 'x' } else { '-' });
+    }
+    s
+}
+
+pub fn ls(entries: &[Entry], json: bool) -> Result<()> {
+    if json {
+        let v: Vec<_> = entries
+            .iter()
+            .map(|e| {
+                json!({
+                    "path": e.path,
+                    "type": e.kind.as_str(),
+                    "mode": format!("{:04o}", e.mode),
+                    "uid": e.uid,
+                    "gid": e.gid,
+                    "size": e.size,
+                    "mtime": rfc3339(from_unix_ns(e.mtime_ns)),
+                    "mtime_ns": e.mtime_ns,
+                    "blake3": e.blake3.map(|h| h.to_hex()),
+                    "target": e.target,
+                })
+            })
+            .collect();
+        return print_json(&v);
+    }
+    let mut out = std::io::stdout().lock();
+    for e in entries {
+        let name = e.path.rsplit('/').next().unwrap_or(&e.path);
+        let suffix = match (&e.kind, &e.target) {
+            (Kind::Symlink, Some(t)) => format!(" -> {t}"),
+            (Kind::Hardlink, Some(t)) => format!(" => {t}"),
+            _ => String::new(),
+        };
+        writeln!(
+            out,
+            "{} {:>5} {:>5} {:>12} {} {name}{suffix}",
+            mode_string(e),
+            e.uid,
+            e.gid,
+            e.size,
+            rfc3339(from_unix_ns(e.mtime_ns)),
+        )?;
+    }
+    Ok(())
+}
+
+pub fn manifest(d: &ManifestDigest, m: &Manifest) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "run        {}/{}", m.namespace, m.run)?;
+    writeln!(out, "manifest   {d}")?;
+    writeln!(out, "sealed_at  {}", m.sealed_at)?;
+    for (k, v) in &m.metadata {
+        writeln!(out, "meta       {k}={v}")?;
+    }
+    writeln!(out, "entries    {}", m.entries.len())?;
+    writeln!(out, "raw_bytes  {}", m.raw_bytes())?;
+    for e in &m.entries {
+        let h = e.blake3.map(|h| h.to_hex()).unwrap_or_else(|| "-".into());
+        writeln!(out, "{} {:>12} {h} {}", mode_string(e), e.size, e.path)?;
+    }
+    Ok(())
+}
+
+pub fn verify(r: &VerifyReport, json: bool) -> Result<()> {
+    if json {
+        return print_json(r);
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "verified {} runs, {} chunks in {} packs, {} bytes",
+        r.runs, r.chunks, r.packs, r.bytes
+    )?;
+    if r.ok() {
+        writeln!(out, "ok")?;
+        return Ok(());
+    }
+    for d in &r.damage {
+        writeln!(out, "DAMAGED {} {}: {}", d.object, d.id, d.problem)?;
+        for a in &d.affects {
+            writeln!(out, "  affects {a}")?;
+        }
+    }
+    let runs = artifactfs_core::verify::affected_runs(r);
+    writeln!(
+        out,
+        "{} damaged objects; runs affected: {}",
+        r.damage.len(),
+        runs.join(", ")
+    )?;
+    Ok(())
+}
+
+pub fn stats(store: &Store, s: &IndexStats, json: bool) -> Result<()> {
+    let dedup = if s.chunk_raw_bytes == 0 {
+        0.0
+    } else {
+        s.raw_bytes as f64 / s.chunk_raw_bytes as f64
+    };
+    let reduction = if s.pack_bytes == 0 {
+        0.0
+    } else {
+        s.raw_bytes as f64 / s.pack_bytes as f64
+    };
+    if json {
+        return print_json(&json!({
+            "store": store.root(),
+            "runs": s.runs_sealed + s.runs_open,
+            "runs_sealed": s.runs_sealed,
+            "runs_open": s.runs_open,
+            "files": s.files,
+            "raw_bytes": s.raw_bytes,
+            "stored_bytes": s.pack_bytes,
+            "chunks": s.chunks,
+            "chunk_raw_bytes": s.chunk_raw_bytes,
+            "chunk_stored_bytes": s.chunk_stored_bytes,
+            "packs": s.packs,
+            "dedup_ratio": dedup,
+            "reduction": reduction,
+        }));
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "store         {}", store.root().display())?;
+    writeln!(
+        out,
+        "runs          {} sealed, {} open",
+        s.runs_sealed, s.runs_open
+    )?;
+    writeln!(out, "files         {}", s.files)?;
+    writeln!(out, "raw_bytes     {}", s.raw_bytes)?;
+    writeln!(out, "stored_bytes  {}", s.pack_bytes)?;
+    writeln!(out, "chunks        {}", s.chunks)?;
+    writeln!(out, "packs         {}", s.packs)?;
+    writeln!(out, "dedup_ratio   {dedup:.2}")?;
+    writeln!(out, "reduction     {reduction:.2}")?;
+    Ok(())
+}
