@@ -117,6 +117,26 @@ digest_type!(
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        /// Hashing in pieces of any size (as ingest does, read by read) equals one-shot hashing.
+        #[test]
+        fn streaming_hash_equals_one_shot(
+            data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200_000),
+            cuts in proptest::collection::vec(1usize..70_000, 1..8),
+        ) {
+            let mut h = blake3::Hasher::new();
+            let mut rest = &data[..];
+            let mut i = 0;
+            while !rest.is_empty() {
+                let n = cuts[i % cuts.len()].min(rest.len());
+                h.update(&rest[..n]);
+                rest = &rest[n..];
+                i += 1;
+            }
+            proptest::prop_assert_eq!(FileHash::from(h.finalize()), FileHash::of(&data));
+        }
+    }
+
     #[test]
     fn hex_round_trip() {
         let id = ChunkId::of(b"hello");

@@ -175,7 +175,7 @@ impl Index {
             conn,
             path: path.to_path_buf(),
         };
-        idx.migrate()?;
+        idx.migrate(create)?;
         Ok(idx)
     }
 
@@ -183,7 +183,7 @@ impl Index {
         sql_err(&self.path)
     }
 
-    fn migrate(&mut self) -> Result<()> {
+    fn migrate(&mut self, create: bool) -> Result<()> {
         let path = self.path.clone();
         let err = sql_err(&path);
         let version: i64 = self
@@ -196,6 +196,12 @@ impl Index {
                 message: format!(
                     "schema version {version} is newer than this build understands ({SCHEMA_VERSION})"
                 ),
+            });
+        }
+        if version == 0 && !create {
+            return Err(Error::Index {
+                path: path.clone(),
+                message: "index is empty or truncated; the store's index must be rebuilt".into(),
             });
         }
         if version == 0 {

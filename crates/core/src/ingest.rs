@@ -114,6 +114,11 @@ fn read_xattrs(p: &Path) -> Result<BTreeMap<String, XattrValue>> {
         Err(e) => return Err(Error::io("list xattrs", p, e)),
     };
     for name in names {
+        // Only the user namespace is recorded: security labels, ACLs and trusted attributes
+        // belong to the host, and would make the same tree hash differently on another one.
+        if !name.as_encoded_bytes().starts_with(b"user.") {
+            continue;
+        }
         let Some(n) = name.to_str() else {
             return Err(Error::invalid(
                 "xattr name",
@@ -131,8 +136,24 @@ fn read_xattrs(p: &Path) -> Result<BTreeMap<String, XattrValue>> {
     Ok(out)
 }
 
+/// Nanoseconds since the epoch of a (seconds, nanoseconds) time, if it fits in an i64
+/// (years 1677 to 2262).
+pub fn time_ns(sec: i64, nsec: i64) -> Option<i64> {
+    sec.checked_mul(1_000_000_000)?.checked_add(nsec)
+}
+
 fn base_entry(w: &Walked, kind: Kind) -> Result<Entry> {
     let m = &w.meta;
+    let mtime_ns = time_ns(m.mtime(), m.mtime_nsec()).ok_or_else(|| {
+        Error::invalid(
+            "mtime",
+            format!(
+                "{}: {} s since the epoch is outside the years 1677..2262 that artifactfs records",
+                w.fs_path.display(),
+                m.mtime()
+            ),
+        )
+    })?;
     Ok(Entry {
         path: w.path.clone(),
         kind,
@@ -140,7 +161,7 @@ fn base_entry(w: &Walked, kind: Kind) -> Result<Entry> {
         uid: m.uid(),
         gid: m.gid(),
         size: 0,
-        mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+        mtime_ns,
         blake3: None,
         chunks: Vec::new(),
         target: None,
@@ -275,6 +296,12 @@ impl Store {
         }
         let stats = writer.finish()?;
 
+        let mut metadata = metadata;
+        if let Some(root) = entries.first() {
+            for (k, v) in producer_metadata(&root.xattrs) {
+                metadata.entry(k).or_insert(v);
+            }
+        }
         let mut m = Manifest {
             format: MANIFEST_FORMAT,
             namespace: run.namespace.clone(),
@@ -288,6 +315,22 @@ impl Store {
         let new_stored = stats.pack_bytes + manifest_bytes;
         Ok(report(run, &digest, &m, raw_bytes, stats, new_stored))
     }
+}
+
+/// Producer metadata carried by a run directory's `user.*` xattrs (text values only), keyed
+/// without the `user.` prefix: `user.statehub.run_id` becomes `statehub.run_id`. The mount's
+/// seal uses the same rule, so both frontends give the same manifest for the same tree.
+pub fn producer_metadata(
+    xattrs: &BTreeMap<String, XattrValue>,
+) -> impl Iterator<Item = (String, String)> + '_ {
+    xattrs
+        .iter()
+        .filter_map(|(k, v)| match (k.strip_prefix("user."), v) {
+            (Some(key), XattrValue::Text(text)) if !key.starts_with("artifactfs.") => {
+                Some((key.to_owned(), text.clone()))
+            }
+            _ => None,
+        })
 }
 
 fn report(

@@ -148,7 +148,7 @@ impl Entry {
 
     /// Decodes [`Entry::chunk_blob`].
     pub fn chunks_from_blob(b: &[u8]) -> Result<Vec<ChunkRef>> {
-        if b.len() % 36 != 0 {
+        if !b.len().is_multiple_of(36) {
             return Err(Error::corrupt("chunk list", format!("{} bytes", b.len())));
         }
         b.chunks_exact(36)
@@ -170,7 +170,9 @@ pub struct Manifest {
     pub run: String,
     /// RFC 3339, from the store's clock.
     pub sealed_at: String,
-    /// Producer metadata (`--meta KEY=VALUE`, `user.*` xattrs of the run directory).
+    /// Producer metadata: `--meta KEY=VALUE`, and the text `user.*` xattrs of the run
+    /// directory keyed without `user.` (an explicit `--meta` wins). The root entry keeps its
+    /// xattrs too.
     pub metadata: BTreeMap<String, String>,
     /// Entries sorted by path.
     pub entries: Vec<Entry>,
@@ -179,8 +181,7 @@ pub struct Manifest {
 impl Manifest {
     /// Sorts entries into canonical order; call before [`Manifest::canonical_bytes`].
     pub fn canonicalize(&mut self) {
-        self.entries
-            .sort_by(|a, b| sort_key(&a.path).cmp(&sort_key(&b.path)));
+        sort_entries(&mut self.entries);
     }
 
     /// The canonical serialisation.
@@ -188,7 +189,8 @@ impl Manifest {
         serde_json::to_vec(self).map_err(|e| Error::Internal(format!("manifest encode: {e}")))
     }
 
-    /// Parses canonical bytes, checking that they are canonical.
+    /// Parses manifest bytes, checking that they are canonical (so that the digest names one
+    /// tree in exactly one way) and that every path is a safe relative path.
     pub fn from_bytes(bytes: &[u8], what: &str) -> Result<Self> {
         let m: Manifest = serde_json::from_slice(bytes)
             .map_err(|e| Error::corrupt(what, format!("not a manifest: {e}")))?;
@@ -201,6 +203,24 @@ impl Manifest {
                 ),
             ));
         }
+        let mut sorted = m.clone();
+        sorted.canonicalize();
+        if sorted.canonical_bytes()? != bytes {
+            return Err(Error::corrupt(what, "bytes are not in canonical form"));
+        }
+        for e in &m.entries {
+            let bad = |p: &str| Error::corrupt(what, format!("unsafe path {p:?}"));
+            if e.path != ROOT {
+                crate::names::validate_path(&e.path).map_err(|_| bad(&e.path))?;
+            }
+            if e.kind == Kind::Hardlink {
+                let t = e.target.as_deref().unwrap_or("");
+                crate::names::validate_path(t)
+                    .ok()
+                    .filter(|t| !t.is_empty())
+                    .ok_or_else(|| bad(t))?;
+            }
+        }
         Ok(m)
     }
 
@@ -212,6 +232,11 @@ impl Manifest {
             .map(|e| e.size)
             .sum()
     }
+}
+
+/// Sorts entries into canonical order: the root first, then paths in byte order.
+pub fn sort_entries(entries: &mut [Entry]) {
+    entries.sort_by(|a, b| sort_key(&a.path).cmp(&sort_key(&b.path)));
 }
 
 /// Sort key: the root first, then paths in byte order.
@@ -304,6 +329,28 @@ mod tests {
         );
         let blob = m.entries[1].chunk_blob();
         assert_eq!(Entry::chunks_from_blob(&blob).unwrap(), m.entries[1].chunks);
+    }
+
+    #[test]
+    fn non_canonical_or_unsafe_manifests_are_refused() {
+        let good =
+            r#"{"format":1,"namespace":"n","run":"r","sealed_at":"x","metadata":{},"entries":[]}"#;
+        assert!(Manifest::from_bytes(good.as_bytes(), "m").is_ok());
+        let spaced = good.replace(",", ", ");
+        assert!(
+            Manifest::from_bytes(spaced.as_bytes(), "m")
+                .unwrap_err()
+                .is_damage()
+        );
+        let evil = good.replace(
+            "[]",
+            r#"[{"path":"../etc/passwd","type":"file","mode":420,"uid":0,"gid":0,"size":0,"mtime_ns":0}]"#,
+        );
+        assert!(
+            Manifest::from_bytes(evil.as_bytes(), "m")
+                .unwrap_err()
+                .is_damage()
+        );
     }
 
     #[test]

@@ -63,7 +63,7 @@ impl LocalStore {
     /// A store rooted at `root`, created if missing.
     pub fn open(root: impl Into<PathBuf>) -> Result<Self> {
         let root = root.into();
-        fs::create_dir_all(&root).map_err(|e| Error::io("create directory", &root, e))?;
+        create_dir_durable(&root)?;
         Ok(Self { root })
     }
 
@@ -89,6 +89,49 @@ impl LocalStore {
     }
 }
 
+/// Creates a directory and any missing parents, fsyncing each parent that gained an entry.
+pub fn create_dir_durable(dir: &Path) -> Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent() {
+        create_dir_durable(parent)?;
+    }
+    match fs::create_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => return Ok(()),
+        Err(e) => return Err(Error::io("create directory", dir, e)),
+    }
+    match dir.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => sync_dir(parent),
+        _ => Ok(()),
+    }
+}
+
+/// Removes `.tmp-*` files that a crashed writer left under `root` (two levels deep, where
+/// [`LocalStore::put`] writes them). Only the store's owner may call this.
+pub fn remove_stale_temp_files(root: &Path) {
+    let mut dirs = vec![(root.to_path_buf(), 0)];
+    while let Some((dir, depth)) = dirs.pop() {
+        let Ok(rd) = fs::read_dir(&dir) else { continue };
+        for ent in rd.flatten() {
+            let p = ent.path();
+            if ent.file_name().to_string_lossy().starts_with(".tmp-") {
+                match fs::remove_file(&p) {
+                    Ok(()) => {
+                        tracing::info!(path = %p.display(), "removed a temporary file left by a crash")
+                    }
+                    Err(e) => {
+                        tracing::warn!(path = %p.display(), error = %e, "cannot remove temporary file")
+                    }
+                }
+            } else if depth < 2 && ent.file_type().is_ok_and(|t| t.is_dir()) {
+                dirs.push((p, depth + 1));
+            }
+        }
+    }
+}
+
 /// fsyncs a directory so that a rename or create inside it is durable.
 pub fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
@@ -105,10 +148,7 @@ impl ObjectStore for LocalStore {
         let path = self.path(key)?;
         let dir = path.parent().unwrap_or(&self.root).to_path_buf();
         if !dir.is_dir() {
-            fs::create_dir_all(&dir).map_err(|e| Error::io("create directory", &dir, e))?;
-            if let Some(up) = dir.parent() {
-                sync_dir(up)?;
-            }
+            create_dir_durable(&dir)?;
         }
         let tmp = dir.join(format!(
             ".tmp-{}-{}",

@@ -145,13 +145,20 @@ pub fn read_table(store: &dyn ObjectStore, key: &str) -> Result<Vec<PackEntry>> 
     if size < (HEADER.len() + FOOTER_LEN) as u64 {
         return Err(Error::corrupt(what(), format!("only {size} bytes")));
     }
+    let header = store.get_range(key, 0, HEADER.len() as u64)?;
+    if header != HEADER {
+        return Err(Error::corrupt(
+            what(),
+            "no pack header (not a pack, or an unknown version)",
+        ));
+    }
     let footer = store.get_range(key, size - FOOTER_LEN as u64, FOOTER_LEN as u64)?;
     if &footer[40..48] != FOOTER_MAGIC {
         return Err(Error::corrupt(what(), "no pack footer (truncated?)"));
     }
     let table_len = le_u64(&footer[0..8]);
     let blobs_end = size - FOOTER_LEN as u64;
-    if table_len % ENTRY_LEN as u64 != 0 || table_len > blobs_end - HEADER.len() as u64 {
+    if !table_len.is_multiple_of(ENTRY_LEN as u64) || table_len > blobs_end - HEADER.len() as u64 {
         return Err(Error::corrupt(
             what(),
             format!("bad table length {table_len}"),
@@ -171,9 +178,8 @@ pub fn read_table(store: &dyn ObjectStore, key: &str) -> Result<Vec<PackEntry>> 
             stored_len: le_u32(&e[37..41]),
             offset: le_u64(&e[41..49]),
         };
-        if entry.offset < HEADER.len() as u64
-            || entry.offset + u64::from(entry.stored_len) > table_start
-        {
+        let end = entry.offset.checked_add(u64::from(entry.stored_len));
+        if entry.offset < HEADER.len() as u64 || end.is_none_or(|end| end > table_start) {
             return Err(Error::corrupt(
                 what(),
                 format!("entry for chunk {} points outside the pack", entry.chunk),

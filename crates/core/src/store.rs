@@ -139,11 +139,13 @@ impl Store {
             .map_err(|e| Error::io("rename into place", config_path(root), e))?;
         crate::objstore::sync_dir(root)?;
         tracing::info!(store = %root.display(), id = %config.store_id, "store initialised");
-        Self::open(root)
+        let objects = Arc::new(LocalStore::open(root.join("objects"))?);
+        Self::open_inner(root, objects, Arc::new(SystemClock), true)
     }
 
     /// Opens an existing store with the local object store and the system clock.
     pub fn open(root: &Path) -> Result<Self> {
+        read_config(root)?;
         let objects = Arc::new(LocalStore::open(root.join("objects"))?);
         Self::open_with(root, objects, Arc::new(SystemClock))
     }
@@ -154,37 +156,19 @@ impl Store {
         objects: Arc<dyn ObjectStore>,
         clock: Arc<dyn Clock>,
     ) -> Result<Self> {
-        let cfg_path = config_path(root);
-        let mut text = String::new();
-        match File::open(&cfg_path) {
-            Ok(mut f) => {
-                f.read_to_string(&mut text)
-                    .map_err(|e| Error::io("read", &cfg_path, e))?;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(Error::NotAStore {
-                    path: root.to_path_buf(),
-                    reason: "no config.toml (run `artifactfs init` first)".into(),
-                });
-            }
-            Err(e) => return Err(Error::io("open", cfg_path, e)),
-        }
-        let config: StoreConfig = toml::from_str(&text).map_err(|e| Error::NotAStore {
-            path: root.to_path_buf(),
-            reason: format!("config.toml: {e}"),
-        })?;
-        if config.format != STORE_FORMAT {
-            return Err(Error::NotAStore {
-                path: root.to_path_buf(),
-                reason: format!(
-                    "store format {} is not supported by this build ({STORE_FORMAT})",
-                    config.format
-                ),
-            });
-        }
-        config.chunker.validate()?;
+        Self::open_inner(root, objects, clock, false)
+    }
+
+    fn open_inner(
+        root: &Path,
+        objects: Arc<dyn ObjectStore>,
+        clock: Arc<dyn Clock>,
+        new_index: bool,
+    ) -> Result<Self> {
+        let config = read_config(root)?;
         let lock = take_lock(root)?;
-        let index = Index::open(&root.join("index.sqlite"), true)?;
+        let index = Index::open(&root.join("index.sqlite"), new_index)?;
+        crate::objstore::remove_stale_temp_files(&root.join("objects"));
         Ok(Self {
             root: root.to_path_buf(),
             config,
@@ -313,16 +297,27 @@ impl Store {
         pack::read_chunk(&*self.objects, &loc.pack, &loc.entry)
     }
 
-    /// Streams a file's content to `out`, chunk by chunk, each verified before it is written.
+    /// Streams a file's content to `out`, chunk by chunk, each verified before it is written;
+    /// at the end the whole-file BLAKE3 is checked against the entry too.
     pub fn read_file_to(&self, entry: &Entry, out: &mut dyn Write) -> Result<u64> {
         let mut n = 0u64;
+        let mut hasher = blake3::Hasher::new();
         for c in &entry.chunks {
             let data = self
                 .read_chunk(&c.0)
                 .map_err(|e| with_file(e, &entry.path))?;
+            hasher.update(&data);
             out.write_all(&data)
                 .map_err(|e| Error::io("write", "output", e))?;
             n += data.len() as u64;
+        }
+        if let Some(h) = entry.blake3
+            && crate::id::FileHash::from(hasher.finalize()) != h
+        {
+            return Err(Error::corrupt(
+                format!("file {}", entry.path),
+                "content does not match the file's BLAKE3",
+            ));
         }
         Ok(n)
     }
@@ -350,6 +345,40 @@ fn with_file(e: Error, path: &str) -> Error {
         },
         other => other,
     }
+}
+
+/// Reads and checks `config.toml`; a directory without one is not a store.
+fn read_config(root: &Path) -> Result<StoreConfig> {
+    let cfg_path = config_path(root);
+    let mut text = String::new();
+    match File::open(&cfg_path) {
+        Ok(mut f) => {
+            f.read_to_string(&mut text)
+                .map_err(|e| Error::io("read", &cfg_path, e))?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::NotAStore {
+                path: root.to_path_buf(),
+                reason: "no config.toml (run `artifactfs init` first)".into(),
+            });
+        }
+        Err(e) => return Err(Error::io("open", cfg_path, e)),
+    }
+    let config: StoreConfig = toml::from_str(&text).map_err(|e| Error::NotAStore {
+        path: root.to_path_buf(),
+        reason: format!("config.toml: {e}"),
+    })?;
+    if config.format != STORE_FORMAT {
+        return Err(Error::NotAStore {
+            path: root.to_path_buf(),
+            reason: format!(
+                "store format {} is not supported by this build ({STORE_FORMAT})",
+                config.format
+            ),
+        });
+    }
+    config.chunker.validate()?;
+    Ok(config)
 }
 
 fn take_lock(root: &Path) -> Result<File> {

@@ -57,13 +57,29 @@ impl Store {
         };
         for run in &runs {
             let Some(d) = run.manifest else { continue };
-            if let Err(e) = manifest::load_manifest_bytes(&*self.objects, &d) {
-                report.damage.push(Damage {
+            let m = manifest::load_manifest_bytes(&*self.objects, &d)
+                .and_then(|b| manifest::Manifest::from_bytes(&b, &format!("manifest {d}")));
+            match m {
+                Err(e) => report.damage.push(Damage {
                     object: "manifest".into(),
                     id: d.to_hex(),
                     problem: e.to_string(),
                     affects: vec![run.run.to_string()],
-                });
+                }),
+                // The index's copy of the tree must say what the manifest says.
+                Ok(m) => {
+                    let mut rows = self.index().files(run.id)?;
+                    manifest::sort_entries(&mut rows);
+                    if rows != m.entries {
+                        report.damage.push(Damage {
+                            object: "index".into(),
+                            id: d.to_hex(),
+                            problem: "the index's files of this run differ from its manifest"
+                                .into(),
+                            affects: vec![run.run.to_string()],
+                        });
+                    }
+                }
             }
         }
         let refs = self.index().referenced_chunks(&runs)?;

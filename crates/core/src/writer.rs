@@ -77,7 +77,8 @@ struct Compressed {
     stored: Vec<u8>,
 }
 
-/// A running pipeline. Dropping it without `finish` abandons unflushed chunks (never indexed).
+/// A running pipeline. Dropping it without `finish` still drains it: queued chunks are written
+/// and indexed (harmless: unreferenced chunks are gc's to reclaim), and errors are dropped.
 pub struct ChunkWriter {
     index: Arc<Mutex<Index>>,
     to_workers: Option<Sender<(ChunkId, Vec<u8>)>>,
@@ -292,10 +293,10 @@ fn pack_loop(
             continue;
         }
         builder.add(c.id, c.codec, c.raw_len, &c.stored);
-        if builder.len() as u64 >= target {
-            if let Err(e) = flush(std::mem::take(&mut builder)) {
-                shared.fail(e);
-            }
+        if builder.len() as u64 >= target
+            && let Err(e) = flush(std::mem::take(&mut builder))
+        {
+            shared.fail(e);
         }
     }
     if !shared.failed()

@@ -1,0 +1,247 @@
+//! Helpers shared by the end-to-end tests: run the real binary against a temporary store and
+//! compare directory trees attribute by attribute.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use assert_cmd::Command;
+
+/// A temporary store and scratch space.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+}
+
+impl Env {
+    pub fn new() -> Self {
+        Self {
+            dir: tempfile::Builder::new()
+                .prefix("afs-test-")
+                .tempdir()
+                .expect("tempdir"),
+        }
+    }
+
+    pub fn store(&self) -> PathBuf {
+        self.dir.path().join("store")
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// `artifactfs --store STORE ARGS…`, not yet run.
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::cargo_bin("artifactfs").expect("binary");
+        c.arg("--store").arg(self.store()).args(args);
+        c.env_remove("ARTIFACTFS_STORE");
+        c
+    }
+
+    /// Runs and returns the output, whatever the status.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().expect("run artifactfs")
+    }
+
+    /// Runs, asserts success, returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "artifactfs {args:?} failed ({:?}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8 stdout")
+    }
+
+    /// `ingest --json`, parsed.
+    pub fn ingest(&self, src: &Path, run: &str) -> serde_json::Value {
+        let out = self.ok(&["ingest", src.to_str().unwrap(), run, "--json"]);
+        serde_json::from_str(&out).expect("ingest json")
+    }
+
+    /// `stats --json`, parsed.
+    pub fn stats(&self) -> serde_json::Value {
+        serde_json::from_str(&self.ok(&["stats", "--json"])).expect("stats json")
+    }
+}
+
+/// Everything about one entry that an export must reproduce.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Node {
+    pub kind: String,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime_ns: i64,
+    pub size: u64,
+    pub content: Option<blake3::Hash>,
+    pub target: Option<PathBuf>,
+    pub rdev: u64,
+    pub xattrs: BTreeMap<String, Vec<u8>>,
+    /// Index of the first path sharing this inode (hard links), if any.
+    pub link_group: Option<String>,
+}
+
+fn kind(ft: &fs::FileType) -> &'static str {
+    if ft.is_dir() {
+        "dir"
+    } else if ft.is_symlink() {
+        "symlink"
+    } else if ft.is_file() {
+        "file"
+    } else if ft.is_fifo() {
+        "fifo"
+    } else if ft.is_socket() {
+        "socket"
+    } else if ft.is_char_device() {
+        "char"
+    } else if ft.is_block_device() {
+        "block"
+    } else {
+        "other"
+    }
+}
+
+/// Hashes a file, reading it in pieces.
+pub fn hash_file(p: &Path) -> blake3::Hash {
+    let mut h = blake3::Hasher::new();
+    h.update_reader(fs::File::open(p).expect("open"))
+        .expect("read");
+    h.finalize()
+}
+
+/// Snapshot of a tree: relative path -> node. The root's own attributes are included as ".".
+pub fn snapshot(root: &Path, with_times_of_root: bool) -> BTreeMap<String, Node> {
+    let mut out = BTreeMap::new();
+    let mut inodes: BTreeMap<(u64, u64), String> = BTreeMap::new();
+    let mut stack = vec![(root.to_path_buf(), ".".to_string())];
+    while let Some((p, rel)) = stack.pop() {
+        let m = fs::symlink_metadata(&p).expect("lstat");
+        let ft = m.file_type();
+        let mut xattrs = BTreeMap::new();
+        for name in xattr::list(&p).expect("listxattr") {
+            let n = name.to_string_lossy().into_owned();
+            if n.starts_with("security.") {
+                continue;
+            }
+            xattrs.insert(
+                n,
+                xattr::get(&p, &name).expect("getxattr").unwrap_or_default(),
+            );
+        }
+        let link_group = if ft.is_file() && m.nlink() > 1 {
+            Some(
+                inodes
+                    .entry((m.dev(), m.ino()))
+                    .or_insert_with(|| rel.clone())
+                    .clone(),
+            )
+        } else {
+            None
+        };
+        let node = Node {
+            kind: kind(&ft).into(),
+            mode: m.mode() & 0o7777,
+            uid: m.uid(),
+            gid: m.gid(),
+            mtime_ns: if rel == "." && !with_times_of_root {
+                0
+            } else {
+                m.mtime() * 1_000_000_000 + m.mtime_nsec()
+            },
+            size: if ft.is_dir() { 0 } else { m.len() },
+            content: ft.is_file().then(|| hash_file(&p)),
+            target: ft
+                .is_symlink()
+                .then(|| fs::read_link(&p).expect("readlink")),
+            rdev: if ft.is_char_device() || ft.is_block_device() {
+                m.rdev()
+            } else {
+                0
+            },
+            xattrs,
+            link_group,
+        };
+        if ft.is_dir() {
+            for e in fs::read_dir(&p).expect("readdir") {
+                let e = e.expect("dirent");
+                let name = e.file_name().into_string().expect("utf-8 name");
+                let child = if rel == "." {
+                    name
+                } else {
+                    format!("{rel}/{name}")
+                };
+                stack.push((e.path(), child));
+            }
+        }
+        out.insert(rel, node);
+    }
+    // Hard-link groups are named by the first path in sorted order on both sides.
+    let mut groups: BTreeMap<String, String> = BTreeMap::new();
+    for (path, node) in &out {
+        if let Some(g) = &node.link_group {
+            groups.entry(g.clone()).or_insert_with(|| path.clone());
+        }
+    }
+    for node in out.values_mut() {
+        if let Some(g) = node.link_group.take() {
+            node.link_group = groups.get(&g).cloned();
+        }
+    }
+    out
+}
+
+/// Asserts two trees are equal in every attribute, with a readable first difference.
+pub fn assert_same_tree(a: &Path, b: &Path) {
+    let sa = snapshot(a, true);
+    let sb = snapshot(b, true);
+    let ka: Vec<&String> = sa.keys().collect();
+    let kb: Vec<&String> = sb.keys().collect();
+    assert_eq!(
+        ka,
+        kb,
+        "trees {} and {} have different paths",
+        a.display(),
+        b.display()
+    );
+    for (path, na) in &sa {
+        let nb = &sb[path];
+        assert_eq!(
+            na,
+            nb,
+            "entry {path:?} differs between {} and {}",
+            a.display(),
+            b.display()
+        );
+    }
+}
+
+/// Sets a file's mtime to an exact nanosecond value (symlinks too).
+pub fn set_mtime(p: &Path, sec: i64, nsec: i64) {
+    use nix::sys::stat::{UtimensatFlags, utimensat};
+    use nix::sys::time::TimeSpec;
+    let t = TimeSpec::new(sec, nsec);
+    utimensat(
+        nix::fcntl::AT_FDCWD,
+        p,
+        &t,
+        &t,
+        UtimensatFlags::NoFollowSymlink,
+    )
+    .expect("utimensat");
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn bytes(n: usize, seed: u64) -> Vec<u8> {
+    let mut out = vec![0u8; n];
+    let mut h = blake3::Hasher::new();
+    h.update(&seed.to_le_bytes());
+    h.finalize_xof().fill(&mut out);
+    out
+}
