@@ -42,6 +42,14 @@ impl Env {
         c
     }
 
+    /// The same as [`Env::cmd`] as a plain `std::process::Command`, for spawning.
+    pub fn std_cmd(&self, args: &[&str]) -> std::process::Command {
+        let mut c = std::process::Command::new(assert_cmd::cargo::cargo_bin("artifactfs"));
+        c.arg("--store").arg(self.store()).args(args);
+        c.env_remove("ARTIFACTFS_STORE");
+        c
+    }
+
     /// Runs and returns the output, whatever the status.
     pub fn run(&self, args: &[&str]) -> Output {
         self.cmd(args).output().expect("run artifactfs")

@@ -164,6 +164,10 @@ impl BigFile {
         self.len
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
     /// Applies the mutations of `run` (which must be the next run) to get that run's content.
     pub fn advance(&mut self, seed: u64, run: u64) {
         let ops = plan_ops(seed, self.key, self.profile, run, self.len);

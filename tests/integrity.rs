@@ -1,0 +1,188 @@
+//! Damage is found and reported, never served: a flipped byte in a pack, a deleted pack, a
+//! damaged manifest and a truncated index each give a clear error naming what is affected.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use common::{Env, bytes};
+
+/// A store with two runs sharing nothing: `lab/a` (file `data/a.bin`) and `lab/b`.
+fn setup() -> Env {
+    let env = Env::new();
+    for (run, seed) in [("a", 1u64), ("b", 2)] {
+        let src = env.path(&format!("src-{run}"));
+        fs::create_dir_all(src.join("data")).unwrap();
+        fs::write(src.join(format!("data/{run}.bin")), bytes(3 << 20, seed)).unwrap();
+        fs::write(src.join("notes.txt"), format!("run {run}\n")).unwrap();
+        env.ingest(&src, &format!("lab/{run}"));
+    }
+    env
+}
+
+fn packs(env: &Env) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for d in fs::read_dir(env.store().join("objects/packs")).unwrap() {
+        for f in fs::read_dir(d.unwrap().path()).unwrap() {
+            out.push(f.unwrap().path());
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The pack holding a file's first chunk, found through the packs' own chunk tables.
+fn pack_of(env: &Env, path_in_store: &str) -> PathBuf {
+    let store = artifactfs_core::Store::open(&env.store()).unwrap();
+    let (r, p) = artifactfs_core::RunRef::parse_with_path(path_in_store).unwrap();
+    let entry = store.entry(&r, &p).unwrap();
+    let chunk = entry.chunks[0].0;
+    drop(store);
+    // Every pack's table names its chunks; find the one that holds this chunk.
+    let objects = artifactfs_core::objstore::LocalStore::open(env.store().join("objects")).unwrap();
+    for p in packs(env) {
+        let key = p
+            .strip_prefix(env.store().join("objects"))
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let table = artifactfs_core::pack::read_table(&objects, &key).unwrap();
+        if table.iter().any(|e| e.chunk == chunk) {
+            return p;
+        }
+    }
+    panic!("no pack holds {path_in_store}");
+}
+
+fn flip_byte(p: &Path, at: usize) {
+    let mut b = fs::read(p).unwrap();
+    b[at] ^= 0x01;
+    fs::write(p, b).unwrap();
+}
+
+fn assert_damage_named(env: &Env, run: &str, file: &str) {
+    let out = env.run(&["verify"]);
+    assert_eq!(out.status.code(), Some(4), "verify must exit 4 on damage");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("{run}/{file}")),
+        "verify output names the file:\n{text}"
+    );
+    assert!(text.contains(run), "{text}");
+    // The undamaged run still verifies on its own.
+    let other = if run == "lab/a" { "lab/b" } else { "lab/a" };
+    assert!(env.run(&["verify", other]).status.success());
+    // JSON says the same.
+    let out = env.run(&["verify", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(!v["damage"].as_array().unwrap().is_empty());
+}
+
+#[test]
+fn flipped_byte_in_a_pack_is_reported_and_never_served() {
+    let env = setup();
+    let pack = pack_of(&env, "lab/a/data/a.bin");
+    // Inside the first chunk's stored bytes (just after the 8-byte header).
+    flip_byte(&pack, 100);
+    assert_damage_named(&env, "lab/a", "data/a.bin");
+    let out = env.run(&["cat", "lab/a/data/a.bin"]);
+    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(4));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("corrupt") && err.contains("data/a.bin"),
+        "{err}"
+    );
+    // Not one byte of the damaged chunk reached stdout.
+    assert!(
+        out.stdout.len() < 100,
+        "cat wrote {} bytes",
+        out.stdout.len()
+    );
+    // Export refuses too and says why.
+    let out = env.run(&["export", "lab/a", env.path("out").to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(4));
+}
+
+#[test]
+fn deleted_pack_is_reported() {
+    let env = setup();
+    let pack = pack_of(&env, "lab/b/data/b.bin");
+    fs::remove_file(&pack).unwrap();
+    assert_damage_named(&env, "lab/b", "data/b.bin");
+    let out = env.run(&["cat", "lab/b/data/b.bin"]);
+    assert_eq!(out.status.code(), Some(4));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("missing") && err.contains("data/b.bin"),
+        "{err}"
+    );
+}
+
+#[test]
+fn damaged_manifest_is_reported() {
+    let env = setup();
+    let mdir = env.store().join("objects/manifests");
+    let mut manifests = Vec::new();
+    for d in fs::read_dir(&mdir).unwrap() {
+        for f in fs::read_dir(d.unwrap().path()).unwrap() {
+            manifests.push(f.unwrap().path());
+        }
+    }
+    assert_eq!(manifests.len(), 2);
+    for m in &manifests {
+        let len = fs::metadata(m).unwrap().len() as usize;
+        flip_byte(m, len / 2);
+    }
+    let out = env.run(&["verify"]);
+    assert_eq!(out.status.code(), Some(4));
+    let out = env.run(&["manifest", "lab/a"]);
+    assert_eq!(out.status.code(), Some(4));
+}
+
+#[test]
+fn truncated_index_is_a_clear_error_not_a_panic() {
+    for keep in [0u64, 4096, 100] {
+        let env = setup();
+        let index = env.store().join("index.sqlite");
+        // Fold the WAL in first so the truncation hits real pages.
+        drop(artifactfs_core::Store::open(&env.store()).unwrap());
+        let f = fs::OpenOptions::new().write(true).open(&index).unwrap();
+        f.set_len(keep).unwrap();
+        drop(f);
+        let _ = fs::remove_file(env.store().join("index.sqlite-wal"));
+        let _ = fs::remove_file(env.store().join("index.sqlite-shm"));
+        for args in [
+            &["runs"][..],
+            &["verify"],
+            &["stats"],
+            &["cat", "lab/a/notes.txt"],
+        ] {
+            let out = env.run(args);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                !out.status.success(),
+                "{args:?} succeeded on a truncated index"
+            );
+            assert!(!err.contains("panicked"), "{err}");
+            assert!(err.contains("index"), "error should name the index: {err}");
+        }
+    }
+}
+
+#[test]
+fn a_second_process_cannot_open_a_store_in_use() {
+    let env = setup();
+    let held = artifactfs_core::Store::open(&env.store()).unwrap();
+    let out = env.run(&["runs"]);
+    assert_eq!(out.status.code(), Some(5));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("in use") && err.contains(&std::process::id().to_string()),
+        "{err}"
+    );
+    drop(held);
+    assert!(env.run(&["runs"]).status.success());
+}
