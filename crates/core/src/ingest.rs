@@ -182,7 +182,14 @@ pub fn ingest_stream(
     let mut file_hash = blake3::Hasher::new();
     let mut chunks = Vec::new();
     let mut size = 0u64;
-    let mut buf = vec![0u8; 1 << 20];
+    // One read buffer per thread, reused across files: most files in a run are small.
+    thread_local! {
+        static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let mut buf = BUF.with(|b| std::mem::take(&mut *b.borrow_mut()));
+    if buf.len() < 1 << 20 {
+        buf = vec![0u8; 1 << 20];
+    }
     let mut emit = |data: &[u8]| -> Result<()> {
         let id = ChunkId::of(data);
         writer.submit_hashed(id, data)?;
@@ -202,6 +209,7 @@ pub fn ingest_stream(
         progress.inc(n as u64);
     }
     chunker.finish(&mut emit)?;
+    BUF.with(|b| *b.borrow_mut() = buf);
     Ok((size, file_hash.finalize().into(), chunks))
 }
 

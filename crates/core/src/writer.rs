@@ -84,6 +84,7 @@ pub struct ChunkWriter {
     to_workers: Option<Sender<(ChunkId, Vec<u8>)>>,
     workers: Vec<JoinHandle<()>>,
     packer: Option<JoinHandle<()>>,
+    flusher: Option<JoinHandle<()>>,
     pending: HashSet<ChunkId>,
     shared: Arc<Shared>,
     submitted: u64,
@@ -98,8 +99,8 @@ impl ChunkWriter {
         config: WriterConfig,
     ) -> Self {
         let workers_n = config.workers.max(1);
-        let (to_workers, work_rx) = bounded::<(ChunkId, Vec<u8>)>(workers_n * 2);
-        let (to_packer, pack_rx) = bounded::<Compressed>(workers_n * 2);
+        let (to_workers, work_rx) = bounded::<(ChunkId, Vec<u8>)>(workers_n * 4);
+        let (to_packer, pack_rx) = bounded::<Compressed>(workers_n * 4);
         let shared = Arc::new(Shared {
             error: Mutex::new(None),
             stats: Mutex::new(WriteStats::default()),
@@ -117,20 +118,30 @@ impl ChunkWriter {
             })
             .collect();
         drop(to_packer);
+        // One pack may wait while another is written: bounded memory, overlapping I/O.
+        let (to_flusher, flush_rx) = bounded::<SealedPack>(1);
         let packer = {
-            let index = index.clone();
             let shared = shared.clone();
             let target = config.pack_target_size;
             std::thread::Builder::new()
                 .name("afs-packer".into())
-                .spawn(move || pack_loop(pack_rx, &*objects, &index, &*clock, target, &shared))
+                .spawn(move || pack_loop(pack_rx, to_flusher, target, &shared))
                 .expect("spawn packer")
+        };
+        let flusher = {
+            let index = index.clone();
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("afs-flusher".into())
+                .spawn(move || flush_loop(flush_rx, &*objects, &index, &*clock, &shared))
+                .expect("spawn flusher")
         };
         Self {
             index,
             to_workers: Some(to_workers),
             workers,
             packer: Some(packer),
+            flusher: Some(flusher),
             pending: HashSet::new(),
             shared,
             submitted: 0,
@@ -211,6 +222,12 @@ impl ChunkWriter {
         {
             self.shared.fail(Error::Internal("packer panicked".into()));
         }
+        if let Some(f) = self.flusher.take()
+            && f.join().is_err()
+        {
+            self.shared
+                .fail(Error::Internal("pack flusher panicked".into()));
+        }
     }
 }
 
@@ -243,7 +260,8 @@ fn compress_loop(
                 let stored = if codec == Codec::Raw {
                     data
                 } else {
-                    out.clone()
+                    // Hand over the compressed buffer; the next chunk gets a fresh one.
+                    std::mem::replace(&mut out, Vec::with_capacity(raw_len))
                 };
                 let msg = Compressed {
                     id,
@@ -260,48 +278,77 @@ fn compress_loop(
     }
 }
 
+/// A finished pack on its way to the object store.
+struct SealedPack {
+    id: crate::id::PackId,
+    bytes: Vec<u8>,
+    entries: Vec<crate::pack::PackEntry>,
+}
+
+/// Appends compressed chunks to a pack; hands each full pack to the flusher, so that building
+/// the next pack overlaps with writing (and fsyncing) the last one.
 fn pack_loop(
     rx: Receiver<Compressed>,
-    objects: &dyn ObjectStore,
-    index: &Mutex<Index>,
-    clock: &dyn Clock,
+    to_flusher: Sender<SealedPack>,
     target: u64,
     shared: &Shared,
 ) {
     let mut builder = PackBuilder::new();
-    let flush = |b: PackBuilder| -> Result<()> {
+    let hand_off = |b: PackBuilder| -> bool {
         if b.is_empty() {
-            return Ok(());
+            return true;
         }
-        let raw: u64 = b.entries().iter().map(|e| u64::from(e.raw_len)).sum();
         let (id, bytes, entries) = b.finish();
-        objects.put(&pack_key(&id), &bytes)?;
-        index
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert_pack(&id, bytes.len() as u64, &entries, to_unix_ns(clock.now()))?;
-        tracing::debug!(pack = %id, bytes = bytes.len(), chunks = entries.len(), "pack written");
-        let mut s = shared.stats.lock().unwrap_or_else(|p| p.into_inner());
-        s.packs += 1;
-        s.pack_bytes += bytes.len() as u64;
-        s.new_chunks += entries.len() as u64;
-        s.new_raw_bytes += raw;
-        Ok(())
+        to_flusher.send(SealedPack { id, bytes, entries }).is_ok()
     };
     for c in rx {
         if shared.failed() {
             continue;
         }
         builder.add(c.id, c.codec, c.raw_len, &c.stored);
-        if builder.len() as u64 >= target
-            && let Err(e) = flush(std::mem::take(&mut builder))
-        {
-            shared.fail(e);
+        if builder.len() as u64 >= target && !hand_off(std::mem::take(&mut builder)) {
+            return;
         }
     }
-    if !shared.failed()
-        && let Err(e) = flush(builder)
-    {
-        shared.fail(e);
+    if !shared.failed() {
+        hand_off(builder);
+    }
+}
+
+/// Writes packs durably, then indexes their chunks (never the other way round).
+fn flush_loop(
+    rx: Receiver<SealedPack>,
+    objects: &dyn ObjectStore,
+    index: &Mutex<Index>,
+    clock: &dyn Clock,
+    shared: &Shared,
+) {
+    for p in rx {
+        if shared.failed() {
+            continue;
+        }
+        let res = (|| -> Result<()> {
+            objects.put(&pack_key(&p.id), &p.bytes)?;
+            index
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert_pack(
+                    &p.id,
+                    p.bytes.len() as u64,
+                    &p.entries,
+                    to_unix_ns(clock.now()),
+                )?;
+            tracing::debug!(pack = %p.id, bytes = p.bytes.len(), chunks = p.entries.len(), "pack written");
+            let raw: u64 = p.entries.iter().map(|e| u64::from(e.raw_len)).sum();
+            let mut s = shared.stats.lock().unwrap_or_else(|e| e.into_inner());
+            s.packs += 1;
+            s.pack_bytes += p.bytes.len() as u64;
+            s.new_chunks += p.entries.len() as u64;
+            s.new_raw_bytes += raw;
+            Ok(())
+        })();
+        if let Err(e) = res {
+            shared.fail(e);
+        }
     }
 }
