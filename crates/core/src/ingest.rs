@@ -17,7 +17,7 @@ use crate::chunker::Chunker;
 use crate::clock::rfc3339;
 use crate::error::{Error, Result};
 use crate::id::{ChunkId, FileHash, ManifestDigest};
-use crate::manifest::{Entry, Kind, MANIFEST_FORMAT, Manifest, ROOT, XattrValue};
+use crate::manifest::{ChunkRef, Entry, Kind, MANIFEST_FORMAT, Manifest, ROOT, XattrValue};
 use crate::names::{RunRef, validate_component};
 use crate::store::{Progress, Store};
 use crate::writer::ChunkWriter;
@@ -174,28 +174,61 @@ fn base_entry(w: &Walked, kind: Kind) -> Result<Entry> {
 pub fn ingest_stream(
     store: &Store,
     writer: &mut ChunkWriter,
+    src: impl Read,
+    progress: &dyn Progress,
+    src_name: &Path,
+) -> Result<(u64, FileHash, Vec<ChunkRef>)> {
+    let mut chunks = Vec::new();
+    let (size, hash) = stream_chunks(store, src, progress, src_name, &mut |data| {
+        let id = ChunkId::of(data);
+        writer.submit_hashed(id, data)?;
+        chunks.push(ChunkRef(id, data.len() as u32));
+        Ok(())
+    })?;
+    Ok((size, hash, chunks))
+}
+
+/// A chunk whose id is not known yet: (the writer's sequence number, plaintext length).
+type DeferredChunk = (u64, u32);
+
+/// As [`ingest_stream`], but chunk hashing happens on the writer's workers: the chunks come back
+/// as (sequence number, length), resolved by [`ChunkWriter::finish_with_ids`].
+fn ingest_stream_deferred(
+    store: &Store,
+    writer: &mut ChunkWriter,
+    src: impl Read,
+    progress: &dyn Progress,
+    src_name: &Path,
+) -> Result<(u64, FileHash, Vec<DeferredChunk>)> {
+    let mut chunks = Vec::new();
+    let (size, hash) = stream_chunks(store, src, progress, src_name, &mut |data| {
+        let seq = writer.submit_deferred(data)?;
+        chunks.push((seq, data.len() as u32));
+        Ok(())
+    })?;
+    Ok((size, hash, chunks))
+}
+
+/// Reads `src` to the end, hashing it whole and handing each content-defined chunk to `emit`.
+fn stream_chunks(
+    store: &Store,
     mut src: impl Read,
     progress: &dyn Progress,
     src_name: &Path,
-) -> Result<(u64, FileHash, Vec<crate::manifest::ChunkRef>)> {
-    let mut chunker = Chunker::new(store.config().chunker)?;
-    let mut file_hash = blake3::Hasher::new();
-    let mut chunks = Vec::new();
-    let mut size = 0u64;
+    emit: &mut dyn FnMut(&[u8]) -> Result<()>,
+) -> Result<(u64, FileHash)> {
     // One read buffer per thread, reused across files: most files in a run are small.
     thread_local! {
         static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     }
+    let mut chunker = Chunker::new(store.config().chunker)?;
+    let mut file_hash = blake3::Hasher::new();
+    let mut size = 0u64;
     let mut buf = BUF.with(|b| std::mem::take(&mut *b.borrow_mut()));
     if buf.len() < 1 << 20 {
         buf = vec![0u8; 1 << 20];
     }
-    let mut emit = |data: &[u8]| -> Result<()> {
-        let id = ChunkId::of(data);
-        writer.submit_hashed(id, data)?;
-        chunks.push(crate::manifest::ChunkRef(id, data.len() as u32));
-        Ok(())
-    };
+    let mut emit = |data: &[u8]| emit(data);
     loop {
         let n = match src.read(&mut buf) {
             Ok(0) => break,
@@ -210,7 +243,7 @@ pub fn ingest_stream(
     }
     chunker.finish(&mut emit)?;
     BUF.with(|b| *b.borrow_mut() = buf);
-    Ok((size, file_hash.finalize().into(), chunks))
+    Ok((size, file_hash.finalize().into()))
 }
 
 impl Store {
@@ -242,6 +275,8 @@ impl Store {
         let mut writer = self.writer();
         let mut entries = Vec::with_capacity(walked.len());
         let mut first_name: HashMap<(u64, u64), String> = HashMap::new();
+        // Files' chunks as (sequence number, length), by entry index, until the ids are known.
+        let mut deferred: Vec<(usize, Vec<DeferredChunk>)> = Vec::new();
         for w in &walked {
             let ft = w.meta.file_type();
             let entry = if ft.is_dir() {
@@ -276,10 +311,10 @@ impl Store {
                 let mut e = base_entry(w, Kind::File)?;
                 let f = File::open(&w.fs_path).map_err(|e| Error::io("open", &w.fs_path, e))?;
                 let (size, hash, chunks) =
-                    ingest_stream(self, &mut writer, f, progress, &w.fs_path)?;
+                    ingest_stream_deferred(self, &mut writer, f, progress, &w.fs_path)?;
                 e.size = size;
                 e.blake3 = Some(hash);
-                e.chunks = chunks;
+                deferred.push((entries.len(), chunks));
                 e
             } else if ft.is_fifo() {
                 base_entry(w, Kind::Fifo)?
@@ -302,7 +337,13 @@ impl Store {
             };
             entries.push(entry);
         }
-        let stats = writer.finish()?;
+        let (stats, ids) = writer.finish_with_ids()?;
+        for (i, chunks) in deferred {
+            entries[i].chunks = chunks
+                .into_iter()
+                .map(|(seq, len)| ChunkRef(ids[seq as usize], len))
+                .collect();
+        }
 
         let mut metadata = metadata;
         if let Some(root) = entries.first() {

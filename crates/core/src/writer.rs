@@ -4,8 +4,10 @@
 //! caller (chunk + hash) --submit--> [compress workers x N] --> packer thread --> put pack, index it
 //! ```
 //!
-//! `submit` hashes a chunk and returns its reference at once; a chunk already indexed (or already
-//! submitted to this writer) is not stored again. Compressed chunks are appended to an in-memory
+//! `submit` hashes a chunk on the caller's thread and returns its reference at once;
+//! `submit_deferred` leaves hashing and the dedup lookup to the workers too (so that they run on
+//! every core) and the ids are read after `finish_with_ids`. Either way a chunk already indexed
+//! (or already submitted to this writer) is not stored again. Compressed chunks are appended to an in-memory
 //! pack; a full pack is written with `ObjectStore::put` (durable on return) and only then inserted
 //! into the index. `finish` flushes the last pack: after it returns `Ok`, every submitted chunk is
 //! durable and indexed, so a manifest referring to them may be committed.
@@ -53,9 +55,37 @@ pub struct WriterConfig {
 struct Shared {
     error: Mutex<Option<Error>>,
     stats: Mutex<WriteStats>,
+    /// Chunks this writer has taken on to store (never removed while it runs).
+    pending: Mutex<HashSet<ChunkId>>,
+    /// Ids of deferred chunks, by submission sequence number.
+    ids: Mutex<Vec<ChunkId>>,
+    index: Arc<Mutex<Index>>,
+}
+
+/// What the caller hands to the workers.
+enum Work {
+    /// Hashed, and known to be new: compress and store.
+    New(ChunkId, Vec<u8>),
+    /// Not hashed yet: hash, record the id under the sequence number, dedup, maybe store.
+    Deferred(u64, Vec<u8>),
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Shared {
+    /// Claims `id` for storing: false if the store or this writer already has it.
+    fn claim(&self, id: &ChunkId) -> Result<bool> {
+        if lock(&self.pending).contains(id) {
+            return Ok(false);
+        }
+        if lock(&self.index).has_chunk(id)? {
+            return Ok(false);
+        }
+        Ok(lock(&self.pending).insert(*id))
+    }
+
     fn fail(&self, e: Error) {
         let mut slot = self.error.lock().unwrap_or_else(|p| p.into_inner());
         if slot.is_none() {
@@ -80,14 +110,13 @@ struct Compressed {
 /// A running pipeline. Dropping it without `finish` still drains it: queued chunks are written
 /// and indexed (harmless: unreferenced chunks are gc's to reclaim), and errors are dropped.
 pub struct ChunkWriter {
-    index: Arc<Mutex<Index>>,
-    to_workers: Option<Sender<(ChunkId, Vec<u8>)>>,
+    to_workers: Option<Sender<Work>>,
     workers: Vec<JoinHandle<()>>,
     packer: Option<JoinHandle<()>>,
     flusher: Option<JoinHandle<()>>,
-    pending: HashSet<ChunkId>,
     shared: Arc<Shared>,
     submitted: u64,
+    deferred: u64,
 }
 
 impl ChunkWriter {
@@ -99,11 +128,14 @@ impl ChunkWriter {
         config: WriterConfig,
     ) -> Self {
         let workers_n = config.workers.max(1);
-        let (to_workers, work_rx) = bounded::<(ChunkId, Vec<u8>)>(workers_n * 4);
+        let (to_workers, work_rx) = bounded::<Work>(workers_n * 4);
         let (to_packer, pack_rx) = bounded::<Compressed>(workers_n * 4);
         let shared = Arc::new(Shared {
             error: Mutex::new(None),
             stats: Mutex::new(WriteStats::default()),
+            pending: Mutex::new(HashSet::new()),
+            ids: Mutex::new(Vec::new()),
+            index: index.clone(),
         });
         let workers = (0..workers_n)
             .map(|i| {
@@ -137,14 +169,13 @@ impl ChunkWriter {
                 .expect("spawn flusher")
         };
         Self {
-            index,
             to_workers: Some(to_workers),
             workers,
             packer: Some(packer),
             flusher: Some(flusher),
-            pending: HashSet::new(),
             shared,
             submitted: 0,
+            deferred: 0,
         }
     }
 
@@ -158,26 +189,31 @@ impl ChunkWriter {
     /// As [`ChunkWriter::submit`] with the id already computed.
     pub fn submit_hashed(&mut self, id: ChunkId, data: &[u8]) -> Result<()> {
         self.submitted += 1;
-        if self.pending.contains(&id) {
+        if !self.shared.claim(&id)? {
             return Ok(());
         }
-        let known = self
-            .index
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .has_chunk(&id)?;
-        if known {
-            return Ok(());
-        }
+        self.send(Work::New(id, data.to_vec()))
+    }
+
+    /// Queues a chunk without hashing it here; returns its sequence number, whose id
+    /// [`ChunkWriter::finish_with_ids`] gives.
+    pub fn submit_deferred(&mut self, data: &[u8]) -> Result<u64> {
+        self.submitted += 1;
+        let seq = self.deferred;
+        self.deferred += 1;
+        self.send(Work::Deferred(seq, data.to_vec()))?;
+        Ok(seq)
+    }
+
+    fn send(&mut self, w: Work) -> Result<()> {
         if self.shared.failed() {
             return Err(self.take_error());
         }
-        self.pending.insert(id);
         let tx = self
             .to_workers
             .as_ref()
             .ok_or_else(|| Error::Internal("chunk writer used after finish".into()))?;
-        if tx.send((id, data.to_vec())).is_err() {
+        if tx.send(w).is_err() {
             return Err(self.take_error());
         }
         Ok(())
@@ -193,7 +229,12 @@ impl ChunkWriter {
     }
 
     /// Flushes everything; after `Ok`, all submitted chunks are durable and indexed.
-    pub fn finish(mut self) -> Result<WriteStats> {
+    pub fn finish(self) -> Result<WriteStats> {
+        self.finish_with_ids().map(|(stats, _)| stats)
+    }
+
+    /// As [`ChunkWriter::finish`], also returning the ids of deferred chunks by sequence number.
+    pub fn finish_with_ids(mut self) -> Result<(WriteStats, Vec<ChunkId>)> {
         self.shutdown();
         if let Some(e) = self
             .shared
@@ -204,9 +245,17 @@ impl ChunkWriter {
         {
             return Err(e);
         }
-        let mut stats = *self.shared.stats.lock().unwrap_or_else(|p| p.into_inner());
+        let mut stats = *lock(&self.shared.stats);
         stats.chunks = self.submitted;
-        Ok(stats)
+        let ids = std::mem::take(&mut *lock(&self.shared.ids));
+        if ids.len() as u64 != self.deferred {
+            return Err(Error::Internal(format!(
+                "{} deferred chunks but {} ids",
+                self.deferred,
+                ids.len()
+            )));
+        }
+        Ok((stats, ids))
     }
 
     fn shutdown(&mut self) {
@@ -237,21 +286,38 @@ impl Drop for ChunkWriter {
     }
 }
 
-fn compress_loop(
-    rx: Receiver<(ChunkId, Vec<u8>)>,
-    tx: Sender<Compressed>,
-    level: i32,
-    shared: &Shared,
-) {
+fn compress_loop(rx: Receiver<Work>, tx: Sender<Compressed>, level: i32, shared: &Shared) {
     let mut out = Vec::new();
     let mut encoder = match codec::Encoder::new(level) {
         Ok(e) => e,
         Err(e) => return shared.fail(e),
     };
-    for (id, data) in rx {
+    for work in rx {
         if shared.failed() {
             continue;
         }
+        let (id, data) = match work {
+            Work::New(id, data) => (id, data),
+            Work::Deferred(seq, data) => {
+                let id = ChunkId::of(&data);
+                {
+                    let mut ids = lock(&shared.ids);
+                    let seq = seq as usize;
+                    if ids.len() <= seq {
+                        ids.resize(seq + 1, ChunkId([0; 32]));
+                    }
+                    ids[seq] = id;
+                }
+                match shared.claim(&id) {
+                    Ok(true) => (id, data),
+                    Ok(false) => continue,
+                    Err(e) => {
+                        shared.fail(e);
+                        continue;
+                    }
+                }
+            }
+        };
         let raw_len = data.len();
         match encoder.encode(&data, &mut out) {
             Ok(codec) => {
