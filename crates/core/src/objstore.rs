@@ -10,9 +10,9 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::{ErrorKind, Read, Seek, SeekFrom, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
 
@@ -57,14 +57,52 @@ fn check_key(key: &str) -> Result<()> {
 /// Objects as files under a root directory.
 pub struct LocalStore {
     root: PathBuf,
+    /// Recently read objects' open files, most recent last: ranged reads of the same pack
+    /// (export, the mount) do not reopen it for every chunk.
+    handles: Mutex<Vec<(String, Arc<File>)>>,
 }
+
+/// Open files kept by a [`LocalStore`] for ranged reads.
+const HANDLES: usize = 64;
 
 impl LocalStore {
     /// A store rooted at `root`, created if missing.
     pub fn open(root: impl Into<PathBuf>) -> Result<Self> {
         let root = root.into();
         create_dir_durable(&root)?;
-        Ok(Self { root })
+        Ok(Self {
+            root,
+            handles: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn handles(&self) -> std::sync::MutexGuard<'_, Vec<(String, Arc<File>)>> {
+        self.handles.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// An open file for ranged reads of `key`, from the cache when possible.
+    fn handle(&self, key: &str) -> Result<Arc<File>> {
+        {
+            let mut h = self.handles();
+            if let Some(i) = h.iter().position(|(k, _)| k == key) {
+                let entry = h.remove(i);
+                let f = entry.1.clone();
+                h.push(entry);
+                return Ok(f);
+            }
+        }
+        let (f, _) = self.open_read(key)?;
+        let f = Arc::new(f);
+        let mut h = self.handles();
+        if h.len() >= HANDLES {
+            h.remove(0);
+        }
+        h.push((key.to_owned(), f.clone()));
+        Ok(f)
+    }
+
+    fn forget_handle(&self, key: &str) {
+        self.handles().retain(|(k, _)| k != key);
     }
 
     fn path(&self, key: &str) -> Result<PathBuf> {
@@ -165,6 +203,7 @@ impl ObjectStore for LocalStore {
             let _ = fs::remove_file(&tmp);
             return Err(Error::io("write", &tmp, e));
         }
+        self.forget_handle(key);
         if let Err(e) = fs::rename(&tmp, &path) {
             let _ = fs::remove_file(&tmp);
             return Err(Error::io("rename into place", &path, e));
@@ -181,17 +220,16 @@ impl ObjectStore for LocalStore {
     }
 
     fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
-        let (mut f, path) = self.open_read(key)?;
-        f.seek(SeekFrom::Start(offset))
-            .map_err(|e| Error::io("seek", &path, e))?;
+        use std::os::unix::fs::FileExt;
+        let f = self.handle(key)?;
         let mut out = vec![0u8; len as usize];
-        match f.read_exact(&mut out) {
+        match f.read_exact_at(&mut out, offset) {
             Ok(()) => Ok(out),
             Err(e) if e.kind() == ErrorKind::UnexpectedEof => Err(Error::corrupt(
                 format!("object {key}"),
                 format!("truncated: cannot read {len} bytes at offset {offset}"),
             )),
-            Err(e) => Err(Error::io("read", &path, e)),
+            Err(e) => Err(Error::io("read", self.root.join(key), e)),
         }
     }
 
@@ -244,6 +282,7 @@ impl ObjectStore for LocalStore {
 
     fn delete(&self, key: &str) -> Result<()> {
         let path = self.path(key)?;
+        self.forget_handle(key);
         match fs::remove_file(&path) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
