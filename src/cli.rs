@@ -111,6 +111,27 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Serve the store as a file system at MOUNTPOINT (NAMESPACE/RUN/… directories).
+    ///
+    /// The mount owns the store: other commands on it report it in use until it is unmounted.
+    Mount {
+        /// An existing, empty directory.
+        mountpoint: PathBuf,
+        /// Stay in the foreground (otherwise detach once the mount is ready).
+        #[arg(long)]
+        foreground: bool,
+        /// Seal an open run once it has had no open file and no write for this long.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        seal_after: std::time::Duration,
+        /// Closing a file of this name in a run's directory seals the run (e.g. _SUCCESS).
+        #[arg(long, value_name = "NAME")]
+        seal_marker: Option<String>,
+        /// Set by a detaching `mount` for the process it starts: begin a new session.
+        #[arg(long, hide = true)]
+        detached: bool,
+    },
+    /// Unmount a mount (fusermount3 -u).
+    Umount { mountpoint: PathBuf },
 }
 
 /// Parses `123`, `64KiB`, `4MiB`, `1GiB` (K, M, G are binary too).
@@ -152,10 +173,11 @@ fn init_logging(verbose: u8) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 }
 
-fn is_empty_or_missing(dir: &Path) -> bool {
+pub fn is_empty_or_missing(dir: &Path) -> bool {
     match std::fs::read_dir(dir) {
         Ok(mut rd) => rd.next().is_none(),
         Err(e) => e.kind() == std::io::ErrorKind::NotFound,
@@ -344,6 +366,27 @@ pub fn run() -> Result<ExitCode> {
             let store = open_store(&store_dir)?;
             output::stats(&store, &store.stats()?, json)?;
         }
+        Command::Mount {
+            mountpoint,
+            foreground,
+            seal_after,
+            seal_marker,
+            detached,
+        } => {
+            let opts = crate::mount::MountArgs {
+                store: store_dir,
+                mountpoint,
+                seal_after,
+                seal_marker,
+                verbose: cli.verbose,
+            };
+            if foreground {
+                crate::mount::foreground(&opts, detached)?;
+            } else {
+                crate::mount::detach(&opts)?;
+            }
+        }
+        Command::Umount { mountpoint } => crate::mount::umount(&mountpoint)?,
     }
     Ok(ExitCode::SUCCESS)
 }

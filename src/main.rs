@@ -2,6 +2,7 @@
 //! engine. It owns no storage logic; see `artifactfs-core`.
 
 mod cli;
+mod mount;
 mod output;
 
 use std::process::ExitCode;

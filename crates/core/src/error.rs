@@ -7,6 +7,9 @@
 //!   wrong bytes handed to a caller.
 //! - `Backend` says whether retrying could help, so tiering and the CLI can decide.
 //! - Programming errors (broken invariants) are `Internal`; they should never reach a user.
+//! - The file-system view ([`crate::vfs`]) needs POSIX-shaped refusals (`ReadOnly`, `Busy`,
+//!   `NotEmpty`, …); each says which object and why, and the FUSE frontend maps each variant to
+//!   exactly one errno.
 
 use std::path::PathBuf;
 
@@ -64,6 +67,37 @@ pub enum Error {
     /// A broken internal invariant.
     #[error("internal error: {0}")]
     Internal(String),
+    /// The object is immutable (a sealed run, the control directory).
+    #[error("read-only: {0}")]
+    ReadOnly(String),
+    /// The operation is refused for this object whatever its permissions (e.g. a file in a
+    /// namespace directory, an xattr change on a sealed run).
+    #[error("not permitted: {0}")]
+    NotPermitted(String),
+    /// The object is in use (e.g. sealing a run with files still open).
+    #[error("busy: {0}")]
+    Busy(String),
+    /// A directory that must be empty is not.
+    #[error("directory not empty: {0}")]
+    NotEmpty(String),
+    /// A directory was expected.
+    #[error("not a directory: {0}")]
+    NotDir(String),
+    /// A non-directory was expected.
+    #[error("is a directory: {0}")]
+    IsDir(String),
+    /// A name component is longer than `names::NAME_MAX` bytes.
+    #[error("name too long: {0}")]
+    NameTooLong(String),
+    /// An extended attribute that is not set.
+    #[error("no such attribute: {0}")]
+    NoAttr(String),
+    /// The operation is not supported here (e.g. a `trusted.*` xattr).
+    #[error("not supported: {0}")]
+    Unsupported(String),
+    /// A rename or link across runs.
+    #[error("cross-run link or rename: {0}")]
+    CrossRun(String),
 }
 
 impl Error {

@@ -23,7 +23,7 @@ use crate::names::RunRef;
 use crate::pack::PackEntry;
 
 /// Schema version written by this build.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 const MIGRATIONS: &[&str] = &[
     // 0 -> 1
@@ -86,6 +86,44 @@ const MIGRATIONS: &[&str] = &[
         run         TEXT,
         detail      TEXT NOT NULL DEFAULT '{}'
     );
+    "#,
+    // 1 -> 2: namespaces as rows, and the metadata of open runs (the mount's staging area).
+    r#"
+    CREATE TABLE namespaces (
+        id          INTEGER PRIMARY KEY,
+        name        TEXT NOT NULL UNIQUE,
+        mode        INTEGER NOT NULL,
+        uid         INTEGER NOT NULL,
+        gid         INTEGER NOT NULL,
+        mtime_ns    INTEGER NOT NULL,
+        created_at  INTEGER NOT NULL
+    );
+    INSERT INTO namespaces (name, mode, uid, gid, mtime_ns, created_at)
+        SELECT namespace, 493, 0, 0, min(created_at), min(created_at) FROM runs GROUP BY namespace;
+    ALTER TABLE runs ADD COLUMN root_ino INTEGER;
+    CREATE TABLE inodes (
+        ino         INTEGER PRIMARY KEY AUTOINCREMENT,
+        run         INTEGER NOT NULL REFERENCES runs(id),
+        kind        TEXT NOT NULL,
+        mode        INTEGER NOT NULL,
+        uid         INTEGER NOT NULL,
+        gid         INTEGER NOT NULL,
+        size        INTEGER NOT NULL DEFAULT 0,
+        mtime_ns    INTEGER NOT NULL,
+        ctime_ns    INTEGER NOT NULL,
+        rdev        INTEGER NOT NULL DEFAULT 0,
+        target      TEXT,
+        nlink       INTEGER NOT NULL,
+        xattrs      TEXT
+    );
+    CREATE INDEX inodes_run ON inodes(run);
+    CREATE TABLE dentries (
+        parent      INTEGER NOT NULL REFERENCES inodes(ino),
+        name        TEXT NOT NULL,
+        ino         INTEGER NOT NULL REFERENCES inodes(ino),
+        PRIMARY KEY (parent, name)
+    ) WITHOUT ROWID;
+    CREATE INDEX dentries_ino ON dentries(ino);
     "#,
 ];
 
@@ -397,6 +435,7 @@ impl Index {
                 m.namespace, m.run
             )));
         }
+        ensure_namespace(&tx, &m.namespace, now_ns).map_err(&err)?;
         let files = m.entries.iter().filter(|e| e.kind != Kind::Dir).count();
         tx.execute(
             "INSERT INTO runs (namespace, name, state, manifest, created_at, sealed_at, files, raw_bytes)
@@ -412,47 +451,7 @@ impl Index {
         )
         .map_err(&err)?;
         let run_id = tx.last_insert_rowid();
-        {
-            let mut meta = tx
-                .prepare_cached("INSERT INTO run_meta (run, key, value) VALUES (?1, ?2, ?3)")
-                .map_err(&err)?;
-            for (k, v) in &m.metadata {
-                meta.execute(params![run_id, k, v]).map_err(&err)?;
-            }
-            let mut ins = tx
-                .prepare_cached(
-                    "INSERT INTO files (run, path, kind, mode, uid, gid, size, mtime_ns, blake3, chunks,
-                                        target, rdev, xattrs)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
-                )
-                .map_err(&err)?;
-            for e in &m.entries {
-                let xattrs = if e.xattrs.is_empty() {
-                    None
-                } else {
-                    Some(
-                        serde_json::to_string(&e.xattrs)
-                            .map_err(|x| Error::Internal(x.to_string()))?,
-                    )
-                };
-                ins.execute(params![
-                    run_id,
-                    e.path,
-                    e.kind.as_str(),
-                    e.mode,
-                    e.uid,
-                    e.gid,
-                    e.size as i64,
-                    e.mtime_ns,
-                    e.blake3.map(|h| h.0.to_vec()),
-                    (!e.chunks.is_empty()).then(|| e.chunk_blob()),
-                    e.target,
-                    e.rdev.map(|d| d as i64),
-                    xattrs,
-                ])
-                .map_err(&err)?;
-            }
-        }
+        insert_run_entries(&tx, run_id, m).map_err(&err)?;
         let run_name = Some(m.run.as_str());
         let ns = Some(m.namespace.as_str());
         append_event(
@@ -747,4 +746,650 @@ fn append_event(
     )?
     .execute(params![now_ns, kind, namespace, run, detail.to_string()])?;
     Ok(conn.last_insert_rowid())
+}
+
+/// Inserts a manifest's metadata and entries as `run_meta` and `files` rows of `run_id`.
+fn insert_run_entries(tx: &Connection, run_id: i64, m: &Manifest) -> rusqlite::Result<()> {
+    let mut meta =
+        tx.prepare_cached("INSERT INTO run_meta (run, key, value) VALUES (?1, ?2, ?3)")?;
+    for (k, v) in &m.metadata {
+        meta.execute(params![run_id, k, v])?;
+    }
+    let mut ins = tx.prepare_cached(
+        "INSERT INTO files (run, path, kind, mode, uid, gid, size, mtime_ns, blake3, chunks,
+                            target, rdev, xattrs)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+    )?;
+    for e in &m.entries {
+        let xattrs = if e.xattrs.is_empty() {
+            None
+        } else {
+            Some(
+                serde_json::to_string(&e.xattrs)
+                    .map_err(|x| rusqlite::Error::ToSqlConversionFailure(Box::new(x)))?,
+            )
+        };
+        ins.execute(params![
+            run_id,
+            e.path,
+            e.kind.as_str(),
+            e.mode,
+            e.uid,
+            e.gid,
+            e.size as i64,
+            e.mtime_ns,
+            e.blake3.map(|h| h.0.to_vec()),
+            (!e.chunks.is_empty()).then(|| e.chunk_blob()),
+            e.target,
+            e.rdev.map(|d| d as i64),
+            xattrs,
+        ])?;
+    }
+    Ok(())
+}
+
+/// Adds the namespace row for `name` unless it exists (mode 0755, owned by root).
+fn ensure_namespace(conn: &Connection, name: &str, now_ns: i64) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT OR IGNORE INTO namespaces (name, mode, uid, gid, mtime_ns, created_at)
+         VALUES (?1, 493, 0, 0, ?2, ?2)",
+    )?
+    .execute(params![name, now_ns])?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Open runs: namespaces, inodes and directory entries (schema 2). The mount's file-system view
+// (`crate::vfs`) composes these calls inside one [`Meta`] scope per operation.
+
+/// A namespace directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NamespaceRow {
+    pub id: i64,
+    pub name: String,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime_ns: i64,
+}
+
+/// One inode of an open run. A regular file's content is its staging file, whose length is
+/// authoritative; `size` is meaningful for symlinks only.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InodeRow {
+    pub ino: i64,
+    pub run: i64,
+    pub kind: Kind,
+    /// Permission bits (`& 0o7777`).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+    pub rdev: u64,
+    pub target: Option<String>,
+    /// Names of this inode (regular files; directories report theirs from their children).
+    pub nlink: u32,
+    pub xattrs: std::collections::BTreeMap<String, XattrValue>,
+}
+
+/// A scope for reading or writing open-run metadata: a transaction when writing.
+pub struct Meta<'a> {
+    conn: &'a Connection,
+    path: &'a Path,
+}
+
+const INODE_COLS: &str =
+    "ino, run, kind, mode, uid, gid, size, mtime_ns, ctime_ns, rdev, target, nlink, xattrs";
+
+fn inode_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(InodeRow, String, Option<String>)> {
+    Ok((
+        InodeRow {
+            ino: r.get(0)?,
+            run: r.get(1)?,
+            kind: Kind::File,
+            mode: r.get(3)?,
+            uid: r.get(4)?,
+            gid: r.get(5)?,
+            size: r.get::<_, i64>(6)? as u64,
+            mtime_ns: r.get(7)?,
+            ctime_ns: r.get(8)?,
+            rdev: r.get::<_, i64>(9)? as u64,
+            target: r.get(10)?,
+            nlink: r.get(11)?,
+            xattrs: Default::default(),
+        },
+        r.get(2)?,
+        r.get(12)?,
+    ))
+}
+
+fn finish_inode(raw: (InodeRow, String, Option<String>)) -> Result<InodeRow> {
+    let (mut row, kind, xattrs) = raw;
+    row.kind = Kind::parse(&kind)?;
+    if let Some(x) = xattrs {
+        row.xattrs = serde_json::from_str(&x)
+            .map_err(|e| Error::corrupt(format!("xattrs of inode {}", row.ino), e.to_string()))?;
+    }
+    Ok(row)
+}
+
+fn xattrs_text(x: &std::collections::BTreeMap<String, XattrValue>) -> Result<Option<String>> {
+    if x.is_empty() {
+        return Ok(None);
+    }
+    serde_json::to_string(x)
+        .map(Some)
+        .map_err(|e| Error::Internal(format!("xattrs encode: {e}")))
+}
+
+impl Index {
+    /// Runs `f` over the open-run metadata without a transaction (reads).
+    pub fn meta<T>(&self, f: impl FnOnce(&Meta<'_>) -> Result<T>) -> Result<T> {
+        f(&Meta {
+            conn: &self.conn,
+            path: &self.path,
+        })
+    }
+
+    /// Runs `f` inside one `BEGIN IMMEDIATE` transaction, committed only if `f` succeeds.
+    pub fn meta_write<T>(&mut self, f: impl FnOnce(&Meta<'_>) -> Result<T>) -> Result<T> {
+        let path = self.path.clone();
+        let err = sql_err(&path);
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(&err)?;
+        let out = f(&Meta {
+            conn: &tx,
+            path: &path,
+        })?;
+        tx.commit().map_err(&err)?;
+        Ok(out)
+    }
+
+    /// Seals an open run in one transaction: the run row becomes `sealed` with its manifest,
+    /// its metadata and entries become `run_meta` and `files` rows, the event `run.sealed` is
+    /// appended, and its inodes and directory entries are deleted.
+    pub fn seal_open_run(
+        &mut self,
+        run_id: i64,
+        m: &Manifest,
+        digest: &ManifestDigest,
+        now_ns: i64,
+        event_detail: serde_json::Value,
+    ) -> Result<()> {
+        let path = self.path.clone();
+        let err = sql_err(&path);
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(&err)?;
+        let state: Option<String> = tx
+            .query_row(
+                "SELECT state FROM runs WHERE id = ?1",
+                params![run_id],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(&err)?;
+        if state.as_deref() != Some("open") {
+            return Err(Error::State(format!(
+                "run {}/{} is {} and cannot be sealed",
+                m.namespace,
+                m.run,
+                state.as_deref().unwrap_or("missing")
+            )));
+        }
+        let files = m.entries.iter().filter(|e| e.kind != Kind::Dir).count();
+        tx.execute(
+            "UPDATE runs SET state = 'sealed', manifest = ?2, sealed_at = ?3, files = ?4,
+                             raw_bytes = ?5, root_ino = NULL WHERE id = ?1",
+            params![
+                run_id,
+                digest.as_bytes(),
+                now_ns,
+                files as i64,
+                m.raw_bytes() as i64
+            ],
+        )
+        .map_err(&err)?;
+        insert_run_entries(&tx, run_id, m).map_err(&err)?;
+        tx.execute(
+            "DELETE FROM dentries WHERE ino IN (SELECT ino FROM inodes WHERE run = ?1)",
+            params![run_id],
+        )
+        .map_err(&err)?;
+        tx.execute("DELETE FROM inodes WHERE run = ?1", params![run_id])
+            .map_err(&err)?;
+        append_event(
+            &tx,
+            now_ns,
+            "run.sealed",
+            Some(&m.namespace),
+            Some(&m.run),
+            &event_detail,
+        )
+        .map_err(&err)?;
+        tx.commit().map_err(&err)
+    }
+
+    /// A run by row id.
+    pub fn run_by_id(&self, id: i64) -> Result<Option<RunRow>> {
+        self.conn
+            .prepare_cached(
+                "SELECT id, namespace, name, state, manifest, created_at, sealed_at, files, raw_bytes
+                 FROM runs WHERE id = ?1",
+            )
+            .and_then(|mut s| s.query_row(params![id], run_row).optional())
+            .map_err(self.err())?
+            .transpose()
+    }
+}
+
+impl Meta<'_> {
+    fn err(&self) -> impl Fn(rusqlite::Error) -> Error + '_ {
+        sql_err(self.path)
+    }
+
+    /// All namespaces, by name.
+    pub fn namespaces(&self) -> Result<Vec<NamespaceRow>> {
+        let mut s = self
+            .conn
+            .prepare_cached(
+                "SELECT id, name, mode, uid, gid, mtime_ns FROM namespaces ORDER BY name",
+            )
+            .map_err(self.err())?;
+        s.query_map([], ns_row)
+            .map_err(self.err())?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(self.err())
+    }
+
+    /// A namespace by name.
+    pub fn namespace(&self, name: &str) -> Result<Option<NamespaceRow>> {
+        self.conn
+            .prepare_cached(
+                "SELECT id, name, mode, uid, gid, mtime_ns FROM namespaces WHERE name = ?1",
+            )
+            .and_then(|mut s| s.query_row(params![name], ns_row).optional())
+            .map_err(self.err())
+    }
+
+    /// A namespace by id.
+    pub fn namespace_by_id(&self, id: i64) -> Result<Option<NamespaceRow>> {
+        self.conn
+            .prepare_cached(
+                "SELECT id, name, mode, uid, gid, mtime_ns FROM namespaces WHERE id = ?1",
+            )
+            .and_then(|mut s| s.query_row(params![id], ns_row).optional())
+            .map_err(self.err())
+    }
+
+    /// Creates a namespace; returns its id.
+    pub fn insert_namespace(&self, ns: &NamespaceRow, now_ns: i64) -> Result<i64> {
+        self.conn
+            .execute(
+                "INSERT INTO namespaces (name, mode, uid, gid, mtime_ns, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![ns.name, ns.mode, ns.uid, ns.gid, ns.mtime_ns, now_ns],
+            )
+            .map_err(self.err())?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    /// Rewrites a namespace's attributes.
+    pub fn update_namespace(&self, ns: &NamespaceRow) -> Result<()> {
+        self.conn
+            .execute(
+                "UPDATE namespaces SET mode = ?2, uid = ?3, gid = ?4, mtime_ns = ?5 WHERE id = ?1",
+                params![ns.id, ns.mode, ns.uid, ns.gid, ns.mtime_ns],
+            )
+            .map_err(self.err())
+            .map(drop)
+    }
+
+    /// Deletes a namespace row.
+    pub fn delete_namespace(&self, id: i64) -> Result<()> {
+        self.conn
+            .execute("DELETE FROM namespaces WHERE id = ?1", params![id])
+            .map_err(self.err())
+            .map(drop)
+    }
+
+    /// Creates an open run with its root directory inode and appends `run.opened`.
+    /// Returns (run id, root inode).
+    pub fn create_open_run(&self, r: &RunRef, root: &InodeRow, now_ns: i64) -> Result<(i64, i64)> {
+        let exists: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT state FROM runs WHERE namespace = ?1 AND name = ?2 AND state <> 'deleted'",
+                params![r.namespace, r.run],
+                |row| row.get(0),
+            )
+            .optional()
+            .map_err(self.err())?;
+        if let Some(state) = exists {
+            return Err(Error::AlreadyExists(format!("run {r} ({state})")));
+        }
+        self.conn
+            .execute(
+                "INSERT INTO runs (namespace, name, state, created_at) VALUES (?1, ?2, 'open', ?3)",
+                params![r.namespace, r.run, now_ns],
+            )
+            .map_err(self.err())?;
+        let run_id = self.conn.last_insert_rowid();
+        let mut root = root.clone();
+        root.run = run_id;
+        let ino = self.insert_inode(&root)?;
+        self.conn
+            .execute(
+                "UPDATE runs SET root_ino = ?2 WHERE id = ?1",
+                params![run_id, ino],
+            )
+            .map_err(self.err())?;
+        append_event(
+            self.conn,
+            now_ns,
+            "run.opened",
+            Some(&r.namespace),
+            Some(&r.run),
+            &serde_json::json!({}),
+        )
+        .map_err(self.err())?;
+        Ok((run_id, ino))
+    }
+
+    /// The root inode of an open run.
+    pub fn run_root(&self, run_id: i64) -> Result<Option<i64>> {
+        self.conn
+            .prepare_cached("SELECT root_ino FROM runs WHERE id = ?1")
+            .and_then(|mut s| s.query_row(params![run_id], |r| r.get::<_, Option<i64>>(0)))
+            .optional()
+            .map(Option::flatten)
+            .map_err(self.err())
+    }
+
+    /// Runs (not deleted) of a namespace: (id, name, state).
+    pub fn runs_of(&self, namespace: &str) -> Result<Vec<(i64, String, String)>> {
+        let mut s = self
+            .conn
+            .prepare_cached(
+                "SELECT id, name, state FROM runs WHERE namespace = ?1 AND state <> 'deleted'
+                 ORDER BY name",
+            )
+            .map_err(self.err())?;
+        s.query_map(params![namespace], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .map_err(self.err())?
+        .collect::<rusqlite::Result<Vec<_>>>()
+        .map_err(self.err())
+    }
+
+    /// One run (not deleted) of a namespace: (id, state).
+    pub fn run_of(&self, namespace: &str, name: &str) -> Result<Option<(i64, String)>> {
+        self.conn
+            .prepare_cached(
+                "SELECT id, state FROM runs WHERE namespace = ?1 AND name = ?2 AND state <> 'deleted'",
+            )
+            .and_then(|mut s| {
+                s.query_row(params![namespace, name], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()
+            })
+            .map_err(self.err())
+    }
+
+    /// Ids of open runs.
+    pub fn open_runs(&self) -> Result<Vec<i64>> {
+        let mut s = self
+            .conn
+            .prepare_cached("SELECT id FROM runs WHERE state = 'open' ORDER BY id")
+            .map_err(self.err())?;
+        s.query_map([], |r| r.get(0))
+            .map_err(self.err())?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(self.err())
+    }
+
+    /// One inode.
+    pub fn inode(&self, ino: i64) -> Result<Option<InodeRow>> {
+        self.conn
+            .prepare_cached(&format!("SELECT {INODE_COLS} FROM inodes WHERE ino = ?1"))
+            .and_then(|mut s| s.query_row(params![ino], inode_row).optional())
+            .map_err(self.err())?
+            .map(finish_inode)
+            .transpose()
+    }
+
+    /// All inodes of a run.
+    pub fn run_inodes(&self, run_id: i64) -> Result<Vec<InodeRow>> {
+        let mut s = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {INODE_COLS} FROM inodes WHERE run = ?1 ORDER BY ino"
+            ))
+            .map_err(self.err())?;
+        let rows = s
+            .query_map(params![run_id], inode_row)
+            .map_err(self.err())?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(self.err())?;
+        rows.into_iter().map(finish_inode).collect()
+    }
+
+    /// Inodes no name refers to any more (left by a crash while they were open).
+    pub fn orphan_inodes(&self) -> Result<Vec<(i64, i64)>> {
+        let mut s = self
+            .conn
+            .prepare_cached(
+                "SELECT i.run, i.ino FROM inodes i JOIN runs r ON r.id = i.run
+                 WHERE i.nlink = 0 AND r.root_ino IS NOT i.ino",
+            )
+            .map_err(self.err())?;
+        s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(self.err())?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(self.err())
+    }
+
+    /// Inserts an inode (its `ino` is ignored); returns the new number.
+    pub fn insert_inode(&self, i: &InodeRow) -> Result<i64> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO inodes (run, kind, mode, uid, gid, size, mtime_ns, ctime_ns, rdev,
+                                     target, nlink, xattrs)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    i.run,
+                    i.kind.as_str(),
+                    i.mode,
+                    i.uid,
+                    i.gid,
+                    i.size as i64,
+                    i.mtime_ns,
+                    i.ctime_ns,
+                    i.rdev as i64,
+                    i.target,
+                    i.nlink,
+                    xattrs_text(&i.xattrs).map_err(|e| {
+                        rusqlite::Error::ToSqlConversionFailure(Box::new(std::io::Error::other(
+                            e.to_string(),
+                        )))
+                    })?,
+                ])
+            })
+            .map_err(self.err())?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    /// Rewrites an inode's attributes.
+    pub fn update_inode(&self, i: &InodeRow) -> Result<()> {
+        let x = xattrs_text(&i.xattrs)?;
+        self.conn
+            .prepare_cached(
+                "UPDATE inodes SET mode = ?2, uid = ?3, gid = ?4, size = ?5, mtime_ns = ?6,
+                                   ctime_ns = ?7, rdev = ?8, target = ?9, nlink = ?10, xattrs = ?11
+                 WHERE ino = ?1",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    i.ino,
+                    i.mode,
+                    i.uid,
+                    i.gid,
+                    i.size as i64,
+                    i.mtime_ns,
+                    i.ctime_ns,
+                    i.rdev as i64,
+                    i.target,
+                    i.nlink,
+                    x
+                ])
+            })
+            .map_err(self.err())
+            .map(drop)
+    }
+
+    /// Sets only the modification and change times of an inode.
+    pub fn set_times(&self, ino: i64, mtime_ns: i64, ctime_ns: i64) -> Result<()> {
+        self.conn
+            .prepare_cached("UPDATE inodes SET mtime_ns = ?2, ctime_ns = ?3 WHERE ino = ?1")
+            .and_then(|mut s| s.execute(params![ino, mtime_ns, ctime_ns]))
+            .map_err(self.err())
+            .map(drop)
+    }
+
+    /// Deletes an inode row.
+    pub fn delete_inode(&self, ino: i64) -> Result<()> {
+        self.conn
+            .prepare_cached("DELETE FROM inodes WHERE ino = ?1")
+            .and_then(|mut s| s.execute(params![ino]))
+            .map_err(self.err())
+            .map(drop)
+    }
+
+    /// The inode `name` in directory `parent` names.
+    pub fn lookup(&self, parent: i64, name: &str) -> Result<Option<i64>> {
+        self.conn
+            .prepare_cached("SELECT ino FROM dentries WHERE parent = ?1 AND name = ?2")
+            .and_then(|mut s| s.query_row(params![parent, name], |r| r.get(0)).optional())
+            .map_err(self.err())
+    }
+
+    /// Adds (or repoints) the name `name` in `parent`.
+    pub fn set_dentry(&self, parent: i64, name: &str, ino: i64) -> Result<()> {
+        self.conn
+            .prepare_cached(
+                "INSERT OR REPLACE INTO dentries (parent, name, ino) VALUES (?1, ?2, ?3)",
+            )
+            .and_then(|mut s| s.execute(params![parent, name, ino]))
+            .map_err(self.err())
+            .map(drop)
+    }
+
+    /// Removes the name `name` from `parent`.
+    pub fn remove_dentry(&self, parent: i64, name: &str) -> Result<()> {
+        self.conn
+            .prepare_cached("DELETE FROM dentries WHERE parent = ?1 AND name = ?2")
+            .and_then(|mut s| s.execute(params![parent, name]))
+            .map_err(self.err())
+            .map(drop)
+    }
+
+    /// The entries of a directory, by name: (name, ino, kind).
+    pub fn children(&self, parent: i64) -> Result<Vec<(String, i64, Kind)>> {
+        let mut s = self
+            .conn
+            .prepare_cached(
+                "SELECT d.name, d.ino, i.kind FROM dentries d JOIN inodes i ON i.ino = d.ino
+                 WHERE d.parent = ?1 ORDER BY d.name",
+            )
+            .map_err(self.err())?;
+        let rows = s
+            .query_map(params![parent], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, String>(2)?,
+                ))
+            })
+            .map_err(self.err())?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(self.err())?;
+        rows.into_iter()
+            .map(|(n, i, k)| Ok((n, i, Kind::parse(&k)?)))
+            .collect()
+    }
+
+    /// Number of entries in a directory, and how many of them are directories.
+    pub fn child_counts(&self, parent: i64) -> Result<(u64, u64)> {
+        self.conn
+            .prepare_cached(
+                "SELECT count(*), coalesce(sum(i.kind = 'dir'), 0) FROM dentries d
+                 JOIN inodes i ON i.ino = d.ino WHERE d.parent = ?1",
+            )
+            .and_then(|mut s| {
+                s.query_row(params![parent], |r| {
+                    Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
+                })
+            })
+            .map_err(self.err())
+    }
+
+    /// The directory holding `ino` (for a directory, its only name).
+    pub fn parent_of(&self, ino: i64) -> Result<Option<i64>> {
+        self.conn
+            .prepare_cached("SELECT parent FROM dentries WHERE ino = ?1 LIMIT 1")
+            .and_then(|mut s| s.query_row(params![ino], |r| r.get(0)).optional())
+            .map_err(self.err())
+    }
+
+    /// Every directory entry of a run: (parent, name, ino).
+    pub fn run_dentries(&self, run_id: i64) -> Result<Vec<(i64, String, i64)>> {
+        let mut s = self
+            .conn
+            .prepare_cached(
+                "SELECT d.parent, d.name, d.ino FROM dentries d JOIN inodes i ON i.ino = d.ino
+                 WHERE i.run = ?1",
+            )
+            .map_err(self.err())?;
+        s.query_map(params![run_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .map_err(self.err())?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(self.err())
+    }
+
+    /// Appends an event.
+    pub fn event(
+        &self,
+        now_ns: i64,
+        kind: &str,
+        run: Option<&RunRef>,
+        detail: &serde_json::Value,
+    ) -> Result<i64> {
+        append_event(
+            self.conn,
+            now_ns,
+            kind,
+            run.map(|r| r.namespace.as_str()),
+            run.map(|r| r.run.as_str()),
+            detail,
+        )
+        .map_err(self.err())
+    }
+}
+
+fn ns_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<NamespaceRow> {
+    Ok(NamespaceRow {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        mode: r.get(2)?,
+        uid: r.get(3)?,
+        gid: r.get(4)?,
+        mtime_ns: r.get(5)?,
+    })
 }

@@ -22,6 +22,7 @@ pub mod objstore;
 pub mod pack;
 pub mod store;
 pub mod verify;
+pub mod vfs;
 pub mod writer;
 
 pub use error::{Error, Result};

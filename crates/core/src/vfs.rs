@@ -1,0 +1,2144 @@
+//! The file-system view of a store that frontends share (the FUSE mount today): a tree of
+//! `<namespace>/<run>/…` plus the control directory `.artifactfs/`, addressed by inode numbers,
+//! where each operation is one call returning [`Result`]. It knows nothing of FUSE: callers pass
+//! plain values and map [`Error`] variants to errnos.
+//!
+//! # Design
+//!
+//! - **Open runs** keep their metadata (inodes, directory entries, modes, owners, times, xattrs,
+//!   symlink targets, link counts) in the index (schema 2) and each regular file's bytes in a
+//!   staging file `STORE/staging/<run id>/<inode>` (ADR 0007). Writes are `pwrite`s into that
+//!   file; its length is the file's size. A file's mtime after a write is kept in memory and
+//!   written to the index on flush, fsync and release, so a closed or fsynced file survives a
+//!   crash of the mount with its content and attributes.
+//! - **Sealing** streams every staged file through the chunk pipeline (as `ingest_dir` does),
+//!   builds the same manifest entries as an ingest of the same tree, stores the manifest, and
+//!   flips the run to sealed in one index transaction; only then are the staging files deleted.
+//!   A crash before that commit leaves the run open and intact.
+//! - **Sealed runs** are read-only views of their `files` rows, loaded once per mount; content
+//!   is read chunk by chunk (each verified) through a small decompressed-chunk cache.
+//! - **Inode numbers**: 1 is the root, 2..=6 the control directory; namespaces, manifest files
+//!   and open-run inodes are derived from index row ids (stable across remounts); a sealed run's
+//!   entries are `SEALED_BASE | run id << 24 | entry index`, unique within a mount. When a run is
+//!   sealed, the numbers the kernel knows for its open inodes are redirected to the sealed ones.
+//! - **Locking**: one mutex guards the in-memory state and serialises metadata operations;
+//!   file data is read and written outside it. Lock order: state, then the index.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsStr;
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::clock::{rfc3339, to_unix_ns};
+use crate::error::{Error, Result};
+use crate::id::{ChunkId, ManifestDigest};
+use crate::index::{InodeRow, NamespaceRow};
+use crate::ingest::{ingest_stream, producer_metadata};
+use crate::manifest::{self, Entry, Kind, MANIFEST_FORMAT, Manifest, ROOT, XattrValue};
+use crate::names::{NAME_MAX, RunRef, validate_component};
+use crate::store::{NoProgress, Store};
+
+/// Inode of the mount's root directory.
+pub const ROOT_INO: u64 = 1;
+const CTL_DIR: u64 = 2;
+const CTL_STATUS: u64 = 3;
+const CTL_SEAL: u64 = 4;
+const CTL_EVENTS: u64 = 5;
+const CTL_MANIFESTS: u64 = 6;
+const NS_BASE: u64 = 1 << 40;
+const MANNS_BASE: u64 = 2 << 40;
+const MANRUN_BASE: u64 = 3 << 40;
+const OPEN_BASE: u64 = 1 << 48;
+const SEALED_BASE: u64 = 1 << 62;
+const IDX_BITS: u32 = 24;
+
+/// Name of the control directory in the mount's root.
+pub const CONTROL_DIR: &str = ".artifactfs";
+/// The xattr that seals an open run when set on its directory.
+pub const SEAL_XATTR: &str = "user.artifactfs.seal";
+const FACTS_PREFIX: &str = "user.artifactfs.";
+
+/// `setxattr` flags.
+pub const XATTR_CREATE: i32 = 1;
+pub const XATTR_REPLACE: i32 = 2;
+
+/// Settings of a file-system view.
+#[derive(Clone, Debug)]
+pub struct VfsOptions {
+    /// An open run with no open files and no writes for this long is sealed.
+    pub seal_after: Duration,
+    /// Closing a file of this name in a run's directory seals the run.
+    pub seal_marker: Option<String>,
+    /// Upper bound of the decompressed-chunk cache, bytes.
+    pub chunk_cache_bytes: usize,
+}
+
+impl Default for VfsOptions {
+    fn default() -> Self {
+        Self {
+            seal_after: Duration::from_secs(60),
+            seal_marker: None,
+            chunk_cache_bytes: 64 << 20,
+        }
+    }
+}
+
+/// Who is asking (the caller's credentials).
+#[derive(Clone, Copy, Debug)]
+pub struct Ctx {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// Attributes of an inode.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: u64,
+    pub kind: Kind,
+    /// Permission bits (`& 0o7777`).
+    pub mode: u32,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+    pub rdev: u64,
+    /// Never changes while mounted (sealed runs): frontends may cache it long.
+    pub immutable: bool,
+}
+
+/// One directory entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirEntry {
+    pub ino: u64,
+    pub kind: Kind,
+    pub name: String,
+}
+
+/// What `setattr` changes.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    /// `Some(None)` means "now".
+    pub mtime_ns: Option<Option<i64>>,
+}
+
+/// How an opened file should be cached by the frontend.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OpenInfo {
+    /// Content is generated on open: bypass the page cache.
+    pub direct_io: bool,
+    /// Content cannot change: keep the page cache across opens.
+    pub keep_cache: bool,
+}
+
+/// File-system statistics of the store's file system.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StatFs {
+    pub blocks: u64,
+    pub bfree: u64,
+    pub bavail: u64,
+    pub files: u64,
+    pub ffree: u64,
+    pub bsize: u32,
+    pub namelen: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Node {
+    Root,
+    CtlDir,
+    CtlStatus,
+    CtlSeal,
+    CtlEvents,
+    CtlManifests,
+    Namespace(i64),
+    ManNs(i64),
+    ManRun(i64),
+    Open(i64),
+    Sealed { run: i64, idx: usize },
+}
+
+fn encode(n: Node) -> u64 {
+    match n {
+        Node::Root => ROOT_INO,
+        Node::CtlDir => CTL_DIR,
+        Node::CtlStatus => CTL_STATUS,
+        Node::CtlSeal => CTL_SEAL,
+        Node::CtlEvents => CTL_EVENTS,
+        Node::CtlManifests => CTL_MANIFESTS,
+        Node::Namespace(id) => NS_BASE + id as u64,
+        Node::ManNs(id) => MANNS_BASE + id as u64,
+        Node::ManRun(id) => MANRUN_BASE + id as u64,
+        Node::Open(ino) => OPEN_BASE + ino as u64,
+        Node::Sealed { run, idx } => SEALED_BASE | ((run as u64) << IDX_BITS) | idx as u64,
+    }
+}
+
+fn decode_raw(ino: u64) -> Result<Node> {
+    let n = match ino {
+        ROOT_INO => Node::Root,
+        CTL_DIR => Node::CtlDir,
+        CTL_STATUS => Node::CtlStatus,
+        CTL_SEAL => Node::CtlSeal,
+        CTL_EVENTS => Node::CtlEvents,
+        CTL_MANIFESTS => Node::CtlManifests,
+        i if i >= SEALED_BASE => Node::Sealed {
+            run: ((i & !SEALED_BASE) >> IDX_BITS) as i64,
+            idx: (i & ((1 << IDX_BITS) - 1)) as usize,
+        },
+        i if i >= OPEN_BASE => Node::Open((i - OPEN_BASE) as i64),
+        i if i >= MANRUN_BASE => Node::ManRun((i - MANRUN_BASE) as i64),
+        i if i >= MANNS_BASE => Node::ManNs((i - MANNS_BASE) as i64),
+        i if i >= NS_BASE => Node::Namespace((i - NS_BASE) as i64),
+        other => return Err(Error::NotFound(format!("inode {other}"))),
+    };
+    Ok(n)
+}
+
+/// A sealed run's entries, loaded once per mount.
+struct SealedRun {
+    id: i64,
+    r: RunRef,
+    digest: ManifestDigest,
+    sealed_at_ns: i64,
+    entries: Vec<Entry>,
+    by_path: HashMap<String, usize>,
+    /// Per entry: the entry whose inode it is (itself, or a hard link's target).
+    resolved: Vec<usize>,
+    nlink: Vec<u32>,
+    /// Per directory entry: (name, child index) in name order.
+    children: HashMap<usize, Vec<(String, usize)>>,
+}
+
+impl SealedRun {
+    fn new(
+        id: i64,
+        r: RunRef,
+        digest: ManifestDigest,
+        sealed_at_ns: i64,
+        mut entries: Vec<Entry>,
+    ) -> Result<Self> {
+        manifest::sort_entries(&mut entries);
+        if entries.first().map(|e| e.path.as_str()) != Some(ROOT) {
+            return Err(Error::corrupt(format!("run {r}"), "no root entry"));
+        }
+        if entries.len() >= 1 << IDX_BITS {
+            return Err(Error::Unsupported(format!(
+                "run {r} has {} entries; the mount shows runs of fewer than {}",
+                entries.len(),
+                1u64 << IDX_BITS
+            )));
+        }
+        let by_path: HashMap<String, usize> = entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.path.clone(), i))
+            .collect();
+        let mut resolved: Vec<usize> = (0..entries.len()).collect();
+        let mut nlink = vec![1u32; entries.len()];
+        let mut children: HashMap<usize, Vec<(String, usize)>> = HashMap::new();
+        for (i, e) in entries.iter().enumerate() {
+            if e.kind == Kind::Hardlink {
+                let t = e
+                    .target
+                    .as_deref()
+                    .and_then(|t| by_path.get(t))
+                    .copied()
+                    .ok_or_else(|| {
+                        Error::corrupt(
+                            format!("run {r}"),
+                            format!("hard link {} has no target", e.path),
+                        )
+                    })?;
+                resolved[i] = t;
+                nlink[t] += 1;
+            }
+            if i == 0 {
+                continue;
+            }
+            let (parent, name) = match e.path.rsplit_once('/') {
+                Some((p, n)) => (by_path.get(p).copied(), n),
+                None => (Some(0), e.path.as_str()),
+            };
+            let parent = parent.ok_or_else(|| {
+                Error::corrupt(
+                    format!("run {r}"),
+                    format!("{} has no parent entry", e.path),
+                )
+            })?;
+            children
+                .entry(parent)
+                .or_default()
+                .push((name.to_owned(), i));
+        }
+        for v in children.values_mut() {
+            v.sort();
+        }
+        Ok(Self {
+            id,
+            r,
+            digest,
+            sealed_at_ns,
+            entries,
+            by_path,
+            resolved,
+            nlink,
+            children,
+        })
+    }
+
+    fn entry(&self, idx: usize) -> Result<&Entry> {
+        self.entries
+            .get(idx)
+            .ok_or_else(|| Error::NotFound(format!("entry {idx} of run {}", self.r)))
+    }
+}
+
+enum Handle {
+    Staged {
+        run: i64,
+        inode: i64,
+        file: Arc<File>,
+    },
+    Sealed {
+        run: Arc<SealedRun>,
+        idx: usize,
+    },
+    Buffer(Arc<Vec<u8>>),
+    SealCtl,
+}
+
+struct Activity {
+    last: Instant,
+    open: u32,
+    seal_requested: bool,
+}
+
+#[derive(Default)]
+struct State {
+    redirect: HashMap<u64, u64>,
+    sealed: HashMap<i64, Arc<SealedRun>>,
+    manifests: HashMap<i64, Arc<Vec<u8>>>,
+    handles: HashMap<u64, Handle>,
+    next_fh: u64,
+    open_count: HashMap<i64, u32>,
+    runs: HashMap<i64, Activity>,
+    dirty_mtime: HashMap<i64, i64>,
+}
+
+/// A bounded LRU of decompressed, verified chunks.
+struct ChunkCache {
+    max_bytes: usize,
+    inner: Mutex<CacheInner>,
+}
+
+#[derive(Default)]
+struct CacheInner {
+    map: HashMap<ChunkId, (Arc<Vec<u8>>, u64)>,
+    tick: u64,
+    bytes: usize,
+}
+
+impl ChunkCache {
+    fn get(&self, store: &Store, id: &ChunkId) -> Result<Arc<Vec<u8>>> {
+        {
+            let mut c = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+            c.tick += 1;
+            let t = c.tick;
+            if let Some((d, stamp)) = c.map.get_mut(id) {
+                *stamp = t;
+                return Ok(d.clone());
+            }
+        }
+        let data = Arc::new(store.read_chunk(id)?);
+        let mut c = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        c.tick += 1;
+        let t = c.tick;
+        if c.map.insert(*id, (data.clone(), t)).is_none() {
+            c.bytes += data.len();
+        }
+        while c.bytes > self.max_bytes && c.map.len() > 1 {
+            let Some(oldest) = c.map.iter().min_by_key(|(_, (_, s))| *s).map(|(k, _)| *k) else {
+                break;
+            };
+            if let Some((d, _)) = c.map.remove(&oldest) {
+                c.bytes -= d.len();
+            }
+        }
+        Ok(data)
+    }
+}
+
+/// The file-system view of one store.
+pub struct Vfs {
+    store: Store,
+    opts: VfsOptions,
+    staging: PathBuf,
+    state: Mutex<State>,
+    cache: ChunkCache,
+    started_ns: i64,
+}
+
+fn name_str(name: &OsStr) -> Result<&str> {
+    name.to_str().ok_or_else(|| {
+        Error::invalid(
+            "file name",
+            format!("{name:?} is not UTF-8; artifactfs stores UTF-8 names only"),
+        )
+    })
+}
+
+fn check_name(what: &str, name: &str, allow_dot: bool) -> Result<()> {
+    if name.len() > NAME_MAX {
+        return Err(Error::NameTooLong(format!(
+            "{what} of {} bytes (at most {NAME_MAX})",
+            name.len()
+        )));
+    }
+    validate_component(what, name, allow_dot)
+}
+
+fn kind_of_mode(mode: u32) -> Result<Kind> {
+    Ok(match mode & 0o170000 {
+        0o100000 | 0 => Kind::File,
+        0o040000 => Kind::Dir,
+        0o120000 => Kind::Symlink,
+        0o010000 => Kind::Fifo,
+        0o020000 => Kind::Char,
+        0o060000 => Kind::Block,
+        0o140000 => Kind::Socket,
+        other => return Err(Error::invalid("file type", format!("mode {other:o}"))),
+    })
+}
+
+impl Vfs {
+    /// A view of `store`; removes what a crash left behind (names-less inodes, their files).
+    pub fn new(store: Store, opts: VfsOptions) -> Result<Self> {
+        let staging = store.root().join("staging");
+        fs::create_dir_all(&staging).map_err(|e| Error::io("create directory", &staging, e))?;
+        let started_ns = to_unix_ns(store.clock().now());
+        let orphans = store.index().meta(|m| m.orphan_inodes())?;
+        if !orphans.is_empty() {
+            store.index().meta_write(|m| {
+                for (_, ino) in &orphans {
+                    m.delete_inode(*ino)?;
+                }
+                Ok(())
+            })?;
+            for (run, ino) in &orphans {
+                let _ = fs::remove_file(staging.join(run.to_string()).join(ino.to_string()));
+            }
+            tracing::info!(
+                inodes = orphans.len(),
+                "removed unlinked inodes left by a crash"
+            );
+        }
+        let open_runs = store.index().meta(|m| m.open_runs())?;
+        let mut st = State {
+            next_fh: 1,
+            ..Default::default()
+        };
+        for id in open_runs {
+            st.runs.insert(
+                id,
+                Activity {
+                    last: Instant::now(),
+                    open: 0,
+                    seal_requested: false,
+                },
+            );
+        }
+        let cache = ChunkCache {
+            max_bytes: opts.chunk_cache_bytes,
+            inner: Mutex::new(CacheInner::default()),
+        };
+        Ok(Self {
+            store,
+            opts,
+            staging,
+            state: Mutex::new(st),
+            cache,
+            started_ns,
+        })
+    }
+
+    /// The store behind this view.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn now(&self) -> i64 {
+        to_unix_ns(self.store.clock().now())
+    }
+
+    fn node(&self, st: &State, ino: u64) -> Result<Node> {
+        decode_raw(st.redirect.get(&ino).copied().unwrap_or(ino))
+    }
+
+    fn staging_path(&self, run: i64, inode: i64) -> PathBuf {
+        self.staging.join(run.to_string()).join(inode.to_string())
+    }
+
+    fn sealed_run(&self, st: &mut State, run: i64) -> Result<Arc<SealedRun>> {
+        if let Some(s) = st.sealed.get(&run) {
+            return Ok(s.clone());
+        }
+        let idx = self.store.index();
+        let row = idx
+            .run_by_id(run)?
+            .ok_or_else(|| Error::NotFound(format!("run {run}")))?;
+        let digest = row
+            .manifest
+            .ok_or_else(|| Error::State(format!("run {} is {}", row.run, row.state)))?;
+        let entries = idx.files(run)?;
+        drop(idx);
+        let s = Arc::new(SealedRun::new(
+            run,
+            row.run,
+            digest,
+            row.sealed_at_ns.unwrap_or(0),
+            entries,
+        )?);
+        st.sealed.insert(run, s.clone());
+        Ok(s)
+    }
+
+    fn inode(&self, ino: i64) -> Result<InodeRow> {
+        self.store
+            .index()
+            .meta(|m| m.inode(ino))?
+            .ok_or_else(|| Error::NotFound(format!("inode {ino}")))
+    }
+
+    fn touch(&self, st: &mut State, run: i64) {
+        st.runs
+            .entry(run)
+            .or_insert(Activity {
+                last: Instant::now(),
+                open: 0,
+                seal_requested: false,
+            })
+            .last = Instant::now();
+    }
+
+    fn open_attr(&self, st: &State, row: &InodeRow) -> Result<Attr> {
+        let (size, nlink) = match row.kind {
+            Kind::File => {
+                let p = self.staging_path(row.run, row.ino);
+                let len = fs::metadata(&p)
+                    .map_err(|e| Error::io("stat", &p, e))?
+                    .len();
+                (len, row.nlink)
+            }
+            Kind::Dir => {
+                let (_, dirs) = self.store.index().meta(|m| m.child_counts(row.ino))?;
+                (0, 2 + dirs as u32)
+            }
+            _ => (row.size, row.nlink.max(1)),
+        };
+        Ok(Attr {
+            ino: encode(Node::Open(row.ino)),
+            kind: row.kind,
+            mode: row.mode & 0o7777,
+            nlink,
+            uid: row.uid,
+            gid: row.gid,
+            size,
+            mtime_ns: st
+                .dirty_mtime
+                .get(&row.ino)
+                .copied()
+                .unwrap_or(row.mtime_ns),
+            ctime_ns: row.ctime_ns,
+            rdev: row.rdev,
+            immutable: false,
+        })
+    }
+
+    fn synthetic(&self, ino: u64, kind: Kind, mode: u32, size: u64, mtime_ns: i64) -> Attr {
+        Attr {
+            ino,
+            kind,
+            mode,
+            nlink: if kind == Kind::Dir { 2 } else { 1 },
+            uid: 0,
+            gid: 0,
+            size,
+            mtime_ns,
+            ctime_ns: mtime_ns,
+            rdev: 0,
+            immutable: false,
+        }
+    }
+
+    fn ns_attr(&self, ns: &NamespaceRow) -> Result<Attr> {
+        let runs = self.store.index().meta(|m| m.runs_of(&ns.name))?;
+        Ok(Attr {
+            ino: encode(Node::Namespace(ns.id)),
+            kind: Kind::Dir,
+            mode: ns.mode & 0o7777,
+            nlink: 2 + runs.len() as u32,
+            uid: ns.uid,
+            gid: ns.gid,
+            size: 0,
+            mtime_ns: ns.mtime_ns,
+            ctime_ns: ns.mtime_ns,
+            rdev: 0,
+            immutable: false,
+        })
+    }
+
+    fn sealed_attr(&self, s: &SealedRun, idx: usize) -> Result<Attr> {
+        let idx = s.resolved.get(idx).copied().unwrap_or(idx);
+        let e = s.entry(idx)?;
+        let nlink = if e.kind == Kind::Dir {
+            2 + s.children.get(&idx).map_or(0, |c| {
+                c.iter()
+                    .filter(|(_, i)| s.entries[*i].kind == Kind::Dir)
+                    .count()
+            }) as u32
+        } else {
+            s.nlink[idx]
+        };
+        Ok(Attr {
+            ino: encode(Node::Sealed { run: s.id, idx }),
+            kind: e.kind,
+            mode: e.mode & 0o7777,
+            nlink,
+            uid: e.uid,
+            gid: e.gid,
+            size: if matches!(e.kind, Kind::File | Kind::Symlink) {
+                e.size
+            } else {
+                0
+            },
+            mtime_ns: e.mtime_ns,
+            ctime_ns: e.mtime_ns,
+            rdev: e.rdev.unwrap_or(0),
+            immutable: true,
+        })
+    }
+
+    fn manifest_bytes(&self, st: &mut State, run: i64) -> Result<Arc<Vec<u8>>> {
+        if let Some(b) = st.manifests.get(&run) {
+            return Ok(b.clone());
+        }
+        let s = self.sealed_run(st, run)?;
+        let b = Arc::new(manifest::load_manifest_bytes(
+            &*self.store.objects,
+            &s.digest,
+        )?);
+        st.manifests.insert(run, b.clone());
+        Ok(b)
+    }
+
+    fn attr_of(&self, st: &mut State, node: Node) -> Result<Attr> {
+        let ino = encode(node);
+        match node {
+            Node::Root => {
+                let n = self.store.index().meta(|m| m.namespaces())?.len() as u32;
+                let mut a = self.synthetic(ino, Kind::Dir, 0o755, 0, self.started_ns);
+                a.nlink = 3 + n;
+                Ok(a)
+            }
+            Node::CtlDir | Node::CtlManifests | Node::ManNs(_) => {
+                Ok(self.synthetic(ino, Kind::Dir, 0o555, 0, self.started_ns))
+            }
+            Node::CtlStatus | Node::CtlEvents => {
+                Ok(self.synthetic(ino, Kind::File, 0o444, 0, self.now()))
+            }
+            Node::CtlSeal => Ok(self.synthetic(ino, Kind::File, 0o200, 0, self.started_ns)),
+            Node::ManRun(run) => {
+                let b = self.manifest_bytes(st, run)?;
+                let s = self.sealed_run(st, run)?;
+                let mut a = self.synthetic(ino, Kind::File, 0o444, b.len() as u64, s.sealed_at_ns);
+                a.immutable = true;
+                Ok(a)
+            }
+            Node::Namespace(id) => {
+                let ns = self
+                    .store
+                    .index()
+                    .meta(|m| m.namespace_by_id(id))?
+                    .ok_or_else(|| Error::NotFound(format!("namespace {id}")))?;
+                self.ns_attr(&ns)
+            }
+            Node::Open(i) => {
+                let row = self.inode(i)?;
+                self.open_attr(st, &row)
+            }
+            Node::Sealed { run, idx } => {
+                let s = self.sealed_run(st, run)?;
+                self.sealed_attr(&s, idx)
+            }
+        }
+    }
+
+    /// Attributes of an inode.
+    pub fn getattr(&self, ino: u64) -> Result<Attr> {
+        let mut st = self.lock();
+        let node = self.node(&st, ino)?;
+        self.attr_of(&mut st, node)
+    }
+
+    fn run_node(&self, st: &mut State, ns: &str, run: &str) -> Result<Option<(i64, Node)>> {
+        let Some((id, state)) = self.store.index().meta(|m| m.run_of(ns, run))? else {
+            return Ok(None);
+        };
+        let node = if state == "open" {
+            let root = self
+                .store
+                .index()
+                .meta(|m| m.run_root(id))?
+                .ok_or_else(|| {
+                    Error::corrupt(format!("run {ns}/{run}"), "open run without a root inode")
+                })?;
+            Node::Open(root)
+        } else {
+            self.sealed_run(st, id)?;
+            Node::Sealed { run: id, idx: 0 }
+        };
+        Ok(Some((id, node)))
+    }
+
+    fn lookup_node(&self, st: &mut State, parent: Node, name: &str) -> Result<Node> {
+        let missing = || Error::NotFound(name.to_owned());
+        match parent {
+            Node::Root => {
+                if name == CONTROL_DIR {
+                    return Ok(Node::CtlDir);
+                }
+                let ns = self
+                    .store
+                    .index()
+                    .meta(|m| m.namespace(name))?
+                    .ok_or_else(missing)?;
+                Ok(Node::Namespace(ns.id))
+            }
+            Node::CtlDir => match name {
+                "status" => Ok(Node::CtlStatus),
+                "seal" => Ok(Node::CtlSeal),
+                "events" => Ok(Node::CtlEvents),
+                "manifests" => Ok(Node::CtlManifests),
+                _ => Err(missing()),
+            },
+            Node::CtlManifests => {
+                let ns = self
+                    .store
+                    .index()
+                    .meta(|m| m.namespace(name))?
+                    .ok_or_else(missing)?;
+                Ok(Node::ManNs(ns.id))
+            }
+            Node::ManNs(id) => {
+                let ns = self
+                    .store
+                    .index()
+                    .meta(|m| m.namespace_by_id(id))?
+                    .ok_or_else(missing)?;
+                let run = name.strip_suffix(".json").ok_or_else(missing)?;
+                let found = self.store.index().meta(|m| m.run_of(&ns.name, run))?;
+                match found {
+                    Some((rid, state)) if state == "sealed" => Ok(Node::ManRun(rid)),
+                    _ => Err(missing()),
+                }
+            }
+            Node::Namespace(id) => {
+                let ns = self
+                    .store
+                    .index()
+                    .meta(|m| m.namespace_by_id(id))?
+                    .ok_or_else(missing)?;
+                Ok(self.run_node(st, &ns.name, name)?.ok_or_else(missing)?.1)
+            }
+            Node::Open(dir) => {
+                let ino = self
+                    .store
+                    .index()
+                    .meta(|m| m.lookup(dir, name))?
+                    .ok_or_else(missing)?;
+                Ok(Node::Open(ino))
+            }
+            Node::Sealed { run, idx } => {
+                let s = self.sealed_run(st, run)?;
+                let e = s.entry(idx)?;
+                if e.kind != Kind::Dir {
+                    return Err(Error::NotDir(e.path.clone()));
+                }
+                let p = if e.path == ROOT {
+                    name.to_owned()
+                } else {
+                    format!("{}/{name}", e.path)
+                };
+                let i = *s.by_path.get(&p).ok_or_else(missing)?;
+                Ok(Node::Sealed {
+                    run,
+                    idx: s.resolved[i],
+                })
+            }
+            Node::CtlStatus | Node::CtlSeal | Node::CtlEvents | Node::ManRun(_) => {
+                Err(Error::NotDir(name.to_owned()))
+            }
+        }
+    }
+
+    /// Looks up `name` in directory `parent`.
+    pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<Attr> {
+        let name = name_str(name)?;
+        let mut st = self.lock();
+        let p = self.node(&st, parent)?;
+        let n = self.lookup_node(&mut st, p, name)?;
+        self.attr_of(&mut st, n)
+    }
+
+    /// All entries of a directory, `.` and `..` first.
+    pub fn readdir(&self, ino: u64) -> Result<Vec<DirEntry>> {
+        let mut st = self.lock();
+        let node = self.node(&st, ino)?;
+        let me = encode(node);
+        let mut out = vec![
+            DirEntry {
+                ino: me,
+                kind: Kind::Dir,
+                name: ".".into(),
+            },
+            DirEntry {
+                ino: ROOT_INO,
+                kind: Kind::Dir,
+                name: "..".into(),
+            },
+        ];
+        let file = |ino: u64, name: &str| DirEntry {
+            ino,
+            kind: Kind::File,
+            name: name.into(),
+        };
+        let dir = |ino: u64, name: &str| DirEntry {
+            ino,
+            kind: Kind::Dir,
+            name: name.into(),
+        };
+        match node {
+            Node::Root => {
+                out.push(dir(CTL_DIR, CONTROL_DIR));
+                for ns in self.store.index().meta(|m| m.namespaces())? {
+                    out.push(dir(encode(Node::Namespace(ns.id)), &ns.name));
+                }
+            }
+            Node::CtlDir => {
+                out.push(file(CTL_STATUS, "status"));
+                out.push(file(CTL_SEAL, "seal"));
+                out.push(file(CTL_EVENTS, "events"));
+                out.push(dir(CTL_MANIFESTS, "manifests"));
+            }
+            Node::CtlManifests => {
+                for ns in self.store.index().meta(|m| m.namespaces())? {
+                    out.push(dir(encode(Node::ManNs(ns.id)), &ns.name));
+                }
+            }
+            Node::ManNs(id) | Node::Namespace(id) => {
+                let idx = self.store.index();
+                let ns = idx
+                    .meta(|m| m.namespace_by_id(id))?
+                    .ok_or_else(|| Error::NotFound(format!("namespace {id}")))?;
+                let runs = idx.meta(|m| m.runs_of(&ns.name))?;
+                drop(idx);
+                for (rid, name, state) in runs {
+                    if matches!(node, Node::ManNs(_)) {
+                        if state == "sealed" {
+                            out.push(file(encode(Node::ManRun(rid)), &format!("{name}.json")));
+                        }
+                    } else if let Some((_, n)) = self.run_node(&mut st, &ns.name, &name)? {
+                        out.push(dir(encode(n), &name));
+                    }
+                }
+            }
+            Node::Open(d) => {
+                let row = self.inode(d)?;
+                if row.kind != Kind::Dir {
+                    return Err(Error::NotDir(format!("inode {d}")));
+                }
+                for (name, i, kind) in self.store.index().meta(|m| m.children(d))? {
+                    out.push(DirEntry {
+                        ino: encode(Node::Open(i)),
+                        kind,
+                        name,
+                    });
+                }
+            }
+            Node::Sealed { run, idx } => {
+                let s = self.sealed_run(&mut st, run)?;
+                if s.entry(idx)?.kind != Kind::Dir {
+                    return Err(Error::NotDir(s.entries[idx].path.clone()));
+                }
+                for (name, i) in s.children.get(&idx).map(Vec::as_slice).unwrap_or_default() {
+                    let r = s.resolved[*i];
+                    out.push(DirEntry {
+                        ino: encode(Node::Sealed { run, idx: r }),
+                        kind: s.entries[r].kind,
+                        name: name.clone(),
+                    });
+                }
+            }
+            Node::CtlStatus | Node::CtlSeal | Node::CtlEvents | Node::ManRun(_) => {
+                return Err(Error::NotDir(format!("inode {ino}")));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Refusal for a modification of `node`, or the open-run inode it is.
+    fn writable(&self, node: Node, what: &str) -> Result<i64> {
+        match node {
+            Node::Open(i) => Ok(i),
+            Node::Sealed { run, .. } => {
+                Err(Error::ReadOnly(format!("{what}: run {run} is sealed")))
+            }
+            Node::Root | Node::Namespace(_) => Err(Error::NotPermitted(format!(
+                "{what}: only directories can be made in the mount root (namespaces) and in a namespace (runs)"
+            ))),
+            _ => Err(Error::ReadOnly(format!(
+                "{what}: the control directory is read-only"
+            ))),
+        }
+    }
+
+    fn new_inode(&self, ctx: Ctx, run: i64, kind: Kind, mode: u32, now: i64) -> InodeRow {
+        InodeRow {
+            ino: 0,
+            run,
+            kind,
+            mode: mode & 0o7777,
+            uid: ctx.uid,
+            gid: ctx.gid,
+            size: 0,
+            mtime_ns: now,
+            ctime_ns: now,
+            rdev: 0,
+            target: None,
+            nlink: 1,
+            xattrs: BTreeMap::new(),
+        }
+    }
+
+    /// Creates a node in an open-run directory; creates the staging file of a regular file.
+    fn create_in(
+        &self,
+        st: &mut State,
+        parent: Node,
+        name: &str,
+        mut row: InodeRow,
+        what: &str,
+    ) -> Result<InodeRow> {
+        let dir_ino = match self.writable(parent, what) {
+            Ok(i) => i,
+            Err(e @ Error::NotPermitted(_)) => {
+                tracing::warn!(name, "refused: {e}");
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        };
+        check_name("file name", name, true)?;
+        let dir = self.inode(dir_ino)?;
+        if dir.kind != Kind::Dir {
+            return Err(Error::NotDir(format!("inode {dir_ino}")));
+        }
+        row.run = dir.run;
+        let now = row.ctime_ns;
+        let staging = self.staging.join(dir.run.to_string());
+        let ino = self.store.index().meta_write(|m| {
+            if m.lookup(dir_ino, name)?.is_some() {
+                return Err(Error::AlreadyExists(name.to_owned()));
+            }
+            let ino = m.insert_inode(&row)?;
+            m.set_dentry(dir_ino, name, ino)?;
+            m.set_times(dir_ino, now, now)?;
+            if row.kind == Kind::File {
+                let p = staging.join(ino.to_string());
+                fs::create_dir_all(&staging)
+                    .map_err(|e| Error::io("create directory", &staging, e))?;
+                File::create_new(&p).map_err(|e| Error::io("create", &p, e))?;
+            }
+            Ok(ino)
+        })?;
+        st.dirty_mtime.remove(&dir_ino);
+        self.touch(st, dir.run);
+        row.ino = ino;
+        tracing::debug!(
+            run = dir.run,
+            ino,
+            name,
+            kind = row.kind.as_str(),
+            "created"
+        );
+        Ok(row)
+    }
+
+    /// `mkdir`: a namespace in the root, an open run in a namespace, a directory in a run.
+    pub fn mkdir(&self, ctx: Ctx, parent: u64, name: &OsStr, mode: u32) -> Result<Attr> {
+        let name = name_str(name)?;
+        let mut st = self.lock();
+        let p = self.node(&st, parent)?;
+        let now = self.now();
+        match p {
+            Node::Root => {
+                check_name("namespace", name, false)?;
+                let ns = NamespaceRow {
+                    id: 0,
+                    name: name.to_owned(),
+                    mode: mode & 0o7777,
+                    uid: ctx.uid,
+                    gid: ctx.gid,
+                    mtime_ns: now,
+                };
+                let id = self.store.index().meta_write(|m| {
+                    if m.namespace(name)?.is_some() {
+                        return Err(Error::AlreadyExists(format!("namespace {name}")));
+                    }
+                    m.insert_namespace(&ns, now)
+                })?;
+                tracing::info!(namespace = name, "namespace created");
+                self.ns_attr(&NamespaceRow { id, ..ns })
+            }
+            Node::Namespace(id) => {
+                let mut ns = self
+                    .store
+                    .index()
+                    .meta(|m| m.namespace_by_id(id))?
+                    .ok_or_else(|| Error::NotFound(format!("namespace {id}")))?;
+                check_name("run name", name, false)?;
+                let r = RunRef::new(&ns.name, name)?;
+                let root = self.new_inode(ctx, 0, Kind::Dir, mode, now);
+                ns.mtime_ns = now;
+                let (run_id, root_ino) = self.store.index().meta_write(|m| {
+                    let out = m.create_open_run(&r, &root, now)?;
+                    m.update_namespace(&ns)?;
+                    Ok(out)
+                })?;
+                let dir = self.staging.join(run_id.to_string());
+                fs::create_dir_all(&dir).map_err(|e| Error::io("create directory", &dir, e))?;
+                st.runs.insert(
+                    run_id,
+                    Activity {
+                        last: Instant::now(),
+                        open: 0,
+                        seal_requested: false,
+                    },
+                );
+                tracing::info!(run = %r, id = run_id, "run opened");
+                let row = self.inode(root_ino)?;
+                self.open_attr(&st, &row)
+            }
+            _ => {
+                let row = self.new_inode(ctx, 0, Kind::Dir, mode, now);
+                let row = self.create_in(&mut st, p, name, row, "mkdir")?;
+                self.open_attr(&st, &row)
+            }
+        }
+    }
+
+    /// `mknod` (regular files, FIFOs, sockets, devices) in an open run.
+    pub fn mknod(&self, ctx: Ctx, parent: u64, name: &OsStr, mode: u32, rdev: u64) -> Result<Attr> {
+        let name = name_str(name)?;
+        let kind = kind_of_mode(mode)?;
+        if kind == Kind::Dir || kind == Kind::Symlink {
+            return Err(Error::invalid(
+                "mknod",
+                format!("cannot make a {} with mknod", kind.as_str()),
+            ));
+        }
+        let mut st = self.lock();
+        let p = self.node(&st, parent)?;
+        let mut row = self.new_inode(ctx, 0, kind, mode, self.now());
+        if matches!(kind, Kind::Char | Kind::Block) {
+            row.rdev = rdev;
+        }
+        let row = self.create_in(&mut st, p, name, row, "mknod")?;
+        self.open_attr(&st, &row)
+    }
+
+    /// `symlink` in an open run.
+    pub fn symlink(&self, ctx: Ctx, parent: u64, name: &OsStr, target: &Path) -> Result<Attr> {
+        let name = name_str(name)?;
+        let target = target
+            .to_str()
+            .ok_or_else(|| Error::invalid("symlink target", format!("{target:?} is not UTF-8")))?;
+        let mut st = self.lock();
+        let p = self.node(&st, parent)?;
+        let mut row = self.new_inode(ctx, 0, Kind::Symlink, 0o777, self.now());
+        row.size = target.len() as u64;
+        row.target = Some(target.to_owned());
+        let row = self.create_in(&mut st, p, name, row, "symlink")?;
+        self.open_attr(&st, &row)
+    }
+
+    /// `readlink`.
+    pub fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
+        let mut st = self.lock();
+        let e = match self.node(&st, ino)? {
+            Node::Open(i) => self.inode(i)?.target,
+            Node::Sealed { run, idx } => self.sealed_run(&mut st, run)?.entry(idx)?.target.clone(),
+            _ => None,
+        };
+        e.map(String::into_bytes)
+            .ok_or_else(|| Error::invalid("readlink", format!("inode {ino} is not a symlink")))
+    }
+
+    fn new_handle(&self, st: &mut State, h: Handle) -> u64 {
+        let fh = st.next_fh;
+        st.next_fh += 1;
+        if let Handle::Staged { run, inode, .. } = &h {
+            *st.open_count.entry(*inode).or_default() += 1;
+            let a = st.runs.entry(*run).or_insert(Activity {
+                last: Instant::now(),
+                open: 0,
+                seal_requested: false,
+            });
+            a.open += 1;
+            a.last = Instant::now();
+        }
+        st.handles.insert(fh, h);
+        fh
+    }
+
+    fn open_staged(&self, row: &InodeRow) -> Result<Arc<File>> {
+        let p = self.staging_path(row.run, row.ino);
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&p)
+            .map_err(|e| Error::io("open", &p, e))?;
+        Ok(Arc::new(f))
+    }
+
+    /// `create`: a new regular file in an open run, opened.
+    pub fn create(&self, ctx: Ctx, parent: u64, name: &OsStr, mode: u32) -> Result<(Attr, u64)> {
+        let name = name_str(name)?;
+        let mut st = self.lock();
+        let p = self.node(&st, parent)?;
+        let row = self.new_inode(ctx, 0, Kind::File, mode, self.now());
+        let row = self.create_in(&mut st, p, name, row, "create")?;
+        let file = self.open_staged(&row)?;
+        let fh = self.new_handle(
+            &mut st,
+            Handle::Staged {
+                run: row.run,
+                inode: row.ino,
+                file,
+            },
+        );
+        Ok((self.open_attr(&st, &row)?, fh))
+    }
+
+    /// `open` of a file; `write` when opened for writing.
+    pub fn open(&self, ino: u64, write: bool) -> Result<(u64, OpenInfo)> {
+        let mut st = self.lock();
+        let node = self.node(&st, ino)?;
+        let ro = |what: &str| Error::ReadOnly(format!("{what} is read-only"));
+        let (h, info) = match node {
+            Node::Open(i) => {
+                let row = self.inode(i)?;
+                if row.kind != Kind::File {
+                    return Err(Error::invalid(
+                        "open",
+                        format!("inode {i} is a {}", row.kind.as_str()),
+                    ));
+                }
+                let file = self.open_staged(&row)?;
+                (
+                    Handle::Staged {
+                        run: row.run,
+                        inode: i,
+                        file,
+                    },
+                    OpenInfo::default(),
+                )
+            }
+            Node::Sealed { run, idx } => {
+                if write {
+                    return Err(Error::ReadOnly(format!("run {run} is sealed")));
+                }
+                let s = self.sealed_run(&mut st, run)?;
+                if s.entry(idx)?.kind != Kind::File {
+                    return Err(Error::invalid(
+                        "open",
+                        format!("{} is not a file", s.entries[idx].path),
+                    ));
+                }
+                (
+                    Handle::Sealed { run: s, idx },
+                    OpenInfo {
+                        direct_io: false,
+                        keep_cache: true,
+                    },
+                )
+            }
+            Node::CtlStatus | Node::CtlEvents => {
+                if write {
+                    return Err(ro("the control directory"));
+                }
+                let b = if node == Node::CtlStatus {
+                    self.status_bytes()?
+                } else {
+                    self.events_bytes()?
+                };
+                (
+                    Handle::Buffer(Arc::new(b)),
+                    OpenInfo {
+                        direct_io: true,
+                        keep_cache: false,
+                    },
+                )
+            }
+            Node::ManRun(run) => {
+                if write {
+                    return Err(ro("a manifest"));
+                }
+                let b = self.manifest_bytes(&mut st, run)?;
+                (
+                    Handle::Buffer(b),
+                    OpenInfo {
+                        direct_io: false,
+                        keep_cache: true,
+                    },
+                )
+            }
+            Node::CtlSeal => (
+                Handle::SealCtl,
+                OpenInfo {
+                    direct_io: true,
+                    keep_cache: false,
+                },
+            ),
+            _ => return Err(Error::IsDir(format!("inode {ino}"))),
+        };
+        Ok((self.new_handle(&mut st, h), info))
+    }
+
+    fn status_bytes(&self) -> Result<Vec<u8>> {
+        let s = self.store.stats()?;
+        let dedup = if s.chunk_raw_bytes == 0 {
+            0.0
+        } else {
+            s.raw_bytes as f64 / s.chunk_raw_bytes as f64
+        };
+        let v = serde_json::json!({
+            "store": self.store.root(),
+            "runs": { "open": s.runs_open, "sealed": s.runs_sealed },
+            "raw_bytes": s.raw_bytes,
+            "stored_bytes": s.pack_bytes,
+            "dedup_ratio": dedup,
+        });
+        let mut b = serde_json::to_vec_pretty(&v).map_err(|e| Error::Internal(e.to_string()))?;
+        b.push(b'\n');
+        Ok(b)
+    }
+
+    fn events_bytes(&self) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut after = 0;
+        loop {
+            let ev = self.store.events(after, 10_000)?;
+            let Some(last) = ev.last() else { break };
+            after = last.seq;
+            for e in &ev {
+                serde_json::to_writer(&mut out, e).map_err(|e| Error::Internal(e.to_string()))?;
+                out.push(b'\n');
+            }
+        }
+        Ok(out)
+    }
+
+    /// Reads up to `size` bytes at `offset`.
+    pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+        enum R {
+            File(Arc<File>, PathBuf),
+            Sealed(Arc<SealedRun>, usize),
+            Buf(Arc<Vec<u8>>),
+        }
+        let r = {
+            let st = self.lock();
+            match st.handles.get(&fh) {
+                Some(Handle::Staged { run, inode, file }) => {
+                    R::File(file.clone(), self.staging_path(*run, *inode))
+                }
+                Some(Handle::Sealed { run, idx }) => R::Sealed(run.clone(), *idx),
+                Some(Handle::Buffer(b)) => R::Buf(b.clone()),
+                Some(Handle::SealCtl) => {
+                    return Err(Error::invalid("read", "the seal file is write-only"));
+                }
+                None => return Err(Error::invalid("file handle", format!("{fh} is not open"))),
+            }
+        };
+        match r {
+            R::File(f, p) => {
+                let mut buf = vec![0u8; size as usize];
+                let mut n = 0;
+                while n < buf.len() {
+                    match f.read_at(&mut buf[n..], offset + n as u64) {
+                        Ok(0) => break,
+                        Ok(k) => n += k,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(Error::io("read", &p, e)),
+                    }
+                }
+                buf.truncate(n);
+                Ok(buf)
+            }
+            R::Buf(b) => {
+                let start = (offset as usize).min(b.len());
+                let end = start.saturating_add(size as usize).min(b.len());
+                Ok(b[start..end].to_vec())
+            }
+            R::Sealed(s, idx) => self.read_sealed(&s, idx, offset, size),
+        }
+    }
+
+    fn read_sealed(&self, s: &SealedRun, idx: usize, offset: u64, size: u32) -> Result<Vec<u8>> {
+        let e = s.entry(idx)?;
+        let end = offset.saturating_add(u64::from(size)).min(e.size);
+        let mut out = Vec::with_capacity(end.saturating_sub(offset) as usize);
+        let mut pos = 0u64;
+        for c in &e.chunks {
+            let len = u64::from(c.1);
+            let (cs, ce) = (pos, pos + len);
+            pos = ce;
+            if ce <= offset {
+                continue;
+            }
+            if cs >= end {
+                break;
+            }
+            let data = self.cache.get(&self.store, &c.0).map_err(|err| match err {
+                Error::Corrupt { what, reason } => {
+                    tracing::error!(run = %s.r, path = %e.path, "damaged chunk: {what}: {reason}");
+                    Error::Corrupt {
+                        what: format!("{what} (file {}/{})", s.r, e.path),
+                        reason,
+                    }
+                }
+                other => other,
+            })?;
+            let from = offset.max(cs) - cs;
+            let to = end.min(ce) - cs;
+            out.extend_from_slice(&data[from as usize..to as usize]);
+        }
+        Ok(out)
+    }
+
+    /// Writes `data` at `offset`; returns the bytes written.
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
+        enum W {
+            Staged(Arc<File>, i64, i64),
+            Seal,
+            Other,
+            Missing,
+        }
+        let (file, run, inode) = {
+            let mut st = self.lock();
+            let w = match st.handles.get(&fh) {
+                Some(Handle::Staged { run, inode, file }) => W::Staged(file.clone(), *run, *inode),
+                Some(Handle::SealCtl) => W::Seal,
+                Some(_) => W::Other,
+                None => W::Missing,
+            };
+            match w {
+                W::Staged(file, run, inode) => {
+                    let now = self.now();
+                    st.dirty_mtime.insert(inode, now);
+                    self.touch(&mut st, run);
+                    (file, run, inode)
+                }
+                W::Seal => {
+                    let text = std::str::from_utf8(data)
+                        .map_err(|_| Error::invalid("seal request", "not UTF-8 text"))?;
+                    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+                        let r = RunRef::parse(line)?;
+                        let (id, _) = self
+                            .store
+                            .index()
+                            .meta(|m| m.run_of(&r.namespace, &r.run))?
+                            .ok_or_else(|| Error::NotFound(format!("run {r}")))?;
+                        self.seal_locked(&mut st, id, "control file")?;
+                    }
+                    return Ok(data.len() as u32);
+                }
+                W::Other => return Err(Error::ReadOnly("file is read-only".into())),
+                W::Missing => {
+                    return Err(Error::invalid("file handle", format!("{fh} is not open")));
+                }
+            }
+        };
+        let p = self.staging_path(run, inode);
+        file.write_all_at(data, offset)
+            .map_err(|e| Error::io("write", &p, e))?;
+        Ok(data.len() as u32)
+    }
+
+    fn persist_mtime(&self, st: &mut State, inode: i64) -> Result<()> {
+        if let Some(t) = st.dirty_mtime.remove(&inode) {
+            self.store
+                .index()
+                .meta_write(|m| m.set_times(inode, t, t))?;
+        }
+        Ok(())
+    }
+
+    /// `flush` (each `close` of a descriptor): the file's attributes become durable.
+    pub fn flush(&self, fh: u64) -> Result<()> {
+        let mut st = self.lock();
+        if let Some(Handle::Staged { inode, .. }) = st.handles.get(&fh) {
+            let inode = *inode;
+            self.persist_mtime(&mut st, inode)?;
+        }
+        Ok(())
+    }
+
+    /// `fsync`: content and attributes durable.
+    pub fn fsync(&self, fh: u64) -> Result<()> {
+        let mut st = self.lock();
+        if let Some(Handle::Staged { run, inode, file }) = st.handles.get(&fh) {
+            let (run, inode, file) = (*run, *inode, file.clone());
+            file.sync_all()
+                .map_err(|e| Error::io("fsync", self.staging_path(run, inode), e))?;
+            self.persist_mtime(&mut st, inode)?;
+        }
+        Ok(())
+    }
+
+    /// `release`: the last close of an open file description.
+    pub fn release(&self, fh: u64) -> Result<()> {
+        let mut st = self.lock();
+        let Some(h) = st.handles.remove(&fh) else {
+            return Ok(());
+        };
+        let Handle::Staged { run, inode, .. } = h else {
+            return Ok(());
+        };
+        let res = self.persist_mtime(&mut st, inode);
+        let left = {
+            let c = st.open_count.entry(inode).or_default();
+            *c = c.saturating_sub(1);
+            *c
+        };
+        if left == 0 {
+            st.open_count.remove(&inode);
+        }
+        if let Some(a) = st.runs.get_mut(&run) {
+            a.open = a.open.saturating_sub(1);
+            a.last = Instant::now();
+        }
+        if left == 0 {
+            let row = self.store.index().meta(|m| m.inode(inode))?;
+            match row {
+                Some(row) if row.nlink == 0 => {
+                    self.store.index().meta_write(|m| m.delete_inode(inode))?;
+                    let _ = fs::remove_file(self.staging_path(run, inode));
+                }
+                Some(_) => {
+                    if let Some(marker) = &self.opts.seal_marker {
+                        let root = self.store.index().meta(|m| m.run_root(run))?;
+                        let named = match root {
+                            Some(root) => self.store.index().meta(|m| m.lookup(root, marker))?,
+                            None => None,
+                        };
+                        if named == Some(inode) {
+                            tracing::info!(run, marker = %marker, "seal marker closed; the run seals once no file is open");
+                            if let Some(a) = st.runs.get_mut(&run) {
+                                a.seal_requested = true;
+                            }
+                        }
+                    }
+                }
+                None => {}
+            }
+        }
+        res
+    }
+
+    /// `setattr`: chmod, chown, truncate, utimens.
+    pub fn setattr(&self, ino: u64, set: SetAttr, fh: Option<u64>) -> Result<Attr> {
+        let mut st = self.lock();
+        let node = self.node(&st, ino)?;
+        let now = self.now();
+        if let Node::Namespace(id) = node {
+            let mut ns = self
+                .store
+                .index()
+                .meta(|m| m.namespace_by_id(id))?
+                .ok_or_else(|| Error::NotFound(format!("namespace {id}")))?;
+            if set.size.is_some() {
+                return Err(Error::IsDir(format!("namespace {}", ns.name)));
+            }
+            if let Some(m) = set.mode {
+                ns.mode = m & 0o7777;
+            }
+            ns.uid = set.uid.unwrap_or(ns.uid);
+            ns.gid = set.gid.unwrap_or(ns.gid);
+            if let Some(t) = set.mtime_ns {
+                ns.mtime_ns = t.unwrap_or(now);
+            }
+            self.store.index().meta_write(|m| m.update_namespace(&ns))?;
+            return self.ns_attr(&ns);
+        }
+        if node == Node::CtlSeal && set.mode.is_none() && set.uid.is_none() && set.gid.is_none() {
+            // `echo NS/RUN > seal` truncates first; the seal file has nothing to truncate.
+            return self.attr_of(&mut st, node);
+        }
+        let i = self.writable(node, "setattr")?;
+        let mut row = self.inode(i)?;
+        if let Some(m) = set.mode {
+            row.mode = m & 0o7777;
+        }
+        row.uid = set.uid.unwrap_or(row.uid);
+        row.gid = set.gid.unwrap_or(row.gid);
+        if let Some(size) = set.size {
+            if row.kind == Kind::Dir {
+                return Err(Error::IsDir(format!("inode {i}")));
+            }
+            if row.kind != Kind::File {
+                return Err(Error::invalid(
+                    "truncate",
+                    format!("inode {i} is a {}", row.kind.as_str()),
+                ));
+            }
+            let file = match fh.and_then(|f| st.handles.get(&f)) {
+                Some(Handle::Staged { file, .. }) => file.clone(),
+                _ => self.open_staged(&row)?,
+            };
+            file.set_len(size)
+                .map_err(|e| Error::io("truncate", self.staging_path(row.run, i), e))?;
+            row.mtime_ns = now;
+            st.dirty_mtime.remove(&i);
+        }
+        if let Some(t) = set.mtime_ns {
+            row.mtime_ns = t.unwrap_or(now);
+            st.dirty_mtime.remove(&i);
+        } else if let Some(t) = st.dirty_mtime.remove(&i) {
+            row.mtime_ns = t;
+        }
+        row.ctime_ns = now;
+        self.store.index().meta_write(|m| m.update_inode(&row))?;
+        self.touch(&mut st, row.run);
+        self.open_attr(&st, &row)
+    }
+
+    /// Drops one name of `ino`; deletes the inode when no name and no open file is left.
+    fn drop_name(
+        &self,
+        st: &State,
+        m: &crate::index::Meta<'_>,
+        ino: i64,
+        now: i64,
+    ) -> Result<Option<(i64, i64)>> {
+        let Some(mut row) = m.inode(ino)? else {
+            return Ok(None);
+        };
+        row.nlink = row.nlink.saturating_sub(1);
+        row.ctime_ns = now;
+        if row.nlink == 0 && !st.open_count.contains_key(&ino) {
+            m.delete_inode(ino)?;
+            return Ok((row.kind == Kind::File).then_some((row.run, ino)));
+        }
+        m.update_inode(&row)?;
+        Ok(None)
+    }
+
+    /// `unlink` of a non-directory in an open run.
+    pub fn unlink(&self, parent: u64, name: &OsStr) -> Result<()> {
+        let name = name_str(name)?;
+        let mut st = self.lock();
+        let p = self.node(&st, parent)?;
+        let dir = self.writable(p, "unlink")?;
+        let now = self.now();
+        let gone = self.store.index().meta_write(|m| {
+            let ino = m
+                .lookup(dir, name)?
+                .ok_or_else(|| Error::NotFound(name.to_owned()))?;
+            let row = m
+                .inode(ino)?
+                .ok_or_else(|| Error::NotFound(name.to_owned()))?;
+            if row.kind == Kind::Dir {
+                return Err(Error::IsDir(name.to_owned()));
+            }
+            m.remove_dentry(dir, name)?;
+            m.set_times(dir, now, now)?;
+            self.drop_name(&st, m, ino, now)
+        })?;
+        if let Some((run, ino)) = gone {
+            let _ = fs::remove_file(self.staging_path(run, ino));
+        }
+        let run = self.inode(dir)?.run;
+        self.touch(&mut st, run);
+        Ok(())
+    }
+
+    /// `rmdir`: an empty directory in an open run, or an empty namespace.
+    pub fn rmdir(&self, parent: u64, name: &OsStr) -> Result<()> {
+        let name = name_str(name)?;
+        let mut st = self.lock();
+        let p = self.node(&st, parent)?;
+        let now = self.now();
+        match p {
+            Node::Root => {
+                let ns = self
+                    .store
+                    .index()
+                    .meta(|m| m.namespace(name))?
+                    .ok_or_else(|| Error::NotFound(name.to_owned()))?;
+                if !self.store.index().meta(|m| m.runs_of(name))?.is_empty() {
+                    return Err(Error::NotEmpty(format!("namespace {name} has runs")));
+                }
+                self.store
+                    .index()
+                    .meta_write(|m| m.delete_namespace(ns.id))?;
+                tracing::info!(namespace = name, "namespace removed");
+                return Ok(());
+            }
+            Node::Namespace(_) => {
+                let e = Error::NotPermitted(format!("run {name}: runs are not removed with rmdir"));
+                tracing::warn!("refused: {e}");
+                return Err(e);
+            }
+            _ => {}
+        }
+        let dir = self.writable(p, "rmdir")?;
+        let run = self.store.index().meta_write(|m| {
+            let ino = m
+                .lookup(dir, name)?
+                .ok_or_else(|| Error::NotFound(name.to_owned()))?;
+            let row = m
+                .inode(ino)?
+                .ok_or_else(|| Error::NotFound(name.to_owned()))?;
+            if row.kind != Kind::Dir {
+                return Err(Error::NotDir(name.to_owned()));
+            }
+            if m.child_counts(ino)?.0 > 0 {
+                return Err(Error::NotEmpty(name.to_owned()));
+            }
+            m.remove_dentry(dir, name)?;
+            m.delete_inode(ino)?;
+            m.set_times(dir, now, now)?;
+            Ok(row.run)
+        })?;
+        self.touch(&mut st, run);
+        Ok(())
+    }
+
+    /// `rename` inside one open run (`noreplace`: fail if the target exists).
+    pub fn rename(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        newparent: u64,
+        newname: &OsStr,
+        noreplace: bool,
+        exchange: bool,
+    ) -> Result<()> {
+        let name = name_str(name)?;
+        let newname = name_str(newname)?;
+        if exchange {
+            tracing::warn!(
+                name,
+                newname,
+                "rename with RENAME_EXCHANGE is not supported yet"
+            );
+            return Err(Error::Unsupported("rename with RENAME_EXCHANGE".into()));
+        }
+        let mut st = self.lock();
+        let p = self.node(&st, parent)?;
+        let np = self.node(&st, newparent)?;
+        let from = self.writable(p, "rename")?;
+        let to = self.writable(np, "rename")?;
+        check_name("file name", newname, true)?;
+        let now = self.now();
+        let (run_from, run_to) = (self.inode(from)?.run, self.inode(to)?.run);
+        if run_from != run_to {
+            return Err(Error::CrossRun(format!(
+                "{name} -> {newname}: rename across runs"
+            )));
+        }
+        let gone = self.store.index().meta_write(|m| {
+            let ino = m
+                .lookup(from, name)?
+                .ok_or_else(|| Error::NotFound(name.to_owned()))?;
+            let src = m
+                .inode(ino)?
+                .ok_or_else(|| Error::NotFound(name.to_owned()))?;
+            let mut gone = None;
+            if let Some(old) = m.lookup(to, newname)? {
+                if old == ino {
+                    return Ok(None);
+                }
+                if noreplace {
+                    return Err(Error::AlreadyExists(newname.to_owned()));
+                }
+                let dst = m
+                    .inode(old)?
+                    .ok_or_else(|| Error::NotFound(newname.to_owned()))?;
+                match (src.kind == Kind::Dir, dst.kind == Kind::Dir) {
+                    (true, false) => return Err(Error::NotDir(newname.to_owned())),
+                    (false, true) => return Err(Error::IsDir(newname.to_owned())),
+                    (true, true) if m.child_counts(old)?.0 > 0 => {
+                        return Err(Error::NotEmpty(newname.to_owned()));
+                    }
+                    _ => {}
+                }
+                m.remove_dentry(to, newname)?;
+                gone = if dst.kind == Kind::Dir {
+                    m.delete_inode(old)?;
+                    None
+                } else {
+                    self.drop_name(&st, m, old, now)?
+                };
+            }
+            if src.kind == Kind::Dir {
+                let mut cur = Some(to);
+                while let Some(c) = cur {
+                    if c == ino {
+                        return Err(Error::invalid(
+                            "rename",
+                            format!("{name} would move into itself"),
+                        ));
+                    }
+                    cur = m.parent_of(c)?;
+                }
+            }
+            m.remove_dentry(from, name)?;
+            m.set_dentry(to, newname, ino)?;
+            let mut src = src;
+            src.ctime_ns = now;
+            if let Some(t) = st.dirty_mtime.get(&ino) {
+                src.mtime_ns = *t;
+            }
+            m.update_inode(&src)?;
+            m.set_times(from, now, now)?;
+            m.set_times(to, now, now)?;
+            Ok(gone)
+        })?;
+        if let Some((run, ino)) = gone {
+            let _ = fs::remove_file(self.staging_path(run, ino));
+        }
+        st.dirty_mtime.remove(&from);
+        st.dirty_mtime.remove(&to);
+        self.touch(&mut st, run_from);
+        Ok(())
+    }
+
+    /// `link`: another name for a regular file, in the same open run.
+    pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> Result<Attr> {
+        let newname = name_str(newname)?;
+        let mut st = self.lock();
+        let n = self.node(&st, ino)?;
+        let np = self.node(&st, newparent)?;
+        let i = self.writable(n, "link")?;
+        let to = self.writable(np, "link")?;
+        check_name("file name", newname, true)?;
+        let now = self.now();
+        let mut row = self.inode(i)?;
+        if row.kind == Kind::Dir {
+            return Err(Error::NotPermitted("hard links to directories".into()));
+        }
+        if self.inode(to)?.run != row.run {
+            return Err(Error::CrossRun(format!("{newname}: hard link across runs")));
+        }
+        row.nlink += 1;
+        row.ctime_ns = now;
+        if let Some(t) = st.dirty_mtime.get(&i) {
+            row.mtime_ns = *t;
+        }
+        self.store.index().meta_write(|m| {
+            if m.lookup(to, newname)?.is_some() {
+                return Err(Error::AlreadyExists(newname.to_owned()));
+            }
+            m.set_dentry(to, newname, i)?;
+            m.update_inode(&row)?;
+            m.set_times(to, now, now)
+        })?;
+        self.touch(&mut st, row.run);
+        self.open_attr(&st, &row)
+    }
+
+    /// File-system statistics (those of the store's file system).
+    pub fn statfs(&self) -> Result<StatFs> {
+        let root = self.store.root();
+        let s = nix::sys::statvfs::statvfs(root)
+            .map_err(|e| Error::io("statvfs", root, std::io::Error::from_raw_os_error(e as i32)))?;
+        Ok(StatFs {
+            blocks: s.blocks() as u64,
+            bfree: s.blocks_free() as u64,
+            bavail: s.blocks_available() as u64,
+            files: s.files() as u64,
+            ffree: s.files_free() as u64,
+            bsize: s.fragment_size() as u32,
+            namelen: NAME_MAX as u32,
+        })
+    }
+
+    /// The xattrs of a node: stored ones plus the read-only `user.artifactfs.*` facts.
+    fn xattrs_of(&self, st: &mut State, node: Node) -> Result<BTreeMap<String, Vec<u8>>> {
+        let mut out = BTreeMap::new();
+        match node {
+            Node::Open(i) => {
+                let row = self.inode(i)?;
+                for (k, v) in &row.xattrs {
+                    out.insert(k.clone(), v.to_bytes()?);
+                }
+                if self.store.index().meta(|m| m.run_root(row.run))? == Some(i) {
+                    out.insert(format!("{FACTS_PREFIX}state"), b"open".to_vec());
+                }
+            }
+            Node::Sealed { run, idx } => {
+                let s = self.sealed_run(st, run)?;
+                let e = s.entry(idx)?;
+                for (k, v) in &e.xattrs {
+                    out.insert(k.clone(), v.to_bytes()?);
+                }
+                if idx == 0 {
+                    out.insert(format!("{FACTS_PREFIX}state"), b"sealed".to_vec());
+                    out.insert(
+                        format!("{FACTS_PREFIX}manifest"),
+                        s.digest.to_hex().into_bytes(),
+                    );
+                    out.insert(
+                        format!("{FACTS_PREFIX}sealed_at"),
+                        rfc3339(crate::clock::from_unix_ns(s.sealed_at_ns)).into_bytes(),
+                    );
+                }
+                if let Some(h) = e.blake3 {
+                    out.insert(format!("{FACTS_PREFIX}blake3"), h.to_hex().into_bytes());
+                }
+            }
+            _ => {}
+        }
+        Ok(out)
+    }
+
+    /// `getxattr`.
+    pub fn getxattr(&self, ino: u64, name: &OsStr) -> Result<Vec<u8>> {
+        let name = name_str(name)?;
+        let mut st = self.lock();
+        let node = self.node(&st, ino)?;
+        self.xattrs_of(&mut st, node)?
+            .remove(name)
+            .ok_or_else(|| Error::NoAttr(name.to_owned()))
+    }
+
+    /// `listxattr`: the names.
+    pub fn listxattr(&self, ino: u64) -> Result<Vec<String>> {
+        let mut st = self.lock();
+        let node = self.node(&st, ino)?;
+        Ok(self.xattrs_of(&mut st, node)?.into_keys().collect())
+    }
+
+    /// `setxattr`; setting `user.artifactfs.seal` on an open run's directory seals it.
+    pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
+        let name = name_str(name)?;
+        let mut st = self.lock();
+        let node = self.node(&st, ino)?;
+        self.change_xattr(&mut st, node, name, Some(value), flags)
+    }
+
+    /// `removexattr`.
+    pub fn removexattr(&self, ino: u64, name: &OsStr) -> Result<()> {
+        let name = name_str(name)?;
+        let mut st = self.lock();
+        let node = self.node(&st, ino)?;
+        self.change_xattr(&mut st, node, name, None, 0)
+    }
+
+    fn change_xattr(
+        &self,
+        st: &mut State,
+        node: Node,
+        name: &str,
+        value: Option<&[u8]>,
+        flags: i32,
+    ) -> Result<()> {
+        let i = match node {
+            Node::Open(i) => i,
+            Node::Sealed { run, .. } => {
+                let e = Error::NotPermitted(format!("xattr {name}: run {run} is sealed"));
+                tracing::warn!("refused: {e}");
+                return Err(e);
+            }
+            Node::Namespace(_) => {
+                let e = Error::Unsupported(format!(
+                    "xattr {name} on a namespace (namespace defaults come with retention)"
+                ));
+                tracing::warn!("refused: {e}");
+                return Err(e);
+            }
+            _ => {
+                return Err(Error::NotPermitted(format!(
+                    "xattr {name}: not on this directory"
+                )));
+            }
+        };
+        if !name.starts_with("user.") {
+            let e = Error::Unsupported(format!("xattr {name}: only user.* attributes are stored"));
+            tracing::warn!("refused: {e}");
+            return Err(e);
+        }
+        let mut row = self.inode(i)?;
+        if name.starts_with(FACTS_PREFIX) {
+            let is_root = self.store.index().meta(|m| m.run_root(row.run))? == Some(i);
+            if name == SEAL_XATTR && is_root && value.is_some() {
+                if value != Some(b"1".as_slice()) {
+                    return Err(Error::invalid(name, "set it to 1 to seal the run"));
+                }
+                self.seal_locked(st, row.run, "xattr")?;
+                return Ok(());
+            }
+            let e = Error::invalid(
+                format!("xattr {name}"),
+                "user.artifactfs.* attributes are read-only facts (user.artifactfs.seal on a run directory seals it)",
+            );
+            tracing::warn!(run = row.run, ino = i, "refused: {e}");
+            return Err(e);
+        }
+        let exists = row.xattrs.contains_key(name);
+        match value {
+            Some(v) => {
+                if flags & XATTR_CREATE != 0 && exists {
+                    return Err(Error::AlreadyExists(format!("xattr {name}")));
+                }
+                if flags & XATTR_REPLACE != 0 && !exists {
+                    return Err(Error::NoAttr(name.to_owned()));
+                }
+                row.xattrs
+                    .insert(name.to_owned(), XattrValue::from_bytes(v));
+            }
+            None => {
+                if row.xattrs.remove(name).is_none() {
+                    return Err(Error::NoAttr(name.to_owned()));
+                }
+            }
+        }
+        row.ctime_ns = self.now();
+        if let Some(t) = st.dirty_mtime.get(&i) {
+            row.mtime_ns = *t;
+        }
+        self.store.index().meta_write(|m| m.update_inode(&row))?;
+        self.touch(st, row.run);
+        Ok(())
+    }
+
+    /// Seals run `run_id` now (explicit request); `Busy` if any of its files is open.
+    pub fn seal(&self, r: &RunRef) -> Result<ManifestDigest> {
+        let mut st = self.lock();
+        let (id, _) = self
+            .store
+            .index()
+            .meta(|m| m.run_of(&r.namespace, &r.run))?
+            .ok_or_else(|| Error::NotFound(format!("run {r}")))?;
+        self.seal_locked(&mut st, id, "request")
+    }
+
+    /// Seals the open runs that are due: quiet for `seal_after`, or whose marker was closed,
+    /// with no file open. Call about once a second.
+    pub fn tick(&self) {
+        let mut st = self.lock();
+        let due: Vec<i64> = st
+            .runs
+            .iter()
+            .filter(|(_, a)| {
+                a.open == 0 && (a.seal_requested || a.last.elapsed() >= self.opts.seal_after)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            let why = if st.runs.get(&id).is_some_and(|a| a.seal_requested) {
+                "marker"
+            } else {
+                "quiet"
+            };
+            if let Err(e) = self.seal_locked(&mut st, id, why) {
+                tracing::warn!(
+                    run = id,
+                    "automatic seal failed, retrying after the quiet period: {e}"
+                );
+                if let Some(a) = st.runs.get_mut(&id) {
+                    a.last = Instant::now();
+                    a.seal_requested = false;
+                }
+            }
+        }
+    }
+
+    fn seal_locked(&self, st: &mut State, run_id: i64, why: &str) -> Result<ManifestDigest> {
+        let row = self
+            .store
+            .index()
+            .run_by_id(run_id)?
+            .ok_or_else(|| Error::NotFound(format!("run {run_id}")))?;
+        let r = row.run.clone();
+        if row.state != "open" {
+            st.runs.remove(&run_id);
+            return Err(Error::ReadOnly(format!("run {r} is already {}", row.state)));
+        }
+        let open = st.runs.get(&run_id).map_or(0, |a| a.open);
+        if open > 0 {
+            let e = Error::Busy(format!(
+                "run {r} has {open} open files; close them before sealing"
+            ));
+            tracing::warn!(run = %r, "seal refused: {e}");
+            return Err(e);
+        }
+        let started = Instant::now();
+        let (inodes, dentries, root) = self.store.index().meta(|m| {
+            Ok((
+                m.run_inodes(run_id)?,
+                m.run_dentries(run_id)?,
+                m.run_root(run_id)?,
+            ))
+        })?;
+        let root = root
+            .ok_or_else(|| Error::corrupt(format!("run {r}"), "open run without a root inode"))?;
+        let rows: HashMap<i64, InodeRow> = inodes.into_iter().map(|i| (i.ino, i)).collect();
+        let mut kids: HashMap<i64, Vec<(String, i64)>> = HashMap::new();
+        let mut names: HashMap<i64, u32> = HashMap::new();
+        for (p, n, i) in dentries {
+            kids.entry(p).or_default().push((n, i));
+            *names.entry(i).or_default() += 1;
+        }
+        let mut paths: Vec<(String, i64)> = vec![(ROOT.to_owned(), root)];
+        let mut stack = vec![(root, String::new())];
+        while let Some((dir, rel)) = stack.pop() {
+            for (n, i) in kids.remove(&dir).unwrap_or_default() {
+                let p = if rel.is_empty() {
+                    n
+                } else {
+                    format!("{rel}/{n}")
+                };
+                if rows.get(&i).is_some_and(|r| r.kind == Kind::Dir) {
+                    stack.push((i, p.clone()));
+                }
+                paths.push((p, i));
+            }
+        }
+        paths.sort_by(|a, b| (a.0 != ROOT, a.0.as_bytes()).cmp(&(b.0 != ROOT, b.0.as_bytes())));
+
+        let mut writer = self.store.writer();
+        let mut entries = Vec::with_capacity(paths.len());
+        let mut first_name: HashMap<i64, String> = HashMap::new();
+        for (path, ino) in &paths {
+            let i = rows.get(ino).ok_or_else(|| {
+                Error::corrupt(
+                    format!("run {r}"),
+                    format!("{path} names missing inode {ino}"),
+                )
+            })?;
+            let mut e = Entry {
+                path: path.clone(),
+                kind: i.kind,
+                mode: i.mode & 0o7777,
+                uid: i.uid,
+                gid: i.gid,
+                size: 0,
+                mtime_ns: i.mtime_ns,
+                blake3: None,
+                chunks: Vec::new(),
+                target: None,
+                rdev: None,
+                xattrs: i
+                    .xattrs
+                    .iter()
+                    .filter(|(k, _)| k.starts_with("user."))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+            };
+            match i.kind {
+                Kind::File => {
+                    if names.get(ino).copied().unwrap_or(1) > 1 {
+                        if let Some(first) = first_name.get(ino) {
+                            e.kind = Kind::Hardlink;
+                            e.target = Some(first.clone());
+                            e.xattrs.clear();
+                            entries.push(e);
+                            continue;
+                        }
+                        first_name.insert(*ino, path.clone());
+                    }
+                    let sp = self.staging_path(run_id, *ino);
+                    let f = File::open(&sp).map_err(|err| Error::io("open", &sp, err))?;
+                    let (size, hash, chunks) =
+                        ingest_stream(&self.store, &mut writer, f, &NoProgress, &sp)?;
+                    e.size = size;
+                    e.blake3 = Some(hash);
+                    e.chunks = chunks;
+                }
+                Kind::Symlink => {
+                    let t = i.target.clone().unwrap_or_default();
+                    e.size = t.len() as u64;
+                    e.target = Some(t);
+                }
+                Kind::Char | Kind::Block => e.rdev = Some(i.rdev),
+                _ => {}
+            }
+            entries.push(e);
+        }
+        let stats = writer.finish()?;
+        let mut metadata = BTreeMap::new();
+        if let Some(root) = entries.first() {
+            for (k, v) in producer_metadata(&root.xattrs) {
+                metadata.entry(k).or_insert(v);
+            }
+        }
+        let mut m = Manifest {
+            format: MANIFEST_FORMAT,
+            namespace: r.namespace.clone(),
+            run: r.run.clone(),
+            sealed_at: rfc3339(self.store.clock().now()),
+            metadata,
+            entries,
+        };
+        m.canonicalize();
+        let bytes = m.canonical_bytes()?;
+        let (digest, _) = manifest::store_manifest(&*self.store.objects, &bytes)?;
+        let now = self.now();
+        let detail = serde_json::json!({
+            "manifest": digest.to_hex(),
+            "files": m.entries.iter().filter(|e| e.kind != Kind::Dir).count(),
+            "raw_bytes": m.raw_bytes(),
+        });
+        self.store
+            .index()
+            .seal_open_run(run_id, &m, &digest, now, detail)?;
+        let dir = self.staging.join(run_id.to_string());
+        if let Err(e) = fs::remove_dir_all(&dir) {
+            tracing::warn!(run = %r, "sealed, but its staging directory {} stays: {e}", dir.display());
+        }
+        st.runs.remove(&run_id);
+        let s = self.sealed_run(st, run_id)?;
+        for (path, ino) in &paths {
+            if let Some(idx) = s.by_path.get(path) {
+                st.redirect.insert(
+                    encode(Node::Open(*ino)),
+                    encode(Node::Sealed {
+                        run: run_id,
+                        idx: s.resolved[*idx],
+                    }),
+                );
+            }
+            st.dirty_mtime.remove(ino);
+        }
+        tracing::info!(
+            run = %r, manifest = %digest, why, entries = m.entries.len(), raw_bytes = m.raw_bytes(),
+            new_bytes = stats.pack_bytes, ms = started.elapsed().as_millis() as u64, "run sealed"
+        );
+        Ok(digest)
+    }
+}

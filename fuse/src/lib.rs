@@ -1,0 +1,550 @@
+//! artifactfs-fuse: the FUSE frontend. A `fuser::Filesystem` over the engine's file-system view
+//! ([`artifactfs_core::vfs::Vfs`]): each callback decodes its arguments, makes one call into the
+//! view, maps an error with [`errno`] and replies. It owns no storage logic, opens no SQLite and
+//! reads no pack; only this crate imports `fuser`.
+
+use std::ffi::OsStr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use artifactfs_core::Error;
+use artifactfs_core::manifest::Kind;
+use artifactfs_core::vfs::{Attr, Ctx, SetAttr, Vfs};
+use fuser::{
+    BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
+    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+
+pub use fuser::BackgroundSession;
+
+/// How long the kernel may cache attributes and names of things that can change.
+const TTL_MUTABLE: Duration = Duration::from_secs(1);
+/// … and of sealed runs, which cannot.
+const TTL_SEALED: Duration = Duration::from_secs(60);
+
+/// The errno for an engine error: one arm per variant.
+pub fn errno(e: &Error) -> Errno {
+    match e {
+        Error::Io { source, .. } => source.raw_os_error().map_or(Errno::EIO, Errno::from_i32),
+        Error::Corrupt { .. } | Error::MissingObject { .. } => Errno::EIO,
+        Error::Backend { .. } | Error::Index { .. } | Error::Internal(_) => Errno::EIO,
+        Error::Invalid { .. } | Error::State(_) => Errno::EINVAL,
+        Error::NotFound(_) => Errno::ENOENT,
+        Error::AlreadyExists(_) => Errno::EEXIST,
+        Error::Locked { .. } | Error::Busy(_) => Errno::EBUSY,
+        Error::NotAStore { .. } => Errno::EINVAL,
+        Error::ReadOnly(_) => Errno::EROFS,
+        Error::NotPermitted(_) => Errno::EPERM,
+        Error::NotEmpty(_) => Errno::ENOTEMPTY,
+        Error::NotDir(_) => Errno::ENOTDIR,
+        Error::IsDir(_) => Errno::EISDIR,
+        Error::NameTooLong(_) => Errno::ENAMETOOLONG,
+        Error::NoAttr(_) => Errno::NO_XATTR,
+        Error::Unsupported(_) => Errno::EOPNOTSUPP,
+        Error::CrossRun(_) => Errno::EXDEV,
+        // `Error` is non-exhaustive; a variant added later lands here until it gets its own arm.
+        other => {
+            tracing::error!("no errno for this error, answering EIO: {other}");
+            Errno::EIO
+        }
+    }
+}
+
+fn log_err(op: &'static str, ino: u64, e: &Error) -> Errno {
+    let n = errno(e);
+    if e.is_damage()
+        || matches!(
+            e,
+            Error::Io { .. } | Error::Index { .. } | Error::Internal(_)
+        )
+    {
+        tracing::error!(op, ino, "{e}");
+    } else {
+        tracing::debug!(op, ino, "{e}");
+    }
+    n
+}
+
+fn time(ns: i64) -> SystemTime {
+    artifactfs_core::clock::from_unix_ns(ns)
+}
+
+fn file_type(k: Kind) -> FileType {
+    match k {
+        Kind::File | Kind::Hardlink => FileType::RegularFile,
+        Kind::Dir => FileType::Directory,
+        Kind::Symlink => FileType::Symlink,
+        Kind::Fifo => FileType::NamedPipe,
+        Kind::Char => FileType::CharDevice,
+        Kind::Block => FileType::BlockDevice,
+        Kind::Socket => FileType::Socket,
+    }
+}
+
+fn fattr(a: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: a.size,
+        blocks: a.size.div_ceil(512),
+        atime: time(a.mtime_ns),
+        mtime: time(a.mtime_ns),
+        ctime: time(a.ctime_ns),
+        crtime: UNIX_EPOCH,
+        kind: file_type(a.kind),
+        perm: (a.mode & 0o7777) as u16,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: a.rdev as u32,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
+fn ttl(a: &Attr) -> Duration {
+    if a.immutable { TTL_SEALED } else { TTL_MUTABLE }
+}
+
+fn ctx(req: &Request) -> Ctx {
+    Ctx {
+        uid: req.uid(),
+        gid: req.gid(),
+    }
+}
+
+fn time_ns(t: TimeOrNow) -> Option<i64> {
+    match t {
+        TimeOrNow::Now => None,
+        TimeOrNow::SpecificTime(t) => Some(artifactfs_core::clock::to_unix_ns(t)),
+    }
+}
+
+/// The FUSE file system: a view plus nothing else.
+pub struct ArtifactFs {
+    vfs: Arc<Vfs>,
+}
+
+impl ArtifactFs {
+    pub fn new(vfs: Arc<Vfs>) -> Self {
+        Self { vfs }
+    }
+
+    fn entry(
+        &self,
+        r: artifactfs_core::Result<Attr>,
+        op: &'static str,
+        parent: u64,
+        reply: ReplyEntry,
+    ) {
+        match r {
+            Ok(a) => reply.entry(&ttl(&a), &fattr(&a), Generation(0)),
+            Err(e) => reply.error(log_err(op, parent, &e)),
+        }
+    }
+
+    fn empty(r: artifactfs_core::Result<()>, op: &'static str, ino: u64, reply: ReplyEmpty) {
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(log_err(op, ino, &e)),
+        }
+    }
+}
+
+fn xattr_reply(data: &[u8], size: u32, reply: ReplyXattr) {
+    if size == 0 {
+        reply.size(data.len() as u32);
+    } else if (size as usize) < data.len() {
+        reply.error(Errno::ERANGE);
+    } else {
+        reply.data(data);
+    }
+}
+
+impl Filesystem for ArtifactFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        if let Err(max) = config.set_max_write(1 << 20) {
+            let _ = config.set_max_write(max);
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.entry(self.vfs.lookup(parent.0, name), "lookup", parent.0, reply);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.vfs.getattr(ino.0) {
+            Ok(a) => reply.attr(&ttl(&a), &fattr(&a)),
+            Err(e) => reply.error(log_err("getattr", ino.0, &e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let set = SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            mtime_ns: mtime.map(time_ns),
+        };
+        match self.vfs.setattr(ino.0, set, fh.map(|f| f.0)) {
+            Ok(a) => reply.attr(&ttl(&a), &fattr(&a)),
+            Err(e) => reply.error(log_err("setattr", ino.0, &e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.vfs.readlink(ino.0) {
+            Ok(t) => reply.data(&t),
+            Err(e) => reply.error(log_err("readlink", ino.0, &e)),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let r = self
+            .vfs
+            .mknod(ctx(req), parent.0, name, mode & !umask, u64::from(rdev));
+        self.entry(r, "mknod", parent.0, reply);
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let r = self.vfs.mkdir(ctx(req), parent.0, name, mode & !umask);
+        self.entry(r, "mkdir", parent.0, reply);
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        Self::empty(self.vfs.unlink(parent.0, name), "unlink", parent.0, reply);
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        Self::empty(self.vfs.rmdir(parent.0, name), "rmdir", parent.0, reply);
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let r = self.vfs.symlink(ctx(req), parent.0, link_name, target);
+        self.entry(r, "symlink", parent.0, reply);
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let r = self.vfs.rename(
+            parent.0,
+            name,
+            newparent.0,
+            newname,
+            flags.contains(RenameFlags::RENAME_NOREPLACE),
+            flags.contains(RenameFlags::RENAME_EXCHANGE),
+        );
+        Self::empty(r, "rename", parent.0, reply);
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        self.entry(
+            self.vfs.link(ino.0, newparent.0, newname),
+            "link",
+            ino.0,
+            reply,
+        );
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let write = flags.acc_mode() != OpenAccMode::O_RDONLY;
+        match self.vfs.open(ino.0, write) {
+            Ok((fh, info)) => {
+                let mut f = FopenFlags::empty();
+                if info.direct_io {
+                    f |= FopenFlags::FOPEN_DIRECT_IO;
+                }
+                if info.keep_cache {
+                    f |= FopenFlags::FOPEN_KEEP_CACHE;
+                }
+                reply.opened(FileHandle(fh), f);
+            }
+            Err(e) => reply.error(log_err("open", ino.0, &e)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self.vfs.read(fh.0, offset, size) {
+            Ok(d) => reply.data(&d),
+            Err(e) => reply.error(log_err("read", ino.0, &e)),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match self.vfs.write(fh.0, offset, data) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(log_err("write", ino.0, &e)),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        Self::empty(self.vfs.flush(fh.0), "flush", ino.0, reply);
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        Self::empty(self.vfs.release(fh.0), "release", ino.0, reply);
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        Self::empty(self.vfs.fsync(fh.0), "fsync", ino.0, reply);
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        match self.vfs.readdir(ino.0) {
+            Ok(list) => {
+                for (i, e) in list.iter().enumerate().skip(offset as usize) {
+                    if reply.add(INodeNo(e.ino), (i + 1) as u64, file_type(e.kind), &e.name) {
+                        break;
+                    }
+                }
+                reply.ok();
+            }
+            Err(e) => reply.error(log_err("readdir", ino.0, &e)),
+        }
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        // Metadata is committed to the index as each operation completes.
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
+        match self.vfs.statfs() {
+            Ok(s) => reply.statfs(
+                s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.bsize,
+            ),
+            Err(e) => reply.error(log_err("statfs", ino.0, &e)),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        Self::empty(
+            self.vfs.setxattr(ino.0, name, value, flags),
+            "setxattr",
+            ino.0,
+            reply,
+        );
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        match self.vfs.getxattr(ino.0, name) {
+            Ok(v) => xattr_reply(&v, size, reply),
+            Err(e) => reply.error(log_err("getxattr", ino.0, &e)),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        match self.vfs.listxattr(ino.0) {
+            Ok(names) => {
+                let mut buf = Vec::new();
+                for n in names {
+                    buf.extend_from_slice(n.as_bytes());
+                    buf.push(0);
+                }
+                xattr_reply(&buf, size, reply);
+            }
+            Err(e) => reply.error(log_err("listxattr", ino.0, &e)),
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        Self::empty(
+            self.vfs.removexattr(ino.0, name),
+            "removexattr",
+            ino.0,
+            reply,
+        );
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        match self.vfs.create(ctx(req), parent.0, name, mode & !umask) {
+            Ok((a, fh)) => reply.created(
+                &ttl(&a),
+                &fattr(&a),
+                Generation(0),
+                FileHandle(fh),
+                FopenFlags::empty(),
+            ),
+            Err(e) => reply.error(log_err("create", parent.0, &e)),
+        }
+    }
+}
+
+/// Options of a mount.
+#[derive(Clone, Debug)]
+pub struct MountOptions {
+    /// Threads answering the kernel.
+    pub threads: usize,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        Self { threads: 2 }
+    }
+}
+
+/// Mounts `vfs` at `mountpoint` and serves it from background threads until the returned
+/// session is unmounted (or dropped). Also starts the seal ticker (once a second), which stops
+/// when `stop` is set.
+pub fn spawn_mount(
+    vfs: Arc<Vfs>,
+    mountpoint: &Path,
+    opts: &MountOptions,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<BackgroundSession> {
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        fuser::MountOption::FSName("artifactfs".into()),
+        fuser::MountOption::Subtype("artifactfs".into()),
+        fuser::MountOption::DefaultPermissions,
+        fuser::MountOption::NoAtime,
+    ];
+    config.n_threads = Some(opts.threads.max(1));
+    let session = fuser::spawn_mount(ArtifactFs::new(vfs.clone()), mountpoint, &config)?;
+    std::thread::Builder::new()
+        .name("afs-seal-ticker".into())
+        .spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_secs(1));
+                vfs.tick();
+            }
+        })?;
+    Ok(session)
+}

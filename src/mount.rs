@@ -1,0 +1,226 @@
+//! `artifactfs mount` and `umount`: wiring the store, the engine's file-system view and the FUSE
+//! frontend together, detaching, and unmounting cleanly on SIGINT or SIGTERM.
+
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use artifactfs_core::vfs::{Vfs, VfsOptions};
+use artifactfs_core::{Error, InitOptions, Store};
+use nix::sys::signal::{SigSet, Signal};
+
+/// What `mount` was asked.
+pub struct MountArgs {
+    pub store: PathBuf,
+    pub mountpoint: PathBuf,
+    pub seal_after: Duration,
+    pub seal_marker: Option<String>,
+    pub verbose: u8,
+}
+
+/// Undoes the octal escapes of /proc/self/mountinfo (`\\040` for a space, …).
+fn unescape(field: &str) -> String {
+    let b = field.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Whether `dir` is a FUSE mount point now.
+pub fn is_mounted(dir: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    text.lines().any(|l| {
+        let mut parts = l.split(' ');
+        let point = parts.nth(4).map(unescape);
+        let fstype = l.split(" - ").nth(1).and_then(|r| r.split(' ').next());
+        point.as_deref().map(Path::new) == Some(dir)
+            && fstype.is_some_and(|t| t.starts_with("fuse"))
+    })
+}
+
+fn canonical_mountpoint(p: &Path) -> Result<PathBuf> {
+    let c = p
+        .canonicalize()
+        .map_err(|e| Error::io("resolve mount point", p, e))?;
+    if !c.is_dir() {
+        bail!(Error::invalid(
+            "mount point",
+            format!("{} is not a directory", c.display())
+        ));
+    }
+    Ok(c)
+}
+
+/// Starts `mount --foreground` as a new session and returns once the mount is ready.
+pub fn detach(a: &MountArgs) -> Result<()> {
+    let mp = canonical_mountpoint(&a.mountpoint)?;
+    if crate::cli::is_empty_or_missing(&a.store) {
+        drop(
+            Store::init(&a.store, &InitOptions::default())
+                .with_context(|| format!("cannot initialise store {}", a.store.display()))?,
+        );
+    }
+    let log_path = a.store.join("mount.log");
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("cannot open {}", log_path.display()))?;
+    let exe = std::env::current_exe().context("cannot find the artifactfs executable")?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("--store").arg(&a.store);
+    for _ in 0..a.verbose.max(1) {
+        cmd.arg("-v");
+    }
+    cmd.arg("mount")
+        .arg(&mp)
+        .arg("--foreground")
+        .arg("--detached")
+        .arg("--seal-after")
+        .arg(humantime::format_duration(a.seal_after).to_string());
+    if let Some(m) = &a.seal_marker {
+        cmd.arg("--seal-marker").arg(m);
+    }
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
+    let mut child = cmd.spawn().context("cannot start the mount process")?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if is_mounted(&mp) {
+            println!(
+                "mounted {} at {} (pid {})",
+                a.store.display(),
+                mp.display(),
+                child.id()
+            );
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait().context("wait for the mount process")? {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(5).collect();
+            bail!(
+                "the mount process exited ({status}) before the mount was ready; {} says:\n{}",
+                log_path.display(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the mount at {} was not ready after 60 s (see {})",
+                mp.display(),
+                log_path.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Serves the mount until SIGINT or SIGTERM, or until it is unmounted from outside.
+pub fn foreground(a: &MountArgs, detached: bool) -> Result<()> {
+    if detached {
+        let _ = nix::unistd::setsid();
+    }
+    // Block the signals before any thread starts, so that only the waiting thread sees them.
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGTERM);
+    signals.add(Signal::SIGHUP);
+    signals.thread_block().context("cannot block signals")?;
+
+    let mp = canonical_mountpoint(&a.mountpoint)?;
+    let store = if crate::cli::is_empty_or_missing(&a.store) {
+        Store::init(&a.store, &InitOptions::default())
+            .with_context(|| format!("cannot initialise store {}", a.store.display()))?
+    } else {
+        Store::open(&a.store).with_context(|| format!("cannot open store {}", a.store.display()))?
+    };
+    let opts = VfsOptions {
+        seal_after: a.seal_after,
+        seal_marker: a.seal_marker.clone(),
+        ..VfsOptions::default()
+    };
+    if let Some(m) = &opts.seal_marker {
+        artifactfs_core::names::validate_component("seal marker", m, true)?;
+    }
+    let vfs = Arc::new(Vfs::new(store, opts)?);
+    let stop = Arc::new(AtomicBool::new(false));
+    let session = artifactfs_fuse::spawn_mount(
+        vfs.clone(),
+        &mp,
+        &artifactfs_fuse::MountOptions::default(),
+        stop.clone(),
+    )
+    .with_context(|| format!("cannot mount at {}", mp.display()))?;
+    tracing::info!(
+        store = %a.store.display(), mountpoint = %mp.display(), seal_after = ?a.seal_after,
+        "mounted; until unmount, other artifactfs commands on this store report it in use"
+    );
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("afs-signals".into())
+        .spawn(move || {
+            if let Ok(sig) = signals.wait() {
+                let _ = tx.send(sig);
+            }
+        })
+        .context("cannot start the signal thread")?;
+    loop {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(sig) => {
+                tracing::info!(signal = ?sig, "unmounting");
+                break;
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                if session.guard.is_finished() {
+                    tracing::info!("unmounted from outside");
+                    stop.store(true, Ordering::Relaxed);
+                    return session
+                        .join()
+                        .context("the file system ended with an error");
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    if let Err(e) = session.umount_and_join() {
+        tracing::warn!("unmount failed ({e}); detaching the mount lazily");
+        let _ = Command::new("fusermount3").arg("-uz").arg(&mp).status();
+    }
+    Ok(())
+}
+
+/// `umount`: asks fusermount3 to unmount.
+pub fn umount(mp: &Path) -> Result<()> {
+    let out = Command::new("fusermount3")
+        .arg("-u")
+        .arg(mp)
+        .output()
+        .context("cannot run fusermount3 (install fuse3)")?;
+    if !out.status.success() {
+        bail!(
+            "fusermount3 -u {} failed: {}",
+            mp.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}

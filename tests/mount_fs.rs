@@ -1,0 +1,546 @@
+//! End-to-end tests of `artifactfs mount`: real FUSE mounts served by the real binary.
+//!
+//! Every mount is a child process (`mount --foreground`) owned by a [`Mount`] guard that
+//! unmounts (lazily if busy) and kills it on drop, so a failing test never leaves a hung mount.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Env, Node, snapshot};
+use guide_board_sim::generate::{Options, generate};
+
+fn is_mounted(dir: &Path) -> bool {
+    let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let want = dir.to_str().unwrap().replace(' ', "\\040");
+    text.lines()
+        .any(|l| l.split(' ').nth(4) == Some(want.as_str()) && l.contains(" - fuse"))
+}
+
+/// A running `artifactfs mount --foreground`.
+struct Mount {
+    child: Option<Child>,
+    mnt: PathBuf,
+    log: PathBuf,
+}
+
+impl Mount {
+    fn start(env: &Env, mnt: &Path, extra: &[&str]) -> Mount {
+        fs::create_dir_all(mnt).unwrap();
+        let mnt = mnt.canonicalize().unwrap();
+        let log = env.path(&format!(
+            "mount-{}.log",
+            Instant::now().elapsed().as_nanos() ^ rand::random::<u64>() as u128
+        ));
+        let mut args = vec!["-v", "mount", mnt.to_str().unwrap(), "--foreground"];
+        args.extend_from_slice(extra);
+        let child = env
+            .std_cmd(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn mount");
+        let mut m = Mount {
+            child: Some(child),
+            mnt,
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !is_mounted(&m.mnt) {
+            if let Some(st) = m.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("mount exited early ({st}):\n{}", m.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "mount not ready:\n{}",
+                m.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        m
+    }
+
+    fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn p(&self, rel: &str) -> PathBuf {
+        self.mnt.join(rel)
+    }
+
+    /// Clean unmount; waits for the process to exit 0.
+    fn unmount(mut self) {
+        let st = Command::new("fusermount3")
+            .arg("-u")
+            .arg(&self.mnt)
+            .status()
+            .unwrap();
+        assert!(st.success(), "fusermount3 -u failed:\n{}", self.log_text());
+        let mut child = self.child.take().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                assert!(st.success(), "mount exited with {st}:\n{}", self.log_text());
+                return;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("mount did not exit after unmount:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// kill -9, then clean the stale mount point.
+    fn kill9(mut self) {
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let _ = Command::new("fusermount3")
+            .arg("-uz")
+            .arg(&self.mnt)
+            .status();
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let ok = Command::new("fusermount3")
+                .arg("-u")
+                .arg(&self.mnt)
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if !ok {
+                let _ = Command::new("fusermount3")
+                    .arg("-uz")
+                    .arg(&self.mnt)
+                    .stderr(Stdio::null())
+                    .status();
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn errno<T: std::fmt::Debug>(r: std::io::Result<T>) -> i32 {
+    r.expect_err("operation should fail")
+        .raw_os_error()
+        .expect("an OS error")
+}
+
+fn state(run_dir: &Path) -> String {
+    String::from_utf8(
+        xattr::get(run_dir, "user.artifactfs.state")
+            .unwrap()
+            .unwrap_or_default(),
+    )
+    .unwrap()
+}
+
+fn wait_sealed(run_dir: &Path, within: Duration) {
+    let deadline = Instant::now() + within;
+    while state(run_dir) != "sealed" {
+        assert!(
+            Instant::now() < deadline,
+            "{} not sealed in time",
+            run_dir.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn seal(run_dir: &Path) {
+    xattr::set(run_dir, "user.artifactfs.seal", b"1").expect("seal");
+}
+
+/// A tree snapshot without the mount's read-only `user.artifactfs.*` facts.
+fn facts_free(root: &Path) -> BTreeMap<String, Node> {
+    let mut s = snapshot(root, true);
+    for n in s.values_mut() {
+        n.xattrs.retain(|k, _| !k.starts_with("user.artifactfs."));
+    }
+    s
+}
+
+fn assert_same(a: &Path, b: &Path) {
+    let (sa, sb) = (facts_free(a), facts_free(b));
+    assert_eq!(
+        sa.keys().collect::<Vec<_>>(),
+        sb.keys().collect::<Vec<_>>(),
+        "paths differ"
+    );
+    for (k, v) in &sa {
+        assert_eq!(v, &sb[k], "entry {k:?} differs");
+    }
+}
+
+fn manifest_entries(env: &Env, run: &str) -> serde_json::Value {
+    let m: serde_json::Value = serde_json::from_str(&env.ok(&["manifest", run, "--json"])).unwrap();
+    m["entries"].clone()
+}
+
+#[test]
+fn cp_a_then_seal_equals_source_export_and_ingest() {
+    let env = Env::new();
+    generate(
+        &Options {
+            out: env.path("gen"),
+            seed: 7,
+            runs: 1,
+            size: 16 << 20,
+            small_files: Some(200),
+            first_run: 0,
+        },
+        |_| {},
+    )
+    .unwrap();
+    let src = env.path("gen/run-0000");
+    xattr::set(&src, "user.statehub.run_id", b"sh-42").unwrap();
+    let m = Mount::start(&env, &env.path("mnt"), &["--seal-after", "1h"]);
+    fs::create_dir_all(m.p("guide-board/run-0000")).unwrap();
+    let st = Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", src.display()))
+        .arg(m.p("guide-board/run-0000"))
+        .status()
+        .unwrap();
+    assert!(st.success(), "cp -a failed:\n{}", m.log_text());
+    let run = m.p("guide-board/run-0000");
+    assert_eq!(state(&run), "open");
+    // The open run already looks like the source.
+    assert_same(&src, &run);
+    seal(&run);
+    assert_eq!(state(&run), "sealed");
+    assert_same(&src, &run);
+    let digest = xattr::get(&run, "user.artifactfs.manifest")
+        .unwrap()
+        .unwrap();
+    let via_ctl = fs::read(m.p(".artifactfs/manifests/guide-board/run-0000.json")).unwrap();
+    assert_eq!(
+        blake3::hash(&via_ctl).to_hex().as_bytes(),
+        digest.as_slice(),
+        "the control directory serves the canonical manifest bytes"
+    );
+    let status: serde_json::Value =
+        serde_json::from_slice(&fs::read(m.p(".artifactfs/status")).unwrap()).unwrap();
+    assert_eq!(status["runs"]["sealed"], 1);
+    let events = fs::read_to_string(m.p(".artifactfs/events")).unwrap();
+    assert!(events.lines().any(|l| l.contains("\"run.sealed\"")));
+    m.unmount();
+
+    env.ok(&[
+        "export",
+        "guide-board/run-0000",
+        env.path("out").to_str().unwrap(),
+    ]);
+    common::assert_same_tree(&src, &env.path("out"));
+    env.ok(&["verify"]);
+
+    let other = Env::new();
+    other.ingest(&src, "guide-board/run-0000");
+    assert_eq!(
+        manifest_entries(&env, "guide-board/run-0000"),
+        manifest_entries(&other, "guide-board/run-0000"),
+        "mount-sealed and ingested manifests have the same entries"
+    );
+    let meta: serde_json::Value = serde_json::from_str(&env.ok(&["runs", "--json"])).unwrap();
+    assert_eq!(meta[0]["metadata"]["statehub.run_id"], "sh-42");
+}
+
+#[test]
+fn sealed_runs_are_immutable_and_seal_triggers_work() {
+    let env = Env::new();
+    let m = Mount::start(
+        &env,
+        &env.path("mnt"),
+        &["--seal-after", "1h", "--seal-marker", "_SUCCESS"],
+    );
+    fs::create_dir_all(m.p("ns/a/sub")).unwrap();
+    fs::write(m.p("ns/a/f"), b"data").unwrap();
+
+    // EBUSY while a file is open, then the seal goes through.
+    let open = OpenOptions::new().append(true).open(m.p("ns/a/f")).unwrap();
+    let e = xattr::set(m.p("ns/a"), "user.artifactfs.seal", b"1").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc_ebusy()));
+    drop(open);
+    seal(&m.p("ns/a"));
+
+    let run = m.p("ns/a");
+    const EROFS: i32 = 30;
+    const EPERM: i32 = 1;
+    assert_eq!(
+        errno(OpenOptions::new().write(true).open(run.join("f"))),
+        EROFS
+    );
+    assert_eq!(errno(File::create(run.join("new"))), EROFS);
+    assert_eq!(errno(fs::remove_file(run.join("f"))), EROFS);
+    assert_eq!(errno(fs::rename(run.join("f"), run.join("g"))), EROFS);
+    assert_eq!(errno(fs::create_dir(run.join("d"))), EROFS);
+    assert_eq!(errno(fs::remove_dir(run.join("sub"))), EROFS);
+    assert_eq!(
+        errno(fs::set_permissions(
+            run.join("f"),
+            fs::Permissions::from_mode(0o600)
+        )),
+        EROFS
+    );
+    assert_eq!(
+        errno(nix_truncate(&run.join("f"))),
+        EROFS,
+        "truncate of a sealed file"
+    );
+    assert_eq!(errno(xattr::set(run.join("f"), "user.x", b"1")), EPERM);
+    assert_eq!(errno(xattr::set(&run, "user.x", b"1")), EPERM);
+    assert_eq!(fs::read(run.join("f")).unwrap(), b"data");
+    assert_eq!(
+        xattr::get(run.join("f"), "user.artifactfs.blake3")
+            .unwrap()
+            .unwrap(),
+        blake3::hash(b"data").to_hex().as_bytes()
+    );
+
+    // The marker: closing _SUCCESS seals the run (the marker is part of it).
+    fs::create_dir_all(m.p("ns/b")).unwrap();
+    fs::write(m.p("ns/b/out.txt"), b"out").unwrap();
+    fs::write(m.p("ns/b/_SUCCESS"), b"").unwrap();
+    wait_sealed(&m.p("ns/b"), Duration::from_secs(10));
+    assert!(m.p("ns/b/_SUCCESS").exists());
+
+    // The control file.
+    fs::create_dir_all(m.p("ns/c")).unwrap();
+    fs::write(m.p("ns/c/x"), b"x").unwrap();
+    fs::write(m.p(".artifactfs/seal"), b"ns/c\n").unwrap();
+    assert_eq!(state(&m.p("ns/c")), "sealed");
+    m.unmount();
+    let runs = env.ok(&["runs"]);
+    assert_eq!(
+        runs.lines().filter(|l| l.contains("\tsealed\t")).count(),
+        3,
+        "{runs}"
+    );
+}
+
+fn libc_ebusy() -> i32 {
+    16
+}
+
+fn nix_truncate(p: &Path) -> std::io::Result<()> {
+    // `truncate(2)` by path, as `truncate -s 0` does.
+    let st = Command::new("truncate")
+        .arg("-s")
+        .arg("0")
+        .arg(p)
+        .stderr(Stdio::piped())
+        .output()?;
+    if st.status.success() {
+        Ok(())
+    } else if String::from_utf8_lossy(&st.stderr).contains("Read-only file system") {
+        Err(std::io::Error::from_raw_os_error(30))
+    } else {
+        Err(std::io::Error::other(
+            String::from_utf8_lossy(&st.stderr).into_owned(),
+        ))
+    }
+}
+
+#[test]
+fn quiet_runs_seal_by_themselves() {
+    let env = Env::new();
+    let m = Mount::start(&env, &env.path("mnt"), &["--seal-after", "1s"]);
+    fs::create_dir_all(m.p("ns/quiet")).unwrap();
+    fs::write(m.p("ns/quiet/a"), b"a").unwrap();
+    wait_sealed(&m.p("ns/quiet"), Duration::from_secs(15));
+    assert_eq!(fs::read(m.p("ns/quiet/a")).unwrap(), b"a");
+}
+
+/// The same random writes, truncates and renames on a plain directory and in an open run give
+/// the same files, before and after sealing.
+#[test]
+fn random_writes_match_a_plain_directory() {
+    use rand::{Rng, SeedableRng};
+    let env = Env::new();
+    let plain = env.path("plain");
+    fs::create_dir_all(&plain).unwrap();
+    let m = Mount::start(&env, &env.path("mnt"), &["--seal-after", "1h"]);
+    let run = m.p("ns/diff");
+    fs::create_dir_all(&run).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let names = ["a", "b", "c"];
+    for root in [&plain, &run] {
+        for n in names {
+            File::create(root.join(n)).unwrap();
+        }
+    }
+    for step in 0..300 {
+        let n = names[rng.random_range(0..names.len())];
+        let op = rng.random_range(0..10);
+        let off = rng.random_range(0..3_000_000u64);
+        let len = rng.random_range(0..200_000usize);
+        let data = common::bytes(len, step);
+        let new_len = rng.random_range(0..2_000_000u64);
+        for root in [&plain, &run] {
+            let p = root.join(n);
+            match op {
+                0..=5 => {
+                    let f = OpenOptions::new().write(true).open(&p).unwrap();
+                    f.write_all_at(&data, off).unwrap();
+                }
+                6 => {
+                    let mut f = OpenOptions::new().append(true).open(&p).unwrap();
+                    f.write_all(&data).unwrap();
+                }
+                7 => OpenOptions::new()
+                    .write(true)
+                    .open(&p)
+                    .unwrap()
+                    .set_len(new_len)
+                    .unwrap(),
+                8 => {
+                    let mut f = OpenOptions::new().read(true).write(true).open(&p).unwrap();
+                    f.seek(SeekFrom::End(0)).unwrap();
+                    f.write_all(&data[..len.min(100)]).unwrap();
+                    f.sync_all().unwrap();
+                }
+                _ => {
+                    let tmp = root.join("tmp");
+                    fs::write(&tmp, &data).unwrap();
+                    fs::rename(&tmp, &p).unwrap();
+                }
+            }
+        }
+    }
+    let read_all = |p: &Path| {
+        let mut v = Vec::new();
+        File::open(p).unwrap().read_to_end(&mut v).unwrap();
+        v
+    };
+    for n in names {
+        assert!(
+            read_all(&plain.join(n)) == read_all(&run.join(n)),
+            "{n} differs"
+        );
+    }
+    assert!(!run.join("tmp").exists());
+    seal(&run);
+    for n in names {
+        assert!(
+            read_all(&plain.join(n)) == read_all(&run.join(n)),
+            "{n} differs after seal"
+        );
+    }
+}
+
+#[test]
+fn remount_and_kill_9_keep_closed_files() {
+    let env = Env::new();
+    let mnt = env.path("mnt");
+    let m = Mount::start(&env, &mnt, &["--seal-after", "1h"]);
+    fs::create_dir_all(m.p("ns/open/d")).unwrap();
+    fs::write(m.p("ns/open/d/kept"), common::bytes(300_000, 1)).unwrap();
+    common::set_mtime(&m.p("ns/open/d/kept"), 1_700_000_000, 123_456_789);
+    xattr::set(m.p("ns/open/d/kept"), "user.k", b"v").unwrap();
+    fs::create_dir_all(m.p("ns/sealed")).unwrap();
+    fs::write(m.p("ns/sealed/s"), b"sealed bytes").unwrap();
+    seal(&m.p("ns/sealed"));
+    m.unmount();
+    // Other commands work once the mount is gone.
+    assert!(env.ok(&["runs"]).contains("ns/open\topen"));
+
+    let m = Mount::start(&env, &mnt, &["--seal-after", "1h"]);
+    assert_eq!(state(&m.p("ns/open")), "open");
+    assert_eq!(
+        fs::read(m.p("ns/open/d/kept")).unwrap(),
+        common::bytes(300_000, 1)
+    );
+    let md = fs::metadata(m.p("ns/open/d/kept")).unwrap();
+    assert_eq!(
+        (
+            std::os::unix::fs::MetadataExt::mtime(&md),
+            std::os::unix::fs::MetadataExt::mtime_nsec(&md)
+        ),
+        (1_700_000_000, 123_456_789)
+    );
+    assert_eq!(
+        xattr::get(m.p("ns/open/d/kept"), "user.k")
+            .unwrap()
+            .unwrap(),
+        b"v"
+    );
+    assert_eq!(fs::read(m.p("ns/sealed/s")).unwrap(), b"sealed bytes");
+    // The store is owned by the mount.
+    let out = env.run(&["runs"]);
+    assert_eq!(out.status.code(), Some(5));
+
+    // kill -9 after a closed and an fsynced file.
+    fs::write(m.p("ns/open/closed"), common::bytes(2_000_000, 2)).unwrap();
+    let mut f = File::create(m.p("ns/open/synced")).unwrap();
+    f.write_all(&common::bytes(100_000, 3)).unwrap();
+    f.sync_all().unwrap();
+    m.kill9();
+
+    let m = Mount::start(&env, &mnt, &["--seal-after", "1h"]);
+    assert_eq!(
+        fs::read(m.p("ns/open/closed")).unwrap(),
+        common::bytes(2_000_000, 2)
+    );
+    assert_eq!(
+        fs::read(m.p("ns/open/synced")).unwrap(),
+        common::bytes(100_000, 3)
+    );
+    drop(f);
+    seal(&m.p("ns/open"));
+    m.unmount();
+    env.ok(&["verify"]);
+    let out = env.run(&["cat", "ns/open/synced"]);
+    assert!(out.status.success());
+    assert_eq!(out.stdout, common::bytes(100_000, 3));
+}
+
+#[test]
+fn bad_input_is_refused_with_the_right_errno() {
+    let env = Env::new();
+    let m = Mount::start(&env, &env.path("mnt"), &["--seal-after", "1h"]);
+    const EPERM: i32 = 1;
+    const EINVAL: i32 = 22;
+    const ENAMETOOLONG: i32 = 36;
+    const EOPNOTSUPP: i32 = 95;
+    const ENOTEMPTY: i32 = 39;
+    assert_eq!(errno(File::create(m.p("file-in-root"))), EPERM);
+    fs::create_dir(m.p("ns")).unwrap();
+    assert_eq!(errno(File::create(m.p("ns/file-in-namespace"))), EPERM);
+    assert_eq!(errno(fs::create_dir(m.p(".hidden-ns"))), EINVAL);
+    assert_eq!(errno(fs::create_dir(m.p("ns/bad\u{7}name"))), EINVAL);
+    assert_eq!(errno(fs::create_dir(m.p(&"x".repeat(256)))), ENAMETOOLONG);
+    fs::create_dir(m.p("ns/r")).unwrap();
+    assert_eq!(
+        errno(xattr::set(m.p("ns/r"), "user.artifactfs.retain", b"1")),
+        EINVAL
+    );
+    // ENODATA, which the xattr crate reports as "no value".
+    assert_eq!(
+        xattr::get(m.p("ns/r"), "user.artifactfs.nope").unwrap(),
+        None
+    );
+    assert_eq!(
+        errno(xattr::set(m.p("ns/r"), "trusted.x", b"1")),
+        EOPNOTSUPP
+    );
+    fs::create_dir(m.p("ns/r/d")).unwrap();
+    fs::write(m.p("ns/r/d/f"), b"1").unwrap();
+    assert_eq!(errno(fs::remove_dir(m.p("ns/r/d"))), ENOTEMPTY);
+    assert_eq!(errno(fs::remove_dir(m.p("ns"))), ENOTEMPTY);
+    assert!(
+        m.log_text().contains("only directories can be made"),
+        "EPERM is logged"
+    );
+}
