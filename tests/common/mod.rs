@@ -11,6 +11,8 @@ use std::process::Output;
 
 use assert_cmd::Command;
 
+pub mod mount;
+
 /// A temporary store and scratch space.
 pub struct Env {
     pub dir: tempfile::TempDir,

@@ -207,7 +207,10 @@ impl Index {
                 message: format!("cannot use WAL mode (got {mode})"),
             });
         }
-        conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")
+        // NORMAL: a commit survives a crash of this process (the WAL is written before COMMIT
+        // returns) but only reaches the disk at the next checkpoint. Commits that other
+        // durable state depends on (packs, seals) switch to FULL: see `durable`.
+        conn.execute_batch("PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON;")
             .map_err(&err)?;
         let mut idx = Self {
             conn,
@@ -324,6 +327,16 @@ impl Index {
         entries: &[PackEntry],
         now_ns: i64,
     ) -> Result<()> {
+        self.durable(|s| s.insert_pack_tx(id, size, entries, now_ns))
+    }
+
+    fn insert_pack_tx(
+        &mut self,
+        id: &PackId,
+        size: u64,
+        entries: &[PackEntry],
+        now_ns: i64,
+    ) -> Result<()> {
         let path = self.path.clone();
         let err = sql_err(&path);
         let tx = self
@@ -409,6 +422,16 @@ impl Index {
     /// Records a sealed run in one transaction: run row, metadata, files and events.
     /// Fails with [`Error::AlreadyExists`] if a run of that name exists.
     pub fn insert_sealed_run(
+        &mut self,
+        m: &Manifest,
+        digest: &ManifestDigest,
+        now_ns: i64,
+        event_detail: serde_json::Value,
+    ) -> Result<i64> {
+        self.durable(|s| s.insert_sealed_run_tx(m, digest, now_ns, event_detail))
+    }
+
+    fn insert_sealed_run_tx(
         &mut self,
         m: &Manifest,
         digest: &ManifestDigest,
@@ -893,6 +916,32 @@ impl Index {
         })
     }
 
+    /// Runs `f` with `synchronous=FULL`: its commit, and every commit before it, is on disk when
+    /// it returns. For commits that other durable state depends on (a seal after which staging
+    /// files are deleted; packs, so the index never lags what a manifest names).
+    fn durable<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+        let path = self.path.clone();
+        self.conn
+            .execute_batch("PRAGMA synchronous=FULL")
+            .map_err(sql_err(&path))?;
+        let out = f(self);
+        let reset = self
+            .conn
+            .execute_batch("PRAGMA synchronous=NORMAL")
+            .map_err(sql_err(&path));
+        let out = out?;
+        reset?;
+        Ok(out)
+    }
+
+    /// Makes every commit so far durable (a checkpoint syncs the WAL, then the database).
+    pub fn sync(&mut self) -> Result<()> {
+        let path = self.path.clone();
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+            .map_err(sql_err(&path))
+    }
+
     /// Runs `f` inside one `BEGIN IMMEDIATE` transaction, committed only if `f` succeeds.
     pub fn meta_write<T>(&mut self, f: impl FnOnce(&Meta<'_>) -> Result<T>) -> Result<T> {
         let path = self.path.clone();
@@ -913,6 +962,17 @@ impl Index {
     /// its metadata and entries become `run_meta` and `files` rows, the event `run.sealed` is
     /// appended, and its inodes and directory entries are deleted.
     pub fn seal_open_run(
+        &mut self,
+        run_id: i64,
+        m: &Manifest,
+        digest: &ManifestDigest,
+        now_ns: i64,
+        event_detail: serde_json::Value,
+    ) -> Result<()> {
+        self.durable(|s| s.seal_open_run_tx(run_id, m, digest, now_ns, event_detail))
+    }
+
+    fn seal_open_run_tx(
         &mut self,
         run_id: i64,
         m: &Manifest,

@@ -1414,6 +1414,8 @@ impl Vfs {
             file.sync_all()
                 .map_err(|e| Error::io("fsync", self.staging_path(run, inode), e))?;
             self.persist_mtime(&mut st, inode)?;
+            // The file's metadata (size, times, name) is in the index: make that durable too.
+            self.store.index().sync()?;
         }
         Ok(())
     }
@@ -1836,11 +1838,18 @@ impl Vfs {
             .ok_or_else(|| Error::NoAttr(name.to_owned()))
     }
 
-    /// `listxattr`: the names.
+    /// `listxattr`: the names. An open run lists only what producers set: its `state` fact can
+    /// still be read by name, but listing it would make `rsync -X` and `cp --preserve=all`
+    /// try to remove or copy a read-only attribute. Sealed runs list their facts.
     pub fn listxattr(&self, ino: u64) -> Result<Vec<String>> {
         let mut st = self.lock();
         let node = self.node(&st, ino)?;
-        Ok(self.xattrs_of(&mut st, node)?.into_keys().collect())
+        let hide_facts = matches!(node, Node::Open(_));
+        Ok(self
+            .xattrs_of(&mut st, node)?
+            .into_keys()
+            .filter(|k| !(hide_facts && k.starts_with(FACTS_PREFIX)))
+            .collect())
     }
 
     /// `setxattr`; setting `user.artifactfs.seal` on an open run's directory seals it.

@@ -1,0 +1,253 @@
+//! Standard tools through a real mount: rsync -aX, tar, Python writes, mmap reads, many small
+//! files with ls -lR and find, a 3 GiB sparse file, and two producers at once.
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::Env;
+use common::mount::{Mount, assert_same, seal, state};
+use guide_board_sim::generate::{Options, generate};
+
+fn sim_run(env: &Env, seed: u64, size: u64) -> std::path::PathBuf {
+    let out = env.path(&format!("sim-{seed}"));
+    generate(
+        &Options {
+            out: out.clone(),
+            seed,
+            runs: 1,
+            size,
+            small_files: Some(300),
+            first_run: 0,
+        },
+        |_| {},
+    )
+    .unwrap();
+    out.join("run-0000")
+}
+
+fn sh(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("run tool");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn rsync_and_tar_into_the_mount_then_seal() {
+    let env = Env::new();
+    let src = sim_run(&env, 11, 12 << 20);
+    xattr::set(src.join("manifest.txt"), "user.origin", b"rsync-test").unwrap();
+    let m = Mount::start(&env, &env.path("mnt"), &[]);
+    fs::create_dir_all(m.p("lab/by-rsync")).unwrap();
+    sh(Command::new("rsync")
+        .arg("-aX")
+        .arg(format!("{}/", src.display()))
+        .arg(m.p("lab/by-rsync")));
+    fs::create_dir_all(m.p("lab/by-tar")).unwrap();
+    sh(Command::new("sh").arg("-c").arg(format!(
+        "tar --xattrs -C '{}' -cf - . | tar --xattrs --xattrs-include='user.*' -C '{}' -xpf -",
+        src.display(),
+        m.p("lab/by-tar").display()
+    )));
+    for run in ["lab/by-rsync", "lab/by-tar"] {
+        let dir = m.p(run);
+        // rsync and tar set the run directory's own mode and mtime from the source's root.
+        seal(&dir);
+        assert_eq!(state(&dir), "sealed");
+        assert_same(&src, &dir);
+    }
+    m.unmount();
+    for run in ["lab/by-rsync", "lab/by-tar"] {
+        let dest = env.path(&format!("export-{}", run.replace('/', "-")));
+        env.ok(&["export", run, dest.to_str().unwrap()]);
+        common::assert_same_tree(&src, &dest);
+    }
+    assert!(env.ok(&["verify"]).contains("ok"));
+}
+
+#[test]
+fn python_writes_and_mmap_reads() {
+    let env = Env::new();
+    let m = Mount::start(&env, &env.path("mnt"), &[]);
+    let run = m.p("py/run-1");
+    fs::create_dir_all(&run).unwrap();
+    let script = r#"
+import mmap, os, sys, hashlib
+run = sys.argv[1]
+p = os.path.join(run, "data.bin")
+with open(p, "wb") as f:
+    f.write(b"A" * 1_000_000)
+    f.seek(500_000)
+    f.write(b"overwritten in the middle")
+    f.seek(3_000_000)            # a hole, then a tail
+    f.write(b"tail")
+    f.truncate(2_500_000)        # cut back into the hole
+with open(p, "r+b") as f:
+    f.seek(10)
+    f.write(b"patched")
+    f.flush()
+    os.fsync(f.fileno())
+with open(os.path.join(run, "log.txt"), "a") as f:
+    for i in range(1000):
+        print(f"line {i}", file=f)
+os.rename(os.path.join(run, "log.txt"), os.path.join(run, "final.log"))
+print(hashlib.blake2b(open(p, "rb").read()).hexdigest())
+"#;
+    let before = sh(Command::new("python3").arg("-c").arg(script).arg(&run));
+    // The same operations in a plain directory give the same bytes.
+    let plain = env.path("plain");
+    fs::create_dir_all(&plain).unwrap();
+    let expected = sh(Command::new("python3").arg("-c").arg(script).arg(&plain));
+    assert_eq!(before, expected);
+    seal(&run);
+    let mmap_read = r#"
+import mmap, sys, hashlib
+with open(sys.argv[1], "rb") as f:
+    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        print(hashlib.blake2b(mm[:]).hexdigest())
+        assert mm[10:17] == b"patched"
+        assert mm[500_000:500_025] == b"overwritten in the middle"
+        assert len(mm) == 2_500_000
+"#;
+    let after = sh(Command::new("python3")
+        .arg("-c")
+        .arg(mmap_read)
+        .arg(run.join("data.bin")));
+    assert_eq!(after, expected);
+    assert_eq!(
+        fs::read(run.join("final.log")).unwrap(),
+        fs::read(plain.join("final.log")).unwrap()
+    );
+}
+
+#[test]
+fn twenty_thousand_small_files_ls_and_find() {
+    let env = Env::new();
+    let m = Mount::start(&env, &env.path("mnt"), &[]);
+    let run = m.p("many/run");
+    for d in 0..20 {
+        let dir = run.join(format!("d{d:02}"));
+        fs::create_dir_all(&dir).unwrap();
+        for i in 0..1000 {
+            fs::write(
+                dir.join(format!("case-{i:04}.json")),
+                format!("{{\"d\":{d},\"i\":{i}}}\n"),
+            )
+            .unwrap();
+        }
+    }
+    let count = |root: &Path| -> usize {
+        sh(Command::new("find").arg(root).arg("-type").arg("f"))
+            .lines()
+            .count()
+    };
+    assert_eq!(count(&run), 20_000);
+    let ls_open = sh(Command::new("ls").arg("-lR").arg(&run));
+    seal(&run);
+    assert_eq!(count(&run), 20_000);
+    let ls_sealed = sh(Command::new("ls").arg("-lR").arg(&run));
+    assert_eq!(ls_open, ls_sealed, "ls -lR differs after the seal");
+    let du = sh(Command::new("du")
+        .arg("-s")
+        .arg("--apparent-size")
+        .arg("-B1")
+        .arg(&run));
+    assert!(
+        du.split_whitespace()
+            .next()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            > 200_000
+    );
+}
+
+#[test]
+fn sparse_file_of_3_gib_through_the_mount() {
+    let env = Env::new();
+    let m = Mount::start(&env, &env.path("mnt"), &[]);
+    let run = m.p("disk/img");
+    fs::create_dir_all(&run).unwrap();
+    let f = fs::File::create(run.join("disk.img")).unwrap();
+    f.set_len(3 << 30).unwrap();
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(b"boot sector", 0).unwrap();
+    f.write_all_at(b"middle", 3 << 29).unwrap();
+    drop(f);
+    seal(&run);
+    let meta = fs::metadata(run.join("disk.img")).unwrap();
+    assert_eq!(meta.len(), 3 << 30);
+    let f = fs::File::open(run.join("disk.img")).unwrap();
+    let mut buf = [0u8; 11];
+    f.read_exact_at(&mut buf, 0).unwrap();
+    assert_eq!(&buf, b"boot sector");
+    let mut buf = [0u8; 6];
+    f.read_exact_at(&mut buf, 3 << 29).unwrap();
+    assert_eq!(&buf, b"middle");
+    drop(f);
+    m.unmount();
+    let stored = env.stats()["stored_bytes"].as_u64().unwrap();
+    assert!(
+        stored < 10 << 20,
+        "a sparse 3 GiB file took {stored} stored bytes"
+    );
+}
+
+#[test]
+fn two_producers_write_two_runs_at_once() {
+    let env = Env::new();
+    let a = sim_run(&env, 21, 8 << 20);
+    let b = sim_run(&env, 22, 8 << 20);
+    let m = Mount::start(&env, &env.path("mnt"), &["--seal-marker", "_SUCCESS"]);
+    let producers: Vec<_> = [(a.clone(), m.p("lab/a")), (b.clone(), m.p("lab/b"))]
+        .into_iter()
+        .map(|(src, dst)| {
+            std::thread::spawn(move || {
+                fs::create_dir_all(&dst).unwrap();
+                let st = Command::new("cp")
+                    .arg("-a")
+                    .arg(format!("{}/.", src.display()))
+                    .arg(&dst)
+                    .status()
+                    .unwrap();
+                assert!(st.success());
+                fs::write(dst.join("_SUCCESS"), b"").unwrap();
+            })
+        })
+        .collect();
+    for p in producers {
+        p.join().unwrap();
+    }
+    for run in ["lab/a", "lab/b"] {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while state(&m.p(run)) != "sealed" {
+            assert!(std::time::Instant::now() < deadline, "{run} never sealed");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    m.unmount();
+    for (src, run) in [(&a, "lab/a"), (&b, "lab/b")] {
+        let dest = env.path(&format!("export-{}", run.replace('/', "-")));
+        env.ok(&["export", run, dest.to_str().unwrap()]);
+        fs::remove_file(dest.join("_SUCCESS")).unwrap();
+        let out = Command::new("diff")
+            .arg("-r")
+            .arg(src)
+            .arg(&dest)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    assert!(env.ok(&["verify"]).contains("ok"));
+}
