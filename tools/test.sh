@@ -18,4 +18,8 @@ fi
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The S3 backend's tests run against a real Ceph RGW on 127.0.0.1:7480 (installed on first
+# use); it keeps everything in RAM, so it is stopped and wiped whatever the tests did.
+tools/ceph-rgw/start.sh
+trap 'tools/ceph-rgw/stop.sh' EXIT
 cargo test --workspace --locked
