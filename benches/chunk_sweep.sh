@@ -5,13 +5,15 @@
 #   benches/chunk_sweep.sh [--size 256MiB] [--runs 6] [--seed 1] [--settings LIST] [--json OUT]
 #
 # LIST is space- or comma-separated MIN/AVG/MAX triples with K/M suffixes (binary), by default
-#   32K/128K/512K 64K/256K/1M 128K/512K/2M 256K/1M/4M 512K/2M/8M 1M/4M/16M
+#   16K/64K/256K 32K/128K/512K 64K/256K/1M 128K/512K/2M 256K/1M/4M 512K/2M/8M 1M/4M/16M
 # For each setting: `artifactfs init --chunk-min --chunk-avg --chunk-max` (other settings at their
 # defaults), ingest every run in order under GNU time, then report the total stored bytes (packs
 # and manifests), the reduction over all runs (sum of raw bytes / stored bytes), the dedup alone
 # (sum of raw bytes / new chunk plaintext), the number of chunks and packs, the size of
 # index.sqlite, the manifest bytes, and the total ingest wall time and MB/s.
 # Every run is read once before timing (warm page cache). MB = 10^6 bytes.
+#
+# On a shared machine, BENCH_NICE=-10 (as root) runs the ingests at that niceness.
 #
 # Work files go to a fresh directory under $BENCH_DIR (default: a mktemp directory under /tmp),
 # removed on exit unless KEEP=1. Needs about RUNS x SIZE plus one store of free space there.
@@ -20,7 +22,7 @@ set -euo pipefail
 size=256MiB
 runs=6
 seed=1
-settings="32K/128K/512K 64K/256K/1M 128K/512K/2M 256K/1M/4M 512K/2M/8M 1M/4M/16M"
+settings="16K/64K/256K 32K/128K/512K 64K/256K/1M 128K/512K/2M 256K/1M/4M 512K/2M/8M 1M/4M/16M"
 json_out=
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }

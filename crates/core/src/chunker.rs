@@ -23,9 +23,9 @@ impl Default for ChunkerParams {
     /// Chosen by the sweep recorded in `docs/adr/0005-chunk-size.md`.
     fn default() -> Self {
         Self {
-            min_size: 256 * 1024,
-            avg_size: 1024 * 1024,
-            max_size: 4 * 1024 * 1024,
+            min_size: 64 * 1024,
+            avg_size: 256 * 1024,
+            max_size: 1024 * 1024,
         }
     }
 }
