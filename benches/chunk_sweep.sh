@@ -92,6 +92,7 @@ done
     echo "- rerun: \`benches/chunk_sweep.sh --size $size --runs $runs --seed $seed --settings '$settings'\`"
 } >"$res/header.md"
 
+# shellcheck disable=SC2086 # one argument per setting
 python3 - "$res" "$runs" "$json_out" $settings <<'EOF'
 import json, os, sys
 

@@ -1,3 +1,4 @@
+# shellcheck shell=bash disable=SC2034 # sourced: the variables are used by the scripts
 # Shared helpers of benches/ingest.sh and benches/chunk_sweep.sh; sourced, not run.
 #
 # Sets REPO (the workspace root), WORK (a fresh directory under $BENCH_DIR, or a mktemp directory
@@ -93,6 +94,7 @@ timed_ingest() {
 # whose autogroup gets the same niceness.
 prio() {
     if [[ -n ${BENCH_NICE:-} ]]; then
+        # shellcheck disable=SC2016 # expanded by the inner shell
         setsid --wait bash -c 'if [[ -w /proc/self/autogroup ]]; then echo "$0" >/proc/self/autogroup 2>/dev/null || true; fi; exec nice -n "$0" "$@"' "$BENCH_NICE" "$@"
     else
         "$@"
