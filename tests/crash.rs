@@ -58,12 +58,35 @@ fn kill_9_during_ingest_loses_nothing_committed() {
             ) == name
         });
         if finished_before_kill && status.success() {
-            sealed_by_race += 1;
             assert!(visible, "{name} finished but is not listed");
-        } else {
-            assert!(
-                !visible,
-                "{name} was killed at {f} of an ingest yet is listed"
+        }
+        if visible {
+            // The kill landed after the commit (the process was exiting): the run must be
+            // whole, never half-ingested.
+            sealed_by_race += 1;
+            env.ok(&["verify", &name]);
+            let listed = |run: &str| -> (u64, u64) {
+                let r = runs
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|r| {
+                        format!(
+                            "{}/{}",
+                            r["namespace"].as_str().unwrap(),
+                            r["run"].as_str().unwrap()
+                        ) == run
+                    })
+                    .unwrap();
+                (
+                    r["files"].as_u64().unwrap(),
+                    r["raw_bytes"].as_u64().unwrap(),
+                )
+            };
+            assert_eq!(
+                listed(&name),
+                listed("lab/timing"),
+                "{name} is listed but not whole"
             );
         }
         let out = env.run(&["verify"]);
