@@ -33,15 +33,17 @@ fn unreadable_file_names_the_path_and_seals_nothing() {
         .status()
         .unwrap();
     fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
-    let bin = assert_cmd::cargo::cargo_bin("artifactfs");
-    let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
-        .arg(&bin)
-        .arg("--store")
-        .arg(env.store())
-        .args(["ingest", src.to_str().unwrap(), "lab/run-1"])
-        .output()
-        .unwrap();
+    let ingest_as_nobody = || {
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(assert_cmd::cargo::cargo_bin("artifactfs"))
+            .arg("--store")
+            .arg(env.store())
+            .args(["ingest", src.to_str().unwrap(), "lab/run-1"])
+            .output()
+            .unwrap()
+    };
+    let out = ingest_as_nobody();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "ingest as nobody succeeded: {err}");
     assert!(
@@ -56,14 +58,7 @@ fn unreadable_file_names_the_path_and_seals_nothing() {
         fs::Permissions::from_mode(0o644),
     )
     .unwrap();
-    let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
-        .arg(&bin)
-        .arg("--store")
-        .arg(env.store())
-        .args(["ingest", src.to_str().unwrap(), "lab/run-1"])
-        .output()
-        .unwrap();
+    let out = ingest_as_nobody();
     assert!(
         out.status.success(),
         "{}",

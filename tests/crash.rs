@@ -49,14 +49,7 @@ fn kill_9_during_ingest_loses_nothing_committed() {
         let _ = child.kill(); // SIGKILL
         let status = child.wait().unwrap();
 
-        let runs: serde_json::Value = serde_json::from_str(&env.ok(&["runs", "--json"])).unwrap();
-        let visible = runs.as_array().unwrap().iter().any(|r| {
-            format!(
-                "{}/{}",
-                r["namespace"].as_str().unwrap(),
-                r["run"].as_str().unwrap()
-            ) == name
-        });
+        let visible = env.run_info(&name).is_some();
         if finished_before_kill && status.success() {
             assert!(visible, "{name} finished but is not listed");
         }
@@ -66,18 +59,7 @@ fn kill_9_during_ingest_loses_nothing_committed() {
             sealed_by_race += 1;
             env.ok(&["verify", &name]);
             let listed = |run: &str| -> (u64, u64) {
-                let r = runs
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .find(|r| {
-                        format!(
-                            "{}/{}",
-                            r["namespace"].as_str().unwrap(),
-                            r["run"].as_str().unwrap()
-                        ) == run
-                    })
-                    .unwrap();
+                let r = env.run_info(run).expect("listed");
                 (
                     r["files"].as_u64().unwrap(),
                     r["raw_bytes"].as_u64().unwrap(),

@@ -60,22 +60,8 @@ fn successive_runs_share_most_bytes_and_identical_trees_add_nothing() {
 
 /// Size of a run's stored manifest object.
 fn manifest_size(env: &Env, run: &str) -> u64 {
-    let digest: String = serde_json::from_str::<serde_json::Value>(&env.ok(&["runs", "--json"]))
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| {
-            format!(
-                "{}/{}",
-                r["namespace"].as_str().unwrap(),
-                r["run"].as_str().unwrap()
-            ) == run
-        })
-        .unwrap()["manifest"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let info = env.run_info(run).expect("run is listed");
+    let digest = info["manifest"].as_str().unwrap().to_owned();
     let path = env
         .store()
         .join("objects/manifests")

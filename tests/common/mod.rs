@@ -75,6 +75,22 @@ impl Env {
         serde_json::from_str(&out).expect("ingest json")
     }
 
+    /// The `runs --json` record of `NAMESPACE/RUN`, if it is listed.
+    pub fn run_info(&self, run: &str) -> Option<serde_json::Value> {
+        let runs: serde_json::Value =
+            serde_json::from_str(&self.ok(&["runs", "--json"])).expect("runs json");
+        runs.as_array()?
+            .iter()
+            .find(|r| {
+                format!(
+                    "{}/{}",
+                    r["namespace"].as_str().unwrap_or_default(),
+                    r["run"].as_str().unwrap_or_default()
+                ) == run
+            })
+            .cloned()
+    }
+
     /// `stats --json`, parsed.
     pub fn stats(&self) -> serde_json::Value {
         serde_json::from_str(&self.ok(&["stats", "--json"])).expect("stats json")
