@@ -22,8 +22,11 @@ use crate::manifest::{ChunkRef, Entry, Kind, Manifest, XattrValue};
 use crate::names::RunRef;
 use crate::pack::PackEntry;
 
+mod retention;
+pub use retention::{DefaultRetention, ExpiredRun, HoldRow, PackUsage, RunRetention, SweepStats};
+
 /// Schema version written by this build.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 const MIGRATIONS: &[&str] = &[
     // 0 -> 1
@@ -125,6 +128,25 @@ const MIGRATIONS: &[&str] = &[
     ) WITHOUT ROWID;
     CREATE INDEX dentries_ino ON dentries(ino);
     "#,
+    // 2 -> 3: retention, holds, chunk reference counts and tombstones. `refs` is backfilled
+    // from the sealed runs' files by `retention::backfill_refs` in the same transaction.
+    r#"
+    ALTER TABLE runs ADD COLUMN retain TEXT;
+    ALTER TABLE runs ADD COLUMN retain_for_ns INTEGER;
+    ALTER TABLE runs ADD COLUMN retain_until INTEGER;
+    ALTER TABLE runs ADD COLUMN deleted_at INTEGER;
+    CREATE INDEX runs_retain_until ON runs(retain_until) WHERE state = 'sealed';
+    ALTER TABLE namespaces ADD COLUMN retain TEXT;
+    CREATE TABLE holds (
+        run         INTEGER NOT NULL REFERENCES runs(id),
+        name        TEXT NOT NULL,
+        reason      TEXT NOT NULL,
+        placed_at   INTEGER NOT NULL,
+        PRIMARY KEY (run, name)
+    ) WITHOUT ROWID;
+    ALTER TABLE chunks ADD COLUMN refs INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX chunks_unreferenced ON chunks(pack) WHERE refs = 0;
+    "#,
 ];
 
 /// A run as the index knows it.
@@ -176,6 +198,8 @@ pub struct ChunkLoc {
 pub struct Index {
     conn: Connection,
     path: PathBuf,
+    /// The store-wide default retention for new runs (config), when there is one.
+    default_retention: Option<DefaultRetention>,
 }
 
 fn sql_err(path: &Path) -> impl Fn(rusqlite::Error) -> Error + '_ {
@@ -215,6 +239,7 @@ impl Index {
         let mut idx = Self {
             conn,
             path: path.to_path_buf(),
+            default_retention: None,
         };
         idx.migrate(create)?;
         Ok(idx)
@@ -264,6 +289,9 @@ impl Index {
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(&err)?;
             tx.execute_batch(sql).map_err(&err)?;
+            if i == 2 {
+                retention::backfill_refs(&tx, &path)?;
+            }
             tx.pragma_update(None, "user_version", (i + 1) as i64)
                 .map_err(&err)?;
             tx.commit().map_err(&err)?;
@@ -475,6 +503,7 @@ impl Index {
         .map_err(&err)?;
         let run_id = tx.last_insert_rowid();
         insert_run_entries(&tx, run_id, m).map_err(&err)?;
+        retention::add_refs(&tx, &path, m)?;
         let run_name = Some(m.run.as_str());
         let ns = Some(m.namespace.as_str());
         append_event(
@@ -487,6 +516,16 @@ impl Index {
         )
         .map_err(&err)?;
         append_event(&tx, now_ns, "run.sealed", ns, run_name, &event_detail).map_err(&err)?;
+        retention::apply_default(
+            &tx,
+            &path,
+            run_id,
+            &m.namespace,
+            &m.run,
+            Some(now_ns),
+            self.default_retention.as_ref(),
+            now_ns,
+        )?;
         tx.commit().map_err(&err)?;
         Ok(run_id)
     }
@@ -861,6 +900,7 @@ pub struct InodeRow {
 pub struct Meta<'a> {
     conn: &'a Connection,
     path: &'a Path,
+    default_retention: Option<&'a DefaultRetention>,
 }
 
 const INODE_COLS: &str =
@@ -913,6 +953,7 @@ impl Index {
         f(&Meta {
             conn: &self.conn,
             path: &self.path,
+            default_retention: self.default_retention.as_ref(),
         })
     }
 
@@ -953,6 +994,7 @@ impl Index {
         let out = f(&Meta {
             conn: &tx,
             path: &path,
+            default_retention: self.default_retention.as_ref(),
         })?;
         tx.commit().map_err(&err)?;
         Ok(out)
@@ -1016,6 +1058,8 @@ impl Index {
         )
         .map_err(&err)?;
         insert_run_entries(&tx, run_id, m).map_err(&err)?;
+        retention::add_refs(&tx, &path, m)?;
+        retention::fix_until_at_seal(&tx, &path, run_id, now_ns)?;
         tx.execute(
             "DELETE FROM dentries WHERE ino IN (SELECT ino FROM inodes WHERE run = ?1)",
             params![run_id],
@@ -1158,6 +1202,16 @@ impl Meta<'_> {
             &serde_json::json!({}),
         )
         .map_err(self.err())?;
+        retention::apply_default(
+            self.conn,
+            self.path,
+            run_id,
+            &r.namespace,
+            &r.run,
+            None,
+            self.default_retention,
+            now_ns,
+        )?;
         Ok((run_id, ino))
     }
 

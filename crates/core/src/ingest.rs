@@ -272,7 +272,8 @@ impl Store {
             .sum();
         progress.set_total(total);
 
-        let mut writer = self.writer();
+        let seal = self.seal_guard();
+        let mut writer = self.writer(&seal);
         let mut entries = Vec::with_capacity(walked.len());
         let mut first_name: HashMap<(u64, u64), String> = HashMap::new();
         // Files' chunks as (sequence number, length), by entry index, until the ids are known.

@@ -40,6 +40,10 @@ pub struct StoreConfig {
     pub compression_level: i32,
     /// Packs are written once they reach this many bytes.
     pub pack_target_size: u64,
+    /// Retention of new runs without a namespace default (a duration such as `90d`, or
+    /// `forever`); without one, such runs are kept until a retention is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_retention: Option<String>,
 }
 
 /// Options for [`Store::init`].
@@ -48,6 +52,7 @@ pub struct InitOptions {
     pub chunker: ChunkerParams,
     pub compression_level: i32,
     pub pack_target_size: u64,
+    pub default_retention: Option<String>,
 }
 
 impl Default for InitOptions {
@@ -56,6 +61,7 @@ impl Default for InitOptions {
             chunker: ChunkerParams::default(),
             compression_level: 3,
             pack_target_size: 16 * 1024 * 1024,
+            default_retention: None,
         }
     }
 }
@@ -79,6 +85,10 @@ pub struct Store {
     pub(crate) index: Arc<Mutex<Index>>,
     pub(crate) objects: Arc<dyn ObjectStore>,
     pub(crate) clock: Arc<dyn Clock>,
+    /// Keeps gc's sweep and seals apart (see `gc`).
+    pub(crate) gate: Arc<crate::gc::Gate>,
+    /// One gc at a time.
+    pub(crate) gc_lock: Mutex<()>,
     _lock: File,
 }
 
@@ -102,6 +112,9 @@ impl Store {
                 format!("{} (1 MiB ..= 1 GiB)", opts.pack_target_size),
             ));
         }
+        if let Some(d) = &opts.default_retention {
+            crate::gc::parse_default_retention(d, to_unix_ns(std::time::SystemTime::now()))?;
+        }
         if root.exists() {
             let mut rd = fs::read_dir(root).map_err(|e| Error::io("read directory", root, e))?;
             if rd.next().is_some() {
@@ -124,6 +137,7 @@ impl Store {
             chunker: opts.chunker,
             compression_level: opts.compression_level,
             pack_target_size: opts.pack_target_size,
+            default_retention: opts.default_retention.as_ref().map(|d| d.trim().to_owned()),
         };
         let text = toml::to_string_pretty(&config)
             .map_err(|e| Error::Internal(format!("config encode: {e}")))?;
@@ -150,6 +164,13 @@ impl Store {
         Self::open_with(root, objects, Arc::new(SystemClock))
     }
 
+    /// Opens an existing store with the local object store and the given clock.
+    pub fn open_with_clock(root: &Path, clock: Arc<dyn Clock>) -> Result<Self> {
+        read_config(root)?;
+        let objects = Arc::new(LocalStore::open(root.join("objects"))?);
+        Self::open_with(root, objects, clock)
+    }
+
     /// Opens an existing store with the given object store and clock.
     pub fn open_with(
         root: &Path,
@@ -167,7 +188,15 @@ impl Store {
     ) -> Result<Self> {
         let config = read_config(root)?;
         let lock = take_lock(root)?;
-        let index = Index::open(&root.join("index.sqlite"), new_index)?;
+        let mut index = Index::open(&root.join("index.sqlite"), new_index)?;
+        if let Some(spec) = &config.default_retention {
+            let retention = crate::gc::parse_default_retention(spec, to_unix_ns(clock.now()))
+                .map_err(|e| Error::invalid("default_retention in config.toml", e.to_string()))?;
+            index.set_default_retention(Some(crate::index::DefaultRetention {
+                spec: spec.clone(),
+                retention,
+            }));
+        }
         crate::objstore::remove_stale_temp_files(&root.join("objects"));
         Ok(Self {
             root: root.to_path_buf(),
@@ -175,6 +204,8 @@ impl Store {
             index: Arc::new(Mutex::new(index)),
             objects,
             clock,
+            gate: Arc::default(),
+            gc_lock: Mutex::new(()),
             _lock: lock,
         })
     }
@@ -199,8 +230,10 @@ impl Store {
         self.index.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A write pipeline for new chunks.
-    pub fn writer(&self) -> ChunkWriter {
+    /// A write pipeline for new chunks. The caller holds a [`crate::gc::SealGuard`] from now
+    /// until the run that references the chunks commits, so gc cannot sweep a chunk the writer
+    /// found already stored.
+    pub fn writer(&self, _seal: &crate::gc::SealGuard) -> ChunkWriter {
         let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
         ChunkWriter::new(
             self.index.clone(),
@@ -285,16 +318,23 @@ impl Store {
         self.index().children(run.id, dir)
     }
 
-    /// Reads one chunk's plaintext, verified against its id.
+    /// Reads one chunk's plaintext, verified against its id. If its pack vanished under the
+    /// read (gc rewrote it meanwhile), the chunk's new location is read once more.
     pub fn read_chunk(&self, id: &crate::id::ChunkId) -> Result<Vec<u8>> {
-        let loc = self
-            .index()
-            .chunk(id)?
-            .ok_or_else(|| Error::MissingObject {
+        let locate = || {
+            self.index().chunk(id)?.ok_or_else(|| Error::MissingObject {
                 key: format!("chunk {id}"),
                 backend: "index".into(),
-            })?;
-        pack::read_chunk(&*self.objects, &loc.pack, &loc.entry)
+            })
+        };
+        let loc = locate()?;
+        match pack::read_chunk(&*self.objects, &loc.pack, &loc.entry) {
+            Err(Error::MissingObject { .. }) if locate().is_ok_and(|l| l != loc) => {
+                let loc = locate()?;
+                pack::read_chunk(&*self.objects, &loc.pack, &loc.entry)
+            }
+            other => other,
+        }
     }
 
     /// Streams a file's content to `out`, chunk by chunk, each verified before it is written;

@@ -167,6 +167,20 @@ impl Store {
                 });
             }
         }
+        if only.is_none() {
+            // gc trusts the reference counts: a count below the real one would let it sweep a
+            // live chunk, so they are checked against a recount.
+            for (id, stored, counted) in self.index().refcount_mismatches()? {
+                report.damage.push(Damage {
+                    object: "index".into(),
+                    id: id.to_hex(),
+                    problem: format!(
+                        "reference count of the chunk is {stored}, but live runs reference it {counted} times"
+                    ),
+                    affects: affects(&id),
+                });
+            }
+        }
         for d in &report.damage {
             tracing::error!(object = %d.object, id = %d.id, problem = %d.problem, affects = d.affects.len(), "damage found");
         }
