@@ -48,9 +48,14 @@ const CTL_STATUS: u64 = 3;
 const CTL_SEAL: u64 = 4;
 const CTL_EVENTS: u64 = 5;
 const CTL_MANIFESTS: u64 = 6;
+const CTL_RETENTION: u64 = 7;
+const CTL_EXPIRED: u64 = 8;
+const CTL_GC: u64 = 9;
 const NS_BASE: u64 = 1 << 40;
 const MANNS_BASE: u64 = 2 << 40;
 const MANRUN_BASE: u64 = 3 << 40;
+const RETNS_BASE: u64 = 4 << 40;
+const RETRUN_BASE: u64 = 5 << 40;
 const OPEN_BASE: u64 = 1 << 48;
 const SEALED_BASE: u64 = 1 << 62;
 const IDX_BITS: u32 = 24;
@@ -60,6 +65,11 @@ pub const CONTROL_DIR: &str = ".artifactfs";
 /// The xattr that seals an open run when set on its directory.
 pub const SEAL_XATTR: &str = "user.artifactfs.seal";
 const FACTS_PREFIX: &str = "user.artifactfs.";
+
+/// The xattr that carries a run's retention (or a namespace's default for new runs).
+pub const RETAIN_XATTR: &str = "user.retain";
+/// Prefix of the xattrs that are named holds on a run.
+pub const HOLD_PREFIX: &str = "user.hold.";
 
 /// `setxattr` flags.
 pub const XATTR_CREATE: i32 = 1;
@@ -159,9 +169,14 @@ enum Node {
     CtlSeal,
     CtlEvents,
     CtlManifests,
+    CtlRetention,
+    CtlExpired,
+    CtlGc,
     Namespace(i64),
     ManNs(i64),
     ManRun(i64),
+    RetNs(i64),
+    RetRun(i64),
     Open(i64),
     Sealed { run: i64, idx: usize },
 }
@@ -174,6 +189,11 @@ fn encode(n: Node) -> u64 {
         Node::CtlSeal => CTL_SEAL,
         Node::CtlEvents => CTL_EVENTS,
         Node::CtlManifests => CTL_MANIFESTS,
+        Node::CtlRetention => CTL_RETENTION,
+        Node::CtlExpired => CTL_EXPIRED,
+        Node::CtlGc => CTL_GC,
+        Node::RetNs(id) => RETNS_BASE + id as u64,
+        Node::RetRun(id) => RETRUN_BASE + id as u64,
         Node::Namespace(id) => NS_BASE + id as u64,
         Node::ManNs(id) => MANNS_BASE + id as u64,
         Node::ManRun(id) => MANRUN_BASE + id as u64,
@@ -190,11 +210,16 @@ fn decode_raw(ino: u64) -> Result<Node> {
         CTL_SEAL => Node::CtlSeal,
         CTL_EVENTS => Node::CtlEvents,
         CTL_MANIFESTS => Node::CtlManifests,
+        CTL_RETENTION => Node::CtlRetention,
+        CTL_EXPIRED => Node::CtlExpired,
+        CTL_GC => Node::CtlGc,
         i if i >= SEALED_BASE => Node::Sealed {
             run: ((i & !SEALED_BASE) >> IDX_BITS) as i64,
             idx: (i & ((1 << IDX_BITS) - 1)) as usize,
         },
         i if i >= OPEN_BASE => Node::Open((i - OPEN_BASE) as i64),
+        i if i >= RETRUN_BASE => Node::RetRun((i - RETRUN_BASE) as i64),
+        i if i >= RETNS_BASE => Node::RetNs((i - RETNS_BASE) as i64),
         i if i >= MANRUN_BASE => Node::ManRun((i - MANRUN_BASE) as i64),
         i if i >= MANNS_BASE => Node::ManNs((i - MANNS_BASE) as i64),
         i if i >= NS_BASE => Node::Namespace((i - NS_BASE) as i64),
@@ -302,6 +327,12 @@ impl SealedRun {
     }
 }
 
+/// What a retention xattr applies to.
+enum RetentionTarget {
+    Run(RunRef),
+    Namespace(String),
+}
+
 enum Handle {
     Staged {
         run: i64,
@@ -314,6 +345,7 @@ enum Handle {
     },
     Buffer(Arc<Vec<u8>>),
     SealCtl,
+    GcCtl,
 }
 
 struct Activity {
@@ -653,12 +685,15 @@ impl Vfs {
                 a.nlink = 3 + n;
                 Ok(a)
             }
-            Node::CtlDir | Node::CtlManifests | Node::ManNs(_) => {
-                Ok(self.synthetic(ino, Kind::Dir, 0o555, 0, self.started_ns))
-            }
-            Node::CtlStatus | Node::CtlEvents => {
+            Node::CtlDir
+            | Node::CtlManifests
+            | Node::ManNs(_)
+            | Node::CtlRetention
+            | Node::RetNs(_) => Ok(self.synthetic(ino, Kind::Dir, 0o555, 0, self.started_ns)),
+            Node::CtlStatus | Node::CtlEvents | Node::CtlExpired | Node::RetRun(_) => {
                 Ok(self.synthetic(ino, Kind::File, 0o444, 0, self.now()))
             }
+            Node::CtlGc => Ok(self.synthetic(ino, Kind::File, 0o644, 0, self.now())),
             Node::CtlSeal => Ok(self.synthetic(ino, Kind::File, 0o200, 0, self.started_ns)),
             Node::ManRun(run) => {
                 let b = self.manifest_bytes(st, run)?;
@@ -732,8 +767,28 @@ impl Vfs {
                 "seal" => Ok(Node::CtlSeal),
                 "events" => Ok(Node::CtlEvents),
                 "manifests" => Ok(Node::CtlManifests),
+                "retention" => Ok(Node::CtlRetention),
+                "expired" => Ok(Node::CtlExpired),
+                "gc" => Ok(Node::CtlGc),
                 _ => Err(missing()),
             },
+            Node::CtlRetention => {
+                let ns = self
+                    .store
+                    .index()
+                    .meta(|m| m.namespace(name))?
+                    .ok_or_else(missing)?;
+                Ok(Node::RetNs(ns.id))
+            }
+            Node::RetNs(id) => {
+                let ns = self
+                    .store
+                    .index()
+                    .meta(|m| m.namespace_by_id(id))?
+                    .ok_or_else(missing)?;
+                let found = self.store.index().meta(|m| m.run_of(&ns.name, name))?;
+                Ok(Node::RetRun(found.ok_or_else(missing)?.0))
+            }
             Node::CtlManifests => {
                 let ns = self
                     .store
@@ -788,9 +843,13 @@ impl Vfs {
                     idx: s.resolved[i],
                 })
             }
-            Node::CtlStatus | Node::CtlSeal | Node::CtlEvents | Node::ManRun(_) => {
-                Err(Error::NotDir(name.to_owned()))
-            }
+            Node::CtlStatus
+            | Node::CtlSeal
+            | Node::CtlEvents
+            | Node::ManRun(_)
+            | Node::CtlExpired
+            | Node::CtlGc
+            | Node::RetRun(_) => Err(Error::NotDir(name.to_owned())),
         }
     }
 
@@ -842,6 +901,23 @@ impl Vfs {
                 out.push(file(CTL_SEAL, "seal"));
                 out.push(file(CTL_EVENTS, "events"));
                 out.push(dir(CTL_MANIFESTS, "manifests"));
+                out.push(dir(CTL_RETENTION, "retention"));
+                out.push(file(CTL_EXPIRED, "expired"));
+                out.push(file(CTL_GC, "gc"));
+            }
+            Node::CtlRetention => {
+                for ns in self.store.index().meta(|m| m.namespaces())? {
+                    out.push(dir(encode(Node::RetNs(ns.id)), &ns.name));
+                }
+            }
+            Node::RetNs(id) => {
+                let idx = self.store.index();
+                let ns = idx
+                    .meta(|m| m.namespace_by_id(id))?
+                    .ok_or_else(|| Error::NotFound(format!("namespace {id}")))?;
+                for (rid, name, _) in idx.meta(|m| m.runs_of(&ns.name))? {
+                    out.push(file(encode(Node::RetRun(rid)), &name));
+                }
             }
             Node::CtlManifests => {
                 for ns in self.store.index().meta(|m| m.namespaces())? {
@@ -892,7 +968,13 @@ impl Vfs {
                     });
                 }
             }
-            Node::CtlStatus | Node::CtlSeal | Node::CtlEvents | Node::ManRun(_) => {
+            Node::CtlStatus
+            | Node::CtlSeal
+            | Node::CtlEvents
+            | Node::ManRun(_)
+            | Node::CtlExpired
+            | Node::CtlGc
+            | Node::RetRun(_) => {
                 return Err(Error::NotDir(format!("inode {ino}")));
             }
         }
@@ -1185,14 +1267,28 @@ impl Vfs {
                     },
                 )
             }
-            Node::CtlStatus | Node::CtlEvents => {
+            Node::CtlGc if write => (
+                Handle::GcCtl,
+                OpenInfo {
+                    direct_io: true,
+                    keep_cache: false,
+                },
+            ),
+            Node::CtlStatus
+            | Node::CtlEvents
+            | Node::CtlExpired
+            | Node::CtlGc
+            | Node::RetRun(_) => {
                 if write {
                     return Err(ro("the control directory"));
                 }
-                let b = if node == Node::CtlStatus {
-                    self.status_bytes()?
-                } else {
-                    self.events_bytes()?
+                let b = match node {
+                    Node::CtlStatus => self.status_bytes()?,
+                    Node::CtlEvents => self.events_bytes()?,
+                    Node::CtlExpired => self.expired_bytes()?,
+                    Node::CtlGc => self.gc_report_bytes(),
+                    Node::RetRun(run) => self.retention_bytes(run)?,
+                    _ => unreachable!("matched above"),
                 };
                 (
                     Handle::Buffer(Arc::new(b)),
@@ -1261,6 +1357,92 @@ impl Vfs {
         Ok(out)
     }
 
+    fn json_line(v: &impl serde::Serialize) -> Result<Vec<u8>> {
+        let mut b = serde_json::to_vec_pretty(v).map_err(|e| Error::Internal(e.to_string()))?;
+        b.push(b'\n');
+        Ok(b)
+    }
+
+    fn retention_bytes(&self, run: i64) -> Result<Vec<u8>> {
+        let row = self
+            .store
+            .index()
+            .run_by_id(run)?
+            .filter(|r| r.state != "deleted")
+            .ok_or_else(|| Error::NotFound(format!("run {run}")))?;
+        Self::json_line(&self.store.retention_info(&row.run)?)
+    }
+
+    fn expired_bytes(&self) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        for r in self.store.expired_runs()? {
+            serde_json::to_writer(&mut out, &r).map_err(|e| Error::Internal(e.to_string()))?;
+            out.push(b'\n');
+        }
+        Ok(out)
+    }
+
+    fn gc_report_bytes(&self) -> Vec<u8> {
+        let v = self
+            .store
+            .last_gc_report()
+            .unwrap_or_else(|| serde_json::json!({}));
+        Self::json_line(&v).unwrap_or_default()
+    }
+
+    /// A gc asked for through `.artifactfs/gc`: `run` or `dry-run`, optionally followed by
+    /// `grace=DURATION`.
+    fn gc_request(&self, text: &str) -> Result<crate::gc::GcReport> {
+        let bad = || {
+            Error::invalid(
+                "gc request",
+                format!(
+                    "{:?}: write `run` or `dry-run`, optionally followed by grace=DURATION (e.g. grace=1h)",
+                    text.trim()
+                ),
+            )
+        };
+        let mut words = text.split_whitespace();
+        let dry_run = match words.next() {
+            Some("run") => false,
+            Some("dry-run") => true,
+            _ => return Err(bad()),
+        };
+        let mut opts = crate::gc::GcOptions {
+            dry_run,
+            ..Default::default()
+        };
+        for w in words {
+            let d = w.strip_prefix("grace=").ok_or_else(bad)?;
+            opts.grace = humantime::parse_duration(d).map_err(|_| bad())?;
+        }
+        self.gc(&opts, &NoProgress)
+    }
+
+    /// Runs a gc on the store and forgets what it deleted from the view's caches. Call
+    /// without holding the view's lock (gc waits for running seals).
+    pub fn gc(
+        &self,
+        opts: &crate::gc::GcOptions<'_>,
+        progress: &dyn crate::store::Progress,
+    ) -> Result<crate::gc::GcReport> {
+        let rep = self.store.gc(opts, progress)?;
+        if !rep.runs_expired.is_empty() {
+            let mut st = self.lock();
+            let gone: Vec<i64> = st
+                .sealed
+                .iter()
+                .filter(|(_, s)| rep.runs_expired.contains(&s.r.to_string()))
+                .map(|(id, _)| *id)
+                .collect();
+            for id in gone {
+                st.sealed.remove(&id);
+                st.manifests.remove(&id);
+            }
+        }
+        Ok(rep)
+    }
+
     /// Reads up to `size` bytes at `offset`.
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
         enum R {
@@ -1278,6 +1460,12 @@ impl Vfs {
                 Some(Handle::Buffer(b)) => R::Buf(b.clone()),
                 Some(Handle::SealCtl) => {
                     return Err(Error::invalid("read", "the seal file is write-only"));
+                }
+                Some(Handle::GcCtl) => {
+                    return Err(Error::invalid(
+                        "read",
+                        "the gc file was opened for writing; open it again to read the report",
+                    ));
                 }
                 None => return Err(Error::invalid("file handle", format!("{fh} is not open"))),
             }
@@ -1343,6 +1531,7 @@ impl Vfs {
         enum W {
             Staged(Arc<File>, i64, i64),
             Seal,
+            Gc,
             Other,
             Missing,
         }
@@ -1351,6 +1540,7 @@ impl Vfs {
             let w = match st.handles.get(&fh) {
                 Some(Handle::Staged { run, inode, file }) => W::Staged(file.clone(), *run, *inode),
                 Some(Handle::SealCtl) => W::Seal,
+                Some(Handle::GcCtl) => W::Gc,
                 Some(_) => W::Other,
                 None => W::Missing,
             };
@@ -1373,6 +1563,14 @@ impl Vfs {
                             .ok_or_else(|| Error::NotFound(format!("run {r}")))?;
                         self.seal_locked(&mut st, id, "control file")?;
                     }
+                    return Ok(data.len() as u32);
+                }
+                W::Gc => {
+                    // gc waits for running seals; it must not hold the state lock meanwhile.
+                    drop(st);
+                    let text = std::str::from_utf8(data)
+                        .map_err(|_| Error::invalid("gc request", "not UTF-8 text"))?;
+                    self.gc_request(text)?;
                     return Ok(data.len() as u32);
                 }
                 W::Other => return Err(Error::ReadOnly("file is read-only".into())),
@@ -1495,7 +1693,11 @@ impl Vfs {
             self.store.index().meta_write(|m| m.update_namespace(&ns))?;
             return self.ns_attr(&ns);
         }
-        if node == Node::CtlSeal && set.mode.is_none() && set.uid.is_none() && set.gid.is_none() {
+        if matches!(node, Node::CtlSeal | Node::CtlGc)
+            && set.mode.is_none()
+            && set.uid.is_none()
+            && set.gid.is_none()
+        {
             // `echo NS/RUN > seal` truncates first; the seal file has nothing to truncate.
             return self.attr_of(&mut st, node);
         }
@@ -1800,6 +2002,7 @@ impl Vfs {
                 }
                 if self.store.index().meta(|m| m.run_root(row.run))? == Some(i) {
                     out.insert(format!("{FACTS_PREFIX}state"), b"open".to_vec());
+                    self.retention_xattrs(row.run, &mut out)?;
                 }
             }
             Node::Sealed { run, idx } => {
@@ -1818,14 +2021,43 @@ impl Vfs {
                         format!("{FACTS_PREFIX}sealed_at"),
                         rfc3339(crate::clock::from_unix_ns(s.sealed_at_ns)).into_bytes(),
                     );
+                    self.retention_xattrs(run, &mut out)?;
                 }
                 if let Some(h) = e.blake3 {
                     out.insert(format!("{FACTS_PREFIX}blake3"), h.to_hex().into_bytes());
                 }
             }
+            Node::Namespace(id) => {
+                let ns = self
+                    .store
+                    .index()
+                    .meta(|m| m.namespace_by_id(id))?
+                    .ok_or_else(|| Error::NotFound(format!("namespace {id}")))?;
+                if let Some(r) = self.store.namespace_retention(&ns.name)? {
+                    out.insert(RETAIN_XATTR.to_owned(), r.into_bytes());
+                }
+            }
             _ => {}
         }
         Ok(out)
+    }
+
+    /// A run's `user.retain`, `user.hold.*` and `user.artifactfs.retain_until`.
+    fn retention_xattrs(&self, run: i64, out: &mut BTreeMap<String, Vec<u8>>) -> Result<()> {
+        let Some(row) = self.store.index().run_by_id(run)? else {
+            return Ok(());
+        };
+        let info = self.store.retention_info(&row.run)?;
+        if let Some(r) = info.retain {
+            out.insert(RETAIN_XATTR.to_owned(), r.into_bytes());
+        }
+        if let Some(u) = info.retain_until {
+            out.insert(format!("{FACTS_PREFIX}retain_until"), u.into_bytes());
+        }
+        for h in info.holds {
+            out.insert(format!("{HOLD_PREFIX}{}", h.name), h.reason.into_bytes());
+        }
+        Ok(())
     }
 
     /// `getxattr`.
@@ -1845,10 +2077,13 @@ impl Vfs {
         let mut st = self.lock();
         let node = self.node(&st, ino)?;
         let hide_facts = matches!(node, Node::Open(_));
+        let hidden = |k: &str| {
+            k.starts_with(FACTS_PREFIX) || k == RETAIN_XATTR || k.starts_with(HOLD_PREFIX)
+        };
         Ok(self
             .xattrs_of(&mut st, node)?
             .into_keys()
-            .filter(|k| !(hide_facts && k.starts_with(FACTS_PREFIX)))
+            .filter(|k| !(hide_facts && hidden(k)))
             .collect())
     }
 
@@ -1876,6 +2111,17 @@ impl Vfs {
         value: Option<&[u8]>,
         flags: i32,
     ) -> Result<()> {
+        if (name == RETAIN_XATTR || name.starts_with(HOLD_PREFIX))
+            && let Some(target) = self.retention_target(node)?
+        {
+            let res = self.change_retention(target, name, value, flags);
+            if let Err(e) = &res
+                && !matches!(e, Error::NoAttr(_))
+            {
+                tracing::warn!("refused: xattr {name}: {e}");
+            }
+            return res;
+        }
         let i = match node {
             Node::Open(i) => i,
             Node::Sealed { run, .. } => {
@@ -1885,7 +2131,7 @@ impl Vfs {
             }
             Node::Namespace(_) => {
                 let e = Error::Unsupported(format!(
-                    "xattr {name} on a namespace (namespace defaults come with retention)"
+                    "xattr {name} on a namespace: only user.retain, the default retention of its new runs, is kept there"
                 ));
                 tracing::warn!("refused: {e}");
                 return Err(e);
@@ -1943,6 +2189,102 @@ impl Vfs {
         self.store.index().meta_write(|m| m.update_inode(&row))?;
         self.touch(st, row.run);
         Ok(())
+    }
+
+    /// What a `user.retain` or `user.hold.*` xattr on `node` applies to: a run (its directory)
+    /// or a namespace's default. `None` for other nodes (files keep such names as plain xattrs).
+    fn retention_target(&self, node: Node) -> Result<Option<RetentionTarget>> {
+        Ok(match node {
+            Node::Open(i) => {
+                let row = self.inode(i)?;
+                if self.store.index().meta(|m| m.run_root(row.run))? != Some(i) {
+                    return Ok(None);
+                }
+                let run = self
+                    .store
+                    .index()
+                    .run_by_id(row.run)?
+                    .ok_or_else(|| Error::NotFound(format!("run {}", row.run)))?;
+                Some(RetentionTarget::Run(run.run))
+            }
+            Node::Sealed { run, idx: 0 } => {
+                let run = self
+                    .store
+                    .index()
+                    .run_by_id(run)?
+                    .filter(|r| r.state != "deleted")
+                    .ok_or_else(|| Error::NotFound(format!("run {run}")))?;
+                Some(RetentionTarget::Run(run.run))
+            }
+            Node::Namespace(id) => {
+                let ns = self
+                    .store
+                    .index()
+                    .meta(|m| m.namespace_by_id(id))?
+                    .ok_or_else(|| Error::NotFound(format!("namespace {id}")))?;
+                Some(RetentionTarget::Namespace(ns.name))
+            }
+            _ => None,
+        })
+    }
+
+    fn change_retention(
+        &self,
+        target: RetentionTarget,
+        name: &str,
+        value: Option<&[u8]>,
+        flags: i32,
+    ) -> Result<()> {
+        let text = |v: &[u8]| {
+            std::str::from_utf8(v)
+                .map(str::to_owned)
+                .map_err(|_| Error::invalid(name, "the value is not UTF-8 text"))
+        };
+        let check_flags = |exists: bool| {
+            if value.is_some() && flags & XATTR_CREATE != 0 && exists {
+                return Err(Error::AlreadyExists(format!("xattr {name}")));
+            }
+            if value.is_some() && flags & XATTR_REPLACE != 0 && !exists {
+                return Err(Error::NoAttr(name.to_owned()));
+            }
+            Ok(())
+        };
+        match target {
+            RetentionTarget::Namespace(ns) => {
+                if name != RETAIN_XATTR {
+                    return Err(Error::Unsupported(format!(
+                        "xattr {name} on namespace {ns}: holds are placed on runs"
+                    )));
+                }
+                let current = self.store.namespace_retention(&ns)?;
+                check_flags(current.is_some())?;
+                match value {
+                    Some(v) => self.store.set_namespace_retention(&ns, Some(&text(v)?)),
+                    None if current.is_none() => Err(Error::NoAttr(name.to_owned())),
+                    None => self.store.set_namespace_retention(&ns, None),
+                }
+            }
+            RetentionTarget::Run(r) => {
+                if let Some(hold) = name.strip_prefix(HOLD_PREFIX) {
+                    let exists = self.store.holds(&r)?.iter().any(|h| h.name == hold);
+                    check_flags(exists)?;
+                    return match value {
+                        Some(v) => self.store.place_hold(&r, hold, v),
+                        None => self.store.remove_hold(&r, hold),
+                    };
+                }
+                let current = self.store.retention_info(&r)?;
+                check_flags(current.retain.is_some())?;
+                match value {
+                    Some(v) => self.store.set_retention(&r, &text(v)?, None).map(drop),
+                    None if current.retain.is_none() => Err(Error::NoAttr(name.to_owned())),
+                    None => Err(Error::NotPermitted(format!(
+                        "run {r}: retention cannot be removed, only extended (it is {})",
+                        current.retain.unwrap_or_default()
+                    ))),
+                }
+            }
+        }
     }
 
     /// Seals run `run_id` now (explicit request); `Busy` if any of its files is open.
@@ -2040,7 +2382,8 @@ impl Vfs {
         }
         paths.sort_by(|a, b| (a.0 != ROOT, a.0.as_bytes()).cmp(&(b.0 != ROOT, b.0.as_bytes())));
 
-        let mut writer = self.store.writer();
+        let seal = self.store.seal_guard();
+        let mut writer = self.store.writer(&seal);
         let mut entries = Vec::with_capacity(paths.len());
         let mut first_name: HashMap<i64, String> = HashMap::new();
         for (path, ino) in &paths {
