@@ -54,6 +54,9 @@ enum Command {
         /// Target size of pack files.
         #[arg(long, value_parser = parse_size)]
         pack_size: Option<u64>,
+        /// Retention of new runs that get none from their namespace (e.g. 90d, forever).
+        #[arg(long, value_name = "DURATION")]
+        default_retention: Option<String>,
     },
     /// Ingest a directory as one run and seal it.
     Ingest {
@@ -70,6 +73,51 @@ enum Command {
     /// List runs.
     Runs {
         namespace: Option<String>,
+        /// Only the runs the next gc deletes (sealed, retain-until passed, no holds).
+        #[arg(long, conflicts_with = "deleted")]
+        expired: bool,
+        /// Only deleted runs (the tombstones gc leaves for audit).
+        #[arg(long)]
+        deleted: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show or set a run's retention, or a namespace's default for its new runs.
+    ///
+    /// VALUE is a duration from the seal (90d, 12h, 2w, 1y), an RFC 3339 date, or forever.
+    /// A run's retention may only be extended; --override --reason shortens it, recorded.
+    Retain {
+        /// NAMESPACE/RUN, or NAMESPACE for the namespace default
+        target: String,
+        #[arg(allow_hyphen_values = true)]
+        value: Option<String>,
+        /// Accept a shorter retention (operator override; needs --reason).
+        #[arg(long = "override")]
+        override_: bool,
+        #[arg(long, requires = "override_")]
+        reason: Option<String>,
+        /// Remove a namespace's default retention.
+        #[arg(long, conflicts_with = "value")]
+        clear: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Place, remove or list named holds on a run.
+    Hold {
+        #[command(subcommand)]
+        cmd: crate::lifecycle::HoldCommand,
+    },
+    /// Delete expired runs and reclaim the space nothing references any more.
+    Gc {
+        /// Report what would be deleted; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Keep unreferenced chunks written less than this long ago.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        grace: std::time::Duration,
+        /// Rewrite packs whose live bytes are below this fraction of their size.
+        #[arg(long, default_value_t = 0.5)]
+        compact_below: f64,
         #[arg(long)]
         json: bool,
     },
@@ -184,19 +232,29 @@ pub fn is_empty_or_missing(dir: &Path) -> bool {
     }
 }
 
-fn open_store(dir: &Path) -> Result<Store> {
-    Store::open(dir).with_context(|| format!("cannot open store {}", dir.display()))
+/// Opens a store. `ARTIFACTFS_CLOCK_FILE` names a file whose RFC 3339 instant is the engine's
+/// clock (for tests and retention drills; see `FileClock`).
+pub fn open_store(dir: &Path) -> Result<Store> {
+    let res = match std::env::var_os("ARTIFACTFS_CLOCK_FILE") {
+        Some(f) => Store::open_with_clock(
+            dir,
+            std::sync::Arc::new(artifactfs_core::clock::FileClock::new(f)),
+        ),
+        None => Store::open(dir),
+    };
+    res.with_context(|| format!("cannot open store {}", dir.display()))
 }
 
 /// The exit status for an error: scripts can tell these apart.
 pub fn exit_code(e: &anyhow::Error) -> u8 {
     match e.downcast_ref::<Error>() {
-        Some(Error::NotFound(_)) => 3,
+        Some(Error::NotFound(_) | Error::NoAttr(_)) => 3,
         Some(err) if err.is_damage() => EXIT_DAMAGE,
         Some(Error::Locked { .. }) => 5,
         Some(Error::AlreadyExists(_)) => 6,
         Some(Error::Invalid { .. }) => 7,
         Some(Error::NotAStore { .. }) => 8,
+        Some(Error::NotPermitted(_)) => 9,
         _ => 1,
     }
 }
@@ -232,6 +290,7 @@ pub fn run() -> Result<ExitCode> {
             chunk_max,
             compression_level,
             pack_size,
+            default_retention,
         } => {
             let d = InitOptions::default();
             let as_u32 = |v: Option<u64>, dflt: u32| -> Result<u32> {
@@ -248,6 +307,7 @@ pub fn run() -> Result<ExitCode> {
                 },
                 compression_level: compression_level.unwrap_or(d.compression_level),
                 pack_target_size: pack_size.unwrap_or(d.pack_target_size),
+                default_retention,
             };
             Store::init(&store_dir, &opts)
                 .with_context(|| format!("cannot initialise store {}", store_dir.display()))?;
@@ -261,12 +321,14 @@ pub fn run() -> Result<ExitCode> {
         } => {
             let run = RunRef::parse(&run)?;
             let meta = parse_meta(&meta)?;
-            let store = if is_empty_or_missing(&store_dir) {
-                Store::init(&store_dir, &InitOptions::default())
-                    .with_context(|| format!("cannot initialise store {}", store_dir.display()))?
-            } else {
-                open_store(&store_dir)?
-            };
+            if is_empty_or_missing(&store_dir) {
+                drop(
+                    Store::init(&store_dir, &InitOptions::default()).with_context(|| {
+                        format!("cannot initialise store {}", store_dir.display())
+                    })?,
+                );
+            }
+            let store = open_store(&store_dir)?;
             let bar = Bar::bytes(tty, "ingest");
             let report = store
                 .ingest_dir(&src, &run, meta, &bar)
@@ -274,13 +336,67 @@ pub fn run() -> Result<ExitCode> {
             bar.finish();
             output::ingest(&report, json)?;
         }
-        Command::Runs { namespace, json } => {
+        Command::Runs {
+            namespace,
+            expired,
+            deleted,
+            json,
+        } => {
             if let Some(ns) = &namespace {
                 artifactfs_core::names::validate_component("namespace", ns, false)?;
             }
             let store = open_store(&store_dir)?;
-            let runs = store.runs(namespace.as_deref())?;
-            output::runs(&store, &runs, json)?;
+            if expired {
+                crate::lifecycle::expired(&store, namespace.as_deref(), json)?;
+            } else if deleted {
+                crate::lifecycle::deleted(&store, namespace.as_deref(), json)?;
+            } else {
+                let runs = store.runs(namespace.as_deref())?;
+                output::runs(&store, &runs, json)?;
+            }
+        }
+        Command::Retain {
+            target,
+            value,
+            override_,
+            reason,
+            clear,
+            json,
+        } => {
+            let store = open_store(&store_dir)?;
+            crate::lifecycle::retain(
+                &store,
+                crate::lifecycle::RetainArgs {
+                    target,
+                    value,
+                    override_,
+                    reason,
+                    clear,
+                    json,
+                },
+            )?;
+        }
+        Command::Hold { cmd } => {
+            let store = open_store(&store_dir)?;
+            crate::lifecycle::hold(&store, cmd)?;
+        }
+        Command::Gc {
+            dry_run,
+            grace,
+            compact_below,
+            json,
+        } => {
+            let store = open_store(&store_dir)?;
+            crate::lifecycle::gc(
+                &store,
+                crate::lifecycle::GcArgs {
+                    dry_run,
+                    grace,
+                    compact_below,
+                    json,
+                    tty,
+                },
+            )?;
         }
         Command::Ls { path, json } => {
             let (run, p) = RunRef::parse_with_path(&path)?;

@@ -146,12 +146,13 @@ pub fn foreground(a: &MountArgs, detached: bool) -> Result<()> {
     signals.thread_block().context("cannot block signals")?;
 
     let mp = canonical_mountpoint(&a.mountpoint)?;
-    let store = if crate::cli::is_empty_or_missing(&a.store) {
-        Store::init(&a.store, &InitOptions::default())
-            .with_context(|| format!("cannot initialise store {}", a.store.display()))?
-    } else {
-        Store::open(&a.store).with_context(|| format!("cannot open store {}", a.store.display()))?
-    };
+    if crate::cli::is_empty_or_missing(&a.store) {
+        drop(
+            Store::init(&a.store, &InitOptions::default())
+                .with_context(|| format!("cannot initialise store {}", a.store.display()))?,
+        );
+    }
+    let store = crate::cli::open_store(&a.store)?;
     let opts = VfsOptions {
         seal_after: a.seal_after,
         seal_marker: a.seal_marker.clone(),

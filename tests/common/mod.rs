@@ -16,6 +16,8 @@ pub mod mount;
 /// A temporary store and scratch space.
 pub struct Env {
     pub dir: tempfile::TempDir,
+    /// The engine's clock for every command of this environment (`ARTIFACTFS_CLOCK_FILE`).
+    clock: Option<PathBuf>,
 }
 
 impl Env {
@@ -25,7 +27,26 @@ impl Env {
                 .prefix("afs-test-")
                 .tempdir()
                 .expect("tempdir"),
+            clock: None,
         }
+    }
+
+    /// An environment whose commands (mounts too) read the time from a file the test sets
+    /// with [`Env::set_time`], so retention can pass without sleeping.
+    pub fn with_clock(at: &str) -> Self {
+        let mut e = Self::new();
+        let p = e.path("clock");
+        e.clock = Some(p);
+        e.set_time(at);
+        e
+    }
+
+    /// Moves this environment's clock to an RFC 3339 instant.
+    pub fn set_time(&self, at: &str) {
+        let p = self.clock.as_ref().expect("an Env::with_clock environment");
+        let tmp = p.with_extension("tmp");
+        fs::write(&tmp, at).unwrap();
+        fs::rename(&tmp, p).unwrap();
     }
 
     pub fn store(&self) -> PathBuf {
@@ -41,6 +62,10 @@ impl Env {
         let mut c = Command::cargo_bin("artifactfs").expect("binary");
         c.arg("--store").arg(self.store()).args(args);
         c.env_remove("ARTIFACTFS_STORE");
+        match &self.clock {
+            Some(p) => c.env("ARTIFACTFS_CLOCK_FILE", p),
+            None => c.env_remove("ARTIFACTFS_CLOCK_FILE"),
+        };
         c
     }
 
@@ -49,6 +74,10 @@ impl Env {
         let mut c = std::process::Command::new(assert_cmd::cargo::cargo_bin("artifactfs"));
         c.arg("--store").arg(self.store()).args(args);
         c.env_remove("ARTIFACTFS_STORE");
+        match &self.clock {
+            Some(p) => c.env("ARTIFACTFS_CLOCK_FILE", p),
+            None => c.env_remove("ARTIFACTFS_CLOCK_FILE"),
+        };
         c
     }
 

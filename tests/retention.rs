@@ -1,0 +1,408 @@
+//! Retention, holds and gc end to end: the real binary and real mounts, with the engine's clock
+//! read from a file the tests move (`ARTIFACTFS_CLOCK_FILE`), so nothing sleeps.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::io::Write;
+use std::path::Path;
+
+use common::Env;
+use common::mount::{Mount, errno, seal, state};
+
+const T0: &str = "2026-12-01T00:00:00Z";
+
+fn write_tree(root: &Path, files: &[(&str, &[u8])]) {
+    fs::create_dir_all(root).unwrap();
+    for (name, data) in files {
+        fs::write(root.join(name), data).unwrap();
+    }
+}
+
+fn random(seed: u64, len: usize) -> Vec<u8> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut v = vec![0u8; len];
+    rng.fill(&mut v[..]);
+    v
+}
+
+fn json(s: &str) -> serde_json::Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
+}
+
+/// Runs a command expected to fail; returns (exit code, stderr).
+fn fails(env: &Env, args: &[&str]) -> (i32, String) {
+    let out = env.run(args);
+    assert!(!out.status.success(), "{args:?} should fail");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn retention(env: &Env, run: &str) -> serde_json::Value {
+    json(&env.ok(&["retain", run, "--json"]))
+}
+
+#[test]
+fn retain_and_hold_through_the_cli() {
+    let env = Env::with_clock(T0);
+    write_tree(
+        &env.path("src"),
+        &[("a", b"alpha"), ("b", &random(1, 300_000))],
+    );
+    env.ingest(&env.path("src"), "lab/r1");
+    let r = retention(&env, "lab/r1");
+    assert_eq!(r["retain"], serde_json::Value::Null);
+    assert_eq!(r["eligible"], false);
+
+    // Invalid values: a clear error that says what is accepted, and nothing changes.
+    for bad in [
+        "banana",
+        "-3d",
+        "0s",
+        "2020-01-01",
+        "3000-01-01",
+        "1000y",
+        "12 parsecs",
+    ] {
+        let (code, err) = fails(&env, &["retain", "lab/r1", bad]);
+        assert_eq!(code, 7, "{bad}: {err}");
+        assert!(err.contains("accepted"), "{bad}: {err}");
+    }
+    assert_eq!(retention(&env, "lab/r1")["retain"], serde_json::Value::Null);
+
+    // First value as given; extend allowed; shorten refused with the current retain-until.
+    env.ok(&["retain", "lab/r1", "90d"]);
+    let r = retention(&env, "lab/r1");
+    assert_eq!(r["retain"], "90d");
+    assert_eq!(r["retain_until"], "2027-03-01T00:00:00Z");
+    let (code, err) = fails(&env, &["retain", "lab/r1", "30d"]);
+    assert_eq!(code, 9, "{err}");
+    assert!(
+        err.contains("only be extended") && err.contains("2027-03-01T00:00:00Z"),
+        "{err}"
+    );
+    env.ok(&["retain", "lab/r1", "2027-06-01"]);
+    assert_eq!(
+        retention(&env, "lab/r1")["retain_until"],
+        "2027-06-01T00:00:00Z"
+    );
+    // The operator override needs a reason and is recorded with it.
+    let (code, _) = fails(&env, &["retain", "lab/r1", "10d", "--override"]);
+    assert_eq!(code, 7);
+    env.ok(&[
+        "retain",
+        "lab/r1",
+        "10d",
+        "--override",
+        "--reason",
+        "ticket OPS-7",
+    ]);
+    assert_eq!(
+        retention(&env, "lab/r1")["retain_until"],
+        "2026-12-11T00:00:00Z"
+    );
+
+    // Holds.
+    let (code, err) = fails(&env, &["hold", "add", "lab/r1", "bad name"]);
+    assert_eq!(code, 7, "{err}");
+    env.ok(&["hold", "add", "lab/r1", "legal", "--reason", "case 9"]);
+    let holds = json(&env.ok(&["hold", "ls", "lab/r1", "--json"]));
+    assert_eq!(holds[0]["name"], "legal");
+    assert_eq!(holds[0]["reason"], "case 9");
+    env.set_time("2027-01-01T00:00:00Z");
+    assert_eq!(
+        json(&env.ok(&["runs", "--expired", "--json"])),
+        serde_json::json!([])
+    );
+    let (code, _) = fails(&env, &["hold", "rm", "lab/r1", "other"]);
+    assert_eq!(code, 3);
+    env.ok(&["hold", "rm", "lab/r1", "legal"]);
+    let expired = json(&env.ok(&["runs", "--expired", "--json"]));
+    assert_eq!(expired[0]["run"], "r1");
+
+    // Namespace defaults apply to runs created after them.
+    env.ok(&["retain", "lab", "7d"]);
+    env.ingest(&env.path("src"), "lab/r2");
+    assert_eq!(retention(&env, "lab/r2")["retain"], "7d");
+    env.ok(&["retain", "lab", "--clear"]);
+    env.ingest(&env.path("src"), "lab/r3");
+    assert_eq!(retention(&env, "lab/r3")["retain"], serde_json::Value::Null);
+
+    // gc: the dry run says what the real one does.
+    let dry = json(&env.ok(&["gc", "--dry-run", "--grace", "0s", "--json"]));
+    assert_eq!(dry["runs_expired"], serde_json::json!(["lab/r1"]));
+    assert!(
+        env.run_info("lab/r1").is_some(),
+        "a dry run changes nothing"
+    );
+    let real = json(&env.ok(&["gc", "--grace", "0s", "--json"]));
+    assert_eq!(real["runs_expired"], dry["runs_expired"]);
+    assert_eq!(real["chunks_swept"], dry["chunks_swept"]);
+    assert!(env.run_info("lab/r1").is_none());
+    let deleted = json(&env.ok(&["runs", "--deleted", "--json"]));
+    assert_eq!(deleted[0]["run"], "r1");
+    assert!(deleted[0]["manifest"].is_string());
+    env.ok(&["verify"]);
+    // r2 shares every chunk with r1: nothing of it was lost.
+    env.ok(&["export", "lab/r2", env.path("out").to_str().unwrap()]);
+    assert_eq!(fs::read(env.path("out/b")).unwrap(), random(1, 300_000));
+    let text = env.ok(&["gc", "--grace", "0s"]);
+    assert!(text.contains("0 runs expired"), "{text}");
+}
+
+fn manifest_chunks(env: &Env, run: &str) -> BTreeSet<String> {
+    let m = json(&env.ok(&["manifest", run, "--json"]));
+    let mut out = BTreeSet::new();
+    for e in m["entries"].as_array().unwrap() {
+        for c in e["chunks"].as_array().into_iter().flatten() {
+            out.insert(c[0].as_str().unwrap().to_owned());
+        }
+    }
+    out
+}
+
+/// Runs `a` (half shared with `keep`) and `b` (nothing shared) expire; `keep` stays.
+fn crash_scenario(env: &Env) -> Vec<u8> {
+    let shared = random(10, 700_000);
+    let mut keep_data = shared.clone();
+    keep_data.extend(random(12, 200_000));
+    let mut a_data = shared;
+    a_data.extend(random(11, 900_000));
+    write_tree(&env.path("a"), &[("data", &a_data)]);
+    write_tree(&env.path("b"), &[("data", &random(13, 600_000))]);
+    write_tree(&env.path("keep"), &[("data", &keep_data)]);
+    env.ok(&[
+        "init",
+        "--chunk-min",
+        "4KiB",
+        "--chunk-avg",
+        "16KiB",
+        "--chunk-max",
+        "64KiB",
+    ]);
+    for r in ["a", "b", "keep"] {
+        env.ingest(&env.path(r), &format!("ns/{r}"));
+    }
+    env.ok(&["retain", "ns/a", "1d"]);
+    env.ok(&["retain", "ns/b", "1d"]);
+    env.ok(&["retain", "ns/keep", "1y"]);
+    keep_data
+}
+
+#[test]
+fn gc_killed_at_every_phase_leaves_a_store_that_verifies_and_the_next_gc_finishes() {
+    let points = [
+        "expire:after-first-run",
+        "expire:after-index",
+        "expire:after-manifests",
+        "sweep:after-index",
+        "sweep:after-orphans",
+        "compact:after-pack-written",
+        "compact:after-index",
+        "compact:after-old-packs",
+        "packs:after-index",
+        "packs:after-delete",
+    ];
+    for point in points {
+        let env = Env::with_clock(T0);
+        let keep = crash_scenario(&env);
+        env.set_time("2026-12-05T00:00:00Z");
+        let out = env
+            .cmd(&["gc", "--grace", "0s", "--compact-below", "1.0"])
+            .env("ARTIFACTFS_FAULT_POINT", point)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(&format!("fault point {point}")),
+            "{point}: gc should have died there ({:?}): {err}",
+            out.status
+        );
+        env.ok(&["verify"]);
+        env.ok(&["gc", "--grace", "0s", "--compact-below", "1.0"]);
+        env.ok(&["verify"]);
+        let runs: Vec<String> = json(&env.ok(&["runs", "--json"]))
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["run"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(runs, ["keep"], "{point}");
+        let stats = env.stats();
+        assert_eq!(
+            stats["chunks"].as_u64().unwrap() as usize,
+            manifest_chunks(&env, "ns/keep").len(),
+            "{point}: only the live run's chunks remain"
+        );
+        let dest = env.path("out");
+        env.ok(&["export", "ns/keep", dest.to_str().unwrap()]);
+        assert_eq!(fs::read(dest.join("data")).unwrap(), keep, "{point}");
+        // Nothing is left behind in the object store either.
+        let objects = walk(&env.store().join("objects"));
+        let packs = objects.iter().filter(|p| p.contains("/packs/")).count();
+        assert_eq!(
+            packs as u64,
+            stats["packs"].as_u64().unwrap(),
+            "{point}: {objects:?}"
+        );
+        let manifests = objects.iter().filter(|p| p.contains("/manifests/")).count();
+        assert_eq!(manifests, 1, "{point}: {objects:?}");
+    }
+}
+
+fn walk(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            out.extend(walk(&e.path()));
+        } else {
+            out.push(e.path().display().to_string());
+        }
+    }
+    out
+}
+
+#[test]
+fn retention_holds_and_gc_through_the_mount() {
+    let env = Env::with_clock(T0);
+    let m = Mount::start(&env, &env.path("mnt"), &["--seal-after", "1h"]);
+    let ns = m.p("lab");
+    fs::create_dir(&ns).unwrap();
+    // A namespace default, for runs made after it.
+    xattr::set(&ns, "user.retain", b"30d").unwrap();
+    assert_eq!(
+        errno(xattr::set(&ns, "user.retain", b"2030-01-01")),
+        nix::libc::EINVAL
+    );
+    assert_eq!(
+        errno(xattr::set(&ns, "user.hold.x", b"")),
+        nix::libc::ENOTSUP
+    );
+    assert_eq!(
+        xattr::get(&ns, "user.retain").unwrap().as_deref(),
+        Some(&b"30d"[..])
+    );
+    let run = m.p("lab/r1");
+    fs::create_dir(&run).unwrap();
+    fs::File::create(run.join("out.txt"))
+        .unwrap()
+        .write_all(b"result")
+        .unwrap();
+    assert_eq!(
+        xattr::get(&run, "user.retain").unwrap().as_deref(),
+        Some(&b"30d"[..])
+    );
+    // Shorter than the default: refused; bad values: EINVAL; longer: fine.
+    assert_eq!(
+        errno(xattr::set(&run, "user.retain", b"10d")),
+        nix::libc::EPERM
+    );
+    for bad in [&b"banana"[..], b"-1d", b"\xff\xfe", &[b'9'; 2000]] {
+        assert_eq!(
+            errno(xattr::set(&run, "user.retain", bad)),
+            nix::libc::EINVAL
+        );
+    }
+    xattr::set(&run, "user.retain", b"60d").unwrap();
+    assert_eq!(errno(xattr::remove(&run, "user.retain")), nix::libc::EPERM);
+    assert!(
+        xattr::get(&run, "user.artifactfs.retain_until")
+            .unwrap()
+            .is_none(),
+        "unknown until the seal"
+    );
+    // Open runs do not list retention (rsync -X into them must not try to remove it).
+    let listed: Vec<String> = xattr::list(&run)
+        .unwrap()
+        .map(|n| n.to_string_lossy().into_owned())
+        .collect();
+    assert!(!listed.iter().any(|n| n == "user.retain"), "{listed:?}");
+    seal(&run);
+    assert_eq!(state(&run), "sealed");
+    assert_eq!(
+        xattr::get(&run, "user.artifactfs.retain_until")
+            .unwrap()
+            .as_deref(),
+        Some(&b"2027-01-30T00:00:00Z"[..])
+    );
+    // Holds on the sealed run.
+    xattr::set(&run, "user.hold.legal", b"case 12").unwrap();
+    assert_eq!(
+        errno(xattr::set(&run, "user.hold.", b"x")),
+        nix::libc::EINVAL
+    );
+    assert_eq!(
+        errno(xattr::set(&run, "user.hold.a/b", b"x")),
+        nix::libc::EINVAL
+    );
+    assert_eq!(
+        errno(xattr::remove(&run, "user.hold.nope")),
+        nix::libc::ENODATA
+    );
+    let listed: Vec<String> = xattr::list(&run)
+        .unwrap()
+        .map(|n| n.to_string_lossy().into_owned())
+        .collect();
+    for n in [
+        "user.retain",
+        "user.hold.legal",
+        "user.artifactfs.retain_until",
+    ] {
+        assert!(listed.iter().any(|l| l == n), "{n} in {listed:?}");
+    }
+    let info = json(&fs::read_to_string(m.p(".artifactfs/retention/lab/r1")).unwrap());
+    assert_eq!(info["retain"], "60d");
+    assert_eq!(info["holds"][0]["name"], "legal");
+    assert_eq!(info["eligible"], false);
+
+    // Time passes: held, so not expired; released, so expired.
+    env.set_time("2027-03-01T00:00:00Z");
+    assert_eq!(fs::read_to_string(m.p(".artifactfs/expired")).unwrap(), "");
+    xattr::remove(&run, "user.hold.legal").unwrap();
+    let expired = fs::read_to_string(m.p(".artifactfs/expired")).unwrap();
+    assert_eq!(json(expired.lines().next().unwrap())["run"], "r1");
+
+    // gc through the control file: a dry run, then a real one.
+    assert_eq!(
+        errno(fs::write(m.p(".artifactfs/gc"), "sweep everything")),
+        nix::libc::EINVAL
+    );
+    fs::write(m.p(".artifactfs/gc"), "dry-run grace=0s").unwrap();
+    let rep = json(&fs::read_to_string(m.p(".artifactfs/gc")).unwrap());
+    assert_eq!(rep["dry_run"], true);
+    assert_eq!(rep["runs_expired"], serde_json::json!(["lab/r1"]));
+    assert!(run.exists());
+    fs::write(m.p(".artifactfs/gc"), "run grace=0s").unwrap();
+    let rep = json(&fs::read_to_string(m.p(".artifactfs/gc")).unwrap());
+    assert_eq!(rep["dry_run"], false);
+    assert_eq!(rep["runs_expired"], serde_json::json!(["lab/r1"]));
+    let names: Vec<String> = fs::read_dir(&ns)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        names.is_empty(),
+        "the deleted run left the mount: {names:?}"
+    );
+    let events = fs::read_to_string(m.p(".artifactfs/events")).unwrap();
+    let kinds: Vec<String> = events
+        .lines()
+        .map(|l| json(l)["kind"].as_str().unwrap().to_owned())
+        .collect();
+    for k in [
+        "run.retention",
+        "run.hold_placed",
+        "run.hold_removed",
+        "run.expired",
+        "gc.finished",
+    ] {
+        assert!(kinds.iter().any(|x| x == k), "{k} in {kinds:?}");
+    }
+    m.unmount();
+    env.ok(&["verify"]);
+}
