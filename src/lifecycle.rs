@@ -311,8 +311,15 @@ fn print_gc(r: &GcReport) {
         r.packs_rewritten,
         r.orphan_objects_deleted,
     );
-    for run in &r.runs_expired {
+    const SHOWN: usize = 20;
+    for run in r.runs_expired.iter().take(SHOWN) {
         println!("  {would}expired {run}");
+    }
+    if r.runs_expired.len() > SHOWN {
+        println!(
+            "  … and {} more (--json lists them all)",
+            r.runs_expired.len() - SHOWN
+        );
     }
     println!(
         "pack bytes {} -> {} ({} {}reclaimed); {} unreferenced chunks kept for the {}s grace period",

@@ -530,7 +530,8 @@ impl Vfs {
         let idx = self.store.index();
         let row = idx
             .run_by_id(run)?
-            .ok_or_else(|| Error::NotFound(format!("run {run}")))?;
+            .filter(|r| r.state != "deleted")
+            .ok_or_else(|| Error::NotFound(format!("run {run} (deleted)")))?;
         let digest = row
             .manifest
             .ok_or_else(|| Error::State(format!("run {} is {}", row.run, row.state)))?;
