@@ -197,15 +197,30 @@ fn record<T: Copy>(table: &Mutex<Vec<T>>, seq: u64, value: T, blank: T) {
 }
 
 impl Shared {
-    /// Claims `id` for storing: false if the store or this writer already has it.
-    fn claim(&self, id: &ChunkId) -> Result<bool> {
+    /// Claims `id` for storing: false if the store or this writer already has it. `own` is the
+    /// calling worker's own index connection, if it has one (see [`Shared::lookup_connection`]).
+    fn claim(&self, id: &ChunkId, own: Option<&Index>) -> Result<bool> {
         if lock(&self.pending).contains(id) {
             return Ok(false);
         }
-        if lock(&self.index).has_chunk(id)? {
+        let indexed = match own {
+            Some(index) => index.has_chunk(id)?,
+            None => lock(&self.index).has_chunk(id)?,
+        };
+        if indexed {
             return Ok(false);
         }
         Ok(lock(&self.pending).insert(*id))
+    }
+
+    /// A connection of a worker's own for dedup lookups. The flusher holds the shared one
+    /// while it commits a pack, which waits for an fsync; in WAL mode another connection reads
+    /// meanwhile. `None` (lookups then share the store's connection) if it cannot be opened.
+    fn lookup_connection(&self) -> Option<Index> {
+        let path = lock(&self.index).path().to_path_buf();
+        Index::open(&path, false)
+            .inspect_err(|e| tracing::debug!(error = %e, "no index connection of the worker's own"))
+            .ok()
     }
 
     fn fail(&self, e: Error) {
@@ -362,7 +377,7 @@ impl ChunkWriter {
     /// chunk is new.
     pub fn submit_hashed(&mut self, id: ChunkId, data: &[u8]) -> Result<()> {
         self.submitted += 1;
-        if !self.shared.claim(&id)? {
+        if !self.shared.claim(&id, None)? {
             return Ok(());
         }
         self.send(Work::New(id, data.to_vec()))
@@ -534,6 +549,7 @@ fn compress_loop(
         Ok(e) => e,
         Err(e) => return shared.fail(e),
     };
+    let lookups = shared.lookup_connection();
     for work in rx {
         if shared.failed() {
             continue;
@@ -543,7 +559,7 @@ fn compress_loop(
             Work::Chunk { seq, block, range } => {
                 let id = ChunkId::of(&block[range.clone()]);
                 record(&shared.ids, seq, id, ChunkId([0; 32]));
-                match shared.claim(&id) {
+                match shared.claim(&id, lookups.as_ref()) {
                     // New: compressed from the block, or stored from it if raw.
                     Ok(true) => (id, Stored::InBlock(block, range)),
                     // A duplicate: never copied, the block is released here.
