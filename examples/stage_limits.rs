@@ -15,7 +15,9 @@
 //! - `zstd`: `Encoder::encode` of each chunk at `--level` (single-threaded, as the engine does).
 //!
 //! Ingest hashes every byte twice (the chunk ids and the whole-file hash of the manifest), so
-//! "hashing" below is `--hash-passes` (default 2) times the one-pass BLAKE3 cost. With C cores:
+//! "hashing" below is `--hash-passes` (default 2) times the one-pass BLAKE3 cost. Both passes
+//! run on the writer's workers (the file hash in pieces, see `writer::file_hash_from_pieces`),
+//! while the ingest thread reads and cuts: the stages can overlap on every core. With C cores:
 //!
 //! - limit for new data        = C / (fastcdc + hashing + zstd)     [bytes per ns]
 //! - limit for already-stored  = C / (fastcdc + hashing)

@@ -32,8 +32,10 @@ fn packs(env: &Env) -> Vec<PathBuf> {
     out
 }
 
-/// The pack holding a file's first chunk, found through the packs' own chunk tables.
-fn pack_of(env: &Env, path_in_store: &str) -> PathBuf {
+/// The pack holding a file's first chunk and where that chunk's stored bytes start in it,
+/// found through the packs' own chunk tables (chunks reach a pack in the order the writer's
+/// workers finish them, not necessarily the file's order).
+fn chunk_in_pack(env: &Env, path_in_store: &str) -> (PathBuf, usize) {
     let store = artifactfs_core::Store::open(&env.store()).unwrap();
     let (r, p) = artifactfs_core::RunRef::parse_with_path(path_in_store).unwrap();
     let entry = store.entry(&r, &p).unwrap();
@@ -49,8 +51,8 @@ fn pack_of(env: &Env, path_in_store: &str) -> PathBuf {
             .unwrap()
             .to_owned();
         let table = artifactfs_core::pack::read_table(&objects, &key).unwrap();
-        if table.iter().any(|e| e.chunk == chunk) {
-            return p;
+        if let Some(e) = table.iter().find(|e| e.chunk == chunk) {
+            return (p, e.offset as usize);
         }
     }
     panic!("no pack holds {path_in_store}");
@@ -83,9 +85,9 @@ fn assert_damage_named(env: &Env, run: &str, file: &str) {
 #[test]
 fn flipped_byte_in_a_pack_is_reported_and_never_served() {
     let env = setup();
-    let pack = pack_of(&env, "lab/a/data/a.bin");
-    // Inside the first chunk's stored bytes (just after the 8-byte header).
-    flip_byte(&pack, 100);
+    let (pack, offset) = chunk_in_pack(&env, "lab/a/data/a.bin");
+    // Inside the first chunk's stored bytes.
+    flip_byte(&pack, offset + 92);
     assert_damage_named(&env, "lab/a", "data/a.bin");
     let out = env.run(&["cat", "lab/a/data/a.bin"]);
     assert!(!out.status.success());
@@ -109,7 +111,7 @@ fn flipped_byte_in_a_pack_is_reported_and_never_served() {
 #[test]
 fn deleted_pack_is_reported() {
     let env = setup();
-    let pack = pack_of(&env, "lab/b/data/b.bin");
+    let (pack, _) = chunk_in_pack(&env, "lab/b/data/b.bin");
     fs::remove_file(&pack).unwrap();
     assert_damage_named(&env, "lab/b", "data/b.bin");
     let out = env.run(&["cat", "lab/b/data/b.bin"]);

@@ -107,6 +107,21 @@ impl Chunker {
         n
     }
 
+    /// The length of the next chunk at the start of `data`, for a caller that keeps the bytes
+    /// itself (no copy into the chunker): `None` while `data` holds less than `max_size` bytes
+    /// and more may follow (`eof` false), since the cut may depend on them. Cutting a stream by
+    /// repeated calls gives the same chunks as [`Chunker::push`] and [`Chunker::finish`].
+    pub fn next_cut(&self, data: &[u8], eof: bool) -> Option<usize> {
+        let max = self.params.max_size as usize;
+        if data.len() >= max {
+            Some(self.cut_len(&data[..max]))
+        } else if eof && !data.is_empty() {
+            Some(self.cut_len(data))
+        } else {
+            None
+        }
+    }
+
     /// Adds bytes; calls `emit` for each chunk completed by them.
     pub fn push<E>(
         &mut self,
@@ -232,6 +247,31 @@ mod tests {
         assert_eq!(reference, ours);
     }
 
+    /// Cuts `data` the way ingest does with `next_cut`: read into blocks of at most `block`
+    /// new bytes, the uncut tail of each carried to the start of the next.
+    fn chunks_by_next_cut(params: ChunkerParams, data: &[u8], block: usize) -> Vec<usize> {
+        let c = Chunker::new(params).unwrap();
+        let mut out = Vec::new();
+        let mut buf: Vec<u8> = Vec::new();
+        let mut rest = data;
+        loop {
+            let n = block.min(rest.len());
+            buf.extend_from_slice(&rest[..n]);
+            rest = &rest[n..];
+            let eof = n < block;
+            let mut pos = 0;
+            while let Some(len) = c.next_cut(&buf[pos..], eof) {
+                out.push(len);
+                pos += len;
+            }
+            buf.drain(..pos);
+            if eof {
+                assert!(buf.is_empty());
+                return out;
+            }
+        }
+    }
+
     #[test]
     fn empty_input_gives_no_chunks() {
         assert!(Chunker::chunk_lengths(small(), &[]).unwrap().is_empty());
@@ -266,7 +306,20 @@ mod tests {
                 }
             }
             let one_push = chunks_by_pushes(p, &data, &[usize::MAX]);
-            prop_assert_eq!(one_push, chunks);
+            prop_assert_eq!(&one_push, &chunks);
+        }
+
+        /// Cutting from the caller's buffer (`next_cut`) gives the chunks of `push`, whatever
+        /// the block size, including blocks smaller than `max_size` and inputs that end exactly
+        /// at a block's end.
+        #[test]
+        fn next_cut_matches_push(blocks in 1usize..12, extra in 0usize..3, seed in any::<u64>(),
+                                 block in prop_oneof![Just(4096usize), Just(4097), Just(9000), 1usize..20_000]) {
+            let len = (blocks * block).saturating_sub(extra);
+            let data = pseudo_random(len, seed);
+            let p = small();
+            let pushed: Vec<usize> = chunks_by_pushes(p, &data, &[block]).iter().map(Vec::len).collect();
+            prop_assert_eq!(chunks_by_next_cut(p, &data, block), pushed);
         }
 
         /// After an insertion, boundaries resynchronise shortly after it: from some cut within

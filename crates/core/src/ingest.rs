@@ -1,7 +1,11 @@
 //! Ingest of a directory tree as one sealed run.
 //!
 //! The tree is walked first (metadata only, sorted by path), then each regular file is streamed
-//! through the chunker into the write pipeline: no file is ever held whole in memory. Special
+//! through the chunker into the write pipeline: no file is ever held whole in memory. This
+//! thread only reads and cuts: each file is read into the writer's shared blocks of
+//! [`FILE_PIECE`] new bytes (plus the uncut tail of the block before), chunks go to the writer's
+//! workers as ranges of their block, and so does each block's piece of the file for the
+//! whole-file BLAKE3, joined from the pieces' subtree hashes when the writer finishes. Special
 //! files (FIFOs, devices, sockets) are recorded and never opened; a second name of an inode with
 //! several links is recorded as a hard link to the first name in path order. The run becomes
 //! visible only when its manifest is committed, after every chunk it names is durable; a failure
@@ -10,8 +14,10 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
 use std::io::{ErrorKind, Read};
+use std::ops::Range;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::chunker::Chunker;
 use crate::clock::rfc3339;
@@ -20,7 +26,7 @@ use crate::id::{ChunkId, FileHash, ManifestDigest};
 use crate::manifest::{ChunkRef, Entry, Kind, MANIFEST_FORMAT, Manifest, ROOT, XattrValue};
 use crate::names::{RunRef, validate_component};
 use crate::store::{Progress, Store};
-use crate::writer::ChunkWriter;
+use crate::writer::{Block, ChunkWriter, FILE_PIECE, Finished, file_hash_from_pieces};
 
 /// What an ingest did.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
@@ -191,22 +197,126 @@ pub fn ingest_stream(
 /// A chunk whose id is not known yet: (the writer's sequence number, plaintext length).
 type DeferredChunk = (u64, u32);
 
-/// As [`ingest_stream`], but chunk hashing happens on the writer's workers: the chunks come back
-/// as (sequence number, length), resolved by [`ChunkWriter::finish_with_ids`].
-fn ingest_stream_deferred(
-    store: &Store,
+/// Where a file's whole-file BLAKE3 comes from once the writer has finished.
+enum FileHashFrom {
+    /// Known already (the empty file).
+    Known(FileHash),
+    /// The file is one chunk: the hash is that chunk's id, by sequence number.
+    Chunk(u64),
+    /// The file is one piece, hashed whole on a worker: its sequence number.
+    Whole(u64),
+    /// The chaining values of the file's pieces, by sequence number, in file order.
+    Pieces(Vec<u64>),
+}
+
+impl FileHashFrom {
+    fn resolve(&self, done: &Finished) -> FileHash {
+        match self {
+            FileHashFrom::Known(h) => *h,
+            FileHashFrom::Chunk(seq) => FileHash(done.ids[*seq as usize].0),
+            FileHashFrom::Whole(seq) => FileHash(done.pieces[*seq as usize]),
+            FileHashFrom::Pieces(seqs) => {
+                let cvs: Vec<[u8; 32]> = seqs.iter().map(|s| done.pieces[*s as usize]).collect();
+                file_hash_from_pieces(&cvs).into()
+            }
+        }
+    }
+}
+
+/// A file read in blocks, waiting for the writer's ids and hashes.
+struct InBlocks {
+    size: u64,
+    chunks: Vec<DeferredChunk>,
+    hash: FileHashFrom,
+}
+
+/// Appends up to `want` bytes of `src` to `buf` (into its spare capacity, which is not zeroed
+/// first); fewer only at the end of the file.
+fn read_full(
+    src: &mut impl Read,
+    buf: &mut Vec<u8>,
+    want: usize,
+    src_name: &Path,
+) -> Result<usize> {
+    let start = buf.len();
+    loop {
+        match src.take((start + want - buf.len()) as u64).read_to_end(buf) {
+            Ok(_) => return Ok(buf.len() - start),
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(Error::io("read", src_name, e)),
+        }
+    }
+}
+
+/// As [`ingest_stream`], but for directory ingest: `src` is read into the writer's blocks and
+/// cut there, and everything else (chunk ids, dedup, compression, the whole-file hash) happens
+/// on the writer's workers; the ids and the hash are resolved after
+/// [`ChunkWriter::finish_with_ids`].
+///
+/// Each block holds the uncut tail of the block before (less than a maximum chunk: a cut needs
+/// `max_size` bytes ahead of it, or the end of the file) and then exactly [`FILE_PIECE`] new
+/// bytes, fewer only at the end. So the new bytes of block `k` are the file's bytes from
+/// `k * FILE_PIECE`, a complete subtree of its BLAKE3 tree, hashed by a worker. Whether a piece
+/// is the file's only one (then it is hashed as the root) is known only when the next read
+/// returns, so each piece is queued one block late.
+fn ingest_file_in_blocks(
+    chunker: &Chunker,
     writer: &mut ChunkWriter,
-    src: impl Read,
+    mut src: impl Read,
     progress: &dyn Progress,
     src_name: &Path,
-) -> Result<(u64, FileHash, Vec<DeferredChunk>)> {
+) -> Result<InBlocks> {
+    let max = chunker.params().max_size as usize;
     let mut chunks = Vec::new();
-    let (size, hash) = stream_chunks(store, src, progress, src_name, &mut |data| {
-        let seq = writer.submit_deferred(data)?;
-        chunks.push((seq, data.len() as u32));
-        Ok(())
-    })?;
-    Ok((size, hash, chunks))
+    let mut pieces = Vec::new();
+    let mut last_piece: Option<(Arc<Block>, Range<usize>)> = None;
+    // The last block and where its uncut tail starts.
+    let mut carry: Option<(Arc<Block>, usize)> = None;
+    let mut size = 0u64;
+    loop {
+        let mut buf = writer.block_buffer(max + FILE_PIECE)?;
+        if let Some((block, at)) = carry.take() {
+            buf.extend_from_slice(&block[at..]);
+        }
+        let start = buf.len();
+        let n = read_full(&mut src, &mut buf, FILE_PIECE, src_name)?;
+        let eof = n < FILE_PIECE;
+        if n > 0
+            && let Some((block, range)) = last_piece.take()
+        {
+            let offset = (pieces.len() * FILE_PIECE) as u64;
+            pieces.push(writer.hash_piece(&block, range, offset, false)?);
+        }
+        size += n as u64;
+        progress.inc(n as u64);
+        let block = writer.share(buf);
+        if n > 0 {
+            last_piece = Some((block.clone(), start..start + n));
+        }
+        let mut pos = 0;
+        while let Some(len) = chunker.next_cut(&block[pos..], eof) {
+            let seq = writer.submit_in_block(&block, pos..pos + len)?;
+            chunks.push((seq, len as u32));
+            pos += len;
+        }
+        if eof {
+            break;
+        }
+        carry = Some((block, pos));
+    }
+    let hash = match last_piece {
+        None => FileHashFrom::Known(FileHash::of(&[])),
+        Some(_) if pieces.is_empty() && chunks.len() == 1 => FileHashFrom::Chunk(chunks[0].0),
+        Some((block, range)) if pieces.is_empty() => {
+            FileHashFrom::Whole(writer.hash_piece(&block, range, 0, true)?)
+        }
+        Some((block, range)) => {
+            let offset = (pieces.len() * FILE_PIECE) as u64;
+            pieces.push(writer.hash_piece(&block, range, offset, false)?);
+            FileHashFrom::Pieces(pieces)
+        }
+    };
+    Ok(InBlocks { size, chunks, hash })
 }
 
 /// Reads `src` to the end, hashing it whole and handing each content-defined chunk to `emit`.
@@ -272,12 +382,13 @@ impl Store {
             .sum();
         progress.set_total(total);
 
+        let chunker = Chunker::new(self.config().chunker)?;
         let seal = self.seal_guard();
         let mut writer = self.writer(&seal);
         let mut entries = Vec::with_capacity(walked.len());
         let mut first_name: HashMap<(u64, u64), String> = HashMap::new();
-        // Files' chunks as (sequence number, length), by entry index, until the ids are known.
-        let mut deferred: Vec<(usize, Vec<DeferredChunk>)> = Vec::new();
+        // Files' chunks and hashes, by entry index, until the writer has finished.
+        let mut deferred: Vec<(usize, InBlocks)> = Vec::new();
         for w in &walked {
             let ft = w.meta.file_type();
             let entry = if ft.is_dir() {
@@ -311,11 +422,9 @@ impl Store {
                 }
                 let mut e = base_entry(w, Kind::File)?;
                 let f = File::open(&w.fs_path).map_err(|e| Error::io("open", &w.fs_path, e))?;
-                let (size, hash, chunks) =
-                    ingest_stream_deferred(self, &mut writer, f, progress, &w.fs_path)?;
-                e.size = size;
-                e.blake3 = Some(hash);
-                deferred.push((entries.len(), chunks));
+                let file = ingest_file_in_blocks(&chunker, &mut writer, f, progress, &w.fs_path)?;
+                e.size = file.size;
+                deferred.push((entries.len(), file));
                 e
             } else if ft.is_fifo() {
                 base_entry(w, Kind::Fifo)?
@@ -338,13 +447,16 @@ impl Store {
             };
             entries.push(entry);
         }
-        let (stats, ids) = writer.finish_with_ids()?;
-        for (i, chunks) in deferred {
-            entries[i].chunks = chunks
+        let done = writer.finish_with_ids()?;
+        for (i, file) in deferred {
+            entries[i].blake3 = Some(file.hash.resolve(&done));
+            entries[i].chunks = file
+                .chunks
                 .into_iter()
-                .map(|(seq, len)| ChunkRef(ids[seq as usize], len))
+                .map(|(seq, len)| ChunkRef(done.ids[seq as usize], len))
                 .collect();
         }
+        let stats = done.stats;
 
         let mut metadata = metadata;
         if let Some(root) = entries.first() {
@@ -409,5 +521,91 @@ fn report(
         new_chunks: stats.new_chunks,
         dedup_ratio: ratio(raw_bytes, stats.new_raw_bytes),
         reduction: ratio(raw_bytes, new_stored),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chunker::ChunkerParams;
+    use crate::store::{InitOptions, NoProgress};
+
+    fn content(n: usize, seed: u32) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(2_654_435_761) | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                (x >> 11) as u8
+            })
+            .collect()
+    }
+
+    /// Files read in blocks get the one-shot BLAKE3 of their bytes as the whole-file hash and
+    /// chunks that concatenate to them: empty, one chunk, one piece of several chunks, and
+    /// lengths at and around multiples of the piece size (hashed in pieces, the last piece
+    /// queued after a read that returns nothing). Identical files share their chunks.
+    #[test]
+    fn files_in_blocks_hash_and_chunk_like_the_one_shot() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        fs::create_dir(&src).unwrap();
+        let small = ChunkerParams {
+            min_size: 16 * 1024,
+            avg_size: 64 * 1024,
+            max_size: 256 * 1024,
+        };
+        let sizes = [
+            0,
+            1,
+            1000,
+            3 * small.max_size as usize,
+            FILE_PIECE - 1,
+            FILE_PIECE,
+            FILE_PIECE + 1,
+            2 * FILE_PIECE,
+            3 * FILE_PIECE + 12_345,
+        ];
+        let mut files = Vec::new();
+        for (i, n) in sizes.iter().enumerate() {
+            let data = content(*n, i as u32 + 1);
+            fs::write(src.join(format!("f{i:02}")), &data).unwrap();
+            files.push((format!("f{i:02}"), data));
+        }
+        // A copy of the largest: every chunk a duplicate within the run.
+        fs::write(src.join("g-copy"), &files.last().unwrap().1).unwrap();
+        files.push(("g-copy".into(), files.last().unwrap().1.clone()));
+
+        let opts = InitOptions {
+            chunker: small,
+            ..InitOptions::default()
+        };
+        let store = Store::init(&dir.path().join("store"), &opts).unwrap();
+        let run = RunRef::parse("t/blocks").unwrap();
+        let report = store
+            .ingest_dir(&src, &run, BTreeMap::new(), &NoProgress)
+            .unwrap();
+        let (_, m) = store.manifest(&run).unwrap();
+        for (name, data) in &files {
+            let e = m.entries.iter().find(|e| &e.path == name).unwrap();
+            assert_eq!(e.size, data.len() as u64, "{name}");
+            assert_eq!(e.blake3, Some(FileHash::of(data)), "{name}");
+            let lens: Vec<usize> = e.chunks.iter().map(|c| c.1 as usize).collect();
+            assert_eq!(lens, Chunker::chunk_lengths(small, data).unwrap(), "{name}");
+            let mut back = Vec::new();
+            store.read_file_to(e, &mut back).unwrap();
+            assert!(back == *data, "{name} reads back");
+        }
+        let copy = &m
+            .entries
+            .iter()
+            .find(|e| e.path == "g-copy")
+            .unwrap()
+            .chunks;
+        assert!(
+            report.chunks - report.new_chunks >= copy.len() as u64,
+            "the copy's chunks are all duplicates"
+        );
     }
 }

@@ -19,7 +19,8 @@
 //! A pack's id is the BLAKE3 of all its bytes, so a pack names itself and any damage to it is
 //! detectable. The table lets the index be rebuilt from packs alone. Packs are built in memory
 //! up to a target size, then written once with [`ObjectStore::put`] (durable on return) before
-//! the index may refer to any chunk in them.
+//! the index may refer to any chunk in them. The builder hashes the bytes as it appends them,
+//! so sealing a pack does not read it again to name it.
 
 use crate::codec::{self, Codec};
 use crate::error::{Error, Result};
@@ -56,6 +57,8 @@ pub fn pack_id_from_key(key: &str) -> Option<PackId> {
 pub struct PackBuilder {
     buf: Vec<u8>,
     entries: Vec<PackEntry>,
+    /// BLAKE3 of `buf` so far: the pack id once the table and footer are in.
+    hasher: blake3::Hasher,
 }
 
 impl Default for PackBuilder {
@@ -66,11 +69,20 @@ impl Default for PackBuilder {
 
 impl PackBuilder {
     pub fn new() -> Self {
-        let mut buf = Vec::with_capacity(1 << 20);
+        Self::with_buffer(Vec::with_capacity(1 << 20))
+    }
+
+    /// A builder that appends to `buf` (cleared first): a buffer of the pack's expected size
+    /// avoids growing it by copies, and a written pack's buffer can be reused for the next one.
+    pub fn with_buffer(mut buf: Vec<u8>) -> Self {
+        buf.clear();
         buf.extend_from_slice(HEADER);
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(HEADER);
         Self {
             buf,
             entries: Vec::new(),
+            hasher,
         }
     }
 
@@ -91,6 +103,7 @@ impl PackBuilder {
     pub fn add(&mut self, chunk: ChunkId, codec: Codec, raw_len: usize, stored: &[u8]) {
         let offset = self.buf.len() as u64;
         self.buf.extend_from_slice(stored);
+        self.hasher.update(stored);
         self.entries.push(PackEntry {
             chunk,
             codec,
@@ -102,13 +115,15 @@ impl PackBuilder {
 
     /// Seals the pack: appends table and footer, returns its id, bytes and entries.
     pub fn finish(mut self) -> (PackId, Vec<u8>, Vec<PackEntry>) {
+        let start = self.buf.len();
         let table = encode_table(&self.entries);
         self.buf.extend_from_slice(&table);
         self.buf
             .extend_from_slice(&(table.len() as u64).to_le_bytes());
         self.buf.extend_from_slice(blake3::hash(&table).as_bytes());
         self.buf.extend_from_slice(FOOTER_MAGIC);
-        let id = PackId::of(&self.buf);
+        self.hasher.update(&self.buf[start..]);
+        let id = PackId::from(self.hasher.finalize());
         (id, self.buf, self.entries)
     }
 }
@@ -238,6 +253,32 @@ mod tests {
         assert_eq!(table, entries);
         for (c, e) in chunks.iter().zip(&table) {
             assert_eq!(&read_chunk(&store, &id, e).unwrap()[..], *c);
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(32))]
+
+        /// The id hashed while appending equals the one-shot BLAKE3 of the finished pack, and a
+        /// reused buffer (with old bytes in it) builds the same pack.
+        #[test]
+        fn incremental_id_is_the_hash_of_the_bytes(
+            lens in proptest::collection::vec(0usize..5000, 0..12), seed in 0u8..255,
+        ) {
+            let chunks: Vec<Vec<u8>> = lens
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| (0..n).map(|j| (j * 7 + i * 13) as u8 ^ seed).collect())
+                .collect();
+            let mut fresh = PackBuilder::new();
+            let mut reused = PackBuilder::with_buffer(vec![0xAA; 3000]);
+            for c in &chunks {
+                fresh.add(ChunkId::of(c), Codec::Raw, c.len(), c);
+                reused.add(ChunkId::of(c), Codec::Raw, c.len(), c);
+            }
+            let (id, bytes, entries) = fresh.finish();
+            proptest::prop_assert_eq!(id, PackId::of(&bytes));
+            proptest::prop_assert_eq!(reused.finish(), (id, bytes, entries));
         }
     }
 

@@ -1,24 +1,38 @@
 //! The chunk write pipeline: dedup, compression on a worker pool, pack assembly, durable writes.
 //!
 //! ```text
-//! caller (chunk + hash) --submit--> [compress workers x N] --> packer thread --> put pack, index it
+//! reader (read, cut) --chunks, file pieces--> [workers x N: hash, dedup, compress]
+//!                                                 --> packer (append, hash) --> flusher (put, index)
 //! ```
 //!
-//! `submit` hashes a chunk on the caller's thread and returns its reference at once;
-//! `submit_deferred` leaves hashing and the dedup lookup to the workers too (so that they run on
-//! every core) and the ids are read after `finish_with_ids`. Either way a chunk already indexed
-//! (or already submitted to this writer) is not stored again. Compressed chunks are appended to an in-memory
-//! pack; a full pack is written with `ObjectStore::put` (durable on return) and only then inserted
-//! into the index. `finish` flushes the last pack: after it returns `Ok`, every submitted chunk is
-//! durable and indexed, so a manifest referring to them may be committed.
+//! Two ways in. [`ChunkWriter::submit`] hashes a chunk on the caller's thread, copies it only if
+//! it is new, and returns its reference at once (the mount's seal uses it). Directory ingest
+//! uses shared read blocks instead: the reader reads a file into a [`Block`] from the writer's
+//! pool, cuts chunks as ranges of it, and hands each range to the workers
+//! ([`ChunkWriter::submit_in_block`]); no chunk is copied on its way in, and a duplicate is never
+//! copied at all. The workers also hash the file itself, in aligned pieces
+//! ([`ChunkWriter::hash_piece`], [`file_hash_from_pieces`]), so that the reader only reads and
+//! cuts. Ids and piece hashes of this second way are known after
+//! [`ChunkWriter::finish_with_ids`], by sequence number.
 //!
-//! Memory is bounded: channels are bounded, a pack is at most its target size plus one chunk.
+//! A chunk already indexed (or already taken on by this writer) is not stored again. New chunks
+//! are compressed (or kept raw) and appended to an in-memory pack, which is hashed as it grows
+//! (its id is the BLAKE3 of its bytes). A full pack is written with `ObjectStore::put` (durable
+//! on return) and only then inserted into the index. `finish` flushes the last pack: after it
+//! returns `Ok`, every submitted chunk is durable and indexed, so a manifest referring to them
+//! may be committed.
+//!
+//! Memory is bounded: channels are bounded, the block pool holds a fixed number of blocks (the
+//! reader waits for one to come back when all are in use), a pack is at most its target size
+//! plus one chunk, and pack and compression buffers are recycled rather than reallocated.
 
 use std::collections::HashSet;
+use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
-use crossbeam_channel::{Receiver, Sender, bounded};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded};
 
 use crate::clock::{Clock, to_unix_ns};
 use crate::codec::{self, Codec};
@@ -28,6 +42,49 @@ use crate::index::Index;
 use crate::manifest::ChunkRef;
 use crate::objstore::ObjectStore;
 use crate::pack::{PackBuilder, pack_key};
+
+/// New bytes of a file in each read block, and the size of the pieces its whole-file BLAKE3 is
+/// computed in. A power-of-two multiple of BLAKE3's 1 KiB chunk: every piece but the last is
+/// then a complete subtree of the file's hash tree, which a worker can hash on its own.
+pub const FILE_PIECE: usize = 2 << 20;
+
+/// The chaining value (or, for a file of one piece, the hash) of the piece of a file that
+/// starts at `offset`, a multiple of [`FILE_PIECE`]; see [`file_hash_from_pieces`].
+pub fn hash_file_piece(offset: u64, data: &[u8], whole_file: bool) -> [u8; 32] {
+    use blake3::hazmat::HasherExt;
+    if whole_file {
+        debug_assert_eq!(offset, 0);
+        *blake3::hash(data).as_bytes()
+    } else {
+        blake3::Hasher::new()
+            .set_input_offset(offset)
+            .update(data)
+            .finalize_non_root()
+    }
+}
+
+/// The BLAKE3 of a file from the chaining values of its pieces, in order: all pieces but the
+/// last of the same power-of-two size (at least 1 KiB), the last of 1 byte up to that size,
+/// at least two pieces (a file of one piece is hashed whole). Joins them as BLAKE3's tree does:
+/// the left subtree of a node holds the largest power of two of pieces that leaves at least one
+/// byte for the right.
+pub fn file_hash_from_pieces(cvs: &[[u8; 32]]) -> blake3::Hash {
+    use blake3::hazmat::{Mode, merge_subtrees_non_root, merge_subtrees_root};
+    fn left_len(n: usize) -> usize {
+        // The largest power of two <= n - 1, for n >= 2.
+        1 << (usize::BITS - 1 - (n - 1).leading_zeros())
+    }
+    fn subtree(cvs: &[[u8; 32]]) -> [u8; 32] {
+        if cvs.len() == 1 {
+            return cvs[0];
+        }
+        let l = left_len(cvs.len());
+        merge_subtrees_non_root(&subtree(&cvs[..l]), &subtree(&cvs[l..]), Mode::Hash)
+    }
+    assert!(cvs.len() >= 2, "a file of one piece is hashed whole");
+    let l = left_len(cvs.len());
+    merge_subtrees_root(&subtree(&cvs[..l]), &subtree(&cvs[l..]), Mode::Hash)
+}
 
 /// What a writer stored.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -44,6 +101,16 @@ pub struct WriteStats {
     pub packs: u64,
 }
 
+/// What a finished writer hands back.
+#[derive(Debug)]
+pub struct Finished {
+    pub stats: WriteStats,
+    /// Ids of the chunks given to [`ChunkWriter::submit_in_block`], by sequence number.
+    pub ids: Vec<ChunkId>,
+    /// Results of [`ChunkWriter::hash_piece`], by sequence number.
+    pub pieces: Vec<[u8; 32]>,
+}
+
 /// Settings for a writer.
 #[derive(Clone, Debug)]
 pub struct WriterConfig {
@@ -52,13 +119,46 @@ pub struct WriterConfig {
     pub workers: usize,
 }
 
+/// A read buffer that chunks are cut from as ranges, shared (`Arc`) by the work items that
+/// refer to it. When the last one is done with it, its memory goes back to the writer's pool.
+pub struct Block {
+    data: Vec<u8>,
+    home: Sender<Vec<u8>>,
+}
+
+impl std::ops::Deref for Block {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+impl Drop for Block {
+    fn drop(&mut self) {
+        // The pool's channel has room for every block there is; if the writer is gone, the
+        // memory is simply freed.
+        let _ = self.home.try_send(std::mem::take(&mut self.data));
+    }
+}
+
+/// The read buffers of one writer: at most `cap` exist, so a reader that runs ahead of the
+/// workers waits for one to come back.
+struct BlockPool {
+    home: Sender<Vec<u8>>,
+    free: Receiver<Vec<u8>>,
+    made: usize,
+    cap: usize,
+}
+
 struct Shared {
     error: Mutex<Option<Error>>,
     stats: Mutex<WriteStats>,
     /// Chunks this writer has taken on to store (never removed while it runs).
     pending: Mutex<HashSet<ChunkId>>,
-    /// Ids of deferred chunks, by submission sequence number.
+    /// Ids of chunks submitted in blocks, by sequence number.
     ids: Mutex<Vec<ChunkId>>,
+    /// Results of file pieces, by sequence number.
+    pieces: Mutex<Vec<[u8; 32]>>,
     index: Arc<Mutex<Index>>,
 }
 
@@ -66,24 +166,61 @@ struct Shared {
 enum Work {
     /// Hashed, and known to be new: compress and store.
     New(ChunkId, Vec<u8>),
-    /// Not hashed yet: hash, record the id under the sequence number, dedup, maybe store.
-    Deferred(u64, Vec<u8>),
+    /// A chunk in a block, not hashed yet: hash, record the id under `seq`, dedup, maybe store.
+    Chunk {
+        seq: u64,
+        block: Arc<Block>,
+        range: Range<usize>,
+    },
+    /// A piece of a file: hash it (see [`hash_file_piece`]) and record the result under `seq`.
+    Piece {
+        seq: u64,
+        block: Arc<Block>,
+        range: Range<usize>,
+        offset: u64,
+        whole_file: bool,
+    },
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Stores `value` at `seq` of a table filled out of order by the workers.
+fn record<T: Copy>(table: &Mutex<Vec<T>>, seq: u64, value: T, blank: T) {
+    let mut t = lock(table);
+    let seq = seq as usize;
+    if t.len() <= seq {
+        t.resize(seq + 1, blank);
+    }
+    t[seq] = value;
+}
+
 impl Shared {
-    /// Claims `id` for storing: false if the store or this writer already has it.
-    fn claim(&self, id: &ChunkId) -> Result<bool> {
+    /// Claims `id` for storing: false if the store or this writer already has it. `own` is the
+    /// calling worker's own index connection, if it has one (see [`Shared::lookup_connection`]).
+    fn claim(&self, id: &ChunkId, own: Option<&Index>) -> Result<bool> {
         if lock(&self.pending).contains(id) {
             return Ok(false);
         }
-        if lock(&self.index).has_chunk(id)? {
+        let indexed = match own {
+            Some(index) => index.has_chunk(id)?,
+            None => lock(&self.index).has_chunk(id)?,
+        };
+        if indexed {
             return Ok(false);
         }
         Ok(lock(&self.pending).insert(*id))
+    }
+
+    /// A connection of a worker's own for dedup lookups. The flusher holds the shared one
+    /// while it commits a pack, which waits for an fsync; in WAL mode another connection reads
+    /// meanwhile. `None` (lookups then share the store's connection) if it cannot be opened.
+    fn lookup_connection(&self) -> Option<Index> {
+        let path = lock(&self.index).path().to_path_buf();
+        Index::open(&path, false)
+            .inspect_err(|e| tracing::debug!(error = %e, "no index connection of the worker's own"))
+            .ok()
     }
 
     fn fail(&self, e: Error) {
@@ -100,11 +237,38 @@ impl Shared {
     }
 }
 
+/// Marks the pipeline failed if a thread of it unwinds, so that no one waits for it.
+struct FailOnPanic<'a>(&'a Shared, &'static str);
+
+impl Drop for FailOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.fail(Error::Internal(format!("{} panicked", self.1)));
+        }
+    }
+}
+
+/// The bytes of a chunk as stored: compressed into a buffer of their own, or (kept raw) the
+/// caller's bytes, still in their block.
+enum Stored {
+    Owned(Vec<u8>),
+    InBlock(Arc<Block>, Range<usize>),
+}
+
+impl Stored {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Stored::Owned(v) => v,
+            Stored::InBlock(b, r) => &b[r.clone()],
+        }
+    }
+}
+
 struct Compressed {
     id: ChunkId,
     codec: Codec,
     raw_len: usize,
-    stored: Vec<u8>,
+    stored: Stored,
 }
 
 /// A running pipeline. Dropping it without `finish` still drains it: queued chunks are written
@@ -115,8 +279,10 @@ pub struct ChunkWriter {
     packer: Option<JoinHandle<()>>,
     flusher: Option<JoinHandle<()>>,
     shared: Arc<Shared>,
+    pool: BlockPool,
     submitted: u64,
-    deferred: u64,
+    in_blocks: u64,
+    pieces: u64,
 }
 
 impl ChunkWriter {
@@ -130,34 +296,42 @@ impl ChunkWriter {
         let workers_n = config.workers.max(1);
         let (to_workers, work_rx) = bounded::<Work>(workers_n * 4);
         let (to_packer, pack_rx) = bounded::<Compressed>(workers_n * 4);
+        // Compression buffers the packer is done with, back to the workers.
+        let (spare_tx, spare_rx) = bounded::<Vec<u8>>(workers_n * 4);
         let shared = Arc::new(Shared {
             error: Mutex::new(None),
             stats: Mutex::new(WriteStats::default()),
             pending: Mutex::new(HashSet::new()),
             ids: Mutex::new(Vec::new()),
+            pieces: Mutex::new(Vec::new()),
             index: index.clone(),
         });
         let workers = (0..workers_n)
             .map(|i| {
                 let rx = work_rx.clone();
                 let tx = to_packer.clone();
+                let spare = spare_rx.clone();
                 let level = config.compression_level;
                 let shared = shared.clone();
                 std::thread::Builder::new()
                     .name(format!("afs-compress-{i}"))
-                    .spawn(move || compress_loop(rx, tx, level, &shared))
+                    .spawn(move || compress_loop(rx, tx, spare, level, &shared))
                     .expect("spawn compression worker")
             })
             .collect();
         drop(to_packer);
-        // One pack may wait while another is written: bounded memory, overlapping I/O.
+        // One pack may wait while another is written: bounded memory, overlapping I/O. A
+        // written pack's buffer goes back to the packer for the next pack.
         let (to_flusher, flush_rx) = bounded::<SealedPack>(1);
+        let (recycle_tx, recycle_rx) = bounded::<Vec<u8>>(1);
         let packer = {
             let shared = shared.clone();
             let target = config.pack_target_size;
             std::thread::Builder::new()
                 .name("afs-packer".into())
-                .spawn(move || pack_loop(pack_rx, to_flusher, target, &shared))
+                .spawn(move || {
+                    pack_loop(pack_rx, to_flusher, recycle_rx, spare_tx, target, &shared)
+                })
                 .expect("spawn packer")
         };
         let flusher = {
@@ -165,17 +339,30 @@ impl ChunkWriter {
             let shared = shared.clone();
             std::thread::Builder::new()
                 .name("afs-flusher".into())
-                .spawn(move || flush_loop(flush_rx, &*objects, &index, &*clock, &shared))
+                .spawn(move || {
+                    flush_loop(flush_rx, recycle_tx, &*objects, &index, &*clock, &shared)
+                })
                 .expect("spawn flusher")
         };
+        // Enough blocks for the reader to fill one while each worker hashes another and the
+        // queues hold a few more; each is FILE_PIECE plus a chunk's tail.
+        let cap = 2 * workers_n + 2;
+        let (home, free) = bounded::<Vec<u8>>(cap);
         Self {
             to_workers: Some(to_workers),
             workers,
             packer: Some(packer),
             flusher: Some(flusher),
             shared,
+            pool: BlockPool {
+                home,
+                free,
+                made: 0,
+                cap,
+            },
             submitted: 0,
-            deferred: 0,
+            in_blocks: 0,
+            pieces: 0,
         }
     }
 
@@ -186,22 +373,81 @@ impl ChunkWriter {
         Ok(ChunkRef(id, data.len() as u32))
     }
 
-    /// As [`ChunkWriter::submit`] with the id already computed.
+    /// As [`ChunkWriter::submit`] with the id already computed; copies `data` only if the
+    /// chunk is new.
     pub fn submit_hashed(&mut self, id: ChunkId, data: &[u8]) -> Result<()> {
         self.submitted += 1;
-        if !self.shared.claim(&id)? {
+        if !self.shared.claim(&id, None)? {
             return Ok(());
         }
         self.send(Work::New(id, data.to_vec()))
     }
 
-    /// Queues a chunk without hashing it here; returns its sequence number, whose id
-    /// [`ChunkWriter::finish_with_ids`] gives.
-    pub fn submit_deferred(&mut self, data: &[u8]) -> Result<u64> {
+    /// An empty buffer of at least `capacity` bytes from the pool, to read into and then
+    /// [`share`](ChunkWriter::share). Waits while every block of the pool is in use.
+    pub fn block_buffer(&mut self, capacity: usize) -> Result<Vec<u8>> {
+        let p = &mut self.pool;
+        let mut buf = match p.free.try_recv() {
+            Ok(b) => b,
+            Err(_) if p.made < p.cap => {
+                p.made += 1;
+                Vec::new()
+            }
+            Err(_) => loop {
+                match p.free.recv_timeout(Duration::from_millis(100)) {
+                    Ok(b) => break b,
+                    Err(RecvTimeoutError::Timeout) if !self.shared.failed() => {}
+                    Err(_) => return Err(self.take_error()),
+                }
+            },
+        };
+        buf.clear();
+        buf.reserve(capacity);
+        Ok(buf)
+    }
+
+    /// Freezes a buffer filled by the caller into a block that chunks can be cut from.
+    pub fn share(&self, data: Vec<u8>) -> Arc<Block> {
+        Arc::new(Block {
+            data,
+            home: self.pool.home.clone(),
+        })
+    }
+
+    /// Queues the chunk `block[range]` without hashing it here or copying it; returns its
+    /// sequence number, whose id [`ChunkWriter::finish_with_ids`] gives.
+    pub fn submit_in_block(&mut self, block: &Arc<Block>, range: Range<usize>) -> Result<u64> {
         self.submitted += 1;
-        let seq = self.deferred;
-        self.deferred += 1;
-        self.send(Work::Deferred(seq, data.to_vec()))?;
+        let seq = self.in_blocks;
+        self.in_blocks += 1;
+        self.send(Work::Chunk {
+            seq,
+            block: block.clone(),
+            range,
+        })?;
+        Ok(seq)
+    }
+
+    /// Queues `block[range]`, the piece of a file at `offset` (a multiple of [`FILE_PIECE`]),
+    /// for [`hash_file_piece`] on a worker; returns its sequence number, whose result
+    /// [`ChunkWriter::finish_with_ids`] gives.
+    pub fn hash_piece(
+        &mut self,
+        block: &Arc<Block>,
+        range: Range<usize>,
+        offset: u64,
+        whole_file: bool,
+    ) -> Result<u64> {
+        debug_assert!(offset.is_multiple_of(FILE_PIECE as u64));
+        let seq = self.pieces;
+        self.pieces += 1;
+        self.send(Work::Piece {
+            seq,
+            block: block.clone(),
+            range,
+            offset,
+            whole_file,
+        })?;
         Ok(seq)
     }
 
@@ -230,11 +476,12 @@ impl ChunkWriter {
 
     /// Flushes everything; after `Ok`, all submitted chunks are durable and indexed.
     pub fn finish(self) -> Result<WriteStats> {
-        self.finish_with_ids().map(|(stats, _)| stats)
+        self.finish_with_ids().map(|f| f.stats)
     }
 
-    /// As [`ChunkWriter::finish`], also returning the ids of deferred chunks by sequence number.
-    pub fn finish_with_ids(mut self) -> Result<(WriteStats, Vec<ChunkId>)> {
+    /// As [`ChunkWriter::finish`], also returning the ids of chunks submitted in blocks and
+    /// the results of file pieces, by sequence number.
+    pub fn finish_with_ids(mut self) -> Result<Finished> {
         self.shutdown();
         if let Some(e) = self
             .shared
@@ -248,14 +495,17 @@ impl ChunkWriter {
         let mut stats = *lock(&self.shared.stats);
         stats.chunks = self.submitted;
         let ids = std::mem::take(&mut *lock(&self.shared.ids));
-        if ids.len() as u64 != self.deferred {
+        let pieces = std::mem::take(&mut *lock(&self.shared.pieces));
+        if ids.len() as u64 != self.in_blocks || pieces.len() as u64 != self.pieces {
             return Err(Error::Internal(format!(
-                "{} deferred chunks but {} ids",
-                self.deferred,
-                ids.len()
+                "{} chunks in blocks but {} ids, {} file pieces but {} results",
+                self.in_blocks,
+                ids.len(),
+                self.pieces,
+                pieces.len()
             )));
         }
-        Ok((stats, ids))
+        Ok(Finished { stats, ids, pieces })
     }
 
     fn shutdown(&mut self) {
@@ -286,30 +536,33 @@ impl Drop for ChunkWriter {
     }
 }
 
-fn compress_loop(rx: Receiver<Work>, tx: Sender<Compressed>, level: i32, shared: &Shared) {
+fn compress_loop(
+    rx: Receiver<Work>,
+    tx: Sender<Compressed>,
+    spare: Receiver<Vec<u8>>,
+    level: i32,
+    shared: &Shared,
+) {
+    let _guard = FailOnPanic(shared, "compression worker");
     let mut out = Vec::new();
     let mut encoder = match codec::Encoder::new(level) {
         Ok(e) => e,
         Err(e) => return shared.fail(e),
     };
+    let lookups = shared.lookup_connection();
     for work in rx {
         if shared.failed() {
             continue;
         }
         let (id, data) = match work {
-            Work::New(id, data) => (id, data),
-            Work::Deferred(seq, data) => {
-                let id = ChunkId::of(&data);
-                {
-                    let mut ids = lock(&shared.ids);
-                    let seq = seq as usize;
-                    if ids.len() <= seq {
-                        ids.resize(seq + 1, ChunkId([0; 32]));
-                    }
-                    ids[seq] = id;
-                }
-                match shared.claim(&id) {
-                    Ok(true) => (id, data),
+            Work::New(id, data) => (id, Stored::Owned(data)),
+            Work::Chunk { seq, block, range } => {
+                let id = ChunkId::of(&block[range.clone()]);
+                record(&shared.ids, seq, id, ChunkId([0; 32]));
+                match shared.claim(&id, lookups.as_ref()) {
+                    // New: compressed from the block, or stored from it if raw.
+                    Ok(true) => (id, Stored::InBlock(block, range)),
+                    // A duplicate: never copied, the block is released here.
                     Ok(false) => continue,
                     Err(e) => {
                         shared.fail(e);
@@ -317,17 +570,29 @@ fn compress_loop(rx: Receiver<Work>, tx: Sender<Compressed>, level: i32, shared:
                     }
                 }
             }
+            Work::Piece {
+                seq,
+                block,
+                range,
+                offset,
+                whole_file,
+            } => {
+                let h = hash_file_piece(offset, &block[range], whole_file);
+                record(&shared.pieces, seq, h, [0; 32]);
+                continue;
+            }
         };
-        let raw_len = data.len();
-        match encoder.encode(&data, &mut out) {
+        let raw = data.bytes();
+        let raw_len = raw.len();
+        match encoder.encode(raw, &mut out) {
             Ok(codec) => {
-                // Raw chunks travel as the caller's buffer; compressed ones as a copy of `out`,
-                // which is reused for the next chunk.
+                // Raw chunks travel as they came (a block range, or the caller's copy);
+                // compressed ones in `out`, replaced by a buffer the packer is done with.
                 let stored = if codec == Codec::Raw {
                     data
                 } else {
-                    // Hand over the compressed buffer; the next chunk gets a fresh one.
-                    std::mem::replace(&mut out, Vec::with_capacity(raw_len))
+                    let next = spare.try_recv().unwrap_or_default();
+                    Stored::Owned(std::mem::replace(&mut out, next))
                 };
                 let msg = Compressed {
                     id,
@@ -336,7 +601,7 @@ fn compress_loop(rx: Receiver<Work>, tx: Sender<Compressed>, level: i32, shared:
                     stored,
                 };
                 if tx.send(msg).is_err() {
-                    return;
+                    return shared.fail(Error::Internal("packer stopped".into()));
                 }
             }
             Err(e) => shared.fail(e),
@@ -356,10 +621,21 @@ struct SealedPack {
 fn pack_loop(
     rx: Receiver<Compressed>,
     to_flusher: Sender<SealedPack>,
+    recycled: Receiver<Vec<u8>>,
+    spare: Sender<Vec<u8>>,
     target: u64,
     shared: &Shared,
 ) {
-    let mut builder = PackBuilder::new();
+    let _guard = FailOnPanic(shared, "packer");
+    // A pack ends with the chunk that takes it past the target, then its table: room for the
+    // target and a large chunk means the buffer never grows (it would, by copies, otherwise).
+    let capacity = usize::try_from(target).unwrap_or(usize::MAX / 2) + (2 << 20);
+    let next_buffer = || {
+        recycled
+            .try_recv()
+            .unwrap_or_else(|_| Vec::with_capacity(capacity))
+    };
+    let mut builder = PackBuilder::with_buffer(next_buffer());
     let hand_off = |b: PackBuilder| -> bool {
         if b.is_empty() {
             return true;
@@ -371,9 +647,15 @@ fn pack_loop(
         if shared.failed() {
             continue;
         }
-        builder.add(c.id, c.codec, c.raw_len, &c.stored);
-        if builder.len() as u64 >= target && !hand_off(std::mem::take(&mut builder)) {
-            return;
+        builder.add(c.id, c.codec, c.raw_len, c.stored.bytes());
+        if let Stored::Owned(buf) = c.stored {
+            let _ = spare.try_send(buf);
+        }
+        if builder.len() as u64 >= target {
+            let full = std::mem::replace(&mut builder, PackBuilder::with_buffer(next_buffer()));
+            if !hand_off(full) {
+                return shared.fail(Error::Internal("pack flusher stopped".into()));
+            }
         }
     }
     if !shared.failed() {
@@ -384,11 +666,13 @@ fn pack_loop(
 /// Writes packs durably, then indexes their chunks (never the other way round).
 fn flush_loop(
     rx: Receiver<SealedPack>,
+    recycle: Sender<Vec<u8>>,
     objects: &dyn ObjectStore,
     index: &Mutex<Index>,
     clock: &dyn Clock,
     shared: &Shared,
 ) {
+    let _guard = FailOnPanic(shared, "pack flusher");
     for p in rx {
         if shared.failed() {
             continue;
@@ -416,5 +700,83 @@ fn flush_loop(
         if let Err(e) = res {
             shared.fail(e);
         }
+        let _ = recycle.try_send(p.bytes);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn data(n: usize, seed: u8) -> Vec<u8> {
+        (0..n)
+            .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[2] ^ seed)
+            .collect()
+    }
+
+    /// Hashes `d` in pieces of `piece` bytes the way ingest does.
+    fn by_pieces(d: &[u8], piece: usize) -> blake3::Hash {
+        if d.len() <= piece {
+            return hash_file_piece(0, d, true).into();
+        }
+        let cvs: Vec<[u8; 32]> = d
+            .chunks(piece)
+            .enumerate()
+            .map(|(i, p)| {
+                use blake3::hazmat::HasherExt;
+                // Any power-of-two piece size gives complete subtrees; FILE_PIECE is one.
+                blake3::Hasher::new()
+                    .set_input_offset((i * piece) as u64)
+                    .update(p)
+                    .finalize_non_root()
+            })
+            .collect();
+        file_hash_from_pieces(&cvs)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        /// The whole-file hash joined from pieces equals the one-shot BLAKE3, for lengths at
+        /// and one or two bytes either side of multiples of the piece size.
+        #[test]
+        fn pieces_join_to_the_one_shot_hash_near_multiples(
+            shift in 0u32..4, pieces in 0usize..20, delta in -2i64..3, seed in any::<u8>(),
+        ) {
+            let piece = 1024usize << shift;
+            let len = ((pieces * piece) as i64 + delta).max(0) as usize;
+            let d = data(len, seed);
+            prop_assert_eq!(by_pieces(&d, piece), blake3::hash(&d));
+        }
+
+        /// ... and for any length.
+        #[test]
+        fn pieces_join_to_the_one_shot_hash(
+            shift in 0u32..4, len in 0usize..40_000, seed in any::<u8>(),
+        ) {
+            let d = data(len, seed);
+            prop_assert_eq!(by_pieces(&d, 1024 << shift), blake3::hash(&d));
+        }
+    }
+
+    #[test]
+    fn file_pieces_of_the_real_size_join_to_the_one_shot_hash() {
+        for len in [
+            FILE_PIECE + 1,
+            2 * FILE_PIECE,
+            3 * FILE_PIECE - 1,
+            5 * FILE_PIECE + 7,
+        ] {
+            let d = data(len, 3);
+            let cvs: Vec<[u8; 32]> = d
+                .chunks(FILE_PIECE)
+                .enumerate()
+                .map(|(i, p)| hash_file_piece((i * FILE_PIECE) as u64, p, false))
+                .collect();
+            assert_eq!(file_hash_from_pieces(&cvs), blake3::hash(&d), "{len} bytes");
+        }
+        let d = data(FILE_PIECE, 1);
+        assert_eq!(hash_file_piece(0, &d, true), *blake3::hash(&d).as_bytes());
     }
 }
