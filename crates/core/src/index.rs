@@ -23,7 +23,7 @@ use crate::names::RunRef;
 use crate::pack::PackEntry;
 
 /// Schema version written by this build.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 4;
 
 const MIGRATIONS: &[&str] = &[
     // 0 -> 1
@@ -125,6 +125,9 @@ const MIGRATIONS: &[&str] = &[
     ) WITHOUT ROWID;
     CREATE INDEX dentries_ino ON dentries(ino);
     "#,
+    "-- 2 -> 3: reserved for retention, holds and reference counts",
+    // 3 -> 4: tiering state (crate::index_tier).
+    crate::index_tier::MIGRATION_TIER,
 ];
 
 /// A run as the index knows it.
@@ -174,11 +177,11 @@ pub struct ChunkLoc {
 
 /// The index connection.
 pub struct Index {
-    conn: Connection,
-    path: PathBuf,
+    pub(crate) conn: Connection,
+    pub(crate) path: PathBuf,
 }
 
-fn sql_err(path: &Path) -> impl Fn(rusqlite::Error) -> Error + '_ {
+pub(crate) fn sql_err(path: &Path) -> impl Fn(rusqlite::Error) -> Error + '_ {
     move |e| Error::Index {
         path: path.to_path_buf(),
         message: e.to_string(),
@@ -919,7 +922,7 @@ impl Index {
     /// Runs `f` with `synchronous=FULL`: its commit, and every commit before it, is on disk when
     /// it returns. For commits that other durable state depends on (a seal after which staging
     /// files are deleted; packs, so the index never lags what a manifest names).
-    fn durable<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+    pub(crate) fn durable<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
         let path = self.path.clone();
         self.conn
             .execute_batch("PRAGMA synchronous=FULL")

@@ -40,6 +40,9 @@ pub struct StoreConfig {
     pub compression_level: i32,
     /// Packs are written once they reach this many bytes.
     pub pack_target_size: u64,
+    /// The remote tier, when the local store is a cache in front of one (`crate::tier`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier: Option<crate::tier::TierConfig>,
 }
 
 /// Options for [`Store::init`].
@@ -48,6 +51,8 @@ pub struct InitOptions {
     pub chunker: ChunkerParams,
     pub compression_level: i32,
     pub pack_target_size: u64,
+    /// A remote tier to record in `config.toml` (see [`Store::init_tiered`]).
+    pub tier: Option<crate::tier::TierConfig>,
 }
 
 impl Default for InitOptions {
@@ -56,6 +61,7 @@ impl Default for InitOptions {
             chunker: ChunkerParams::default(),
             compression_level: 3,
             pack_target_size: 16 * 1024 * 1024,
+            tier: None,
         }
     }
 }
@@ -79,6 +85,7 @@ pub struct Store {
     pub(crate) index: Arc<Mutex<Index>>,
     pub(crate) objects: Arc<dyn ObjectStore>,
     pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) tier: Option<Arc<crate::tier::Tier>>,
     _lock: File,
 }
 
@@ -124,6 +131,7 @@ impl Store {
             chunker: opts.chunker,
             compression_level: opts.compression_level,
             pack_target_size: opts.pack_target_size,
+            tier: opts.tier.clone(),
         };
         let text = toml::to_string_pretty(&config)
             .map_err(|e| Error::Internal(format!("config encode: {e}")))?;
@@ -145,7 +153,11 @@ impl Store {
 
     /// Opens an existing store with the local object store and the system clock.
     pub fn open(root: &Path) -> Result<Self> {
-        read_config(root)?;
+        if let Some(t) = read_config(root)?.tier {
+            // This caller has no client for the remote tier: local data stays readable.
+            let remote = crate::tier::Unconnected::new(t.backend, "no client for the remote tier");
+            return Self::open_tiered(root, Arc::new(remote));
+        }
         let objects = Arc::new(LocalStore::open(root.join("objects"))?);
         Self::open_with(root, objects, Arc::new(SystemClock))
     }
@@ -159,14 +171,26 @@ impl Store {
         Self::open_inner(root, objects, clock, false)
     }
 
-    fn open_inner(
+    pub(crate) fn open_inner(
         root: &Path,
         objects: Arc<dyn ObjectStore>,
         clock: Arc<dyn Clock>,
         new_index: bool,
     ) -> Result<Self> {
-        let config = read_config(root)?;
+        read_config(root)?;
         let lock = take_lock(root)?;
+        Self::open_locked(root, lock, objects, clock, new_index)
+    }
+
+    /// [`Store::open_inner`] with the lock already taken.
+    pub(crate) fn open_locked(
+        root: &Path,
+        lock: File,
+        objects: Arc<dyn ObjectStore>,
+        clock: Arc<dyn Clock>,
+        new_index: bool,
+    ) -> Result<Self> {
+        let config = read_config(root)?;
         let index = Index::open(&root.join("index.sqlite"), new_index)?;
         crate::objstore::remove_stale_temp_files(&root.join("objects"));
         Ok(Self {
@@ -175,6 +199,7 @@ impl Store {
             index: Arc::new(Mutex::new(index)),
             objects,
             clock,
+            tier: None,
             _lock: lock,
         })
     }
@@ -348,7 +373,7 @@ fn with_file(e: Error, path: &str) -> Error {
 }
 
 /// Reads and checks `config.toml`; a directory without one is not a store.
-fn read_config(root: &Path) -> Result<StoreConfig> {
+pub(crate) fn read_config(root: &Path) -> Result<StoreConfig> {
     let cfg_path = config_path(root);
     let mut text = String::new();
     match File::open(&cfg_path) {
@@ -381,7 +406,7 @@ fn read_config(root: &Path) -> Result<StoreConfig> {
     Ok(config)
 }
 
-fn take_lock(root: &Path) -> Result<File> {
+pub(crate) fn take_lock(root: &Path) -> Result<File> {
     let path = root.join("lock");
     let mut f = OpenOptions::new()
         .read(true)
