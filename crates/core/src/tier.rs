@@ -608,6 +608,11 @@ impl Tier {
     /// Evicts least recently read packs (only those safely remote) and cached ranges until
     /// the local cache is within its bound.
     pub fn evict(&self) -> Result<EvictReport> {
+        self.evict_inner(true)
+    }
+
+    /// `warn`: say so when the bound cannot be met (not on open, where it is no news).
+    fn evict_inner(&self, warn: bool) -> Result<EvictReport> {
         let mut report = EvictReport::default();
         let reads: Vec<(PackId, i64)> = self
             .reads
@@ -673,7 +678,7 @@ impl Tier {
                     "evicted from the local cache"
                 );
             }
-            if total > limit {
+            if total > limit && warn {
                 tracing::warn!(
                     local = total,
                     cache_size = limit,
@@ -683,6 +688,28 @@ impl Tier {
         }
         self.pack_bytes.store(pack_bytes, Ordering::Relaxed);
         Ok(report)
+    }
+
+    /// Deletes local files of packs the index says are evicted: a crash between the two
+    /// steps of an eviction leaves one behind.
+    fn sweep_evicted_files(&self) -> Result<()> {
+        let local = self.local.list("packs/")?;
+        let mut stray = Vec::new();
+        {
+            let idx = self.index()?;
+            for m in local {
+                if let Some(id) = pack_id_from_key(&m.key)
+                    && idx.tier_pack_state(&id)? == Some(false)
+                {
+                    stray.push(m.key);
+                }
+            }
+        }
+        for key in stray {
+            tracing::info!(key, "removing the file of a pack evicted before a crash");
+            self.local.delete(&key)?;
+        }
+        Ok(())
     }
 
     /// Where bytes are.
@@ -933,6 +960,12 @@ fn missing_both(e: Error, t: &Tier) -> Error {
 }
 
 impl Store {
+    /// The configuration of the store at `root`, read without opening it (the binary needs
+    /// its `[tier]` table to build the remote tier first).
+    pub fn config_at(root: &Path) -> Result<crate::store::StoreConfig> {
+        crate::store::read_config(root)
+    }
+
     /// Opens a store whose `config.toml` has a `[tier]` table, with `remote` as its remote
     /// tier (the binary builds it from the table's `backend`).
     pub fn open_tiered(root: &Path, remote: Arc<dyn ObjectStore>) -> Result<Self> {
@@ -963,8 +996,8 @@ impl Store {
         };
         let _ = tier.index.set(store.index.clone());
         store.tier = Some(tier.clone());
-        // Files of packs evicted just before a crash.
-        tier.evict()?;
+        tier.sweep_evicted_files()?;
+        tier.evict_inner(false)?;
         Ok(store)
     }
 
