@@ -4,6 +4,7 @@
 mod cli;
 mod mount;
 mod output;
+mod tier;
 
 use std::process::ExitCode;
 
