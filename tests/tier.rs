@@ -109,6 +109,7 @@ impl Drop for Bucket {
                 let _ = self.store.delete(&m.key);
             }
         }
+        let _ = self.store.delete_bucket();
     }
 }
 

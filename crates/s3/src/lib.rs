@@ -446,6 +446,13 @@ impl S3Store {
         }
     }
 
+    /// Deletes the bucket, which must be empty (for tests).
+    pub fn delete_bucket(&self) -> Result<()> {
+        self.run(self.client.delete_bucket().bucket(&self.bucket).send())
+            .map_err(|e| self.sdk_error("delete bucket", &self.bucket, e))?;
+        Ok(())
+    }
+
     /// One cheap authenticated request (`HeadBucket`): a missing bucket, rejected
     /// credentials or an unreachable endpoint fail here with the endpoint and bucket named;
     /// `retryable` tells the last (or a 5xx) from the first two.
