@@ -265,3 +265,64 @@ impl Index {
         crate::index::sql_err(&self.path)
     }
 }
+
+/// Copies the index at `index` into a new database file at `dst` with SQLite's online backup,
+/// through a connection of its own (WAL lets it read while the store writes).
+pub(crate) fn snapshot_index(index: &std::path::Path, dst: &std::path::Path) -> Result<()> {
+    let err = crate::index::sql_err(index);
+    let src = rusqlite::Connection::open_with_flags(
+        index,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(&err)?;
+    src.busy_timeout(std::time::Duration::from_secs(30))
+        .map_err(&err)?;
+    let mut out = rusqlite::Connection::open(dst).map_err(crate::index::sql_err(dst))?;
+    let backup = rusqlite::backup::Backup::new(&src, &mut out).map_err(&err)?;
+    loop {
+        match backup.step(-1).map_err(&err)? {
+            rusqlite::backup::StepResult::Done => break,
+            _ => std::thread::sleep(std::time::Duration::from_millis(50)),
+        }
+    }
+    drop(backup);
+    out.execute_batch("PRAGMA journal_mode=DELETE")
+        .map_err(crate::index::sql_err(dst))?;
+    Ok(())
+}
+
+impl Index {
+    /// After an index was restored from a snapshot on a machine with an empty cache: no pack
+    /// is local any more.
+    pub fn tier_forget_local(&mut self) -> Result<()> {
+        self.conn
+            .execute("UPDATE tier_packs SET local = 0", [])
+            .map(drop)
+            .map_err(self.err_tier())
+    }
+
+    /// Every indexed pack id.
+    pub fn tier_pack_ids(&self) -> Result<std::collections::HashSet<PackId>> {
+        Ok(self.packs()?.into_iter().map(|(p, _)| p).collect())
+    }
+
+    /// Every manifest digest runs name, and the runs (namespace/name) naming each.
+    pub fn tier_run_manifests(&self) -> Result<Vec<(ManifestDigest, String)>> {
+        let mut s = self
+            .conn
+            .prepare_cached(
+                "SELECT manifest, namespace || '/' || name FROM runs WHERE manifest IS NOT NULL",
+            )
+            .map_err(self.err_tier())?;
+        let rows = s
+            .query_map([], |r| {
+                Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, String>(1)?))
+            })
+            .map_err(self.err_tier())?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(self.err_tier())?;
+        rows.into_iter()
+            .map(|(d, n)| Ok((ManifestDigest::from_slice(&d)?, n)))
+            .collect()
+    }
+}

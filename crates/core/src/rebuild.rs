@@ -42,6 +42,11 @@ pub struct RebuildReport {
     pub skipped: Vec<String>,
     /// Where the previous index was moved, when there was one.
     pub old_index: Option<String>,
+    /// The index snapshot the rebuild started from, when it used one.
+    pub snapshot: Option<String>,
+    /// Packs and runs found in the bucket but not in the snapshot, indexed from their objects.
+    pub replayed_packs: u64,
+    pub replayed_runs: u64,
 }
 
 impl Store {
@@ -133,7 +138,155 @@ impl Store {
             Err(e) => return Err(e),
         }
         drop(Self::init(root, &opts)?);
+        match crate::tier::newest_snapshot(&*remote)? {
+            Some((key, _)) => match restore_snapshot(root, &*remote, &key) {
+                Ok(()) => {
+                    let store = Self::open_tiered(root, remote)?;
+                    let mut report = RebuildReport {
+                        snapshot: Some(key),
+                        ..Default::default()
+                    };
+                    store.replay_after_snapshot(&mut report)?;
+                    return Ok((store, report));
+                }
+                Err(e) => {
+                    tracing::warn!(key, error = %e, "cannot use the index snapshot; reading every pack instead");
+                }
+            },
+            None => {
+                tracing::info!(backend = %remote.describe(), "no index snapshot in the bucket; reading every pack")
+            }
+        }
         Self::rebuild_index(root, Some(remote))
+    }
+
+    /// Brings an index restored from a snapshot up to the bucket: nothing is local on this
+    /// machine; packs and manifests the snapshot does not know are indexed from their objects;
+    /// what the snapshot names but the bucket lacks (written after the snapshot on the old
+    /// machine and never uploaded) is reported.
+    fn replay_after_snapshot(&self, report: &mut RebuildReport) -> Result<()> {
+        let tier = self
+            .tier
+            .clone()
+            .ok_or_else(|| Error::Internal("replay without a tier".into()))?;
+        let remote = tier.remote();
+        let now = to_unix_ns(self.clock.now());
+        self.index().tier_forget_local()?;
+        let known = self.index().tier_pack_ids()?;
+        let mut listed = std::collections::HashSet::new();
+        for m in remote.list("packs/")? {
+            let Some(id) = pack_id_from_key(&m.key) else {
+                report.skipped.push(format!("{}: not a pack name", m.key));
+                continue;
+            };
+            listed.insert(id);
+            if !known.contains(&id) {
+                match read_table(remote, &m.key) {
+                    Ok(entries) => {
+                        self.index().insert_pack(&id, m.size, &entries, now)?;
+                        report.replayed_packs += 1;
+                    }
+                    Err(e) => {
+                        report.skipped.push(format!("{}: {e}", m.key));
+                        continue;
+                    }
+                }
+            }
+            if self.index().tier_pack_state(&id)?.is_none() {
+                self.index().tier_mark_pack_remote(&id, false, now)?;
+            }
+            report.remote_packs += 1;
+        }
+        for id in known.difference(&listed) {
+            report.skipped.push(format!(
+                "pack {id}: in the snapshot but not in the bucket (never uploaded)"
+            ));
+        }
+        let named = self.index().tier_run_manifests()?;
+        let named_set: std::collections::HashSet<ManifestDigest> =
+            named.iter().map(|(d, _)| *d).collect();
+        let mut listed_m = std::collections::HashSet::new();
+        let mut runs = Vec::new();
+        for m in remote.list("manifests/")? {
+            let Some(d) = m
+                .key
+                .rsplit('/')
+                .next()
+                .and_then(|h| h.parse::<ManifestDigest>().ok())
+                .filter(|d| manifest_key(d) == m.key)
+            else {
+                report
+                    .skipped
+                    .push(format!("{}: not a manifest name", m.key));
+                continue;
+            };
+            listed_m.insert(d);
+            if !named_set.contains(&d) {
+                let parsed = manifest::load_manifest_bytes(remote, &d)
+                    .and_then(|b| Manifest::from_bytes(&b, &format!("manifest {d}")));
+                match parsed {
+                    Ok(man) => {
+                        let at = humantime::parse_rfc3339(&man.sealed_at)
+                            .map(to_unix_ns)
+                            .unwrap_or(now);
+                        runs.push((at, d, man));
+                    }
+                    Err(e) => {
+                        report.skipped.push(format!("{}: {e}", m.key));
+                        continue;
+                    }
+                }
+            }
+            self.index().tier_mark_manifest_remote(&d, now)?;
+            report.remote_manifests += 1;
+        }
+        for (d, run) in &named {
+            if !listed_m.contains(d) {
+                report.skipped.push(format!(
+                    "run {run}: its manifest {d} is in the snapshot but not in the bucket"
+                ));
+            }
+        }
+        let before = report.runs;
+        self.insert_runs(runs, report)?;
+        report.replayed_runs = report.runs - before;
+        let stats = self.stats()?;
+        report.packs = stats.packs;
+        report.chunks = stats.chunks;
+        report.runs = stats.runs_sealed;
+        self.index().sync()?;
+        tracing::info!(
+            snapshot = report.snapshot.as_deref().unwrap_or(""),
+            replayed_packs = report.replayed_packs,
+            replayed_runs = report.replayed_runs,
+            "index restored from a snapshot"
+        );
+        Ok(())
+    }
+
+    /// Inserts sealed runs from manifests, newest first; a name already taken is reported.
+    fn insert_runs(
+        &self,
+        mut runs: Vec<(i64, ManifestDigest, Manifest)>,
+        report: &mut RebuildReport,
+    ) -> Result<()> {
+        runs.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.0.cmp(&b.1.0)));
+        for (at, d, m) in runs {
+            let detail = serde_json::json!({
+                "manifest": d.to_hex(),
+                "files": m.entries.iter().filter(|e| e.kind != manifest::Kind::Dir).count(),
+                "raw_bytes": m.raw_bytes(),
+                "rebuilt": true,
+            });
+            match self.index().insert_sealed_run(&m, &d, at, detail) {
+                Ok(_) => report.runs += 1,
+                Err(Error::AlreadyExists(what)) => report.skipped.push(format!(
+                    "manifest {d}: {what} was restored from a newer manifest"
+                )),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     /// Fills the (new, empty) index from the objects.
@@ -238,22 +391,7 @@ impl Store {
                 .unwrap_or(now);
             runs.push((at, d, m));
         }
-        runs.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.0.cmp(&b.1.0)));
-        for (at, d, m) in runs {
-            let detail = serde_json::json!({
-                "manifest": d.to_hex(),
-                "files": m.entries.iter().filter(|e| e.kind != manifest::Kind::Dir).count(),
-                "raw_bytes": m.raw_bytes(),
-                "rebuilt": true,
-            });
-            match self.index().insert_sealed_run(&m, &d, at, detail) {
-                Ok(_) => report.runs += 1,
-                Err(Error::AlreadyExists(what)) => report.skipped.push(format!(
-                    "manifest {d}: {what} was restored from a newer manifest"
-                )),
-                Err(e) => return Err(e),
-            }
-        }
+        self.insert_runs(runs, report)?;
         self.index().sync()?;
         tracing::info!(
             packs = report.packs,
@@ -263,6 +401,27 @@ impl Store {
         );
         Ok(())
     }
+}
+
+/// Replaces the (new, empty) index of the store at `root` with the snapshot `key`.
+fn restore_snapshot(root: &Path, remote: &dyn ObjectStore, key: &str) -> Result<()> {
+    let packed = remote.get(key)?;
+    let db = zstd::stream::decode_all(&packed[..])
+        .map_err(|e| Error::corrupt(format!("index snapshot {key}"), format!("zstd: {e}")))?;
+    let tmp = root.join("index.sqlite.snapshot");
+    fs::write(&tmp, &db).map_err(|e| Error::io("write", &tmp, e))?;
+    // Open it once: proves it is an index this build reads, and migrates it.
+    if let Err(e) = crate::index::Index::open(&tmp, false) {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    let index = root.join("index.sqlite");
+    for ext in ["-wal", "-shm"] {
+        let _ = fs::remove_file(root.join(format!("index.sqlite{ext}")));
+        let _ = fs::remove_file(root.join(format!("index.sqlite.snapshot{ext}")));
+    }
+    fs::rename(&tmp, &index).map_err(|e| Error::io("rename into place", &index, e))?;
+    crate::objstore::sync_dir(root)
 }
 
 #[cfg(test)]
@@ -328,21 +487,43 @@ mod tests {
         };
         let store = Store::init_tiered(&dir.path().join("one"), &opts, remote.clone()).unwrap();
         let a = ingest(&store, dir.path(), "ns/a", 3);
-        store.push_pending().unwrap();
+        let pushed = store.push_pending().unwrap();
+        assert!(
+            pushed.snapshot.is_some(),
+            "the first push snapshots the index"
+        );
+        // A run after the snapshot: the next push (within the interval) takes none.
+        let b = ingest(&store, dir.path(), "ns/b", 4);
+        assert_eq!(store.push_pending().unwrap().snapshot, None);
         drop(store);
-        let (store, report) = Store::init_from_remote(
-            &dir.path().join("two"),
-            remote.clone(),
-            TierConfig::new("s3://b/p"),
-        )
-        .unwrap();
-        assert_eq!(report.runs, 1, "{report:?}");
-        assert_eq!(report.remote_packs, report.packs);
-        assert_eq!(store.config().pack_target_size, 1 << 20);
-        let s = store.tier_status().unwrap();
-        assert_eq!(s.counts.remote_only_packs, report.packs);
-        assert_eq!(s.counts.pending_manifests, 0);
-        assert_eq!(read(&store, "ns/a"), a);
-        assert!(store.verify(None, &crate::NoProgress).unwrap().ok());
+        let check = |name: &str, want_snapshot: bool| {
+            let (store, report) = Store::init_from_remote(
+                &dir.path().join(name),
+                remote.clone(),
+                TierConfig::new("s3://b/p"),
+            )
+            .unwrap();
+            assert_eq!(report.snapshot.is_some(), want_snapshot, "{report:?}");
+            assert_eq!(report.runs, 2, "{report:?}");
+            assert!(report.skipped.is_empty(), "{report:?}");
+            assert_eq!(report.remote_packs, report.packs);
+            if want_snapshot {
+                assert_eq!(report.replayed_runs, 1, "{report:?}");
+                assert!(report.replayed_packs > 0, "{report:?}");
+            }
+            assert_eq!(store.config().pack_target_size, 1 << 20);
+            let s = store.tier_status().unwrap();
+            assert_eq!(s.counts.remote_only_packs, report.packs);
+            assert_eq!((s.counts.pending_manifests, s.counts.both_packs), (0, 0));
+            assert_eq!(read(&store, "ns/a"), a);
+            assert_eq!(read(&store, "ns/b"), b);
+            assert!(store.verify(None, &crate::NoProgress).unwrap().ok());
+        };
+        check("two", true);
+        // Without snapshots: from packs and manifests alone.
+        for m in remote.list(crate::tier::SNAPSHOT_PREFIX).unwrap() {
+            remote.delete(&m.key).unwrap();
+        }
+        check("three", false);
     }
 }

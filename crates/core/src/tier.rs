@@ -63,6 +63,12 @@ use crate::store::Store;
 /// tier, so that a store can be rebuilt from the bucket with the same settings.
 pub const REMOTE_CONFIG_KEY: &str = "store/config.toml";
 
+/// Where index snapshots live in the remote tier: `index-snapshots/<unix ns, 20 digits>.sqlite.zst`.
+pub const SNAPSHOT_PREFIX: &str = "index-snapshots/";
+
+/// Snapshots kept in the remote tier; older ones are deleted after a new one is checked.
+const SNAPSHOTS_KEPT: usize = 2;
+
 /// Uploads in flight at once during a push.
 const UPLOAD_THREADS: usize = 4;
 
@@ -91,6 +97,13 @@ pub struct TierConfig {
     /// How uploads are checked.
     #[serde(default)]
     pub verify: VerifyMode,
+    /// Seconds between index snapshots uploaded by pushes that uploaded something; 0: never.
+    #[serde(default = "default_snapshot_interval")]
+    pub snapshot_interval: u64,
+}
+
+fn default_snapshot_interval() -> u64 {
+    3600
 }
 
 fn default_storage_class() -> String {
@@ -112,6 +125,7 @@ impl TierConfig {
             storage_class: default_storage_class(),
             cache_size: DEFAULT_CACHE_SIZE,
             verify: VerifyMode::default(),
+            snapshot_interval: default_snapshot_interval(),
         }
     }
 }
@@ -313,6 +327,8 @@ pub struct PushReport {
     pub evicted_packs: u64,
     pub evicted_bytes: u64,
     pub evicted_ranges: u64,
+    /// The index snapshot this push uploaded, if any.
+    pub snapshot: Option<String>,
     /// The first failures, one line each, naming the backend and key.
     pub errors: Vec<String>,
 }
@@ -356,6 +372,10 @@ pub struct Tier {
     config_uploaded: AtomicBool,
     /// The local `config.toml`, copied to [`REMOTE_CONFIG_KEY`] by the first push.
     config_text: Vec<u8>,
+    /// `STORE/cache`.
+    cache_dir: PathBuf,
+    /// When the newest remote snapshot was taken (unix ns), once known.
+    last_snapshot: Mutex<Option<i64>>,
 }
 
 impl Tier {
@@ -379,6 +399,8 @@ impl Tier {
             pushing: Mutex::new(()),
             config_uploaded: AtomicBool::new(false),
             config_text,
+            cache_dir: root.join("cache"),
+            last_snapshot: Mutex::new(None),
         })
     }
 
@@ -517,6 +539,14 @@ impl Tier {
         {
             return Err(e);
         }
+        if report.packs + report.manifests > 0 && report.still_pending == 0 {
+            match self.snapshot_if_due() {
+                Ok(k) => report.snapshot = k,
+                Err(e) => {
+                    tracing::warn!(error = %e, "index snapshot failed; the next push tries again")
+                }
+            }
+        }
         if report.packs + report.manifests > 0 {
             tracing::info!(
                 packs = report.packs, bytes = report.pack_bytes, manifests = report.manifests,
@@ -524,6 +554,61 @@ impl Tier {
             );
         }
         Ok(report)
+    }
+
+    /// Uploads an index snapshot when the newest one is older than the configured interval.
+    fn snapshot_if_due(&self) -> Result<Option<String>> {
+        let every = self.config.snapshot_interval;
+        if every == 0 {
+            return Ok(None);
+        }
+        let last = {
+            let mut g = self.last_snapshot.lock().unwrap_or_else(|p| p.into_inner());
+            if g.is_none() {
+                *g = Some(newest_snapshot(&*self.remote)?.map_or(i64::MIN, |(_, at)| at));
+            }
+            g.unwrap_or(i64::MIN)
+        };
+        if self.now().saturating_sub(last) < (every as i64).saturating_mul(1_000_000_000) {
+            return Ok(None);
+        }
+        self.upload_snapshot().map(Some)
+    }
+
+    /// Copies the index with SQLite's online backup, compresses it, uploads it as
+    /// `index-snapshots/<unix ns>.sqlite.zst`, reads it back, then deletes all but the newest
+    /// few. A rebuild from the bucket starts from the newest and replays what is newer.
+    pub fn upload_snapshot(&self) -> Result<String> {
+        let index_path = self.index()?.path().to_path_buf();
+        fs::create_dir_all(&self.cache_dir)
+            .map_err(|e| Error::io("create directory", &self.cache_dir, e))?;
+        let tmp = self
+            .cache_dir
+            .join(format!(".tmp-snapshot-{}", std::process::id()));
+        let _ = fs::remove_file(&tmp);
+        let at = self.now();
+        let res = crate::index_tier::snapshot_index(&index_path, &tmp)
+            .and_then(|()| fs::read(&tmp).map_err(|e| Error::io("read", &tmp, e)));
+        let _ = fs::remove_file(&tmp);
+        let db = res?;
+        let packed = zstd::bulk::compress(&db, 3)
+            .map_err(|e| Error::Internal(format!("zstd compress snapshot: {e}")))?;
+        let key = format!("{SNAPSHOT_PREFIX}{at:020}.sqlite.zst");
+        self.remote.put(&key, &packed)?;
+        self.check_remote(&key, packed.len(), |got| got == packed.as_slice())?;
+        *self.last_snapshot.lock().unwrap_or_else(|p| p.into_inner()) = Some(at);
+        let mut all = self.remote.list(SNAPSHOT_PREFIX)?;
+        all.sort_by(|a, b| b.key.cmp(&a.key));
+        for old in all.iter().skip(SNAPSHOTS_KEPT) {
+            self.remote.delete(&old.key)?;
+        }
+        tracing::info!(
+            key,
+            bytes = packed.len(),
+            index_bytes = db.len(),
+            "index snapshot uploaded"
+        );
+        Ok(key)
     }
 
     fn upload_pack(&self, id: &PackId) -> Result<()> {
@@ -795,6 +880,23 @@ impl Tier {
     }
 }
 
+/// The newest index snapshot in `remote`: its key and when it was taken (unix ns).
+pub fn newest_snapshot(remote: &dyn ObjectStore) -> Result<Option<(String, i64)>> {
+    Ok(remote
+        .list(SNAPSHOT_PREFIX)?
+        .into_iter()
+        .filter_map(|m| {
+            let at = m
+                .key
+                .strip_prefix(SNAPSHOT_PREFIX)?
+                .strip_suffix(".sqlite.zst")?
+                .parse::<i64>()
+                .ok()?;
+            Some((m.key, at))
+        })
+        .max_by_key(|(_, at)| *at))
+}
+
 fn is_unreachable(e: &Error) -> bool {
     matches!(
         e,
@@ -1039,6 +1141,11 @@ impl Store {
     /// Uploads what is pending and evicts down to the cache bound; see [`Tier::push_pending`].
     pub fn push_pending(&self) -> Result<PushReport> {
         self.require_tier()?.push_pending()
+    }
+
+    /// Uploads an index snapshot now; see [`Tier::upload_snapshot`].
+    pub fn upload_index_snapshot(&self) -> Result<String> {
+        self.require_tier()?.upload_snapshot()
     }
 
     /// Where the store's packs and manifests are.
