@@ -166,6 +166,8 @@ enum TierCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Upload a snapshot of the index now (pushes make one at most hourly).
+    Snapshot,
 }
 
 #[derive(Subcommand, Debug)]
@@ -461,6 +463,12 @@ pub fn run() -> Result<ExitCode> {
                     }
                 }
                 TierCommand::Status { json } => output::tier_status(&store.tier_status()?, json)?,
+                TierCommand::Snapshot => {
+                    let key = store
+                        .upload_index_snapshot()
+                        .context("index snapshot failed")?;
+                    println!("uploaded index snapshot {key}");
+                }
             }
         }
         Command::Index {

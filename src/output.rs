@@ -348,6 +348,13 @@ pub fn rebuild(
         r.remote_packs,
         r.runs
     )?;
+    if let Some(snap) = &r.snapshot {
+        writeln!(
+            out,
+            "started from the index snapshot {snap}; replayed {} packs and {} runs newer than it",
+            r.replayed_packs, r.replayed_runs
+        )?;
+    }
     if let Some(old) = &r.old_index {
         writeln!(out, "previous index kept as {old}")?;
     }

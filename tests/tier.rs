@@ -243,6 +243,16 @@ fn push_evicts_and_reads_come_back_through_ranged_gets() {
     assert_eq!(out.stdout, fs::read(src.join("big.bin")).unwrap());
     export_matches(&env, &store, "ns/a", &src);
     assert!(ok(&store, &["verify"], &[]).contains("ok"));
+    // Snapshots on demand; the bucket keeps the newest two.
+    assert_eq!(
+        b.keys("index-snapshots/").len(),
+        1,
+        "the first push made one"
+    );
+    for _ in 0..2 {
+        assert!(ok(&store, &["tier", "snapshot"], &[]).contains("index-snapshots/"));
+    }
+    assert_eq!(b.keys("index-snapshots/").len(), 2);
     // A second push has nothing to do.
     let r = json(&store, &["tier", "push", "--json"]);
     assert_eq!(
@@ -302,50 +312,70 @@ fn a_new_store_is_rebuilt_from_the_bucket_alone() {
         ingest(&store, &src, &format!("ns/r{i}"));
         srcs.push(src);
     }
-    // A run that dedups against the others.
+    let r = json(&store, &["tier", "push", "--json"]);
+    assert!(
+        r["snapshot"].is_string(),
+        "the first push snapshots the index: {r}"
+    );
+    // A run after the snapshot (the next push, within the hour, takes none), which dedups
+    // against the others.
     ingest(&store, &srcs[0], "other/copy");
     let r = json(&store, &["tier", "push", "--json"]);
     assert_eq!(r["still_pending"], 0, "{r}");
+    assert!(r["snapshot"].is_null(), "{r}");
+    assert_eq!(b.keys("index-snapshots/").len(), 1);
     let before = json(&store, &["stats", "--json"]);
 
-    let fresh = env.path("fresh");
-    let out = ok(
-        &fresh,
-        &["index", "rebuild", "--from", &b.url(), "--json"],
-        &[],
-    );
-    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(report["runs"], 4, "{report}");
-    assert_eq!(
-        report["skipped"].as_array().map(Vec::len),
-        Some(0),
-        "{report}"
-    );
-    assert_eq!(report["packs"], report["remote_packs"]);
-    let after = json(&fresh, &["stats", "--json"]);
-    for k in [
-        "runs",
-        "files",
-        "raw_bytes",
-        "chunks",
-        "packs",
-        "stored_bytes",
-    ] {
-        assert_eq!(after[k], before[k], "{k}");
+    // From the snapshot plus what is newer, then (snapshots deleted) from packs and manifests.
+    for (name, from_snapshot) in [("fresh", true), ("fresh2", false)] {
+        if !from_snapshot {
+            for k in b.keys("index-snapshots/") {
+                b.store.delete(&k).unwrap();
+            }
+        }
+        let fresh = env.path(name);
+        let out = ok(
+            &fresh,
+            &["index", "rebuild", "--from", &b.url(), "--json"],
+            &[],
+        );
+        let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(report["runs"], 4, "{report}");
+        assert_eq!(report["snapshot"].is_string(), from_snapshot, "{report}");
+        if from_snapshot {
+            assert_eq!(report["replayed_runs"], 1, "{report}");
+        }
+        assert_eq!(
+            report["skipped"].as_array().map(Vec::len),
+            Some(0),
+            "{report}"
+        );
+        assert_eq!(report["packs"], report["remote_packs"]);
+        let after = json(&fresh, &["stats", "--json"]);
+        for k in [
+            "runs",
+            "files",
+            "raw_bytes",
+            "chunks",
+            "packs",
+            "stored_bytes",
+        ] {
+            assert_eq!(after[k], before[k], "{k}");
+        }
+        assert_eq!(local_packs(&fresh), 0, "the new cache starts empty");
+        let cfg = fs::read_to_string(fresh.join("config.toml")).unwrap();
+        assert!(cfg.contains("pack_target_size = 1048576"), "{cfg}");
+        assert!(ok(&fresh, &["verify"], &[]).contains("ok"));
+        for (i, src) in srcs.iter().enumerate() {
+            export_matches(&env, &fresh, &format!("ns/r{i}"), src);
+        }
+        export_matches(&env, &fresh, "other/copy", &srcs[0]);
+        let s = json(&fresh, &["tier", "status", "--json"]);
+        assert_eq!(
+            (s["pending_packs"].as_u64(), s["pending_manifests"].as_u64()),
+            (Some(0), Some(0))
+        );
     }
-    assert_eq!(local_packs(&fresh), 0, "the new cache starts empty");
-    let cfg = fs::read_to_string(fresh.join("config.toml")).unwrap();
-    assert!(cfg.contains("pack_target_size = 1048576"), "{cfg}");
-    assert!(ok(&fresh, &["verify"], &[]).contains("ok"));
-    for (i, src) in srcs.iter().enumerate() {
-        export_matches(&env, &fresh, &format!("ns/r{i}"), src);
-    }
-    export_matches(&env, &fresh, "other/copy", &srcs[0]);
-    let s = json(&fresh, &["tier", "status", "--json"]);
-    assert_eq!(
-        (s["pending_packs"].as_u64(), s["pending_manifests"].as_u64()),
-        (Some(0), Some(0))
-    );
     // Rebuild into a store that is not empty is refused.
     let out = cmd(&store, &["index", "rebuild", "--from", &b.url()], &[]);
     assert!(!out.status.success());
