@@ -822,8 +822,8 @@ impl Tier {
         self.remote.delete(key)
     }
 
-    /// Starts a thread that pushes pending packs and manifests every `every` (sooner when
-    /// [`Uploader::nudge`]d), backing off while the remote fails.
+    /// Starts a thread that pushes pending packs and manifests at once, then every `every`
+    /// (sooner when [`Uploader::nudge`]d), backing off while the remote fails.
     pub fn start_uploader(self: &Arc<Self>, every: Duration) -> Uploader {
         let shared = Arc::new((Mutex::new(Signal::default()), Condvar::new()));
         let tier = self.clone();
@@ -951,8 +951,11 @@ impl Drop for Uploader {
 fn upload_loop(tier: &Tier, sig: &(Mutex<Signal>, Condvar), every: Duration) {
     let (m, cv) = sig;
     let mut failures = 0u32;
+    let mut first = true;
     loop {
-        let wait = if failures == 0 {
+        let wait = if first {
+            Duration::ZERO
+        } else if failures == 0 {
             every
         } else {
             (every * 2u32.saturating_pow(failures.min(8))).min(Duration::from_secs(300))
@@ -967,6 +970,7 @@ fn upload_loop(tier: &Tier, sig: &(Mutex<Signal>, Condvar), every: Duration) {
             }
             g.nudge = false;
         }
+        first = false;
         match tier.push_pending() {
             Ok(r) if r.still_pending == 0 => failures = 0,
             Ok(r) => {
