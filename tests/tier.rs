@@ -459,3 +459,123 @@ fn rejected_credentials_fail_at_start_with_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("does not exist"), "{err}");
 }
+
+#[test]
+fn a_push_killed_midway_resumes_and_evicts_only_what_was_checked() {
+    let env = Env::new();
+    let b = Bucket::new("kill");
+    let store = env.store();
+    init_tiered(&store, &b, "0");
+    let src = source(&env, "src", 50, 24);
+    ingest(&store, &src, "ns/a");
+    let total = local_packs(&store) as u64;
+    assert!(total >= 16, "{total} packs");
+    let mut child = StdCommand::new(assert_cmd::cargo::cargo_bin("artifactfs"));
+    child.args(["--store", store.to_str().unwrap(), "tier", "push"]);
+    for (k, v) in gateway_env() {
+        child.env(k, v);
+    }
+    let mut child = child
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let s = json(&store, &["tier", "status", "--json"]);
+    let (pending, both, remote) = (
+        s["pending_packs"].as_u64().unwrap(),
+        s["both_packs"].as_u64().unwrap(),
+        s["remote_only_packs"].as_u64().unwrap(),
+    );
+    eprintln!("after kill -9: {pending} pending, {both} both, {remote} remote only");
+    assert_eq!(pending + both + remote, total, "{s}");
+    assert_eq!(
+        local_packs(&store) as u64,
+        pending + both,
+        "every pack not checked remote is still local: {s}"
+    );
+    let r = json(&store, &["tier", "push", "--json"]);
+    assert_eq!(r["still_pending"], 0, "{r}");
+    let s = json(&store, &["tier", "status", "--json"]);
+    assert_eq!(s["remote_only_packs"].as_u64(), Some(total), "{s}");
+    assert_eq!(b.keys("packs/").len() as u64, total);
+    export_matches(&env, &store, "ns/a", &src);
+}
+
+#[test]
+fn a_mount_reads_evicted_chunks_and_uploads_what_is_pending() {
+    use common::mount::is_mounted;
+    let env = Env::new();
+    let b = Bucket::new("mount");
+    let store = env.store();
+    init_tiered(&store, &b, "0");
+    let src = source(&env, "src", 60, 3);
+    ingest(&store, &src, "ns/a");
+    json(&store, &["tier", "push", "--json"]);
+    assert_eq!(local_packs(&store), 0);
+    // Pending when the mount starts: its uploader pushes at once.
+    let src_b = source(&env, "srcb", 61, 1);
+    ingest(&store, &src_b, "ns/b");
+    let mnt = env.path("mnt");
+    fs::create_dir_all(&mnt).unwrap();
+    let mnt = mnt.canonicalize().unwrap();
+    let log = env.path("mount.log");
+    let mut c = StdCommand::new(assert_cmd::cargo::cargo_bin("artifactfs"));
+    c.args(["--store", store.to_str().unwrap(), "-v", "mount"])
+        .arg(&mnt)
+        .arg("--foreground");
+    for (k, v) in gateway_env() {
+        c.env(k, v);
+    }
+    let mut child = c
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let log_text = || fs::read_to_string(&log).unwrap_or_default();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !is_mounted(&mnt) {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "mount exited:\n{}",
+            log_text()
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "mount not ready:\n{}",
+            log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let read = fs::read(mnt.join("ns/a/big.bin"));
+    let read_small = fs::read(mnt.join("ns/a/sub/tail.bin"));
+    // The uploader drains ns/b within a few seconds.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while b.keys("manifests/").len() < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let manifests = b.keys("manifests/").len();
+    let st = StdCommand::new("fusermount3")
+        .arg("-u")
+        .arg(&mnt)
+        .status()
+        .unwrap();
+    let exit = child.wait().unwrap();
+    assert!(st.success() && exit.success(), "unmount:\n{}", log_text());
+    assert_eq!(read.unwrap(), fs::read(src.join("big.bin")).unwrap());
+    assert_eq!(
+        read_small.unwrap(),
+        fs::read(src.join("sub/tail.bin")).unwrap()
+    );
+    assert_eq!(
+        manifests,
+        2,
+        "the mount's uploader pushed ns/b:\n{}",
+        log_text()
+    );
+    let s = json(&store, &["tier", "status", "--json"]);
+    assert_eq!(s["pending_packs"], 0, "{s}");
+}
