@@ -57,6 +57,26 @@ enum Command {
         /// Retention of new runs that get none from their namespace (e.g. 90d, forever).
         #[arg(long, value_name = "DURATION")]
         default_retention: Option<String>,
+        /// Tier packs and manifests out to this bucket (s3://BUCKET[/PREFIX]); the local
+        /// store becomes a cache. Endpoint and credentials: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, …
+        #[arg(long, value_name = "URL")]
+        backend: Option<String>,
+        /// Storage class of uploads (with --backend).
+        #[arg(long, default_value = "STANDARD", requires = "backend")]
+        storage_class: String,
+        /// Bound of the local cache of a tiered store (with --backend).
+        #[arg(long, value_parser = parse_size, requires = "backend")]
+        cache_size: Option<u64>,
+    },
+    /// The remote tier: upload what is pending, show where bytes are.
+    Tier {
+        #[command(subcommand)]
+        command: TierCommand,
+    },
+    /// The SQLite index.
+    Index {
+        #[command(subcommand)]
+        command: IndexCommand,
     },
     /// Ingest a directory as one run and seal it.
     Ingest {
@@ -182,6 +202,34 @@ enum Command {
     Umount { mountpoint: PathBuf },
 }
 
+#[derive(Subcommand, Debug)]
+enum TierCommand {
+    /// Upload pending packs and manifests, check each, then evict down to the cache size.
+    Push {
+        #[arg(long)]
+        json: bool,
+    },
+    /// What is local, remote, both, and pending.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Upload a snapshot of the index now (pushes make one at most hourly).
+    Snapshot,
+}
+
+#[derive(Subcommand, Debug)]
+enum IndexCommand {
+    /// Rebuild the index from the packs and manifests (the old one is kept beside it).
+    Rebuild {
+        /// Make a new store in --store (missing or empty) from this bucket alone.
+        #[arg(long, value_name = "s3://BUCKET[/PREFIX]")]
+        from: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 /// Parses `123`, `64KiB`, `4MiB`, `1GiB` (K, M, G are binary too).
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
@@ -232,17 +280,18 @@ pub fn is_empty_or_missing(dir: &Path) -> bool {
     }
 }
 
-/// Opens a store. `ARTIFACTFS_CLOCK_FILE` names a file whose RFC 3339 instant is the engine's
-/// clock (for tests and retention drills; see `FileClock`).
+/// The engine's clock: the system clock, or, when `ARTIFACTFS_CLOCK_FILE` names a file, the
+/// RFC 3339 instant in it (for tests and retention drills; see `FileClock`).
+pub fn clock() -> std::sync::Arc<dyn artifactfs_core::clock::Clock> {
+    match std::env::var_os("ARTIFACTFS_CLOCK_FILE") {
+        Some(f) => std::sync::Arc::new(artifactfs_core::clock::FileClock::new(f)),
+        None => std::sync::Arc::new(artifactfs_core::clock::SystemClock),
+    }
+}
+
+/// Opens a store (tiered or not) with the engine's [`clock`].
 pub fn open_store(dir: &Path) -> Result<Store> {
-    let res = match std::env::var_os("ARTIFACTFS_CLOCK_FILE") {
-        Some(f) => Store::open_with_clock(
-            dir,
-            std::sync::Arc::new(artifactfs_core::clock::FileClock::new(f)),
-        ),
-        None => Store::open(dir),
-    };
-    res.with_context(|| format!("cannot open store {}", dir.display()))
+    crate::tier::open_store(dir)
 }
 
 /// The exit status for an error: scripts can tell these apart.
@@ -291,6 +340,9 @@ pub fn run() -> Result<ExitCode> {
             compression_level,
             pack_size,
             default_retention,
+            backend,
+            storage_class,
+            cache_size,
         } => {
             let d = InitOptions::default();
             let as_u32 = |v: Option<u64>, dflt: u32| -> Result<u32> {
@@ -308,9 +360,18 @@ pub fn run() -> Result<ExitCode> {
                 compression_level: compression_level.unwrap_or(d.compression_level),
                 pack_target_size: pack_size.unwrap_or(d.pack_target_size),
                 default_retention,
+                tier: backend.map(|b| artifactfs_core::tier::TierConfig {
+                    storage_class,
+                    cache_size: cache_size.unwrap_or(artifactfs_core::tier::DEFAULT_CACHE_SIZE),
+                    ..artifactfs_core::tier::TierConfig::new(b)
+                }),
             };
-            Store::init(&store_dir, &opts)
-                .with_context(|| format!("cannot initialise store {}", store_dir.display()))?;
+            if opts.tier.is_some() {
+                crate::tier::init(&store_dir, &opts)?;
+            } else {
+                Store::init(&store_dir, &opts)
+                    .with_context(|| format!("cannot initialise store {}", store_dir.display()))?;
+            }
             println!("initialised store {}", store_dir.display());
         }
         Command::Ingest {
@@ -503,6 +564,36 @@ pub fn run() -> Result<ExitCode> {
             }
         }
         Command::Umount { mountpoint } => crate::mount::umount(&mountpoint)?,
+        Command::Tier { command } => {
+            let store = open_store(&store_dir)?;
+            match command {
+                TierCommand::Push { json } => {
+                    let report = store.push_pending().with_context(|| {
+                        format!(
+                            "push from {} failed; what is pending stays pending",
+                            store_dir.display()
+                        )
+                    })?;
+                    output::tier_push(&report, json)?;
+                    if report.still_pending > 0 {
+                        return Ok(ExitCode::from(1));
+                    }
+                }
+                TierCommand::Status { json } => output::tier_status(&store.tier_status()?, json)?,
+                TierCommand::Snapshot => {
+                    let key = store
+                        .upload_index_snapshot()
+                        .context("index snapshot failed")?;
+                    println!("uploaded index snapshot {key}");
+                }
+            }
+        }
+        Command::Index {
+            command: IndexCommand::Rebuild { from, json },
+        } => {
+            let (store, report) = crate::tier::rebuild(&store_dir, from.as_deref())?;
+            output::rebuild(&store, &report, json)?;
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

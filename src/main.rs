@@ -5,6 +5,7 @@ mod cli;
 mod lifecycle;
 mod mount;
 mod output;
+mod tier;
 
 use std::process::ExitCode;
 

@@ -153,6 +153,10 @@ pub fn foreground(a: &MountArgs, detached: bool) -> Result<()> {
         );
     }
     let store = crate::cli::open_store(&a.store)?;
+    // A tiered store uploads in the background while mounted; stopped after unmount.
+    let uploader = store
+        .tier()
+        .map(|t| t.start_uploader(Duration::from_secs(30)));
     let opts = VfsOptions {
         seal_after: a.seal_after,
         seal_marker: a.seal_marker.clone(),
@@ -205,6 +209,9 @@ pub fn foreground(a: &MountArgs, detached: bool) -> Result<()> {
     if let Err(e) = session.umount_and_join() {
         tracing::warn!("unmount failed ({e}); detaching the mount lazily");
         let _ = Command::new("fusermount3").arg("-uz").arg(&mp).status();
+    }
+    if let Some(u) = uploader {
+        u.stop();
     }
     Ok(())
 }

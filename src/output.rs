@@ -280,3 +280,86 @@ pub fn stats(store: &Store, s: &IndexStats, json: bool) -> Result<()> {
     writeln!(out, "reduction     {reduction:.2}")?;
     Ok(())
 }
+
+/// `tier push`.
+pub fn tier_push(r: &artifactfs_core::tier::PushReport, json: bool) -> Result<()> {
+    if json {
+        return print_json(r);
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "pushed {} packs ({} bytes) and {} manifests; evicted {} packs ({} bytes); {} still pending",
+        r.packs, r.pack_bytes, r.manifests, r.evicted_packs, r.evicted_bytes, r.still_pending
+    )?;
+    for e in &r.errors {
+        eprintln!("artifactfs: upload failed: {e}");
+    }
+    Ok(())
+}
+
+/// `tier status`.
+pub fn tier_status(s: &artifactfs_core::tier::TierStatus, json: bool) -> Result<()> {
+    if json {
+        return print_json(s);
+    }
+    let c = &s.counts;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "backend        {} ({})", s.backend, s.storage_class)?;
+    writeln!(
+        out,
+        "cache          {} of {} bytes ({} cached ranges, {} bytes)",
+        s.cache_bytes, s.cache_size, s.range_cache_entries, s.range_cache_bytes
+    )?;
+    writeln!(
+        out,
+        "packs          {} local only (pending, {} bytes), {} both ({} bytes), {} remote only ({} bytes)",
+        c.pending_packs,
+        c.pending_pack_bytes,
+        c.both_packs,
+        c.both_pack_bytes,
+        c.remote_only_packs,
+        c.remote_only_pack_bytes
+    )?;
+    writeln!(
+        out,
+        "manifests      {} pending, {} remote",
+        c.pending_manifests, c.remote_manifests
+    )?;
+    Ok(())
+}
+
+/// `index rebuild`.
+pub fn rebuild(
+    store: &Store,
+    r: &artifactfs_core::rebuild::RebuildReport,
+    json: bool,
+) -> Result<()> {
+    if json {
+        return print_json(r);
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "rebuilt the index of {}: {} packs ({} chunks, {} remote), {} runs",
+        store.root().display(),
+        r.packs,
+        r.chunks,
+        r.remote_packs,
+        r.runs
+    )?;
+    if let Some(snap) = &r.snapshot {
+        writeln!(
+            out,
+            "started from the index snapshot {snap}; replayed {} packs and {} runs newer than it",
+            r.replayed_packs, r.replayed_runs
+        )?;
+    }
+    if let Some(old) = &r.old_index {
+        writeln!(out, "previous index kept as {old}")?;
+    }
+    for s in &r.skipped {
+        eprintln!("artifactfs: skipped {s}");
+    }
+    Ok(())
+}

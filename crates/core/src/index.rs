@@ -26,7 +26,7 @@ mod retention;
 pub use retention::{DefaultRetention, ExpiredRun, HoldRow, PackUsage, RunRetention, SweepStats};
 
 /// Schema version written by this build.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 const MIGRATIONS: &[&str] = &[
     // 0 -> 1
@@ -147,6 +147,8 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE chunks ADD COLUMN refs INTEGER NOT NULL DEFAULT 0;
     CREATE INDEX chunks_unreferenced ON chunks(pack) WHERE refs = 0;
     "#,
+    // 3 -> 4: tiering state (crate::index_tier).
+    crate::index_tier::MIGRATION_TIER,
 ];
 
 /// A run as the index knows it.
@@ -196,13 +198,13 @@ pub struct ChunkLoc {
 
 /// The index connection.
 pub struct Index {
-    conn: Connection,
-    path: PathBuf,
+    pub(crate) conn: Connection,
+    pub(crate) path: PathBuf,
     /// The store-wide default retention for new runs (config), when there is one.
     default_retention: Option<DefaultRetention>,
 }
 
-fn sql_err(path: &Path) -> impl Fn(rusqlite::Error) -> Error + '_ {
+pub(crate) fn sql_err(path: &Path) -> impl Fn(rusqlite::Error) -> Error + '_ {
     move |e| Error::Index {
         path: path.to_path_buf(),
         message: e.to_string(),
@@ -960,7 +962,7 @@ impl Index {
     /// Runs `f` with `synchronous=FULL`: its commit, and every commit before it, is on disk when
     /// it returns. For commits that other durable state depends on (a seal after which staging
     /// files are deleted; packs, so the index never lags what a manifest names).
-    fn durable<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+    pub(crate) fn durable<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
         let path = self.path.clone();
         self.conn
             .execute_batch("PRAGMA synchronous=FULL")

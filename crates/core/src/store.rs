@@ -44,6 +44,9 @@ pub struct StoreConfig {
     /// `forever`); without one, such runs are kept until a retention is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default_retention: Option<String>,
+    /// The remote tier, when the local store is a cache in front of one (`crate::tier`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier: Option<crate::tier::TierConfig>,
 }
 
 /// Options for [`Store::init`].
@@ -53,6 +56,8 @@ pub struct InitOptions {
     pub compression_level: i32,
     pub pack_target_size: u64,
     pub default_retention: Option<String>,
+    /// A remote tier to record in `config.toml` (see [`Store::init_tiered`]).
+    pub tier: Option<crate::tier::TierConfig>,
 }
 
 impl Default for InitOptions {
@@ -62,6 +67,7 @@ impl Default for InitOptions {
             compression_level: 3,
             pack_target_size: 16 * 1024 * 1024,
             default_retention: None,
+            tier: None,
         }
     }
 }
@@ -89,6 +95,7 @@ pub struct Store {
     pub(crate) gate: Arc<crate::gc::Gate>,
     /// One gc at a time.
     pub(crate) gc_lock: Mutex<()>,
+    pub(crate) tier: Option<Arc<crate::tier::Tier>>,
     _lock: File,
 }
 
@@ -138,6 +145,7 @@ impl Store {
             compression_level: opts.compression_level,
             pack_target_size: opts.pack_target_size,
             default_retention: opts.default_retention.as_ref().map(|d| d.trim().to_owned()),
+            tier: opts.tier.clone(),
         };
         let text = toml::to_string_pretty(&config)
             .map_err(|e| Error::Internal(format!("config encode: {e}")))?;
@@ -159,14 +167,21 @@ impl Store {
 
     /// Opens an existing store with the local object store and the system clock.
     pub fn open(root: &Path) -> Result<Self> {
-        read_config(root)?;
+        if let Some(t) = read_config(root)?.tier {
+            // This caller has no client for the remote tier: local data stays readable.
+            let remote = crate::tier::Unconnected::new(t.backend, "no client for the remote tier");
+            return Self::open_tiered(root, Arc::new(remote));
+        }
         let objects = Arc::new(LocalStore::open(root.join("objects"))?);
         Self::open_with(root, objects, Arc::new(SystemClock))
     }
 
     /// Opens an existing store with the local object store and the given clock.
     pub fn open_with_clock(root: &Path, clock: Arc<dyn Clock>) -> Result<Self> {
-        read_config(root)?;
+        if let Some(t) = read_config(root)?.tier {
+            let remote = crate::tier::Unconnected::new(t.backend, "no client for the remote tier");
+            return Self::open_tiered_with_clock(root, Arc::new(remote), clock);
+        }
         let objects = Arc::new(LocalStore::open(root.join("objects"))?);
         Self::open_with(root, objects, clock)
     }
@@ -180,14 +195,26 @@ impl Store {
         Self::open_inner(root, objects, clock, false)
     }
 
-    fn open_inner(
+    pub(crate) fn open_inner(
         root: &Path,
         objects: Arc<dyn ObjectStore>,
         clock: Arc<dyn Clock>,
         new_index: bool,
     ) -> Result<Self> {
-        let config = read_config(root)?;
+        read_config(root)?;
         let lock = take_lock(root)?;
+        Self::open_locked(root, lock, objects, clock, new_index)
+    }
+
+    /// [`Store::open_inner`] with the lock already taken.
+    pub(crate) fn open_locked(
+        root: &Path,
+        lock: File,
+        objects: Arc<dyn ObjectStore>,
+        clock: Arc<dyn Clock>,
+        new_index: bool,
+    ) -> Result<Self> {
+        let config = read_config(root)?;
         let mut index = Index::open(&root.join("index.sqlite"), new_index)?;
         if let Some(spec) = &config.default_retention {
             let retention = crate::gc::parse_default_retention(spec, to_unix_ns(clock.now()))
@@ -206,6 +233,7 @@ impl Store {
             clock,
             gate: Arc::default(),
             gc_lock: Mutex::new(()),
+            tier: None,
             _lock: lock,
         })
     }
@@ -388,7 +416,7 @@ fn with_file(e: Error, path: &str) -> Error {
 }
 
 /// Reads and checks `config.toml`; a directory without one is not a store.
-fn read_config(root: &Path) -> Result<StoreConfig> {
+pub(crate) fn read_config(root: &Path) -> Result<StoreConfig> {
     let cfg_path = config_path(root);
     let mut text = String::new();
     match File::open(&cfg_path) {
@@ -421,7 +449,7 @@ fn read_config(root: &Path) -> Result<StoreConfig> {
     Ok(config)
 }
 
-fn take_lock(root: &Path) -> Result<File> {
+pub(crate) fn take_lock(root: &Path) -> Result<File> {
     let path = root.join("lock");
     let mut f = OpenOptions::new()
         .read(true)

@@ -342,6 +342,16 @@ impl Failure {
 impl S3Store {
     /// Connects to the bucket of `config` and checks that it is there and readable.
     pub fn open(config: S3Config) -> Result<Self> {
+        let store = Self::connect(config)?;
+        store.check()?;
+        tracing::info!(backend = %store.backend, "opened S3 object store");
+        Ok(store)
+    }
+
+    /// Builds the client without any request; [`S3Store::check`] then proves the bucket is
+    /// reachable with these credentials. For callers that must go on when the endpoint is
+    /// down (the local cache of a tiered store still serves what it holds).
+    pub fn connect(config: S3Config) -> Result<Self> {
         config.validate()?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -402,7 +412,7 @@ impl S3Store {
         } else {
             format!("{}/", config.prefix)
         };
-        let store = Self {
+        Ok(Self {
             client,
             runtime: Some(runtime),
             bucket: config.bucket.clone(),
@@ -412,10 +422,7 @@ impl S3Store {
             part_size: config.part_size,
             backend: format!("{url} at {endpoint}"),
             url,
-        };
-        store.check_bucket()?;
-        tracing::info!(backend = %store.backend, "opened S3 object store");
-        Ok(store)
+        })
     }
 
     /// `s3://bucket/prefix at ENDPOINT`.
@@ -423,7 +430,33 @@ impl S3Store {
         &self.backend
     }
 
-    fn check_bucket(&self) -> Result<()> {
+    /// Creates the bucket (for tests and first-time setup); an existing bucket owned by the
+    /// same user is not an error.
+    pub fn create_bucket(&self) -> Result<()> {
+        let r = self.run(self.client.create_bucket().bucket(&self.bucket).send());
+        match r {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let f = Failure::from_sdk(&e);
+                if f.code.as_deref() == Some("BucketAlreadyOwnedByYou") {
+                    return Ok(());
+                }
+                Err(self.error("create bucket", &self.bucket, f))
+            }
+        }
+    }
+
+    /// Deletes the bucket, which must be empty (for tests).
+    pub fn delete_bucket(&self) -> Result<()> {
+        self.run(self.client.delete_bucket().bucket(&self.bucket).send())
+            .map_err(|e| self.sdk_error("delete bucket", &self.bucket, e))?;
+        Ok(())
+    }
+
+    /// One cheap authenticated request (`HeadBucket`): a missing bucket, rejected
+    /// credentials or an unreachable endpoint fail here with the endpoint and bucket named;
+    /// `retryable` tells the last (or a 5xx) from the first two.
+    pub fn check(&self) -> Result<()> {
         let r = self.run(self.client.head_bucket().bucket(&self.bucket).send());
         match r {
             Ok(_) => Ok(()),

@@ -1,0 +1,536 @@
+//! `index rebuild`: a new index from the packs' chunk tables and the manifests alone (ADR 0004),
+//! from the store's own objects, from its remote tier, or on an empty machine from a bucket.
+//!
+//! What comes back: every pack and its chunks (`packs`, `chunks`), every sealed run with its
+//! metadata and entries (`runs`, `run_meta`, `files`, `namespaces`, one `run.opened` and one
+//! `run.sealed` event each, at the manifest's `sealed_at`), and the tiering state (a pack or
+//! manifest the remote tier lists with the same size is recorded as remote; a pack is local
+//! when the local store has it). What does not: open runs of a mount (their metadata lived
+//! only in the index), the rest of the event log, and anything a later schema adds that is not
+//! in a manifest. When two manifests name the same run (a run deleted and made again), the
+//! one sealed last wins and the others are reported.
+//!
+//! Rebuild trusts a remote object whose listed size matches and whose table (or digest)
+//! checks; `artifactfs verify` re-reads everything afterwards.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::clock::to_unix_ns;
+use crate::error::{Error, Result};
+use crate::id::ManifestDigest;
+use crate::manifest::{self, Manifest, manifest_key};
+use crate::objstore::{LocalStore, ObjectStore};
+use crate::pack::{pack_id_from_key, read_table};
+use crate::store::{Store, StoreConfig};
+use crate::tier::{REMOTE_CONFIG_KEY, TierConfig};
+
+/// What a rebuild found.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct RebuildReport {
+    pub packs: u64,
+    pub chunks: u64,
+    pub runs: u64,
+    pub remote_packs: u64,
+    pub remote_manifests: u64,
+    /// Objects that could not be used, one line each (damaged packs, manifests of a run
+    /// already restored from a newer manifest, …).
+    pub skipped: Vec<String>,
+    /// Where the previous index was moved, when there was one.
+    pub old_index: Option<String>,
+    /// The index snapshot the rebuild started from, when it used one.
+    pub snapshot: Option<String>,
+    /// Packs and runs found in the bucket but not in the snapshot, indexed from their objects.
+    pub replayed_packs: u64,
+    pub replayed_runs: u64,
+}
+
+impl Store {
+    /// Replaces the index of the store at `root` with one rebuilt from its objects (local,
+    /// and the remote tier's when `remote` is given for a tiered store). The old index is
+    /// kept beside it as `index.sqlite.old-<unix ns>`.
+    pub fn rebuild_index(
+        root: &Path,
+        remote: Option<Arc<dyn ObjectStore>>,
+    ) -> Result<(Self, RebuildReport)> {
+        let config = crate::store::read_config(root)?;
+        let lock = crate::store::take_lock(root)?;
+        let mut report = RebuildReport::default();
+        let index = root.join("index.sqlite");
+        if index.exists() {
+            let old = root.join(format!(
+                "index.sqlite.old-{}",
+                to_unix_ns(std::time::SystemTime::now())
+            ));
+            fs::rename(&index, &old).map_err(|e| Error::io("rename", &index, e))?;
+            for ext in ["-wal", "-shm"] {
+                let side = root.join(format!("index.sqlite{ext}"));
+                if side.exists() {
+                    let to = root.join(format!("{}{ext}", old.display()));
+                    fs::rename(&side, &to).map_err(|e| Error::io("rename", &side, e))?;
+                }
+            }
+            crate::objstore::sync_dir(root)?;
+            report.old_index = Some(old.display().to_string());
+        }
+        let store = match (config.tier.is_some(), remote) {
+            (true, Some(r)) => {
+                Self::assemble_tiered(root, r, Some(lock), Arc::new(crate::clock::SystemClock))?
+            }
+            (true, None) => {
+                let r = crate::tier::Unconnected::new(
+                    config
+                        .tier
+                        .as_ref()
+                        .map(|t| t.backend.clone())
+                        .unwrap_or_default(),
+                    "no client for the remote tier",
+                );
+                Self::assemble_tiered(
+                    root,
+                    Arc::new(r),
+                    Some(lock),
+                    Arc::new(crate::clock::SystemClock),
+                )?
+            }
+            (false, _) => Self::open_locked(
+                root,
+                lock,
+                Arc::new(LocalStore::open(root.join("objects"))?),
+                Arc::new(crate::clock::SystemClock),
+                true,
+            )?,
+        };
+        store.reindex(&mut report)?;
+        Ok((store, report))
+    }
+
+    /// Creates a store at `root` (missing or empty) from a bucket alone: its settings from the
+    /// bucket's copy of `config.toml` (`tier` is used when the bucket has none), its index
+    /// from the bucket's packs and manifests, and an empty local cache.
+    pub fn init_from_remote(
+        root: &Path,
+        remote: Arc<dyn ObjectStore>,
+        tier: TierConfig,
+    ) -> Result<(Self, RebuildReport)> {
+        let mut opts = crate::InitOptions {
+            tier: Some(tier.clone()),
+            ..Default::default()
+        };
+        match remote.get(REMOTE_CONFIG_KEY) {
+            Ok(text) => {
+                let text = String::from_utf8_lossy(&text);
+                let c: StoreConfig = toml::from_str(&text).map_err(|e| {
+                    Error::corrupt(
+                        format!("{REMOTE_CONFIG_KEY} in {}", remote.describe()),
+                        e.to_string(),
+                    )
+                })?;
+                opts.chunker = c.chunker;
+                opts.compression_level = c.compression_level;
+                opts.pack_target_size = c.pack_target_size;
+                if let Some(mut t) = c.tier {
+                    // Where the bucket is now is what the caller said.
+                    t.backend = tier.backend.clone();
+                    opts.tier = Some(t);
+                }
+            }
+            Err(Error::MissingObject { .. }) => {
+                tracing::warn!(backend = %remote.describe(), "the bucket has no copy of config.toml; using the defaults");
+            }
+            Err(e) => return Err(e),
+        }
+        drop(Self::init(root, &opts)?);
+        match crate::tier::newest_snapshot(&*remote)? {
+            Some((key, _)) => match restore_snapshot(root, &*remote, &key) {
+                Ok(()) => {
+                    let store = Self::open_tiered(root, remote)?;
+                    let mut report = RebuildReport {
+                        snapshot: Some(key),
+                        ..Default::default()
+                    };
+                    store.replay_after_snapshot(&mut report)?;
+                    return Ok((store, report));
+                }
+                Err(e) => {
+                    tracing::warn!(key, error = %e, "cannot use the index snapshot; reading every pack instead");
+                }
+            },
+            None => {
+                tracing::info!(backend = %remote.describe(), "no index snapshot in the bucket; reading every pack")
+            }
+        }
+        Self::rebuild_index(root, Some(remote))
+    }
+
+    /// Brings an index restored from a snapshot up to the bucket: nothing is local on this
+    /// machine; packs and manifests the snapshot does not know are indexed from their objects;
+    /// what the snapshot names but the bucket lacks (written after the snapshot on the old
+    /// machine and never uploaded) is reported.
+    fn replay_after_snapshot(&self, report: &mut RebuildReport) -> Result<()> {
+        let tier = self
+            .tier
+            .clone()
+            .ok_or_else(|| Error::Internal("replay without a tier".into()))?;
+        let remote = tier.remote();
+        let now = to_unix_ns(self.clock.now());
+        self.index().tier_forget_local()?;
+        let known = self.index().tier_pack_ids()?;
+        let mut listed = std::collections::HashSet::new();
+        for m in remote.list("packs/")? {
+            let Some(id) = pack_id_from_key(&m.key) else {
+                report.skipped.push(format!("{}: not a pack name", m.key));
+                continue;
+            };
+            listed.insert(id);
+            if !known.contains(&id) {
+                match read_table(remote, &m.key) {
+                    Ok(entries) => {
+                        self.index().insert_pack(&id, m.size, &entries, now)?;
+                        report.replayed_packs += 1;
+                    }
+                    Err(e) => {
+                        report.skipped.push(format!("{}: {e}", m.key));
+                        continue;
+                    }
+                }
+            }
+            if self.index().tier_pack_state(&id)?.is_none() {
+                self.index().tier_mark_pack_remote(&id, false, now)?;
+            }
+            report.remote_packs += 1;
+        }
+        for id in known.difference(&listed) {
+            report.skipped.push(format!(
+                "pack {id}: in the snapshot but not in the bucket (never uploaded)"
+            ));
+        }
+        let named = self.index().tier_run_manifests()?;
+        let named_set: std::collections::HashSet<ManifestDigest> =
+            named.iter().map(|(d, _)| *d).collect();
+        let mut listed_m = std::collections::HashSet::new();
+        let mut runs = Vec::new();
+        for m in remote.list("manifests/")? {
+            let Some(d) = m
+                .key
+                .rsplit('/')
+                .next()
+                .and_then(|h| h.parse::<ManifestDigest>().ok())
+                .filter(|d| manifest_key(d) == m.key)
+            else {
+                report
+                    .skipped
+                    .push(format!("{}: not a manifest name", m.key));
+                continue;
+            };
+            listed_m.insert(d);
+            if !named_set.contains(&d) {
+                let parsed = manifest::load_manifest_bytes(remote, &d)
+                    .and_then(|b| Manifest::from_bytes(&b, &format!("manifest {d}")));
+                match parsed {
+                    Ok(man) => {
+                        let at = humantime::parse_rfc3339(&man.sealed_at)
+                            .map(to_unix_ns)
+                            .unwrap_or(now);
+                        runs.push((at, d, man));
+                    }
+                    Err(e) => {
+                        report.skipped.push(format!("{}: {e}", m.key));
+                        continue;
+                    }
+                }
+            }
+            self.index().tier_mark_manifest_remote(&d, now)?;
+            report.remote_manifests += 1;
+        }
+        for (d, run) in &named {
+            if !listed_m.contains(d) {
+                report.skipped.push(format!(
+                    "run {run}: its manifest {d} is in the snapshot but not in the bucket"
+                ));
+            }
+        }
+        let before = report.runs;
+        self.insert_runs(runs, report)?;
+        report.replayed_runs = report.runs - before;
+        let stats = self.stats()?;
+        report.packs = stats.packs;
+        report.chunks = stats.chunks;
+        report.runs = stats.runs_sealed;
+        self.index().sync()?;
+        tracing::info!(
+            snapshot = report.snapshot.as_deref().unwrap_or(""),
+            replayed_packs = report.replayed_packs,
+            replayed_runs = report.replayed_runs,
+            "index restored from a snapshot"
+        );
+        Ok(())
+    }
+
+    /// Inserts sealed runs from manifests, newest first; a name already taken is reported.
+    fn insert_runs(
+        &self,
+        mut runs: Vec<(i64, ManifestDigest, Manifest)>,
+        report: &mut RebuildReport,
+    ) -> Result<()> {
+        runs.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.0.cmp(&b.1.0)));
+        for (at, d, m) in runs {
+            let detail = serde_json::json!({
+                "manifest": d.to_hex(),
+                "files": m.entries.iter().filter(|e| e.kind != manifest::Kind::Dir).count(),
+                "raw_bytes": m.raw_bytes(),
+                "rebuilt": true,
+            });
+            match self.index().insert_sealed_run(&m, &d, at, detail) {
+                Ok(_) => report.runs += 1,
+                Err(Error::AlreadyExists(what)) => report.skipped.push(format!(
+                    "manifest {d}: {what} was restored from a newer manifest"
+                )),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Fills the (new, empty) index from the objects.
+    fn reindex(&self, report: &mut RebuildReport) -> Result<()> {
+        let now = to_unix_ns(self.clock.now());
+        let tier = self.tier.clone();
+        let (local, remote): (&dyn ObjectStore, Option<&dyn ObjectStore>) = match &tier {
+            Some(t) => (t.local(), Some(t.remote())),
+            None => (&*self.objects, None),
+        };
+        let sizes = |store: &dyn ObjectStore, prefix: &str| -> Result<BTreeMap<String, u64>> {
+            Ok(store
+                .list(prefix)?
+                .into_iter()
+                .map(|m| (m.key, m.size))
+                .collect())
+        };
+        let local_packs = sizes(local, "packs/")?;
+        let remote_packs = match remote {
+            Some(r) => sizes(r, "packs/")?,
+            None => BTreeMap::new(),
+        };
+        let mut keys: Vec<&String> = local_packs.keys().chain(remote_packs.keys()).collect();
+        keys.sort();
+        keys.dedup();
+        for key in keys {
+            let Some(id) = pack_id_from_key(key) else {
+                report.skipped.push(format!("{key}: not a pack name"));
+                continue;
+            };
+            let local_size = local_packs.get(key);
+            let (src, size) = match (local_size, remote) {
+                (Some(n), _) => (local, *n),
+                (None, Some(r)) => (r, remote_packs[key]),
+                (None, None) => continue,
+            };
+            let entries = match read_table(src, key) {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::warn!(key, error = %e, "pack skipped");
+                    report.skipped.push(format!("{key}: {e}"));
+                    continue;
+                }
+            };
+            let mut idx = self.index();
+            idx.insert_pack(&id, size, &entries, now)?;
+            report.packs += 1;
+            report.chunks += entries.len() as u64;
+            if remote_packs.get(key) == Some(&size) {
+                idx.tier_mark_pack_remote(&id, local_size.is_some(), now)?;
+                report.remote_packs += 1;
+            }
+        }
+        // Manifests: newest first, so a name made again keeps its last run.
+        let local_m = sizes(local, "manifests/")?;
+        let remote_m = match remote {
+            Some(r) => sizes(r, "manifests/")?,
+            None => BTreeMap::new(),
+        };
+        let mut keys: Vec<&String> = local_m.keys().chain(remote_m.keys()).collect();
+        keys.sort();
+        keys.dedup();
+        let mut runs: Vec<(i64, ManifestDigest, Manifest)> = Vec::new();
+        for key in keys {
+            let Some(d) = key
+                .rsplit('/')
+                .next()
+                .and_then(|h| h.parse::<ManifestDigest>().ok())
+            else {
+                report.skipped.push(format!("{key}: not a manifest name"));
+                continue;
+            };
+            if manifest_key(&d) != *key {
+                report.skipped.push(format!("{key}: not a manifest name"));
+                continue;
+            }
+            let loaded = if local_m.contains_key(key) {
+                manifest::load_manifest_bytes(local, &d)
+            } else {
+                let r = remote.expect("listed remotely");
+                manifest::load_manifest_bytes(r, &d).and_then(|b| {
+                    // Manifests are always kept locally.
+                    local.put(key, &r.get(key)?)?;
+                    Ok(b)
+                })
+            };
+            let parsed = loaded.and_then(|b| Manifest::from_bytes(&b, &format!("manifest {d}")));
+            let m = match parsed {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(key, error = %e, "manifest skipped");
+                    report.skipped.push(format!("{key}: {e}"));
+                    continue;
+                }
+            };
+            if remote_m.contains_key(key) {
+                self.index().tier_mark_manifest_remote(&d, now)?;
+                report.remote_manifests += 1;
+            }
+            let at = humantime::parse_rfc3339(&m.sealed_at)
+                .map(to_unix_ns)
+                .unwrap_or(now);
+            runs.push((at, d, m));
+        }
+        self.insert_runs(runs, report)?;
+        self.index().sync()?;
+        tracing::info!(
+            packs = report.packs,
+            runs = report.runs,
+            skipped = report.skipped.len(),
+            "index rebuilt"
+        );
+        Ok(())
+    }
+}
+
+/// Replaces the (new, empty) index of the store at `root` with the snapshot `key`.
+fn restore_snapshot(root: &Path, remote: &dyn ObjectStore, key: &str) -> Result<()> {
+    let packed = remote.get(key)?;
+    let db = zstd::stream::decode_all(&packed[..])
+        .map_err(|e| Error::corrupt(format!("index snapshot {key}"), format!("zstd: {e}")))?;
+    let tmp = root.join("index.sqlite.snapshot");
+    fs::write(&tmp, &db).map_err(|e| Error::io("write", &tmp, e))?;
+    // Open it once: proves it is an index this build reads, and migrates it.
+    if let Err(e) = crate::index::Index::open(&tmp, false) {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    let index = root.join("index.sqlite");
+    for ext in ["-wal", "-shm"] {
+        let _ = fs::remove_file(root.join(format!("index.sqlite{ext}")));
+        let _ = fs::remove_file(root.join(format!("index.sqlite.snapshot{ext}")));
+    }
+    fs::rename(&tmp, &index).map_err(|e| Error::io("rename into place", &index, e))?;
+    crate::objstore::sync_dir(root)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::objstore::MemoryStore;
+
+    fn ingest(store: &Store, dir: &Path, run: &str, seed: u64) -> Vec<u8> {
+        let src = dir.join(format!("src-{seed}"));
+        fs::create_dir_all(&src).unwrap();
+        let mut data = vec![0u8; 2 << 20];
+        let mut h = blake3::Hasher::new();
+        h.update(&seed.to_le_bytes());
+        h.finalize_xof().fill(&mut data);
+        fs::write(src.join("f"), &data).unwrap();
+        store
+            .ingest_dir(
+                &src,
+                &crate::RunRef::parse(run).unwrap(),
+                Default::default(),
+                &crate::NoProgress,
+            )
+            .unwrap();
+        data
+    }
+
+    fn read(store: &Store, run: &str) -> Vec<u8> {
+        let e = store
+            .entry(&crate::RunRef::parse(run).unwrap(), "f")
+            .unwrap();
+        let mut out = Vec::new();
+        store.read_file_to(&e, &mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn local_rebuild_restores_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        let store = Store::init(&root, &crate::InitOptions::default()).unwrap();
+        let a = ingest(&store, dir.path(), "ns/a", 1);
+        let b = ingest(&store, dir.path(), "ns/b", 2);
+        let stats = store.stats().unwrap();
+        drop(store);
+        fs::remove_file(root.join("index.sqlite")).unwrap();
+        let (store, report) = Store::rebuild_index(&root, None).unwrap();
+        assert_eq!(report.runs, 2, "{report:?}");
+        assert!(report.skipped.is_empty(), "{report:?}");
+        assert_eq!(read(&store, "ns/a"), a);
+        assert_eq!(read(&store, "ns/b"), b);
+        assert_eq!(store.stats().unwrap().chunks, stats.chunks);
+        assert!(store.verify(None, &crate::NoProgress).unwrap().ok());
+    }
+
+    #[test]
+    fn rebuild_from_the_remote_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let remote: Arc<MemoryStore> = Arc::new(MemoryStore::default());
+        let opts = crate::InitOptions {
+            pack_target_size: 1 << 20,
+            tier: Some(TierConfig::new("s3://b/p")),
+            ..Default::default()
+        };
+        let store = Store::init_tiered(&dir.path().join("one"), &opts, remote.clone()).unwrap();
+        let a = ingest(&store, dir.path(), "ns/a", 3);
+        let pushed = store.push_pending().unwrap();
+        assert!(
+            pushed.snapshot.is_some(),
+            "the first push snapshots the index"
+        );
+        // A run after the snapshot: the next push (within the interval) takes none.
+        let b = ingest(&store, dir.path(), "ns/b", 4);
+        assert_eq!(store.push_pending().unwrap().snapshot, None);
+        drop(store);
+        let check = |name: &str, want_snapshot: bool| {
+            let (store, report) = Store::init_from_remote(
+                &dir.path().join(name),
+                remote.clone(),
+                TierConfig::new("s3://b/p"),
+            )
+            .unwrap();
+            assert_eq!(report.snapshot.is_some(), want_snapshot, "{report:?}");
+            assert_eq!(report.runs, 2, "{report:?}");
+            assert!(report.skipped.is_empty(), "{report:?}");
+            assert_eq!(report.remote_packs, report.packs);
+            if want_snapshot {
+                assert_eq!(report.replayed_runs, 1, "{report:?}");
+                assert!(report.replayed_packs > 0, "{report:?}");
+            }
+            assert_eq!(store.config().pack_target_size, 1 << 20);
+            let s = store.tier_status().unwrap();
+            assert_eq!(s.counts.remote_only_packs, report.packs);
+            assert_eq!((s.counts.pending_manifests, s.counts.both_packs), (0, 0));
+            assert_eq!(read(&store, "ns/a"), a);
+            assert_eq!(read(&store, "ns/b"), b);
+            assert!(store.verify(None, &crate::NoProgress).unwrap().ok());
+        };
+        check("two", true);
+        // Without snapshots: from packs and manifests alone.
+        for m in remote.list(crate::tier::SNAPSHOT_PREFIX).unwrap() {
+            remote.delete(&m.key).unwrap();
+        }
+        check("three", false);
+    }
+}

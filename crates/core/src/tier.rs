@@ -1,0 +1,1395 @@
+//! Tiering: the local object store as a bounded cache in front of a remote one (S3 / Ceph RGW).
+//!
+//! [`Tier`] is an [`ObjectStore`] decorator in the manner of rustic_core's `HotColdBackend`:
+//! the engine writes and reads through it exactly as through the local store, and does not
+//! know whether a pack is local, remote or both. It owns the policy; the backend crates own
+//! only the protocol. Core never sees an S3 type: the binary hands it an
+//! `Arc<dyn ObjectStore>`.
+//!
+//! # What is authoritative
+//!
+//! A pack or manifest is durable once it is in the local store (as before tiering); it is
+//! *safely remote* once it has been uploaded, read back and checked (the pack's BLAKE3 is its
+//! id; a manifest's bytes equal the local ones) and the index records that (`tier_packs`,
+//! `tier_manifests`, see `crate::index_tier`). Only then may the local copy of a pack be
+//! evicted. The index is never the only record of where bytes are: reads try the local store
+//! first and the remote one on a miss, whatever the index says, so a crash between any two
+//! steps below leaves every byte readable.
+//!
+//! # The state machine of one pack
+//!
+//! ```text
+//! local (no tier row) --upload, read back, check--> both (tier row, local = 1)
+//!     --evict: row local = 0 (durable), then delete the file--> remote (local = 0)
+//! remote --ranged GET of one chunk--> remote, that range in the range cache
+//! ```
+//!
+//! New packs are found through the index (a `packs` row with no `tier_packs` row), never by
+//! hooking the writer. Uploads are idempotent (`put` of the same bytes under the same key), so
+//! a crash mid-upload only repeats it. Eviction happens only for packs with a tier row; a
+//! pack whose upload failed stays local however far over the cache bound that goes.
+//!
+//! # The local cache
+//!
+//! Local pack files plus cached chunk ranges are bounded by `cache_size`; least recently read
+//! goes first. Reads of local packs note the time in memory; eviction saves those times to
+//! the index first. A read of an evicted chunk is one ranged GET of just that chunk's bytes,
+//! kept afterwards as a file under `STORE/cache/ranges/` (written atomically, not fsynced: it
+//! is a cache and every chunk is checked against its id when decoded). Manifests are small
+//! and always stay local.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::{ErrorKind, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::clock::{Clock, SystemClock, to_unix_ns};
+use crate::error::{Error, Result};
+use crate::id::{ManifestDigest, PackId};
+use crate::index::Index;
+use crate::index_tier::TierCounts;
+use crate::manifest::manifest_key;
+use crate::objstore::{LocalStore, ObjectMeta, ObjectStore};
+use crate::pack::{pack_id_from_key, pack_key};
+use crate::store::Store;
+
+/// The object key under which a tiered store keeps a copy of its `config.toml` in the remote
+/// tier, so that a store can be rebuilt from the bucket with the same settings.
+pub const REMOTE_CONFIG_KEY: &str = "store/config.toml";
+
+/// Where index snapshots live in the remote tier: `index-snapshots/<unix ns, 20 digits>.sqlite.zst`.
+pub const SNAPSHOT_PREFIX: &str = "index-snapshots/";
+
+/// Snapshots kept in the remote tier; older ones are deleted after a new one is checked.
+const SNAPSHOTS_KEPT: usize = 2;
+
+/// Uploads in flight at once during a push.
+const UPLOAD_THREADS: usize = 4;
+
+/// How an upload is checked before the local copy may be evicted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VerifyMode {
+    /// Read the whole object back and check it (BLAKE3 of a pack is its id).
+    #[default]
+    Reread,
+    /// Only check the stored size (`HEAD`); the backend's own checks must be trusted.
+    Size,
+}
+
+/// The `[tier]` table of `config.toml`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TierConfig {
+    /// `s3://BUCKET/PREFIX`; the binary turns it into an object store.
+    pub backend: String,
+    /// Storage class of uploads.
+    #[serde(default = "default_storage_class")]
+    pub storage_class: String,
+    /// Bytes of local packs and cached ranges to keep; 0 evicts everything safely remote.
+    #[serde(default = "default_cache_size")]
+    pub cache_size: u64,
+    /// How uploads are checked.
+    #[serde(default)]
+    pub verify: VerifyMode,
+    /// Seconds between index snapshots uploaded by pushes that uploaded something; 0: never.
+    #[serde(default = "default_snapshot_interval")]
+    pub snapshot_interval: u64,
+}
+
+fn default_snapshot_interval() -> u64 {
+    3600
+}
+
+fn default_storage_class() -> String {
+    "STANDARD".into()
+}
+
+/// The default bound of the local cache: 8 GiB.
+pub const DEFAULT_CACHE_SIZE: u64 = 8 << 30;
+
+fn default_cache_size() -> u64 {
+    DEFAULT_CACHE_SIZE
+}
+
+impl TierConfig {
+    /// A configuration for `backend` with the defaults.
+    pub fn new(backend: impl Into<String>) -> Self {
+        Self {
+            backend: backend.into(),
+            storage_class: default_storage_class(),
+            cache_size: DEFAULT_CACHE_SIZE,
+            verify: VerifyMode::default(),
+            snapshot_interval: default_snapshot_interval(),
+        }
+    }
+}
+
+/// The remote tier of a store whose backend this program could not connect to: every call
+/// fails, retryably, naming the backend. Local data stays readable; uploads stay pending.
+pub struct Unconnected {
+    backend: String,
+    reason: String,
+}
+
+impl Unconnected {
+    pub fn new(backend: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            backend: backend.into(),
+            reason: reason.into(),
+        }
+    }
+
+    fn err(&self, op: &'static str, key: &str) -> Error {
+        Error::Backend {
+            backend: self.backend.clone(),
+            op,
+            key: key.to_owned(),
+            retryable: true,
+            message: self.reason.clone(),
+        }
+    }
+}
+
+impl ObjectStore for Unconnected {
+    fn describe(&self) -> String {
+        self.backend.clone()
+    }
+    fn put(&self, key: &str, _: &[u8]) -> Result<()> {
+        Err(self.err("put", key))
+    }
+    fn get(&self, key: &str) -> Result<Vec<u8>> {
+        Err(self.err("get", key))
+    }
+    fn get_range(&self, key: &str, _: u64, _: u64) -> Result<Vec<u8>> {
+        Err(self.err("get range", key))
+    }
+    fn head(&self, key: &str) -> Result<Option<u64>> {
+        Err(self.err("head", key))
+    }
+    fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
+        Err(self.err("list", prefix))
+    }
+    fn delete(&self, key: &str) -> Result<()> {
+        Err(self.err("delete", key))
+    }
+}
+
+/// Chunk ranges of evicted packs, kept as files.
+struct RangeCache {
+    dir: PathBuf,
+    inner: Mutex<RangeInner>,
+}
+
+#[derive(Default)]
+struct RangeInner {
+    /// File name -> (bytes, last read ns).
+    files: HashMap<String, (u64, i64)>,
+    bytes: u64,
+}
+
+fn range_name(key: &str, offset: u64, len: u64) -> String {
+    format!("{}.{offset}.{len}", key.replace('/', "_"))
+}
+
+impl RangeCache {
+    fn open(dir: PathBuf) -> Self {
+        let mut inner = RangeInner::default();
+        if let Ok(rd) = fs::read_dir(&dir) {
+            for ent in rd.flatten() {
+                let name = ent.file_name().to_string_lossy().into_owned();
+                let Ok(m) = ent.metadata() else { continue };
+                if name.starts_with(".tmp") {
+                    let _ = fs::remove_file(ent.path());
+                    continue;
+                }
+                let at = m.modified().map(to_unix_ns).unwrap_or(0);
+                inner.bytes += m.len();
+                inner.files.insert(name, (m.len(), at));
+            }
+        }
+        Self {
+            dir,
+            inner: Mutex::new(inner),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, RangeInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn get(&self, name: &str, len: u64, now: i64) -> Option<Vec<u8>> {
+        {
+            let mut g = self.lock();
+            let e = g.files.get_mut(name)?;
+            e.1 = now;
+        }
+        match fs::read(self.dir.join(name)) {
+            Ok(b) if b.len() as u64 == len => Some(b),
+            _ => {
+                self.remove(name);
+                None
+            }
+        }
+    }
+
+    fn put(&self, name: &str, data: &[u8], now: i64) {
+        let write = || -> std::io::Result<()> {
+            fs::create_dir_all(&self.dir)?;
+            let tmp = self.dir.join(format!(
+                ".tmp-{}-{}",
+                std::process::id(),
+                rand::random::<u64>()
+            ));
+            let res = fs::File::create(&tmp)
+                .and_then(|mut f| f.write_all(data))
+                .and_then(|()| fs::rename(&tmp, self.dir.join(name)));
+            if res.is_err() {
+                let _ = fs::remove_file(&tmp);
+            }
+            res
+        };
+        match write() {
+            Ok(()) => {
+                let mut g = self.lock();
+                if let Some((n, _)) = g.files.insert(name.to_owned(), (data.len() as u64, now)) {
+                    g.bytes -= n;
+                }
+                g.bytes += data.len() as u64;
+            }
+            Err(e) => {
+                tracing::warn!(dir = %self.dir.display(), error = %e, "cannot cache a chunk range")
+            }
+        }
+    }
+
+    fn remove(&self, name: &str) {
+        let mut g = self.lock();
+        if let Some((n, _)) = g.files.remove(name) {
+            g.bytes -= n;
+        }
+        drop(g);
+        match fs::remove_file(self.dir.join(name)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(file = name, error = %e, "cannot remove a cached chunk range")
+            }
+        }
+    }
+
+    /// Removes every range of `key`.
+    fn forget_key(&self, key: &str) {
+        let prefix = format!("{}.", key.replace('/', "_"));
+        let names: Vec<String> = self
+            .lock()
+            .files
+            .keys()
+            .filter(|n| n.starts_with(&prefix))
+            .cloned()
+            .collect();
+        for n in names {
+            self.remove(&n);
+        }
+    }
+
+    fn bytes(&self) -> (u64, u64) {
+        let g = self.lock();
+        (g.bytes, g.files.len() as u64)
+    }
+
+    /// (name, bytes, last read), least recently read first.
+    fn lru(&self) -> Vec<(String, u64, i64)> {
+        let mut v: Vec<_> = self
+            .lock()
+            .files
+            .iter()
+            .map(|(n, (b, at))| (n.clone(), *b, *at))
+            .collect();
+        v.sort_by_key(|(n, _, at)| (*at, n.clone()));
+        v
+    }
+}
+
+/// What one push did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct PushReport {
+    pub packs: u64,
+    pub pack_bytes: u64,
+    pub manifests: u64,
+    /// Packs and manifests still pending after this push (their upload failed).
+    pub still_pending: u64,
+    pub evicted_packs: u64,
+    pub evicted_bytes: u64,
+    pub evicted_ranges: u64,
+    /// The index snapshot this push uploaded, if any.
+    pub snapshot: Option<String>,
+    /// The first failures, one line each, naming the backend and key.
+    pub errors: Vec<String>,
+}
+
+/// What one eviction pass did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct EvictReport {
+    pub packs: u64,
+    pub bytes: u64,
+    pub ranges: u64,
+}
+
+/// Where a tiered store's bytes are.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct TierStatus {
+    pub backend: String,
+    pub storage_class: String,
+    pub cache_size: u64,
+    /// Bytes of local pack files and cached ranges together (what `cache_size` bounds).
+    pub cache_bytes: u64,
+    pub range_cache_bytes: u64,
+    pub range_cache_entries: u64,
+    #[serde(flatten)]
+    pub counts: TierCounts,
+}
+
+/// The local store as a cache in front of a remote one; see the module documentation.
+pub struct Tier {
+    local: LocalStore,
+    remote: Arc<dyn ObjectStore>,
+    config: TierConfig,
+    clock: Arc<dyn Clock>,
+    ranges: RangeCache,
+    index: OnceLock<Arc<Mutex<Index>>>,
+    /// Last reads of local packs since the last eviction pass.
+    reads: Mutex<HashMap<PackId, i64>>,
+    /// Local pack bytes as of the last eviction pass (the read path cannot ask the index).
+    pack_bytes: AtomicU64,
+    /// One push at a time.
+    pushing: Mutex<()>,
+    config_uploaded: AtomicBool,
+    /// The local `config.toml`, copied to [`REMOTE_CONFIG_KEY`] by the first push.
+    config_text: Vec<u8>,
+    /// `STORE/cache`.
+    cache_dir: PathBuf,
+    /// When the newest remote snapshot was taken (unix ns), once known.
+    last_snapshot: Mutex<Option<i64>>,
+}
+
+impl Tier {
+    fn new(
+        root: &Path,
+        remote: Arc<dyn ObjectStore>,
+        config: TierConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self> {
+        let config_path = root.join("config.toml");
+        let config_text = fs::read(&config_path).map_err(|e| Error::io("read", &config_path, e))?;
+        Ok(Self {
+            local: LocalStore::open(root.join("objects"))?,
+            remote,
+            config,
+            clock,
+            ranges: RangeCache::open(root.join("cache").join("ranges")),
+            index: OnceLock::new(),
+            reads: Mutex::new(HashMap::new()),
+            pack_bytes: AtomicU64::new(0),
+            pushing: Mutex::new(()),
+            config_uploaded: AtomicBool::new(false),
+            config_text,
+            cache_dir: root.join("cache"),
+            last_snapshot: Mutex::new(None),
+        })
+    }
+
+    fn index(&self) -> Result<MutexGuard<'_, Index>> {
+        let idx = self
+            .index
+            .get()
+            .ok_or_else(|| Error::Internal("tier used before its index was attached".into()))?;
+        Ok(idx.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn now(&self) -> i64 {
+        to_unix_ns(self.clock.now())
+    }
+
+    /// The remote tier.
+    pub fn remote(&self) -> &dyn ObjectStore {
+        &*self.remote
+    }
+
+    /// The local store (the cache).
+    pub fn local(&self) -> &dyn ObjectStore {
+        &self.local
+    }
+
+    pub fn config(&self) -> &TierConfig {
+        &self.config
+    }
+
+    /// Uploads every pending pack and manifest, checks each, records it, then evicts down to
+    /// the cache bound. A pack that fails stays pending; the report says how many and why. An
+    /// error is returned only when nothing could be uploaded and something was pending.
+    pub fn push_pending(&self) -> Result<PushReport> {
+        let _one = self.pushing.lock().unwrap_or_else(|p| p.into_inner());
+        let mut report = PushReport::default();
+        let (packs, manifests) = {
+            let idx = self.index()?;
+            (idx.tier_pending_packs()?, idx.tier_pending_manifests()?)
+        };
+        if packs.is_empty() && manifests.is_empty() {
+            let ev = self.evict()?;
+            report.evicted_packs = ev.packs;
+            report.evicted_bytes = ev.bytes;
+            report.evicted_ranges = ev.ranges;
+            return Ok(report);
+        }
+        let mut first_err: Option<Error> = None;
+        if !self.config_uploaded.load(Ordering::Relaxed) {
+            match self.remote.put(REMOTE_CONFIG_KEY, &self.config_text) {
+                Ok(()) => self.config_uploaded.store(true, Ordering::Relaxed),
+                Err(e) => {
+                    // The gateway is down: every upload would fail the same way.
+                    report.still_pending = (packs.len() + manifests.len()) as u64;
+                    return Err(e);
+                }
+            }
+        }
+        // Packs, a few at a time.
+        let queue = Mutex::new(packs.into_iter());
+        let results: Mutex<Vec<(PackId, u64, Result<()>)>> = Mutex::new(Vec::new());
+        std::thread::scope(|s| {
+            for _ in 0..UPLOAD_THREADS {
+                s.spawn(|| {
+                    loop {
+                        let next = queue.lock().unwrap_or_else(|p| p.into_inner()).next();
+                        let Some((id, size)) = next else { break };
+                        let r = self.upload_pack(&id);
+                        let failed = r.is_err();
+                        results
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push((id, size, r));
+                        if failed {
+                            // Leave the rest for the next push rather than hammer a
+                            // gateway that is failing.
+                            let mut q = queue.lock().unwrap_or_else(|p| p.into_inner());
+                            let rest = q.by_ref().count();
+                            drop(q);
+                            results.lock().unwrap_or_else(|p| p.into_inner()).extend(
+                                (0..rest).map(|_| {
+                                    (
+                                        id,
+                                        0,
+                                        Err(Error::Internal("skipped after a failure".into())),
+                                    )
+                                }),
+                            );
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        for (id, size, r) in results.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            match r {
+                Ok(()) => {
+                    report.packs += 1;
+                    report.pack_bytes += size;
+                }
+                Err(e) => {
+                    report.still_pending += 1;
+                    if !matches!(e, Error::Internal(_)) {
+                        tracing::warn!(pack = %id, error = %e, "pack upload failed; it stays pending");
+                        if report.errors.len() < 5 {
+                            report.errors.push(e.to_string());
+                        }
+                        first_err.get_or_insert(e);
+                    }
+                }
+            }
+        }
+        for d in &manifests {
+            if first_err.as_ref().is_some_and(is_unreachable) {
+                report.still_pending += 1;
+                continue;
+            }
+            match self.upload_manifest(d) {
+                Ok(()) => report.manifests += 1,
+                Err(e) => {
+                    tracing::warn!(manifest = %d, error = %e, "manifest upload failed; it stays pending");
+                    report.still_pending += 1;
+                    if report.errors.len() < 5 {
+                        report.errors.push(e.to_string());
+                    }
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        let ev = self.evict()?;
+        report.evicted_packs = ev.packs;
+        report.evicted_bytes = ev.bytes;
+        report.evicted_ranges = ev.ranges;
+        if report.packs == 0
+            && report.manifests == 0
+            && let Some(e) = first_err
+        {
+            return Err(e);
+        }
+        if report.packs + report.manifests > 0 && report.still_pending == 0 {
+            match self.snapshot_if_due() {
+                Ok(k) => report.snapshot = k,
+                Err(e) => {
+                    tracing::warn!(error = %e, "index snapshot failed; the next push tries again")
+                }
+            }
+        }
+        if report.packs + report.manifests > 0 {
+            tracing::info!(
+                packs = report.packs, bytes = report.pack_bytes, manifests = report.manifests,
+                pending = report.still_pending, backend = %self.remote.describe(), "pushed"
+            );
+        }
+        Ok(report)
+    }
+
+    /// Uploads an index snapshot when the newest one is older than the configured interval.
+    fn snapshot_if_due(&self) -> Result<Option<String>> {
+        let every = self.config.snapshot_interval;
+        if every == 0 {
+            return Ok(None);
+        }
+        let last = {
+            let mut g = self.last_snapshot.lock().unwrap_or_else(|p| p.into_inner());
+            if g.is_none() {
+                *g = Some(newest_snapshot(&*self.remote)?.map_or(i64::MIN, |(_, at)| at));
+            }
+            g.unwrap_or(i64::MIN)
+        };
+        if self.now().saturating_sub(last) < (every as i64).saturating_mul(1_000_000_000) {
+            return Ok(None);
+        }
+        self.upload_snapshot().map(Some)
+    }
+
+    /// Copies the index with SQLite's online backup, compresses it, uploads it as
+    /// `index-snapshots/<unix ns>.sqlite.zst`, reads it back, then deletes all but the newest
+    /// few. A rebuild from the bucket starts from the newest and replays what is newer.
+    pub fn upload_snapshot(&self) -> Result<String> {
+        let index_path = self.index()?.path().to_path_buf();
+        fs::create_dir_all(&self.cache_dir)
+            .map_err(|e| Error::io("create directory", &self.cache_dir, e))?;
+        let tmp = self
+            .cache_dir
+            .join(format!(".tmp-snapshot-{}", std::process::id()));
+        let _ = fs::remove_file(&tmp);
+        let at = self.now();
+        let res = crate::index_tier::snapshot_index(&index_path, &tmp)
+            .and_then(|()| fs::read(&tmp).map_err(|e| Error::io("read", &tmp, e)));
+        let _ = fs::remove_file(&tmp);
+        let db = res?;
+        let packed = zstd::bulk::compress(&db, 3)
+            .map_err(|e| Error::Internal(format!("zstd compress snapshot: {e}")))?;
+        let key = format!("{SNAPSHOT_PREFIX}{at:020}.sqlite.zst");
+        self.remote.put(&key, &packed)?;
+        self.check_remote(&key, packed.len(), |got| got == packed.as_slice())?;
+        *self.last_snapshot.lock().unwrap_or_else(|p| p.into_inner()) = Some(at);
+        let mut all = self.remote.list(SNAPSHOT_PREFIX)?;
+        all.sort_by(|a, b| b.key.cmp(&a.key));
+        for old in all.iter().skip(SNAPSHOTS_KEPT) {
+            self.remote.delete(&old.key)?;
+        }
+        tracing::info!(
+            key,
+            bytes = packed.len(),
+            index_bytes = db.len(),
+            "index snapshot uploaded"
+        );
+        Ok(key)
+    }
+
+    fn upload_pack(&self, id: &PackId) -> Result<()> {
+        let key = pack_key(id);
+        let bytes = match self.local.get(&key) {
+            Ok(b) => b,
+            Err(Error::MissingObject { .. }) => {
+                // Not local and never recorded remote: perhaps uploaded by an earlier build
+                // or a rebuild; accept it only if the remote copy checks.
+                let b = self.remote.get(&key)?;
+                if PackId::of(&b) != *id {
+                    return Err(Error::corrupt(
+                        format!("pack {key} in {}", self.remote.describe()),
+                        "not local, and the remote copy does not match its id",
+                    ));
+                }
+                self.index()?.tier_mark_pack_remote(id, false, self.now())?;
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        if PackId::of(&bytes) != *id {
+            return Err(Error::corrupt(
+                format!("pack {key} in {}", self.local.describe()),
+                "the local copy does not match its id; not uploading it",
+            ));
+        }
+        self.remote.put(&key, &bytes)?;
+        self.check_remote(&key, bytes.len(), |got| PackId::of(got) == *id)?;
+        let indexed = self.index()?.tier_mark_pack_remote(id, true, self.now())?;
+        if !indexed {
+            // gc dropped the pack while it was uploading: do not leave a copy behind.
+            self.remote.delete(&key)?;
+        }
+        tracing::debug!(pack = %id, bytes = bytes.len(), "pack uploaded and verified");
+        Ok(())
+    }
+
+    fn upload_manifest(&self, d: &ManifestDigest) -> Result<()> {
+        let key = manifest_key(d);
+        let bytes = match self.local.get(&key) {
+            Ok(b) => b,
+            Err(Error::MissingObject { .. }) => {
+                crate::manifest::load_manifest_bytes(&*self.remote, d)?;
+                return self.index()?.tier_mark_manifest_remote(d, self.now());
+            }
+            Err(e) => return Err(e),
+        };
+        self.remote.put(&key, &bytes)?;
+        self.check_remote(&key, bytes.len(), |got| got == bytes.as_slice())?;
+        self.index()?.tier_mark_manifest_remote(d, self.now())
+    }
+
+    /// Checks an uploaded object: its size, and by default its content.
+    fn check_remote(&self, key: &str, len: usize, ok: impl Fn(&[u8]) -> bool) -> Result<()> {
+        let bad = |message: String| Error::Backend {
+            backend: self.remote.describe(),
+            op: "verify upload",
+            key: key.to_owned(),
+            retryable: true,
+            message,
+        };
+        match self.config.verify {
+            VerifyMode::Size => match self.remote.head(key)? {
+                Some(n) if n == len as u64 => Ok(()),
+                other => Err(bad(format!("stored size {other:?}, sent {len} bytes"))),
+            },
+            VerifyMode::Reread => {
+                let got = self.remote.get(key)?;
+                if got.len() == len && ok(&got) {
+                    Ok(())
+                } else {
+                    Err(bad(format!(
+                        "read back {} bytes that do not match the {len} sent",
+                        got.len()
+                    )))
+                }
+            }
+        }
+    }
+
+    /// Evicts least recently read packs (only those safely remote) and cached ranges until
+    /// the local cache is within its bound.
+    pub fn evict(&self) -> Result<EvictReport> {
+        self.evict_inner(true)
+    }
+
+    /// `warn`: say so when the bound cannot be met (not on open, where it is no news).
+    fn evict_inner(&self, warn: bool) -> Result<EvictReport> {
+        let mut report = EvictReport::default();
+        let reads: Vec<(PackId, i64)> = self
+            .reads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .collect();
+        let (mut pack_bytes, candidates) = {
+            let mut idx = self.index()?;
+            idx.tier_note_reads(&reads)?;
+            (idx.tier_local_pack_bytes()?, idx.tier_evictable()?)
+        };
+        let (range_bytes, _) = self.ranges.bytes();
+        let limit = self.config.cache_size;
+        if pack_bytes + range_bytes > limit {
+            enum Victim {
+                Pack(PackId, u64),
+                Range(String, u64),
+            }
+            let mut victims: Vec<(i64, Victim)> = candidates
+                .into_iter()
+                .map(|c| (c.last_read_ns, Victim::Pack(c.pack, c.size)))
+                .chain(
+                    self.ranges
+                        .lru()
+                        .into_iter()
+                        .map(|(n, b, at)| (at, Victim::Range(n, b))),
+                )
+                .collect();
+            victims.sort_by_key(|(at, _)| *at);
+            let mut total = pack_bytes + range_bytes;
+            for (_, v) in victims {
+                if total <= limit {
+                    break;
+                }
+                match v {
+                    Victim::Pack(id, size) => {
+                        // The row first (durable), then the file: a crash in between leaves
+                        // a file the next pass removes, never a file-less "local" pack that
+                        // is not remote.
+                        if !self.index()?.tier_mark_pack_evicted(&id)? {
+                            continue;
+                        }
+                        self.local.delete(&pack_key(&id))?;
+                        total -= size;
+                        pack_bytes -= size;
+                        report.packs += 1;
+                        report.bytes += size;
+                    }
+                    Victim::Range(name, size) => {
+                        self.ranges.remove(&name);
+                        total -= size;
+                        report.ranges += 1;
+                    }
+                }
+            }
+            if report.packs > 0 || report.ranges > 0 {
+                tracing::info!(
+                    packs = report.packs,
+                    bytes = report.bytes,
+                    ranges = report.ranges,
+                    cache_size = limit,
+                    "evicted from the local cache"
+                );
+            }
+            if total > limit && warn {
+                tracing::warn!(
+                    local = total,
+                    cache_size = limit,
+                    "the local cache is over its bound: the rest is not yet safely remote"
+                );
+            }
+        }
+        self.pack_bytes.store(pack_bytes, Ordering::Relaxed);
+        Ok(report)
+    }
+
+    /// Deletes local files of packs the index says are evicted: a crash between the two
+    /// steps of an eviction leaves one behind.
+    fn sweep_evicted_files(&self) -> Result<()> {
+        let local = self.local.list("packs/")?;
+        let mut stray = Vec::new();
+        {
+            let idx = self.index()?;
+            for m in local {
+                if let Some(id) = pack_id_from_key(&m.key)
+                    && idx.tier_pack_state(&id)? == Some(false)
+                {
+                    stray.push(m.key);
+                }
+            }
+        }
+        for key in stray {
+            tracing::info!(key, "removing the file of a pack evicted before a crash");
+            self.local.delete(&key)?;
+        }
+        Ok(())
+    }
+
+    /// Where bytes are.
+    pub fn status(&self) -> Result<TierStatus> {
+        let (counts, pack_bytes) = {
+            let idx = self.index()?;
+            (idx.tier_counts()?, idx.tier_local_pack_bytes()?)
+        };
+        let (range_bytes, range_entries) = self.ranges.bytes();
+        Ok(TierStatus {
+            backend: self.remote.describe(),
+            storage_class: self.config.storage_class.clone(),
+            cache_size: self.config.cache_size,
+            cache_bytes: pack_bytes + range_bytes,
+            range_cache_bytes: range_bytes,
+            range_cache_entries: range_entries,
+            counts,
+        })
+    }
+
+    /// Deletes an object from the local cache, the range cache and the remote tier.
+    pub fn delete_everywhere(&self, key: &str) -> Result<()> {
+        self.local.delete(key)?;
+        self.ranges.forget_key(key);
+        self.remote.delete(key)
+    }
+
+    /// Starts a thread that pushes pending packs and manifests at once, then every `every`
+    /// (sooner when [`Uploader::nudge`]d), backing off while the remote fails.
+    pub fn start_uploader(self: &Arc<Self>, every: Duration) -> Uploader {
+        let shared = Arc::new((Mutex::new(Signal::default()), Condvar::new()));
+        let tier = self.clone();
+        let sig = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("artifactfs-upload".into())
+            .spawn(move || upload_loop(&tier, &sig, every))
+            .expect("spawn the uploader thread");
+        Uploader {
+            shared,
+            thread: Some(thread),
+        }
+    }
+
+    fn note_read(&self, key: &str) {
+        if let Some(id) = pack_id_from_key(key) {
+            let now = self.now();
+            self.reads
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id, now);
+        }
+    }
+
+    /// A ranged read the local store could not serve: the range cache, else one ranged GET.
+    fn remote_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let name = range_name(key, offset, len);
+        let now = self.now();
+        if let Some(b) = self.ranges.get(&name, len, now) {
+            return Ok(b);
+        }
+        let data = self.remote.get_range(key, offset, len)?;
+        let budget = self
+            .config
+            .cache_size
+            .saturating_sub(self.pack_bytes.load(Ordering::Relaxed));
+        if len <= budget {
+            self.ranges.put(&name, &data, now);
+            // Keep the ranges within what the packs leave of the bound.
+            let (mut bytes, _) = self.ranges.bytes();
+            if bytes > budget {
+                for (n, b, _) in self.ranges.lru() {
+                    if bytes <= budget {
+                        break;
+                    }
+                    if n != name {
+                        self.ranges.remove(&n);
+                        bytes -= b;
+                    }
+                }
+            }
+        }
+        Ok(data)
+    }
+}
+
+/// The newest index snapshot in `remote`: its key and when it was taken (unix ns).
+pub fn newest_snapshot(remote: &dyn ObjectStore) -> Result<Option<(String, i64)>> {
+    Ok(remote
+        .list(SNAPSHOT_PREFIX)?
+        .into_iter()
+        .filter_map(|m| {
+            let at = m
+                .key
+                .strip_prefix(SNAPSHOT_PREFIX)?
+                .strip_suffix(".sqlite.zst")?
+                .parse::<i64>()
+                .ok()?;
+            Some((m.key, at))
+        })
+        .max_by_key(|(_, at)| *at))
+}
+
+fn is_unreachable(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::Backend {
+            retryable: true,
+            ..
+        }
+    )
+}
+
+#[derive(Default)]
+struct Signal {
+    stop: bool,
+    nudge: bool,
+}
+
+/// The background uploader of a tiered store; stops (and joins) when dropped.
+pub struct Uploader {
+    shared: Arc<(Mutex<Signal>, Condvar)>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Uploader {
+    /// Push now rather than at the next interval.
+    pub fn nudge(&self) {
+        let (m, cv) = &*self.shared;
+        m.lock().unwrap_or_else(|p| p.into_inner()).nudge = true;
+        cv.notify_all();
+    }
+
+    /// Stops the uploader after the push under way, if any, and waits for it.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        let (m, cv) = &*self.shared;
+        m.lock().unwrap_or_else(|p| p.into_inner()).stop = true;
+        cv.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Uploader {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn upload_loop(tier: &Tier, sig: &(Mutex<Signal>, Condvar), every: Duration) {
+    let (m, cv) = sig;
+    let mut failures = 0u32;
+    let mut first = true;
+    loop {
+        let wait = if first {
+            Duration::ZERO
+        } else if failures == 0 {
+            every
+        } else {
+            (every * 2u32.saturating_pow(failures.min(8))).min(Duration::from_secs(300))
+        };
+        {
+            let g = m.lock().unwrap_or_else(|p| p.into_inner());
+            let (mut g, _) = cv
+                .wait_timeout_while(g, wait, |s| !s.stop && !s.nudge)
+                .unwrap_or_else(|p| p.into_inner());
+            if g.stop {
+                return;
+            }
+            g.nudge = false;
+        }
+        first = false;
+        match tier.push_pending() {
+            Ok(r) if r.still_pending == 0 => failures = 0,
+            Ok(r) => {
+                failures += 1;
+                tracing::warn!(
+                    pending = r.still_pending,
+                    first = r.errors.first().map(String::as_str).unwrap_or(""),
+                    "some uploads failed; retrying later"
+                );
+            }
+            Err(e) => {
+                failures += 1;
+                tracing::warn!(error = %e, "upload to the remote tier failed; retrying later");
+            }
+        }
+    }
+}
+
+impl ObjectStore for Tier {
+    fn describe(&self) -> String {
+        format!(
+            "{} in front of {}",
+            self.local.describe(),
+            self.remote.describe()
+        )
+    }
+
+    /// Writes go to the local store only; the uploader moves them out.
+    fn put(&self, key: &str, data: &[u8]) -> Result<()> {
+        self.local.put(key, data)
+    }
+
+    fn get(&self, key: &str) -> Result<Vec<u8>> {
+        match self.local.get(key) {
+            Err(Error::MissingObject { .. }) => {
+                self.remote.get(key).map_err(|e| missing_both(e, self))
+            }
+            other => other,
+        }
+    }
+
+    fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+        match self.local.get_range(key, offset, len) {
+            Ok(b) => {
+                self.note_read(key);
+                Ok(b)
+            }
+            Err(Error::MissingObject { .. }) => self
+                .remote_range(key, offset, len)
+                .map_err(|e| missing_both(e, self)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The local answer, else the remote one; an unreachable remote answers "absent" (so a
+    /// seal with the gateway down stores its manifest locally instead of failing).
+    fn head(&self, key: &str) -> Result<Option<u64>> {
+        if let Some(n) = self.local.head(key)? {
+            return Ok(Some(n));
+        }
+        match self.remote.head(key) {
+            Ok(n) => Ok(n),
+            Err(e) => {
+                tracing::debug!(key, error = %e, "remote head failed; answering absent");
+                Ok(None)
+            }
+        }
+    }
+
+    /// Both stores' objects, each key once.
+    fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
+        let mut all = self.local.list(prefix)?;
+        all.extend(self.remote.list(prefix)?);
+        all.sort_by(|a, b| a.key.cmp(&b.key));
+        all.dedup_by(|a, b| a.key == b.key);
+        Ok(all)
+    }
+
+    /// Deletes everywhere (see [`Store::delete_pack_everywhere`]).
+    fn delete(&self, key: &str) -> Result<()> {
+        self.delete_everywhere(key)
+    }
+}
+
+fn missing_both(e: Error, t: &Tier) -> Error {
+    match e {
+        Error::MissingObject { key, .. } => Error::MissingObject {
+            key,
+            backend: t.describe(),
+        },
+        other => other,
+    }
+}
+
+impl Store {
+    /// The configuration of the store at `root`, read without opening it (the binary needs
+    /// its `[tier]` table to build the remote tier first).
+    pub fn config_at(root: &Path) -> Result<crate::store::StoreConfig> {
+        crate::store::read_config(root)
+    }
+
+    /// Opens a store whose `config.toml` has a `[tier]` table, with `remote` as its remote
+    /// tier (the binary builds it from the table's `backend`).
+    pub fn open_tiered(root: &Path, remote: Arc<dyn ObjectStore>) -> Result<Self> {
+        Self::assemble_tiered(root, remote, None, Arc::new(SystemClock))
+    }
+
+    /// [`Store::open_tiered`] with the given clock.
+    pub fn open_tiered_with_clock(
+        root: &Path,
+        remote: Arc<dyn ObjectStore>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self> {
+        Self::assemble_tiered(root, remote, None, clock)
+    }
+
+    /// Opens a tiered store; with `lock`, an already taken lock and a new, empty index.
+    pub(crate) fn assemble_tiered(
+        root: &Path,
+        remote: Arc<dyn ObjectStore>,
+        lock: Option<fs::File>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self> {
+        let config = crate::store::read_config(root)?;
+        let Some(tc) = config.tier.clone() else {
+            return Err(Error::invalid(
+                "store",
+                format!(
+                    "{} has no remote tier (no [tier] in config.toml)",
+                    root.display()
+                ),
+            ));
+        };
+        let tier = Arc::new(Tier::new(root, remote, tc, clock.clone())?);
+        let mut store = match lock {
+            None => Self::open_inner(root, tier.clone(), clock, false)?,
+            Some(l) => Self::open_locked(root, l, tier.clone(), clock, true)?,
+        };
+        let _ = tier.index.set(store.index.clone());
+        store.tier = Some(tier.clone());
+        tier.sweep_evicted_files()?;
+        tier.evict_inner(false)?;
+        Ok(store)
+    }
+
+    /// Creates a store tiered to `remote` (`opts.tier` must say which backend it is).
+    pub fn init_tiered(
+        root: &Path,
+        opts: &crate::InitOptions,
+        remote: Arc<dyn ObjectStore>,
+    ) -> Result<Self> {
+        if opts.tier.is_none() {
+            return Err(Error::invalid(
+                "init options",
+                "a tiered store needs [tier]",
+            ));
+        }
+        drop(Self::init(root, opts)?);
+        let store = Self::open_tiered(root, remote)?;
+        if let Some(t) = &store.tier {
+            t.remote.put(REMOTE_CONFIG_KEY, &t.config_text)?;
+            t.config_uploaded.store(true, Ordering::Relaxed);
+        }
+        Ok(store)
+    }
+
+    /// The remote tier, when the store has one.
+    pub fn tier(&self) -> Option<&Arc<Tier>> {
+        self.tier.as_ref()
+    }
+
+    fn require_tier(&self) -> Result<&Arc<Tier>> {
+        self.tier.as_ref().ok_or_else(|| {
+            Error::State(format!(
+                "store {} has no remote tier (init it with --backend s3://…)",
+                self.root().display()
+            ))
+        })
+    }
+
+    /// Uploads what is pending and evicts down to the cache bound; see [`Tier::push_pending`].
+    pub fn push_pending(&self) -> Result<PushReport> {
+        self.require_tier()?.push_pending()
+    }
+
+    /// Uploads an index snapshot now; see [`Tier::upload_snapshot`].
+    pub fn upload_index_snapshot(&self) -> Result<String> {
+        self.require_tier()?.upload_snapshot()
+    }
+
+    /// Where the store's packs and manifests are.
+    pub fn tier_status(&self) -> Result<TierStatus> {
+        self.require_tier()?.status()
+    }
+
+    /// Deletes a pack from every place it is stored: the local cache (pack file and cached
+    /// ranges) and the remote tier. For gc: remove the pack's index rows first (its
+    /// `packs` row; its `tier_packs` row goes with it) so that nothing is directed to it, then
+    /// call this. A crash in between leaves an unreferenced object, which is safe; calling it
+    /// again is harmless. With no remote tier, only the local file goes.
+    pub fn delete_pack_everywhere(&self, pack: &PackId) -> Result<()> {
+        let key = pack_key(pack);
+        match &self.tier {
+            Some(t) => t.delete_everywhere(&key),
+            None => self.objects.delete(&key),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::InitOptions;
+    use crate::objstore::MemoryStore;
+
+    /// A remote that can be switched off.
+    struct Flaky {
+        inner: MemoryStore,
+        down: AtomicBool,
+        range_gets: AtomicU64,
+    }
+
+    impl Flaky {
+        fn new() -> Self {
+            Self {
+                inner: MemoryStore::default(),
+                down: AtomicBool::new(false),
+                range_gets: AtomicU64::new(0),
+            }
+        }
+        fn check(&self) -> Result<()> {
+            if self.down.load(Ordering::SeqCst) {
+                Err(Error::Backend {
+                    backend: "flaky".into(),
+                    op: "any",
+                    key: String::new(),
+                    retryable: true,
+                    message: "down".into(),
+                })
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    impl ObjectStore for Flaky {
+        fn describe(&self) -> String {
+            "flaky".into()
+        }
+        fn put(&self, key: &str, data: &[u8]) -> Result<()> {
+            self.check()?;
+            self.inner.put(key, data)
+        }
+        fn get(&self, key: &str) -> Result<Vec<u8>> {
+            self.check()?;
+            self.inner.get(key)
+        }
+        fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+            self.check()?;
+            self.range_gets.fetch_add(1, Ordering::SeqCst);
+            self.inner.get_range(key, offset, len)
+        }
+        fn head(&self, key: &str) -> Result<Option<u64>> {
+            self.check()?;
+            self.inner.head(key)
+        }
+        fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
+            self.check()?;
+            self.inner.list(prefix)
+        }
+        fn delete(&self, key: &str) -> Result<()> {
+            self.check()?;
+            self.inner.delete(key)
+        }
+    }
+
+    fn tiered(dir: &Path, remote: Arc<Flaky>, cache_size: u64) -> Store {
+        let opts = InitOptions {
+            pack_target_size: 1 << 20,
+            tier: Some(TierConfig {
+                cache_size,
+                ..TierConfig::new("s3://test/x")
+            }),
+            ..InitOptions::default()
+        };
+        Store::init_tiered(&dir.join("store"), &opts, remote).unwrap()
+    }
+
+    fn ingest(store: &Store, dir: &Path, run: &str, seed: u64, n: usize) -> Vec<u8> {
+        let src = dir.join(format!("src-{seed}"));
+        fs::create_dir_all(&src).unwrap();
+        let mut data = vec![0u8; n];
+        let mut h = blake3::Hasher::new();
+        h.update(&seed.to_le_bytes());
+        h.finalize_xof().fill(&mut data);
+        fs::write(src.join("f"), &data).unwrap();
+        store
+            .ingest_dir(
+                &src,
+                &crate::RunRef::parse(run).unwrap(),
+                Default::default(),
+                &crate::NoProgress,
+            )
+            .unwrap();
+        data
+    }
+
+    fn read(store: &Store, run: &str) -> Vec<u8> {
+        let e = store
+            .entry(&crate::RunRef::parse(run).unwrap(), "f")
+            .unwrap();
+        let mut out = Vec::new();
+        store.read_file_to(&e, &mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn push_evict_and_read_back_through_ranges() {
+        let dir = tempfile::tempdir().unwrap();
+        let remote = Arc::new(Flaky::new());
+        let store = tiered(dir.path(), remote.clone(), 0);
+        let data = ingest(&store, dir.path(), "ns/a", 1, 3 << 20);
+        let s = store.tier_status().unwrap();
+        assert!(s.counts.pending_packs >= 2, "{s:?}");
+        assert_eq!(s.counts.pending_manifests, 1);
+        let r = store.push_pending().unwrap();
+        assert_eq!(r.packs, s.counts.pending_packs);
+        assert_eq!(r.manifests, 1);
+        assert_eq!(
+            r.evicted_packs, r.packs,
+            "cache size 0 evicts everything remote"
+        );
+        let s = store.tier_status().unwrap();
+        assert_eq!(s.counts.remote_only_packs, r.packs);
+        assert_eq!((s.counts.pending_packs, s.counts.both_packs), (0, 0));
+        assert_eq!(s.cache_bytes, 0);
+        assert!(store.objects.list("packs/").unwrap().len() as u64 == r.packs);
+        assert!(
+            store
+                .tier()
+                .unwrap()
+                .local()
+                .list("packs/")
+                .unwrap()
+                .is_empty(),
+            "evicted"
+        );
+        assert_eq!(read(&store, "ns/a"), data);
+        assert!(remote.range_gets.load(Ordering::SeqCst) > 0);
+        // Down: evicted data fails with the backend named; nothing pending is lost.
+        remote.down.store(true, Ordering::SeqCst);
+        let e = store
+            .entry(&crate::RunRef::parse("ns/a").unwrap(), "f")
+            .unwrap();
+        let err = store.read_file_to(&e, &mut Vec::new()).unwrap_err();
+        assert!(err.to_string().contains("flaky"), "{err}");
+    }
+
+    #[test]
+    fn nothing_unsafe_is_evicted_while_the_remote_is_down() {
+        let dir = tempfile::tempdir().unwrap();
+        let remote = Arc::new(Flaky::new());
+        let store = tiered(dir.path(), remote.clone(), 0);
+        remote.down.store(true, Ordering::SeqCst);
+        let data = ingest(&store, dir.path(), "ns/a", 2, 2 << 20);
+        assert!(store.push_pending().is_err());
+        let s = store.tier_status().unwrap();
+        assert!(s.counts.pending_packs > 0);
+        assert_eq!(s.counts.remote_only_packs + s.counts.both_packs, 0);
+        assert_eq!(read(&store, "ns/a"), data);
+        remote.down.store(false, Ordering::SeqCst);
+        let r = store.push_pending().unwrap();
+        assert_eq!((r.still_pending, r.manifests), (0, 1));
+        assert_eq!(store.tier_status().unwrap().counts.pending_packs, 0);
+        assert_eq!(read(&store, "ns/a"), data);
+    }
+
+    #[test]
+    fn cache_bound_keeps_recently_read_packs() {
+        let dir = tempfile::tempdir().unwrap();
+        let remote = Arc::new(Flaky::new());
+        let store = tiered(dir.path(), remote.clone(), 3 << 20);
+        ingest(&store, dir.path(), "ns/a", 3, 4 << 20);
+        ingest(&store, dir.path(), "ns/b", 4, 4 << 20);
+        store.push_pending().unwrap();
+        let s = store.tier_status().unwrap();
+        assert!(s.cache_bytes <= 3 << 20, "{s:?}");
+        assert!(
+            s.counts.remote_only_packs > 0 && s.counts.both_packs > 0,
+            "{s:?}"
+        );
+        // The uploader API: start, nudge, stop.
+        let up = store
+            .tier()
+            .unwrap()
+            .start_uploader(Duration::from_secs(3600));
+        up.nudge();
+        up.stop();
+    }
+
+    #[test]
+    fn delete_everywhere_removes_local_and_remote() {
+        let dir = tempfile::tempdir().unwrap();
+        let remote = Arc::new(Flaky::new());
+        let store = tiered(dir.path(), remote.clone(), 1 << 30);
+        ingest(&store, dir.path(), "ns/a", 5, 1 << 20);
+        store.push_pending().unwrap();
+        let (id, _) = store.index().packs().unwrap()[0];
+        assert!(remote.head(&pack_key(&id)).unwrap().is_some());
+        store.delete_pack_everywhere(&id).unwrap();
+        assert!(remote.head(&pack_key(&id)).unwrap().is_none());
+        assert!(
+            store
+                .tier()
+                .unwrap()
+                .local()
+                .head(&pack_key(&id))
+                .unwrap()
+                .is_none()
+        );
+    }
+}

@@ -1,0 +1,581 @@
+//! Tiering end to end against the real Ceph RGW on 127.0.0.1:7480 (`tools/ceph-rgw/start.sh`,
+//! idempotent): `init --backend`, `tier push`, eviction, reads of evicted chunks through ranged
+//! GETs (`cat`, `export`), the cache bound, `tier status`, `index rebuild --from` into an
+//! empty store, an unreachable endpoint (a dead port, so the shared gateway is never stopped)
+//! and rejected credentials. Each test makes its own bucket and empties it at the end.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command as StdCommand;
+use std::sync::OnceLock;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use artifactfs_core::objstore::ObjectStore;
+use artifactfs_s3::{S3Config, S3Credentials, S3Store};
+use common::{Env, assert_same_tree, bytes};
+
+const MIB: usize = 1 << 20;
+/// A port nothing listens on.
+const DEAD_ENDPOINT: &str = "http://127.0.0.1:9";
+
+/// `tools/ceph-rgw/env.sh`, as (name, value) pairs, after starting the gateway once.
+fn gateway_env() -> &'static Vec<(String, String)> {
+    static ENV: OnceLock<Vec<(String, String)>> = OnceLock::new();
+    ENV.get_or_init(|| {
+        let tools = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tools/ceph-rgw");
+        let run = |script: &str| {
+            let out = StdCommand::new("bash")
+                .arg(tools.join(script))
+                .output()
+                .expect("run a tools/ceph-rgw script");
+            assert!(
+                out.status.success(),
+                "{script} failed:\n{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8(out.stdout).unwrap()
+        };
+        run("start.sh");
+        run("env.sh")
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("export "))
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.trim_matches(['"', '\'']).to_owned()))
+            .collect()
+    })
+}
+
+fn var(name: &str) -> String {
+    gateway_env()
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.clone())
+        .unwrap_or_else(|| panic!("env.sh does not set {name}"))
+}
+
+/// A new bucket, emptied when dropped.
+struct Bucket {
+    store: S3Store,
+    name: String,
+}
+
+impl Bucket {
+    fn new(tag: &str) -> Self {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let name = format!(
+            "afs-tier-{tag}-{}-{}",
+            std::process::id(),
+            nanos % 1_000_000_000
+        );
+        let config = S3Config {
+            endpoint: Some(var("AWS_ENDPOINT_URL")),
+            region: Some(var("AWS_REGION")),
+            credentials: Some(S3Credentials {
+                access_key_id: var("AWS_ACCESS_KEY_ID"),
+                secret_access_key: var("AWS_SECRET_ACCESS_KEY"),
+                session_token: None,
+            }),
+            ..S3Config::new(&name)
+        };
+        let store = S3Store::connect(config).unwrap();
+        store.create_bucket().unwrap();
+        Self { store, name }
+    }
+
+    fn url(&self) -> String {
+        format!("s3://{}/site", self.name)
+    }
+
+    fn keys(&self, prefix: &str) -> Vec<String> {
+        self.store
+            .list(&format!("site/{prefix}"))
+            .unwrap()
+            .into_iter()
+            .map(|m| m.key)
+            .collect()
+    }
+}
+
+impl Drop for Bucket {
+    fn drop(&mut self) {
+        if let Ok(all) = self.store.list("") {
+            for m in all {
+                let _ = self.store.delete(&m.key);
+            }
+        }
+        let _ = self.store.delete_bucket();
+    }
+}
+
+/// `artifactfs` with the gateway's AWS_* variables (and `overrides` on top).
+fn cmd(store: &Path, args: &[&str], overrides: &[(&str, &str)]) -> std::process::Output {
+    let mut c = StdCommand::new(assert_cmd::cargo::cargo_bin("artifactfs"));
+    c.env_remove("ARTIFACTFS_STORE");
+    c.args(["--store", store.to_str().unwrap()]);
+    for (k, v) in gateway_env() {
+        c.env(k, v);
+    }
+    for (k, v) in overrides {
+        c.env(k, v);
+    }
+    c.args(args).output().expect("run artifactfs")
+}
+
+fn ok(store: &Path, args: &[&str], overrides: &[(&str, &str)]) -> String {
+    let out = cmd(store, args, overrides);
+    assert!(
+        out.status.success(),
+        "artifactfs {args:?} failed ({:?}):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn json(store: &Path, args: &[&str]) -> serde_json::Value {
+    serde_json::from_str(&ok(store, args, &[])).expect("json")
+}
+
+/// A source tree of a few files, ~`mib` MiB of incompressible bytes.
+fn source(env: &Env, name: &str, seed: u64, mib: usize) -> PathBuf {
+    let src = env.path(name);
+    fs::create_dir_all(src.join("sub")).unwrap();
+    fs::write(src.join("big.bin"), bytes(mib * MIB, seed)).unwrap();
+    fs::write(src.join("sub/small.txt"), format!("run {seed}\n")).unwrap();
+    fs::write(src.join("sub/tail.bin"), bytes(300_000, seed + 1000)).unwrap();
+    src
+}
+
+fn init_tiered(store: &Path, b: &Bucket, cache: &str) {
+    ok(
+        store,
+        &[
+            "init",
+            "--pack-size",
+            "1MiB",
+            "--backend",
+            &b.url(),
+            "--cache-size",
+            cache,
+        ],
+        &[],
+    );
+}
+
+fn ingest(store: &Path, src: &Path, run: &str) {
+    ok(store, &["ingest", src.to_str().unwrap(), run], &[]);
+}
+
+fn local_packs(store: &Path) -> usize {
+    let dir = store.join("objects/packs");
+    let Ok(rd) = fs::read_dir(dir) else { return 0 };
+    rd.flatten()
+        .map(|d| fs::read_dir(d.path()).map_or(0, |r| r.count()))
+        .sum()
+}
+
+fn export_matches(env: &Env, store: &Path, run: &str, src: &Path) {
+    let dest = env.path(&format!(
+        "export-{}-{}",
+        run.replace('/', "-"),
+        rand_suffix()
+    ));
+    ok(store, &["export", run, dest.to_str().unwrap()], &[]);
+    assert_same_tree(src, &dest);
+}
+
+fn rand_suffix() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+#[test]
+fn push_evicts_and_reads_come_back_through_ranged_gets() {
+    let env = Env::new();
+    let b = Bucket::new("push");
+    let store = env.store();
+    init_tiered(&store, &b, "0");
+    let src = source(&env, "src", 1, 3);
+    ingest(&store, &src, "ns/a");
+    let s = json(&store, &["tier", "status", "--json"]);
+    let pending = s["pending_packs"].as_u64().unwrap();
+    assert!(pending >= 3, "{s}");
+    assert_eq!(s["pending_manifests"], 1, "{s}");
+    assert_eq!(local_packs(&store) as u64, pending);
+
+    let r = json(&store, &["tier", "push", "--json"]);
+    assert_eq!(r["packs"].as_u64(), Some(pending), "{r}");
+    assert_eq!(r["manifests"], 1, "{r}");
+    assert_eq!(
+        r["evicted_packs"].as_u64(),
+        Some(pending),
+        "cache size 0: {r}"
+    );
+    assert_eq!(b.keys("packs/").len() as u64, pending);
+    assert_eq!(b.keys("manifests/").len(), 1);
+    assert_eq!(b.keys("store/config.toml").len(), 1);
+    assert_eq!(local_packs(&store), 0, "every pack evicted");
+
+    let s = json(&store, &["tier", "status", "--json"]);
+    assert_eq!(s["remote_only_packs"].as_u64(), Some(pending), "{s}");
+    assert_eq!(
+        (s["pending_packs"].as_u64(), s["both_packs"].as_u64()),
+        (Some(0), Some(0))
+    );
+    assert_eq!(s["cache_bytes"], 0);
+    assert_eq!(s["remote_manifests"], 1);
+
+    // Reads of evicted chunks: cat, export, verify, all bit-exact.
+    let out = cmd(&store, &["cat", "ns/a/big.bin"], &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout, fs::read(src.join("big.bin")).unwrap());
+    export_matches(&env, &store, "ns/a", &src);
+    assert!(ok(&store, &["verify"], &[]).contains("ok"));
+    // Snapshots on demand; the bucket keeps the newest two.
+    assert_eq!(
+        b.keys("index-snapshots/").len(),
+        1,
+        "the first push made one"
+    );
+    for _ in 0..2 {
+        assert!(ok(&store, &["tier", "snapshot"], &[]).contains("index-snapshots/"));
+    }
+    assert_eq!(b.keys("index-snapshots/").len(), 2);
+    // A second push has nothing to do.
+    let r = json(&store, &["tier", "push", "--json"]);
+    assert_eq!(
+        (r["packs"].as_u64(), r["manifests"].as_u64()),
+        (Some(0), Some(0))
+    );
+}
+
+#[test]
+fn the_cache_bound_holds_and_evicted_chunks_are_cached_after_a_read() {
+    let env = Env::new();
+    let b = Bucket::new("bound");
+    let store = env.store();
+    let bound = 3 * MIB as u64;
+    init_tiered(&store, &b, "3MiB");
+    let mut srcs = Vec::new();
+    for i in 0..3u64 {
+        let src = source(&env, &format!("src{i}"), 10 + i, 2);
+        ingest(&store, &src, &format!("ns/r{i}"));
+        srcs.push(src);
+    }
+    json(&store, &["tier", "push", "--json"]);
+    let s = json(&store, &["tier", "status", "--json"]);
+    let total =
+        s["both_pack_bytes"].as_u64().unwrap() + s["remote_only_pack_bytes"].as_u64().unwrap();
+    assert!(total > 6 * MIB as u64, "{s}");
+    assert!(s["cache_bytes"].as_u64().unwrap() <= bound, "{s}");
+    assert!(s["remote_only_packs"].as_u64().unwrap() > 0, "{s}");
+    assert!(s["both_packs"].as_u64().unwrap() > 0, "{s}");
+    assert_eq!(s["pending_packs"], 0);
+    assert_eq!(
+        local_packs(&store) as u64,
+        s["both_packs"].as_u64().unwrap(),
+        "local files are exactly the cached packs"
+    );
+    // The oldest run was evicted first; reading it fetches ranges and caches some.
+    export_matches(&env, &store, "ns/r0", &srcs[0]);
+    let s = json(&store, &["tier", "status", "--json"]);
+    assert!(s["range_cache_entries"].as_u64().unwrap() > 0, "{s}");
+    assert!(s["cache_bytes"].as_u64().unwrap() <= bound, "{s}");
+    for (i, src) in srcs.iter().enumerate() {
+        export_matches(&env, &store, &format!("ns/r{i}"), src);
+    }
+    let s = json(&store, &["tier", "status", "--json"]);
+    assert!(s["cache_bytes"].as_u64().unwrap() <= bound, "{s}");
+}
+
+#[test]
+fn a_new_store_is_rebuilt_from_the_bucket_alone() {
+    let env = Env::new();
+    let b = Bucket::new("rebuild");
+    let store = env.store();
+    init_tiered(&store, &b, "1MiB");
+    let mut srcs = Vec::new();
+    for i in 0..3u64 {
+        let src = source(&env, &format!("src{i}"), 20 + i, 1);
+        ingest(&store, &src, &format!("ns/r{i}"));
+        srcs.push(src);
+    }
+    let r = json(&store, &["tier", "push", "--json"]);
+    assert!(
+        r["snapshot"].is_string(),
+        "the first push snapshots the index: {r}"
+    );
+    // A run after the snapshot (the next push, within the hour, takes none), which dedups
+    // against the others.
+    ingest(&store, &srcs[0], "other/copy");
+    let r = json(&store, &["tier", "push", "--json"]);
+    assert_eq!(r["still_pending"], 0, "{r}");
+    assert!(r["snapshot"].is_null(), "{r}");
+    assert_eq!(b.keys("index-snapshots/").len(), 1);
+    let before = json(&store, &["stats", "--json"]);
+
+    // From the snapshot plus what is newer, then (snapshots deleted) from packs and manifests.
+    for (name, from_snapshot) in [("fresh", true), ("fresh2", false)] {
+        if !from_snapshot {
+            for k in b.keys("index-snapshots/") {
+                b.store.delete(&k).unwrap();
+            }
+        }
+        let fresh = env.path(name);
+        let out = ok(
+            &fresh,
+            &["index", "rebuild", "--from", &b.url(), "--json"],
+            &[],
+        );
+        let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(report["runs"], 4, "{report}");
+        assert_eq!(report["snapshot"].is_string(), from_snapshot, "{report}");
+        if from_snapshot {
+            assert_eq!(report["replayed_runs"], 1, "{report}");
+        }
+        assert_eq!(
+            report["skipped"].as_array().map(Vec::len),
+            Some(0),
+            "{report}"
+        );
+        assert_eq!(report["packs"], report["remote_packs"]);
+        let after = json(&fresh, &["stats", "--json"]);
+        for k in [
+            "runs",
+            "files",
+            "raw_bytes",
+            "chunks",
+            "packs",
+            "stored_bytes",
+        ] {
+            assert_eq!(after[k], before[k], "{k}");
+        }
+        assert_eq!(local_packs(&fresh), 0, "the new cache starts empty");
+        let cfg = fs::read_to_string(fresh.join("config.toml")).unwrap();
+        assert!(cfg.contains("pack_target_size = 1048576"), "{cfg}");
+        assert!(ok(&fresh, &["verify"], &[]).contains("ok"));
+        for (i, src) in srcs.iter().enumerate() {
+            export_matches(&env, &fresh, &format!("ns/r{i}"), src);
+        }
+        export_matches(&env, &fresh, "other/copy", &srcs[0]);
+        let s = json(&fresh, &["tier", "status", "--json"]);
+        assert_eq!(
+            (s["pending_packs"].as_u64(), s["pending_manifests"].as_u64()),
+            (Some(0), Some(0))
+        );
+    }
+    // Rebuild into a store that is not empty is refused.
+    let out = cmd(&store, &["index", "rebuild", "--from", &b.url()], &[]);
+    assert!(!out.status.success());
+    // A local rebuild of the original keeps everything readable.
+    ok(&store, &["index", "rebuild"], &[]);
+    assert!(ok(&store, &["verify"], &[]).contains("ok"));
+}
+
+#[test]
+fn an_unreachable_endpoint_keeps_uploads_pending_and_evicts_nothing() {
+    let env = Env::new();
+    let b = Bucket::new("down");
+    let store = env.store();
+    init_tiered(&store, &b, "0");
+    let dead = [
+        ("AWS_ENDPOINT_URL", DEAD_ENDPOINT),
+        ("AWS_MAX_ATTEMPTS", "2"),
+    ];
+    let src = source(&env, "src", 30, 2);
+    // Ingest and local reads go on.
+    let out = cmd(&store, &["ingest", src.to_str().unwrap(), "ns/a"], &dead);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cmd(&store, &["cat", "ns/a/big.bin"], &dead);
+    assert!(out.status.success());
+    assert_eq!(out.stdout, fs::read(src.join("big.bin")).unwrap());
+    // The push fails, naming the endpoint and the bucket; nothing is evicted.
+    let out = cmd(&store, &["tier", "push"], &dead);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("127.0.0.1:9") && err.contains(&b.name),
+        "{err}"
+    );
+    let packs = local_packs(&store);
+    assert!(packs > 0);
+    let s: serde_json::Value =
+        serde_json::from_str(&ok(&store, &["tier", "status", "--json"], &dead)).unwrap();
+    assert_eq!(s["pending_packs"].as_u64(), Some(packs as u64), "{s}");
+    assert_eq!(s["remote_only_packs"], 0);
+    assert!(b.keys("packs/").is_empty());
+    // The gateway is back: the queue drains, then eviction.
+    let r = json(&store, &["tier", "push", "--json"]);
+    assert_eq!(r["packs"].as_u64(), Some(packs as u64), "{r}");
+    assert_eq!(r["still_pending"], 0);
+    assert_eq!(local_packs(&store), 0);
+    export_matches(&env, &store, "ns/a", &src);
+}
+
+#[test]
+fn rejected_credentials_fail_at_start_with_a_clear_error() {
+    let env = Env::new();
+    let b = Bucket::new("creds");
+    let store = env.store();
+    let wrong = [("AWS_SECRET_ACCESS_KEY", "not-the-secret")];
+    let out = cmd(&store, &["init", "--backend", &b.url()], &wrong);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("access denied") && err.contains(&b.name) && err.contains("127.0.0.1"),
+        "{err}"
+    );
+    assert!(!store.join("config.toml").exists(), "nothing was created");
+    // An existing tiered store opened with wrong keys: refused before doing anything.
+    init_tiered(&store, &b, "0");
+    let src = source(&env, "src", 40, 1);
+    let out = cmd(&store, &["ingest", src.to_str().unwrap(), "ns/a"], &wrong);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("access denied"), "{err}");
+    // A bucket that does not exist.
+    let out = cmd(
+        &env.path("other"),
+        &["init", "--backend", "s3://afs-no-such-bucket-here/x"],
+        &[],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("does not exist"), "{err}");
+}
+
+#[test]
+fn a_push_killed_midway_resumes_and_evicts_only_what_was_checked() {
+    let env = Env::new();
+    let b = Bucket::new("kill");
+    let store = env.store();
+    init_tiered(&store, &b, "0");
+    let src = source(&env, "src", 50, 24);
+    ingest(&store, &src, "ns/a");
+    let total = local_packs(&store) as u64;
+    assert!(total >= 16, "{total} packs");
+    let mut child = StdCommand::new(assert_cmd::cargo::cargo_bin("artifactfs"));
+    child.args(["--store", store.to_str().unwrap(), "tier", "push"]);
+    for (k, v) in gateway_env() {
+        child.env(k, v);
+    }
+    let mut child = child
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let s = json(&store, &["tier", "status", "--json"]);
+    let (pending, both, remote) = (
+        s["pending_packs"].as_u64().unwrap(),
+        s["both_packs"].as_u64().unwrap(),
+        s["remote_only_packs"].as_u64().unwrap(),
+    );
+    eprintln!("after kill -9: {pending} pending, {both} both, {remote} remote only");
+    assert_eq!(pending + both + remote, total, "{s}");
+    assert_eq!(
+        local_packs(&store) as u64,
+        pending + both,
+        "every pack not checked remote is still local: {s}"
+    );
+    let r = json(&store, &["tier", "push", "--json"]);
+    assert_eq!(r["still_pending"], 0, "{r}");
+    let s = json(&store, &["tier", "status", "--json"]);
+    assert_eq!(s["remote_only_packs"].as_u64(), Some(total), "{s}");
+    assert_eq!(b.keys("packs/").len() as u64, total);
+    export_matches(&env, &store, "ns/a", &src);
+}
+
+#[test]
+fn a_mount_reads_evicted_chunks_and_uploads_what_is_pending() {
+    use common::mount::is_mounted;
+    let env = Env::new();
+    let b = Bucket::new("mount");
+    let store = env.store();
+    init_tiered(&store, &b, "0");
+    let src = source(&env, "src", 60, 3);
+    ingest(&store, &src, "ns/a");
+    json(&store, &["tier", "push", "--json"]);
+    assert_eq!(local_packs(&store), 0);
+    // Pending when the mount starts: its uploader pushes at once.
+    let src_b = source(&env, "srcb", 61, 1);
+    ingest(&store, &src_b, "ns/b");
+    let mnt = env.path("mnt");
+    fs::create_dir_all(&mnt).unwrap();
+    let mnt = mnt.canonicalize().unwrap();
+    let log = env.path("mount.log");
+    let mut c = StdCommand::new(assert_cmd::cargo::cargo_bin("artifactfs"));
+    c.args(["--store", store.to_str().unwrap(), "-v", "mount"])
+        .arg(&mnt)
+        .arg("--foreground");
+    for (k, v) in gateway_env() {
+        c.env(k, v);
+    }
+    let mut child = c
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let log_text = || fs::read_to_string(&log).unwrap_or_default();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !is_mounted(&mnt) {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "mount exited:\n{}",
+            log_text()
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "mount not ready:\n{}",
+            log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let read = fs::read(mnt.join("ns/a/big.bin"));
+    let read_small = fs::read(mnt.join("ns/a/sub/tail.bin"));
+    // The uploader drains ns/b within a few seconds.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while b.keys("manifests/").len() < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let manifests = b.keys("manifests/").len();
+    let st = StdCommand::new("fusermount3")
+        .arg("-u")
+        .arg(&mnt)
+        .status()
+        .unwrap();
+    let exit = child.wait().unwrap();
+    assert!(st.success() && exit.success(), "unmount:\n{}", log_text());
+    assert_eq!(read.unwrap(), fs::read(src.join("big.bin")).unwrap());
+    assert_eq!(
+        read_small.unwrap(),
+        fs::read(src.join("sub/tail.bin")).unwrap()
+    );
+    assert_eq!(
+        manifests,
+        2,
+        "the mount's uploader pushed ns/b:\n{}",
+        log_text()
+    );
+    let s = json(&store, &["tier", "status", "--json"]);
+    assert_eq!(s["pending_packs"], 0, "{s}");
+}
