@@ -2214,8 +2214,9 @@ impl Vfs {
         for (id, why) in due {
             match self.seal_id(id, why) {
                 Ok(_) => {}
-                // Written to or opened since it was found due: it is not quiet any more.
-                Err(Error::Busy(_)) => {}
+                // Opened since it was found due (it is not quiet any more), or sealed meanwhile
+                // by an explicit request.
+                Err(Error::Busy(_) | Error::ReadOnly(_)) => {}
                 Err(e) => {
                     tracing::warn!(
                         run = id,
@@ -2280,7 +2281,11 @@ impl Vfs {
             hook(run_id);
         }
         let started = Instant::now();
-        let built = build_seal(&self.store, &self.staging, run_id, &r);
+        // Whatever happens in the build, the run must not stay frozen.
+        let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            build_seal(&self.store, &self.staging, run_id, &r)
+        }))
+        .unwrap_or_else(|_| Err(Error::Internal(format!("the seal of run {r} panicked"))));
         let mut st = self.lock();
         st.sealing.remove(&run_id);
         self.sealed_cv.notify_all();
