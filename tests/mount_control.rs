@@ -234,3 +234,46 @@ fn cat_through_the_mount_streams() {
     );
     m.unmount();
 }
+
+/// Only root and the mount's own uid may send commands: the socket is mode 0600, and the mount
+/// checks the peer's uid too (here with the socket opened up on purpose).
+#[test]
+fn other_users_cannot_use_the_control_socket() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new();
+    let m = Mount::start(&env, &env.path("mnt"), &["--seal-after", "1h"]);
+    let sock = env.store().join("control.sock");
+    assert_eq!(
+        fs::metadata(&sock).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    // `nobody` can reach the store's lock, and so finds the store owned.
+    fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    fs::set_permissions(env.store().join("lock"), fs::Permissions::from_mode(0o666)).unwrap();
+    let as_nobody = || {
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(assert_cmd::cargo::cargo_bin("artifactfs"))
+            .arg("--store")
+            .arg(env.store())
+            .arg("runs")
+            .output()
+            .unwrap()
+    };
+    let out = as_nobody();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{err}");
+    assert!(err.contains("ermission denied"), "{err}");
+
+    fs::set_permissions(&sock, fs::Permissions::from_mode(0o666)).unwrap();
+    let out = as_nobody();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("uid 65534 may not use this store's control socket"),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty());
+    assert!(m.log_text().contains("refused a command from uid 65534"));
+    m.unmount();
+}
