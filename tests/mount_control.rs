@@ -54,7 +54,9 @@ fn commands_reach_a_running_mount() {
     let runs = ok_in(&env, &["runs"]);
     assert!(runs.contains("ns/open\topen"), "{runs}");
 
-    // Relative paths are the caller's; the new run is in the mount at once.
+    // Relative paths are the caller's; the new run is in the mount at once, even right after
+    // a lookup that did not find it.
+    assert!(!m.p("ns/new").exists());
     let report: serde_json::Value =
         serde_json::from_str(&ok_in(&env, &["ingest", "src", "ns/new", "--json"])).unwrap();
     assert_eq!(fs::read(m.p("ns/new/a")).unwrap(), b"alpha");
