@@ -176,8 +176,16 @@ pub fn foreground(a: &MountArgs, detached: bool) -> Result<()> {
         artifactfs_core::names::validate_component("seal marker", m, true)?;
     }
     let vfs = Arc::new(Vfs::new(store, opts)?);
-    // Listen before the mount is ready: whoever sees the mount may send commands at once.
-    let control = crate::control::Server::start(&a.store, vfs.clone())?;
+    // Listen before the mount is ready: whoever sees the mount may send commands at once. A
+    // socket that cannot be bound (e.g. a store path longer than a socket address allows)
+    // costs only that: the mount works, other commands report the store in use.
+    let control = match crate::control::Server::start(&a.store, vfs.clone()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::error!("{e:#}; other commands on this store will report it in use");
+            None
+        }
+    };
     let stop = Arc::new(AtomicBool::new(false));
     let session = artifactfs_fuse::spawn_mount(
         vfs.clone(),
@@ -209,7 +217,9 @@ pub fn foreground(a: &MountArgs, detached: bool) -> Result<()> {
                 if session.guard.is_finished() {
                     tracing::info!("unmounted from outside");
                     stop.store(true, Ordering::Relaxed);
-                    control.shutdown(COMMAND_GRACE);
+                    if let Some(c) = control {
+                        c.shutdown(COMMAND_GRACE);
+                    }
                     return session
                         .join()
                         .context("the file system ended with an error");
@@ -223,7 +233,9 @@ pub fn foreground(a: &MountArgs, detached: bool) -> Result<()> {
         tracing::warn!("unmount failed ({e}); detaching the mount lazily");
         let _ = Command::new("fusermount3").arg("-uz").arg(&mp).status();
     }
-    control.shutdown(COMMAND_GRACE);
+    if let Some(c) = control {
+        c.shutdown(COMMAND_GRACE);
+    }
     Ok(())
 }
 
