@@ -1,5 +1,15 @@
-//! Command-line verbs. Each one validates its arguments, opens the store and makes one engine
-//! call; printing lives in `output`.
+//! Command-line verbs. Each verb validates its arguments and makes one engine call; printing
+//! lives in `output`.
+//!
+//! Verbs that work on an existing store ("engine verbs") are functions of an [`Engine`] (the
+//! store, and the mount's file-system view when a mount runs them) and an [`Io`] (where output
+//! goes, the caller's working directory, whether its standard output is a terminal), and they
+//! are all reached through one dispatch point, [`execute`]. The same `execute` runs them in this
+//! process when the store is free, and in the mount process when a mount owns the store: the
+//! command is then forwarded over the store's control socket (`control`). A new verb is a new
+//! [`Command`] variant, an arm in `execute` and its body; forwarding needs nothing more.
+//! The few verbs that never reach a store through its owner (`init`, `mount`, `umount`) are
+//! handled in [`run`] before that.
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
@@ -8,13 +18,21 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use artifactfs_core::chunker::ChunkerParams;
+use artifactfs_core::vfs::{self, Vfs};
 use artifactfs_core::{Error, InitOptions, RunRef, Store};
 use clap::{Parser, Subcommand};
+use serde::{Deserialize, Serialize};
 
 use crate::output::{self, Bar};
 
 /// Exit status of a run that found damaged or missing data (`verify`).
 pub const EXIT_DAMAGE: u8 = 4;
+/// Exit status when the store is owned by another process that cannot take the command.
+pub const EXIT_LOCKED: u8 = 5;
+/// Exit status of a refusal because something is in use (`seal` with files still open).
+pub const EXIT_BUSY: u8 = 9;
+/// Exit status of a change the retention rules refuse (shortening a retention).
+pub const EXIT_REFUSED: u8 = 10;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -35,8 +53,10 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Subcommand, Debug)]
-enum Command {
+/// A verb and its arguments, as parsed. It is also what travels over the control socket, so
+/// everything here must (de)serialise; paths stay as given and are resolved with [`Io::path`].
+#[derive(Subcommand, Debug, Serialize, Deserialize)]
+pub enum Command {
     /// Create a new, empty store.
     Init {
         /// Smallest chunk, bytes (suffixes KiB, MiB accepted).
@@ -167,6 +187,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Seal an open run now (one written through a mount); prints its manifest digest.
+    ///
+    /// Through a running mount this is the same as `setfattr -n user.artifactfs.seal -v 1`;
+    /// it fails with status 9 while files of the run are open. Without a mount it seals a run
+    /// that an earlier mount left open.
+    Seal {
+        /// NAMESPACE/RUN
+        run: String,
+    },
     /// Re-read and re-hash everything a run (or every run) depends on.
     Verify {
         /// NAMESPACE/RUN (default: all runs)
@@ -181,7 +210,8 @@ enum Command {
     },
     /// Serve the store as a file system at MOUNTPOINT (NAMESPACE/RUN/… directories).
     ///
-    /// The mount owns the store: other commands on it report it in use until it is unmounted.
+    /// The mount owns the store; other commands on it are forwarded to the mount over
+    /// STORE/control.sock until it is unmounted.
     Mount {
         /// An existing, empty directory.
         mountpoint: PathBuf,
@@ -202,8 +232,8 @@ enum Command {
     Umount { mountpoint: PathBuf },
 }
 
-#[derive(Subcommand, Debug)]
-enum TierCommand {
+#[derive(Subcommand, Debug, Serialize, Deserialize)]
+pub enum TierCommand {
     /// Upload pending packs and manifests, check each, then evict down to the cache size.
     Push {
         #[arg(long)]
@@ -218,8 +248,8 @@ enum TierCommand {
     Snapshot,
 }
 
-#[derive(Subcommand, Debug)]
-enum IndexCommand {
+#[derive(Subcommand, Debug, Serialize, Deserialize)]
+pub enum IndexCommand {
     /// Rebuild the index from the packs and manifests (the old one is kept beside it).
     Rebuild {
         /// Make a new store in --store (missing or empty) from this bucket alone.
@@ -228,6 +258,47 @@ enum IndexCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+impl Command {
+    /// Whether the verb may create the store when the directory is empty or missing.
+    fn creates_store(&self) -> bool {
+        matches!(self, Command::Ingest { .. })
+    }
+}
+
+/// What an engine verb works on: the store, and the mount's view of it when the mount runs the
+/// verb (then the view's caches and open runs must see what the verb changes).
+pub struct Engine<'a> {
+    pub store: &'a Store,
+    pub vfs: Option<&'a Vfs>,
+}
+
+/// Where an engine verb's output goes and what it knows about its caller.
+pub struct Io<'a> {
+    pub out: &'a mut dyn Write,
+    pub err: &'a mut dyn Write,
+    /// The caller's working directory: relative paths in arguments are relative to it.
+    pub cwd: PathBuf,
+    /// The caller's standard output is a terminal.
+    pub tty: bool,
+    /// Progress bars may be drawn (on this process's standard error).
+    pub progress: bool,
+}
+
+impl Io<'_> {
+    /// A path argument as the caller meant it.
+    pub fn path(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.cwd.join(p)
+        }
+    }
+
+    fn warn(&mut self, msg: impl std::fmt::Display) {
+        let _ = writeln!(self.err, "artifactfs: warning: {msg}");
+    }
 }
 
 /// Parses `123`, `64KiB`, `4MiB`, `1GiB` (K, M, G are binary too).
@@ -273,13 +344,6 @@ fn init_logging(verbose: u8) {
         .init();
 }
 
-pub fn is_empty_or_missing(dir: &Path) -> bool {
-    match std::fs::read_dir(dir) {
-        Ok(mut rd) => rd.next().is_none(),
-        Err(e) => e.kind() == std::io::ErrorKind::NotFound,
-    }
-}
-
 /// The engine's clock: the system clock, or, when `ARTIFACTFS_CLOCK_FILE` names a file, the
 /// RFC 3339 instant in it (for tests and retention drills; see `FileClock`).
 pub fn clock() -> std::sync::Arc<dyn artifactfs_core::clock::Clock> {
@@ -294,16 +358,24 @@ pub fn open_store(dir: &Path) -> Result<Store> {
     crate::tier::open_store(dir)
 }
 
+pub fn is_empty_or_missing(dir: &Path) -> bool {
+    match std::fs::read_dir(dir) {
+        Ok(mut rd) => rd.next().is_none(),
+        Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+    }
+}
+
 /// The exit status for an error: scripts can tell these apart.
 pub fn exit_code(e: &anyhow::Error) -> u8 {
     match e.downcast_ref::<Error>() {
         Some(Error::NotFound(_) | Error::NoAttr(_)) => 3,
         Some(err) if err.is_damage() => EXIT_DAMAGE,
-        Some(Error::Locked { .. }) => 5,
+        Some(Error::Locked { .. }) => EXIT_LOCKED,
         Some(Error::AlreadyExists(_)) => 6,
         Some(Error::Invalid { .. }) => 7,
         Some(Error::NotAStore { .. }) => 8,
-        Some(Error::NotPermitted(_)) => 9,
+        Some(Error::Busy(_)) => EXIT_BUSY,
+        Some(Error::NotPermitted(_)) => EXIT_REFUSED,
         _ => 1,
     }
 }
@@ -331,7 +403,7 @@ pub fn run() -> Result<ExitCode> {
         Some(s) => s,
         None => default_store()?,
     };
-    let tty = std::io::stdout().is_terminal();
+    // Verbs that never go through a store's owner.
     match cli.command {
         Command::Init {
             chunk_min,
@@ -373,175 +445,7 @@ pub fn run() -> Result<ExitCode> {
                     .with_context(|| format!("cannot initialise store {}", store_dir.display()))?;
             }
             println!("initialised store {}", store_dir.display());
-        }
-        Command::Ingest {
-            src,
-            run,
-            meta,
-            json,
-        } => {
-            let run = RunRef::parse(&run)?;
-            let meta = parse_meta(&meta)?;
-            if is_empty_or_missing(&store_dir) {
-                drop(
-                    Store::init(&store_dir, &InitOptions::default()).with_context(|| {
-                        format!("cannot initialise store {}", store_dir.display())
-                    })?,
-                );
-            }
-            let store = open_store(&store_dir)?;
-            let bar = Bar::bytes(tty, "ingest");
-            let report = store
-                .ingest_dir(&src, &run, meta, &bar)
-                .with_context(|| format!("ingest of {} into {run} failed", src.display()))?;
-            bar.finish();
-            output::ingest(&report, json)?;
-        }
-        Command::Runs {
-            namespace,
-            expired,
-            deleted,
-            json,
-        } => {
-            if let Some(ns) = &namespace {
-                artifactfs_core::names::validate_component("namespace", ns, false)?;
-            }
-            let store = open_store(&store_dir)?;
-            if expired {
-                crate::lifecycle::expired(&store, namespace.as_deref(), json)?;
-            } else if deleted {
-                crate::lifecycle::deleted(&store, namespace.as_deref(), json)?;
-            } else {
-                let runs = store.runs(namespace.as_deref())?;
-                output::runs(&store, &runs, json)?;
-            }
-        }
-        Command::Retain {
-            target,
-            value,
-            override_,
-            reason,
-            clear,
-            json,
-        } => {
-            let store = open_store(&store_dir)?;
-            crate::lifecycle::retain(
-                &store,
-                crate::lifecycle::RetainArgs {
-                    target,
-                    value,
-                    override_,
-                    reason,
-                    clear,
-                    json,
-                },
-            )?;
-        }
-        Command::Hold { cmd } => {
-            let store = open_store(&store_dir)?;
-            crate::lifecycle::hold(&store, cmd)?;
-        }
-        Command::Gc {
-            dry_run,
-            grace,
-            compact_below,
-            json,
-        } => {
-            let store = open_store(&store_dir)?;
-            crate::lifecycle::gc(
-                &store,
-                crate::lifecycle::GcArgs {
-                    dry_run,
-                    grace,
-                    compact_below,
-                    json,
-                    tty,
-                },
-            )?;
-        }
-        Command::Ls { path, json } => {
-            let (run, p) = RunRef::parse_with_path(&path)?;
-            let store = open_store(&store_dir)?;
-            let entry = store.entry(&run, &p)?;
-            let list = if entry.kind == artifactfs_core::manifest::Kind::Dir {
-                store.list_dir(&run, &p)?
-            } else {
-                vec![entry]
-            };
-            output::ls(&list, json)?;
-        }
-        Command::Cat { path } => {
-            let (run, p) = RunRef::parse_with_path(&path)?;
-            if p.is_empty() {
-                bail!(Error::invalid(
-                    "path",
-                    format!("{path:?} names a run, not a file")
-                ));
-            }
-            let store = open_store(&store_dir)?;
-            let entry = store.entry(&run, &p)?;
-            let entry = match entry.kind {
-                artifactfs_core::manifest::Kind::File => entry,
-                artifactfs_core::manifest::Kind::Hardlink => {
-                    store.entry(&run, entry.target.as_deref().unwrap_or_default())?
-                }
-                other => bail!(Error::invalid(
-                    "path",
-                    format!("{path} is a {}, not a file", other.as_str())
-                )),
-            };
-            let stdout = std::io::stdout();
-            let mut out = std::io::BufWriter::with_capacity(1 << 20, stdout.lock());
-            store
-                .read_file_to(&entry, &mut out)
-                .with_context(|| format!("cannot read {path}"))?;
-            out.flush().context("write to standard output")?;
-        }
-        Command::Export { run, dest } => {
-            let run = RunRef::parse(&run)?;
-            let store = open_store(&store_dir)?;
-            let bar = Bar::bytes(tty, "export");
-            let report = store
-                .export(&run, &dest, &bar)
-                .with_context(|| format!("export of {run} to {} failed", dest.display()))?;
-            bar.finish();
-            for w in &report.warnings {
-                eprintln!("artifactfs: warning: {w}");
-            }
-            if tty {
-                println!(
-                    "exported {run}: {} entries, {} bytes",
-                    report.entries, report.bytes
-                );
-            }
-        }
-        Command::Manifest { run, json } => {
-            let run = RunRef::parse(&run)?;
-            let store = open_store(&store_dir)?;
-            if json {
-                let (_, bytes) = store.manifest_bytes(&run)?;
-                let mut out = std::io::stdout().lock();
-                out.write_all(&bytes)?;
-                out.write_all(b"\n")?;
-            } else {
-                let (digest, m) = store.manifest(&run)?;
-                output::manifest(&digest, &m)?;
-            }
-        }
-        Command::Verify { run, json } => {
-            let run = run.as_deref().map(RunRef::parse).transpose()?;
-            let store = open_store(&store_dir)?;
-            let bar = Bar::bytes(tty, "verify");
-            let report = store.verify(run.as_ref(), &bar)?;
-            bar.finish();
-            output::verify(&report, json)?;
-            if !report.ok() {
-                return Ok(ExitCode::from(EXIT_DAMAGE));
-            }
-        }
-        Command::Stats { json } => {
-            let store = open_store(&store_dir)?;
-            output::stats(&store, &store.stats()?, json)?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Mount {
             mountpoint,
@@ -562,38 +466,302 @@ pub fn run() -> Result<ExitCode> {
             } else {
                 crate::mount::detach(&opts)?;
             }
+            Ok(ExitCode::SUCCESS)
         }
-        Command::Umount { mountpoint } => crate::mount::umount(&mountpoint)?,
-        Command::Tier { command } => {
-            let store = open_store(&store_dir)?;
-            match command {
-                TierCommand::Push { json } => {
-                    let report = store.push_pending().with_context(|| {
-                        format!(
-                            "push from {} failed; what is pending stays pending",
-                            store_dir.display()
-                        )
-                    })?;
-                    output::tier_push(&report, json)?;
-                    if report.still_pending > 0 {
-                        return Ok(ExitCode::from(1));
-                    }
-                }
-                TierCommand::Status { json } => output::tier_status(&store.tier_status()?, json)?,
-                TierCommand::Snapshot => {
-                    let key = store
-                        .upload_index_snapshot()
-                        .context("index snapshot failed")?;
-                    println!("uploaded index snapshot {key}");
-                }
-            }
+        Command::Umount { mountpoint } => {
+            crate::mount::umount(&mountpoint)?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Index {
             command: IndexCommand::Rebuild { from, json },
         } => {
             let (store, report) = crate::tier::rebuild(&store_dir, from.as_deref())?;
-            output::rebuild(&store, &report, json)?;
+            output::rebuild(&mut std::io::stdout().lock(), &store, &report, json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        cmd => engine_verb(&store_dir, cmd).map(ExitCode::from),
+    }
+}
+
+/// Runs an engine verb here if the store is free, or in the process that owns it.
+fn engine_verb(store_dir: &Path, cmd: Command) -> Result<u8> {
+    if cmd.creates_store() && is_empty_or_missing(store_dir) {
+        // Created, then opened like any store (with the configured clock).
+        drop(
+            Store::init(store_dir, &InitOptions::default())
+                .with_context(|| format!("cannot initialise store {}", store_dir.display()))?,
+        );
+    }
+    let opened = open_store(store_dir);
+    let store = match opened {
+        Ok(store) => store,
+        Err(e) if matches!(e.downcast_ref::<Error>(), Some(Error::Locked { .. })) => {
+            return crate::control::forward(store_dir, &cmd, e);
+        }
+        Err(e) => return Err(e),
+    };
+    let stdout = std::io::stdout();
+    let tty = stdout.is_terminal();
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, stdout.lock());
+    let mut err = std::io::stderr();
+    let mut io = Io {
+        out: &mut out,
+        err: &mut err,
+        cwd: std::env::current_dir().context("cannot find the current directory")?,
+        tty,
+        progress: tty,
+    };
+    let engine = Engine {
+        store: &store,
+        vfs: None,
+    };
+    let res = execute(cmd, &engine, &mut io);
+    let flushed = out.flush().context("write to standard output");
+    let code = res?;
+    flushed?;
+    Ok(code)
+}
+
+/// The one dispatch point of engine verbs, here or in a mount: runs `cmd` and returns its exit
+/// status (0, or e.g. [`EXIT_DAMAGE`]); errors are returned and become a status with
+/// [`exit_code`]. Each verb body is `fn(&Engine, &mut Io, args…) -> Result<u8>`.
+pub fn execute(cmd: Command, eng: &Engine, io: &mut Io) -> Result<u8> {
+    match cmd {
+        Command::Ingest {
+            src,
+            run,
+            meta,
+            json,
+        } => ingest(eng, io, &src, &run, &meta, json),
+        Command::Runs {
+            namespace,
+            expired,
+            deleted,
+            json,
+        } => {
+            if let Some(ns) = &namespace {
+                artifactfs_core::names::validate_component("namespace", ns, false)?;
+            }
+            if expired {
+                crate::lifecycle::expired(eng.store, io.out, namespace.as_deref(), json)?;
+                Ok(0)
+            } else if deleted {
+                crate::lifecycle::deleted(eng.store, io.out, namespace.as_deref(), json)?;
+                Ok(0)
+            } else {
+                runs(eng, io, namespace.as_deref(), json)
+            }
+        }
+        Command::Retain {
+            target,
+            value,
+            override_,
+            reason,
+            clear,
+            json,
+        } => crate::lifecycle::retain(
+            eng.store,
+            io.out,
+            crate::lifecycle::RetainArgs {
+                target,
+                value,
+                override_,
+                reason,
+                clear,
+                json,
+            },
+        )
+        .map(|()| 0),
+        Command::Hold { cmd } => crate::lifecycle::hold(eng.store, io.out, cmd).map(|()| 0),
+        Command::Gc {
+            dry_run,
+            grace,
+            compact_below,
+            json,
+        } => crate::lifecycle::gc(
+            eng,
+            io,
+            crate::lifecycle::GcArgs {
+                dry_run,
+                grace,
+                compact_below,
+                json,
+            },
+        )
+        .map(|()| 0),
+        Command::Tier { command } => tier(eng, io, command),
+        Command::Ls { path, json } => ls(eng, io, &path, json),
+        Command::Cat { path } => cat(eng, io, &path),
+        Command::Export { run, dest } => export(eng, io, &run, &dest),
+        Command::Manifest { run, json } => manifest(eng, io, &run, json),
+        Command::Seal { run } => seal(eng, io, &run),
+        Command::Verify { run, json } => verify(eng, io, run.as_deref(), json),
+        Command::Stats { json } => stats(eng, io, json),
+        Command::Init { .. }
+        | Command::Mount { .. }
+        | Command::Umount { .. }
+        | Command::Index { .. } => {
+            bail!("this command does not run through a store's owner")
         }
     }
-    Ok(ExitCode::SUCCESS)
+}
+
+fn ingest(
+    eng: &Engine,
+    io: &mut Io,
+    src: &Path,
+    run: &str,
+    meta: &[String],
+    json: bool,
+) -> Result<u8> {
+    let run = RunRef::parse(run)?;
+    let meta = parse_meta(meta)?;
+    let src = io.path(src);
+    let bar = Bar::bytes(io.progress, "ingest");
+    let report = eng
+        .store
+        .ingest_dir(&src, &run, meta, &bar)
+        .with_context(|| format!("ingest of {} into {run} failed", src.display()))?;
+    bar.finish();
+    output::ingest(io.out, &report, json)?;
+    Ok(0)
+}
+
+fn runs(eng: &Engine, io: &mut Io, namespace: Option<&str>, json: bool) -> Result<u8> {
+    if let Some(ns) = namespace {
+        artifactfs_core::names::validate_component("namespace", ns, false)?;
+    }
+    let runs = eng.store.runs(namespace)?;
+    output::runs(io.out, eng.store, &runs, json)?;
+    Ok(0)
+}
+
+fn ls(eng: &Engine, io: &mut Io, path: &str, json: bool) -> Result<u8> {
+    let (run, p) = RunRef::parse_with_path(path)?;
+    let entry = eng.store.entry(&run, &p)?;
+    let list = if entry.kind == artifactfs_core::manifest::Kind::Dir {
+        eng.store.list_dir(&run, &p)?
+    } else {
+        vec![entry]
+    };
+    output::ls(io.out, &list, json)?;
+    Ok(0)
+}
+
+fn cat(eng: &Engine, io: &mut Io, path: &str) -> Result<u8> {
+    let (run, p) = RunRef::parse_with_path(path)?;
+    if p.is_empty() {
+        bail!(Error::invalid(
+            "path",
+            format!("{path:?} names a run, not a file")
+        ));
+    }
+    let store = eng.store;
+    let entry = store.entry(&run, &p)?;
+    let entry = match entry.kind {
+        artifactfs_core::manifest::Kind::File => entry,
+        artifactfs_core::manifest::Kind::Hardlink => {
+            store.entry(&run, entry.target.as_deref().unwrap_or_default())?
+        }
+        other => bail!(Error::invalid(
+            "path",
+            format!("{path} is a {}, not a file", other.as_str())
+        )),
+    };
+    store
+        .read_file_to(&entry, io.out)
+        .with_context(|| format!("cannot read {path}"))?;
+    Ok(0)
+}
+
+fn export(eng: &Engine, io: &mut Io, run: &str, dest: &Path) -> Result<u8> {
+    let run = RunRef::parse(run)?;
+    let dest = io.path(dest);
+    let bar = Bar::bytes(io.progress, "export");
+    let report = eng
+        .store
+        .export(&run, &dest, &bar)
+        .with_context(|| format!("export of {run} to {} failed", dest.display()))?;
+    bar.finish();
+    for w in &report.warnings {
+        io.warn(w);
+    }
+    if io.tty {
+        writeln!(
+            io.out,
+            "exported {run}: {} entries, {} bytes",
+            report.entries, report.bytes
+        )?;
+    }
+    Ok(0)
+}
+
+fn manifest(eng: &Engine, io: &mut Io, run: &str, json: bool) -> Result<u8> {
+    let run = RunRef::parse(run)?;
+    if json {
+        let (_, bytes) = eng.store.manifest_bytes(&run)?;
+        io.out.write_all(&bytes)?;
+        io.out.write_all(b"\n")?;
+    } else {
+        let (digest, m) = eng.store.manifest(&run)?;
+        output::manifest(io.out, &digest, &m)?;
+    }
+    Ok(0)
+}
+
+fn seal(eng: &Engine, io: &mut Io, run: &str) -> Result<u8> {
+    let r = RunRef::parse(run)?;
+    let row = eng.store.run(&r)?;
+    if let Some(d) = row.manifest {
+        writeln!(io.err, "artifactfs: {r} is already sealed")?;
+        writeln!(io.out, "{d}")?;
+        return Ok(0);
+    }
+    let digest = match eng.vfs {
+        Some(v) => v.seal(&r),
+        None => vfs::seal_offline(eng.store, &r),
+    }
+    .with_context(|| format!("cannot seal {r}"))?;
+    writeln!(io.out, "{digest}")?;
+    Ok(0)
+}
+
+fn verify(eng: &Engine, io: &mut Io, run: Option<&str>, json: bool) -> Result<u8> {
+    let run = run.map(RunRef::parse).transpose()?;
+    let bar = Bar::bytes(io.progress, "verify");
+    let report = eng.store.verify(run.as_ref(), &bar)?;
+    bar.finish();
+    output::verify(io.out, &report, json)?;
+    Ok(if report.ok() { 0 } else { EXIT_DAMAGE })
+}
+
+fn stats(eng: &Engine, io: &mut Io, json: bool) -> Result<u8> {
+    output::stats(io.out, eng.store, &eng.store.stats()?, json)?;
+    Ok(0)
+}
+
+fn tier(eng: &Engine, io: &mut Io, command: TierCommand) -> Result<u8> {
+    let store = eng.store;
+    match command {
+        TierCommand::Push { json } => {
+            let report = store.push_pending().with_context(|| {
+                format!(
+                    "push from {} failed; what is pending stays pending",
+                    store.root().display()
+                )
+            })?;
+            output::tier_push(io.out, io.err, &report, json)?;
+            if report.still_pending > 0 {
+                return Ok(1);
+            }
+        }
+        TierCommand::Status { json } => output::tier_status(io.out, &store.tier_status()?, json)?,
+        TierCommand::Snapshot => {
+            let key = store
+                .upload_index_snapshot()
+                .context("index snapshot failed")?;
+            writeln!(io.out, "uploaded index snapshot {key}")?;
+        }
+    }
+    Ok(0)
 }

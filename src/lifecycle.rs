@@ -13,10 +13,11 @@ use clap::Subcommand;
 
 use indicatif::HumanBytes;
 
+use crate::cli::{Engine, Io};
 use crate::output::Bar;
 
 /// `artifactfs hold …`
-#[derive(Subcommand, Debug)]
+#[derive(Subcommand, Debug, serde::Serialize, serde::Deserialize)]
 pub enum HoldCommand {
     /// Place a named hold on a run (or change its reason): the run is never deleted while held.
     Add {
@@ -52,15 +53,13 @@ pub struct RetainArgs {
     pub json: bool,
 }
 
-fn print_json(v: &impl serde::Serialize) -> Result<()> {
-    let mut out = std::io::stdout().lock();
-    serde_json::to_writer_pretty(&mut out, v)?;
+fn print_json(out: &mut dyn Write, v: &impl serde::Serialize) -> Result<()> {
+    serde_json::to_writer_pretty(&mut *out, v)?;
     out.write_all(b"\n")?;
     Ok(())
 }
 
-fn print_retention(i: &RetentionInfo) -> Result<()> {
-    let mut out = std::io::stdout().lock();
+fn print_retention(out: &mut dyn Write, i: &RetentionInfo) -> Result<()> {
     writeln!(out, "run           {}/{}", i.namespace, i.run)?;
     writeln!(out, "state         {}", i.state)?;
     writeln!(
@@ -107,7 +106,7 @@ fn print_retention(i: &RetentionInfo) -> Result<()> {
 
 /// `artifactfs retain NAMESPACE/RUN [VALUE] [--override --reason TEXT]`, or on a namespace,
 /// `artifactfs retain NAMESPACE [VALUE | --clear]` for the default of its new runs.
-pub fn retain(store: &Store, a: RetainArgs) -> Result<()> {
+pub fn retain(store: &Store, out: &mut dyn Write, a: RetainArgs) -> Result<()> {
     if !a.target.contains('/') {
         let ns = &a.target;
         validate_component("namespace", ns, false)?;
@@ -124,13 +123,17 @@ pub fn retain(store: &Store, a: RetainArgs) -> Result<()> {
         }
         let cur = store.namespace_retention(ns)?;
         if a.json {
-            print_json(&serde_json::json!({ "namespace": ns, "default_retain": cur }))?;
+            print_json(
+                out,
+                &serde_json::json!({ "namespace": ns, "default_retain": cur }),
+            )?;
         } else {
-            println!(
+            writeln!(
+                out,
                 "namespace {ns}: new runs get {}",
                 cur.as_deref()
                     .map_or("no default retention".into(), |r| format!("retention {r}"))
-            );
+            )?;
         }
         return Ok(());
     }
@@ -160,33 +163,33 @@ pub fn retain(store: &Store, a: RetainArgs) -> Result<()> {
         None => store.retention_info(&run)?,
     };
     if a.json {
-        print_json(&info)
+        print_json(out, &info)
     } else {
-        print_retention(&info)
+        print_retention(out, &info)
     }
 }
 
 /// `artifactfs hold add|rm|ls`.
-pub fn hold(store: &Store, cmd: HoldCommand) -> Result<()> {
+pub fn hold(store: &Store, out: &mut dyn Write, cmd: HoldCommand) -> Result<()> {
     match cmd {
         HoldCommand::Add { run, name, reason } => {
             let run = RunRef::parse(&run)?;
             store.place_hold(&run, &name, reason.as_bytes())?;
-            println!("hold {name} placed on {run}");
+            writeln!(out, "hold {name} placed on {run}")?;
         }
         HoldCommand::Rm { run, name } => {
             let run = RunRef::parse(&run)?;
             store.remove_hold(&run, &name)?;
-            println!("hold {name} removed from {run}");
+            writeln!(out, "hold {name} removed from {run}")?;
         }
         HoldCommand::Ls { run, json } => {
             let run = RunRef::parse(&run)?;
             let holds = store.holds(&run)?;
             if json {
-                print_json(&holds)?;
+                print_json(out, &holds)?;
             } else {
                 for h in holds {
-                    println!("{}\t{}\t{}", h.name, h.placed_at, h.reason);
+                    writeln!(out, "{}\t{}\t{}", h.name, h.placed_at, h.reason)?;
                 }
             }
         }
@@ -195,29 +198,40 @@ pub fn hold(store: &Store, cmd: HoldCommand) -> Result<()> {
 }
 
 /// `artifactfs runs --expired`: the runs the next gc deletes.
-pub fn expired(store: &Store, namespace: Option<&str>, json: bool) -> Result<()> {
+pub fn expired(
+    store: &Store,
+    out: &mut dyn Write,
+    namespace: Option<&str>,
+    json: bool,
+) -> Result<()> {
     let runs: Vec<RetentionInfo> = store
         .expired_runs()?
         .into_iter()
         .filter(|r| namespace.is_none_or(|n| n == r.namespace))
         .collect();
     if json {
-        return print_json(&runs);
+        return print_json(out, &runs);
     }
     for r in runs {
-        println!(
+        writeln!(
+            out,
             "{}/{}\tretain {}\tuntil {}",
             r.namespace,
             r.run,
             r.retain.unwrap_or_default(),
             r.retain_until.unwrap_or_default()
-        );
+        )?;
     }
     Ok(())
 }
 
 /// `artifactfs runs --deleted`: tombstones of deleted runs.
-pub fn deleted(store: &Store, namespace: Option<&str>, json: bool) -> Result<()> {
+pub fn deleted(
+    store: &Store,
+    out: &mut dyn Write,
+    namespace: Option<&str>,
+    json: bool,
+) -> Result<()> {
     let rows = store.tombstones(namespace)?;
     let list: Vec<serde_json::Value> = rows
         .iter()
@@ -233,15 +247,16 @@ pub fn deleted(store: &Store, namespace: Option<&str>, json: bool) -> Result<()>
         })
         .collect();
     if json {
-        return print_json(&list);
+        return print_json(out, &list);
     }
     for (r, at) in rows {
-        println!(
+        writeln!(
+            out,
             "{}\tdeleted {}\tmanifest {}",
             r.run,
             rfc3339(from_unix_ns(at)),
             r.manifest.map(|d| d.to_hex()).unwrap_or_default()
-        );
+        )?;
     }
     Ok(())
 }
@@ -252,7 +267,6 @@ pub struct GcArgs {
     pub grace: Duration,
     pub compact_below: f64,
     pub json: bool,
-    pub tty: bool,
 }
 
 /// `ARTIFACTFS_FAULT_POINT=NAME` makes gc abort the process at that point, as a crash would;
@@ -272,7 +286,7 @@ fn fault_point() -> Result<Option<String>> {
 }
 
 /// `artifactfs gc [--dry-run] [--grace DURATION] [--json]`.
-pub fn gc(store: &Store, a: GcArgs) -> Result<()> {
+pub fn gc(eng: &Engine, io: &mut Io, a: GcArgs) -> Result<()> {
     let point = fault_point()?;
     let abort_at = |p: &str| {
         if point.as_deref() == Some(p) {
@@ -288,19 +302,23 @@ pub fn gc(store: &Store, a: GcArgs) -> Result<()> {
             .is_some()
             .then_some(&abort_at as &(dyn Fn(&str) + Sync)),
     };
-    let bar = Bar::bytes(a.tty && !a.json, "gc");
-    let rep = store.gc(&opts, &bar)?;
+    let bar = Bar::bytes(io.progress && !a.json, "gc");
+    // In a mount, through its view, so that deleted runs leave the mount's caches.
+    let rep = match eng.vfs {
+        Some(v) => v.gc(&opts, &bar)?,
+        None => eng.store.gc(&opts, &bar)?,
+    };
     bar.finish();
     if a.json {
-        return print_json(&rep);
+        return print_json(io.out, &rep);
     }
-    print_gc(&rep);
-    Ok(())
+    print_gc(io.out, &rep)
 }
 
-fn print_gc(r: &GcReport) {
+fn print_gc(out: &mut dyn Write, r: &GcReport) -> Result<()> {
     let would = if r.dry_run { "would be " } else { "" };
-    println!(
+    writeln!(
+        out,
         "gc{}: {} runs {would}expired, {} chunks {would}swept ({}), {} packs {would}deleted, \
          {} packs {would}rewritten, {} orphan objects {would}deleted",
         if r.dry_run { " (dry run)" } else { "" },
@@ -310,18 +328,20 @@ fn print_gc(r: &GcReport) {
         r.packs_deleted,
         r.packs_rewritten,
         r.orphan_objects_deleted,
-    );
+    )?;
     const SHOWN: usize = 20;
     for run in r.runs_expired.iter().take(SHOWN) {
-        println!("  {would}expired {run}");
+        writeln!(out, "  {would}expired {run}")?;
     }
     if r.runs_expired.len() > SHOWN {
-        println!(
+        writeln!(
+            out,
             "  … and {} more (--json lists them all)",
             r.runs_expired.len() - SHOWN
-        );
+        )?;
     }
-    println!(
+    writeln!(
+        out,
         "pack bytes {} -> {} ({} {}reclaimed); {} unreferenced chunks kept for the {}s grace period",
         HumanBytes(r.pack_bytes_before),
         HumanBytes(r.pack_bytes_after),
@@ -329,5 +349,6 @@ fn print_gc(r: &GcReport) {
         if r.dry_run { "would be " } else { "" },
         r.chunks_in_grace,
         r.grace_secs,
-    );
+    )?;
+    Ok(())
 }

@@ -2,6 +2,7 @@
 //! engine. It owns no storage logic; see `artifactfs-core`.
 
 mod cli;
+mod control;
 mod lifecycle;
 mod mount;
 mod output;

@@ -13,6 +13,9 @@ use artifactfs_core::vfs::{Vfs, VfsOptions};
 use artifactfs_core::{Error, InitOptions, Store};
 use nix::sys::signal::{SigSet, Signal};
 
+/// How long an unmounting mount waits for commands from its control socket to finish.
+const COMMAND_GRACE: Duration = Duration::from_secs(30);
+
 /// What `mount` was asked.
 pub struct MountArgs {
     pub store: PathBuf,
@@ -70,15 +73,36 @@ fn canonical_mountpoint(p: &Path) -> Result<PathBuf> {
     Ok(c)
 }
 
+/// Opens (or creates) the store to be mounted; a store that is owned already is refused with
+/// a message that says so (exit status 5).
+fn open_for_mount(dir: &Path) -> Result<Store> {
+    if crate::cli::is_empty_or_missing(dir) {
+        drop(
+            Store::init(dir, &InitOptions::default())
+                .with_context(|| format!("cannot initialise store {}", dir.display()))?,
+        );
+    }
+    crate::cli::open_store(dir).map_err(|e| {
+        let holder = match e.downcast_ref::<Error>() {
+            Some(Error::Locked { holder, .. }) => Some(holder.clone()),
+            _ => None,
+        };
+        match holder {
+            Some(holder) => e.context(format!(
+                "cannot mount {}: it is already owned by {holder} (a running mount, or another \
+                 command); unmount it first",
+                dir.display()
+            )),
+            None => e,
+        }
+    })
+}
+
 /// Starts `mount --foreground` as a new session and returns once the mount is ready.
 pub fn detach(a: &MountArgs) -> Result<()> {
     let mp = canonical_mountpoint(&a.mountpoint)?;
-    if crate::cli::is_empty_or_missing(&a.store) {
-        drop(
-            Store::init(&a.store, &InitOptions::default())
-                .with_context(|| format!("cannot initialise store {}", a.store.display()))?,
-        );
-    }
+    // Refuse here, with the real reason, rather than after the child failed.
+    drop(open_for_mount(&a.store)?);
     let log_path = a.store.join("mount.log");
     let log = OpenOptions::new()
         .create(true)
@@ -146,13 +170,7 @@ pub fn foreground(a: &MountArgs, detached: bool) -> Result<()> {
     signals.thread_block().context("cannot block signals")?;
 
     let mp = canonical_mountpoint(&a.mountpoint)?;
-    if crate::cli::is_empty_or_missing(&a.store) {
-        drop(
-            Store::init(&a.store, &InitOptions::default())
-                .with_context(|| format!("cannot initialise store {}", a.store.display()))?,
-        );
-    }
-    let store = crate::cli::open_store(&a.store)?;
+    let store = open_for_mount(&a.store)?;
     // A tiered store uploads in the background while mounted; stopped after unmount.
     let uploader = store
         .tier()
@@ -166,6 +184,16 @@ pub fn foreground(a: &MountArgs, detached: bool) -> Result<()> {
         artifactfs_core::names::validate_component("seal marker", m, true)?;
     }
     let vfs = Arc::new(Vfs::new(store, opts)?);
+    // Listen before the mount is ready: whoever sees the mount may send commands at once. A
+    // socket that cannot be bound (e.g. a store path longer than a socket address allows)
+    // costs only that: the mount works, other commands report the store in use.
+    let control = match crate::control::Server::start(&a.store, vfs.clone()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::error!("{e:#}; other commands on this store will report it in use");
+            None
+        }
+    };
     let stop = Arc::new(AtomicBool::new(false));
     let session = artifactfs_fuse::spawn_mount(
         vfs.clone(),
@@ -176,7 +204,7 @@ pub fn foreground(a: &MountArgs, detached: bool) -> Result<()> {
     .with_context(|| format!("cannot mount at {}", mp.display()))?;
     tracing::info!(
         store = %a.store.display(), mountpoint = %mp.display(), seal_after = ?a.seal_after,
-        "mounted; until unmount, other artifactfs commands on this store report it in use"
+        "mounted; until unmount, other artifactfs commands on this store go through its control socket"
     );
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
@@ -197,6 +225,9 @@ pub fn foreground(a: &MountArgs, detached: bool) -> Result<()> {
                 if session.guard.is_finished() {
                     tracing::info!("unmounted from outside");
                     stop.store(true, Ordering::Relaxed);
+                    if let Some(c) = control {
+                        c.shutdown(COMMAND_GRACE);
+                    }
                     return session
                         .join()
                         .context("the file system ended with an error");
@@ -209,6 +240,9 @@ pub fn foreground(a: &MountArgs, detached: bool) -> Result<()> {
     if let Err(e) = session.umount_and_join() {
         tracing::warn!("unmount failed ({e}); detaching the mount lazily");
         let _ = Command::new("fusermount3").arg("-uz").arg(&mp).status();
+    }
+    if let Some(c) = control {
+        c.shutdown(COMMAND_GRACE);
     }
     if let Some(u) = uploader {
         u.stop();

@@ -54,9 +54,8 @@ impl Progress for Bar {
     }
 }
 
-fn print_json(v: &impl serde::Serialize) -> Result<()> {
-    let mut out = std::io::stdout().lock();
-    serde_json::to_writer_pretty(&mut out, v)?;
+fn print_json(out: &mut dyn Write, v: &impl serde::Serialize) -> Result<()> {
+    serde_json::to_writer_pretty(&mut *out, v)?;
     writeln!(out)?;
     Ok(())
 }
@@ -69,17 +68,17 @@ fn ratio(x: f64) -> String {
     }
 }
 
-pub fn ingest(r: &IngestReport, json: bool) -> Result<()> {
+pub fn ingest(out: &mut dyn Write, r: &IngestReport, json: bool) -> Result<()> {
     if json {
-        return print_json(r);
+        return print_json(out, r);
     }
-    println!("run               {}", r.run);
-    println!("manifest          {}", r.manifest);
-    println!("files             {}", r.files);
-    println!("raw_bytes         {}", r.raw_bytes);
-    println!("new_stored_bytes  {}", r.new_stored_bytes);
-    println!("dedup_ratio       {}", ratio(r.dedup_ratio));
-    println!("reduction         {}", ratio(r.reduction));
+    writeln!(out, "run               {}", r.run)?;
+    writeln!(out, "manifest          {}", r.manifest)?;
+    writeln!(out, "files             {}", r.files)?;
+    writeln!(out, "raw_bytes         {}", r.raw_bytes)?;
+    writeln!(out, "new_stored_bytes  {}", r.new_stored_bytes)?;
+    writeln!(out, "dedup_ratio       {}", ratio(r.dedup_ratio))?;
+    writeln!(out, "reduction         {}", ratio(r.reduction))?;
     Ok(())
 }
 
@@ -88,7 +87,7 @@ fn time(ns: Option<i64>) -> String {
         .unwrap_or_else(|| "-".into())
 }
 
-pub fn runs(store: &Store, runs: &[RunRow], json: bool) -> Result<()> {
+pub fn runs(out: &mut dyn Write, store: &Store, runs: &[RunRow], json: bool) -> Result<()> {
     if json {
         let mut v = Vec::with_capacity(runs.len());
         for r in runs {
@@ -109,9 +108,8 @@ pub fn runs(store: &Store, runs: &[RunRow], json: bool) -> Result<()> {
                 "metadata": meta,
             }));
         }
-        return print_json(&v);
+        return print_json(out, &v);
     }
-    let mut out = std::io::stdout().lock();
     for r in runs {
         writeln!(
             out,
@@ -147,7 +145,7 @@ fn mode_string(e: &Entry) -> String {
     s
 }
 
-pub fn ls(entries: &[Entry], json: bool) -> Result<()> {
+pub fn ls(out: &mut dyn Write, entries: &[Entry], json: bool) -> Result<()> {
     if json {
         let v: Vec<_> = entries
             .iter()
@@ -166,9 +164,8 @@ pub fn ls(entries: &[Entry], json: bool) -> Result<()> {
                 })
             })
             .collect();
-        return print_json(&v);
+        return print_json(out, &v);
     }
-    let mut out = std::io::stdout().lock();
     for e in entries {
         let name = e.path.rsplit('/').next().unwrap_or(&e.path);
         let suffix = match (&e.kind, &e.target) {
@@ -189,8 +186,7 @@ pub fn ls(entries: &[Entry], json: bool) -> Result<()> {
     Ok(())
 }
 
-pub fn manifest(d: &ManifestDigest, m: &Manifest) -> Result<()> {
-    let mut out = std::io::stdout().lock();
+pub fn manifest(out: &mut dyn Write, d: &ManifestDigest, m: &Manifest) -> Result<()> {
     writeln!(out, "run        {}/{}", m.namespace, m.run)?;
     writeln!(out, "manifest   {d}")?;
     writeln!(out, "sealed_at  {}", m.sealed_at)?;
@@ -206,11 +202,10 @@ pub fn manifest(d: &ManifestDigest, m: &Manifest) -> Result<()> {
     Ok(())
 }
 
-pub fn verify(r: &VerifyReport, json: bool) -> Result<()> {
+pub fn verify(out: &mut dyn Write, r: &VerifyReport, json: bool) -> Result<()> {
     if json {
-        return print_json(r);
+        return print_json(out, r);
     }
-    let mut out = std::io::stdout().lock();
     writeln!(
         out,
         "verified {} runs, {} chunks in {} packs, {} bytes",
@@ -236,7 +231,7 @@ pub fn verify(r: &VerifyReport, json: bool) -> Result<()> {
     Ok(())
 }
 
-pub fn stats(store: &Store, s: &IndexStats, json: bool) -> Result<()> {
+pub fn stats(out: &mut dyn Write, store: &Store, s: &IndexStats, json: bool) -> Result<()> {
     let dedup = if s.chunk_raw_bytes == 0 {
         0.0
     } else {
@@ -248,23 +243,25 @@ pub fn stats(store: &Store, s: &IndexStats, json: bool) -> Result<()> {
         s.raw_bytes as f64 / s.pack_bytes as f64
     };
     if json {
-        return print_json(&json!({
-            "store": store.root(),
-            "runs": s.runs_sealed + s.runs_open,
-            "runs_sealed": s.runs_sealed,
-            "runs_open": s.runs_open,
-            "files": s.files,
-            "raw_bytes": s.raw_bytes,
-            "stored_bytes": s.pack_bytes,
-            "chunks": s.chunks,
-            "chunk_raw_bytes": s.chunk_raw_bytes,
-            "chunk_stored_bytes": s.chunk_stored_bytes,
-            "packs": s.packs,
-            "dedup_ratio": dedup,
-            "reduction": reduction,
-        }));
+        return print_json(
+            out,
+            &json!({
+                "store": store.root(),
+                "runs": s.runs_sealed + s.runs_open,
+                "runs_sealed": s.runs_sealed,
+                "runs_open": s.runs_open,
+                "files": s.files,
+                "raw_bytes": s.raw_bytes,
+                "stored_bytes": s.pack_bytes,
+                "chunks": s.chunks,
+                "chunk_raw_bytes": s.chunk_raw_bytes,
+                "chunk_stored_bytes": s.chunk_stored_bytes,
+                "packs": s.packs,
+                "dedup_ratio": dedup,
+                "reduction": reduction,
+            }),
+        );
     }
-    let mut out = std::io::stdout().lock();
     writeln!(out, "store         {}", store.root().display())?;
     writeln!(
         out,
@@ -282,29 +279,36 @@ pub fn stats(store: &Store, s: &IndexStats, json: bool) -> Result<()> {
 }
 
 /// `tier push`.
-pub fn tier_push(r: &artifactfs_core::tier::PushReport, json: bool) -> Result<()> {
+pub fn tier_push(
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+    r: &artifactfs_core::tier::PushReport,
+    json: bool,
+) -> Result<()> {
     if json {
-        return print_json(r);
+        return print_json(out, r);
     }
-    let mut out = std::io::stdout().lock();
     writeln!(
         out,
         "pushed {} packs ({} bytes) and {} manifests; evicted {} packs ({} bytes); {} still pending",
         r.packs, r.pack_bytes, r.manifests, r.evicted_packs, r.evicted_bytes, r.still_pending
     )?;
     for e in &r.errors {
-        eprintln!("artifactfs: upload failed: {e}");
+        writeln!(err, "artifactfs: upload failed: {e}")?;
     }
     Ok(())
 }
 
 /// `tier status`.
-pub fn tier_status(s: &artifactfs_core::tier::TierStatus, json: bool) -> Result<()> {
+pub fn tier_status(
+    out: &mut dyn Write,
+    s: &artifactfs_core::tier::TierStatus,
+    json: bool,
+) -> Result<()> {
     if json {
-        return print_json(s);
+        return print_json(out, s);
     }
     let c = &s.counts;
-    let mut out = std::io::stdout().lock();
     writeln!(out, "backend        {} ({})", s.backend, s.storage_class)?;
     writeln!(
         out,
@@ -331,14 +335,14 @@ pub fn tier_status(s: &artifactfs_core::tier::TierStatus, json: bool) -> Result<
 
 /// `index rebuild`.
 pub fn rebuild(
+    out: &mut dyn Write,
     store: &Store,
     r: &artifactfs_core::rebuild::RebuildReport,
     json: bool,
 ) -> Result<()> {
     if json {
-        return print_json(r);
+        return print_json(out, r);
     }
-    let mut out = std::io::stdout().lock();
     writeln!(
         out,
         "rebuilt the index of {}: {} packs ({} chunks, {} remote), {} runs",

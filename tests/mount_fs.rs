@@ -309,9 +309,8 @@ fn remount_and_kill_9_keep_closed_files() {
         b"v"
     );
     assert_eq!(fs::read(m.p("ns/sealed/s")).unwrap(), b"sealed bytes");
-    // The store is owned by the mount.
-    let out = env.run(&["runs"]);
-    assert_eq!(out.status.code(), Some(5));
+    // The store is owned by the mount; commands go through it.
+    assert!(env.ok(&["runs"]).contains("ns/open\topen"));
 
     // kill -9 after a closed and an fsynced file.
     fs::write(m.p("ns/open/closed"), common::bytes(2_000_000, 2)).unwrap();
@@ -375,4 +374,146 @@ fn bad_input_is_refused_with_the_right_errno() {
         m.log_text().contains("only directories can be made"),
         "EPERM is logged"
     );
+}
+
+#[test]
+fn by_digest_serves_sealed_trees_read_only() {
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(src.join("d")).unwrap();
+    fs::write(src.join("d/f"), common::bytes(500_000, 9)).unwrap();
+    std::os::unix::fs::symlink("d/f", src.join("link")).unwrap();
+    let ingested = env.ingest(&src, "ns/ingested")["manifest"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let m = Mount::start(&env, &env.path("mnt"), &["--seal-after", "1h"]);
+    fs::create_dir_all(m.p("ns/written")).unwrap();
+    let st = Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", src.display()))
+        .arg(m.p("ns/written"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    seal(&m.p("ns/written"));
+    let written = String::from_utf8(
+        xattr::get(m.p("ns/written"), "user.artifactfs.manifest")
+            .unwrap()
+            .unwrap(),
+    )
+    .unwrap();
+
+    let by = m.p(".artifactfs/by-digest");
+    let mut listed: Vec<String> = fs::read_dir(&by)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    listed.sort();
+    let mut want = vec![ingested.clone(), written.clone()];
+    want.sort();
+    assert_eq!(listed, want);
+    assert_same(&src, &by.join(&written));
+    assert_same(&src, &by.join(&ingested));
+    // Its own inodes: the directory is not an alias of NAMESPACE/RUN.
+    use std::os::unix::fs::MetadataExt;
+    assert_ne!(
+        fs::metadata(by.join(&written)).unwrap().ino(),
+        fs::metadata(m.p("ns/written")).unwrap().ino()
+    );
+    const EROFS: i32 = 30;
+    const ENOENT: i32 = 2;
+    let t = by.join(&written);
+    assert_eq!(errno(File::create(t.join("new"))), EROFS);
+    assert_eq!(
+        errno(OpenOptions::new().write(true).open(t.join("d/f"))),
+        EROFS
+    );
+    assert_eq!(errno(fs::remove_file(t.join("link"))), EROFS);
+    assert_eq!(errno(fs::create_dir(by.join("x"))), EROFS);
+    assert_eq!(errno(fs::metadata(by.join("0".repeat(64)))), ENOENT);
+    assert_eq!(errno(fs::metadata(by.join("not-a-digest"))), ENOENT);
+    // An open run has no digest yet.
+    fs::create_dir_all(m.p("ns/still-open")).unwrap();
+    assert_eq!(fs::read_dir(&by).unwrap().count(), 2);
+}
+
+#[test]
+fn renameat2_flags_in_an_open_run() {
+    use nix::fcntl::{AT_FDCWD, RenameFlags, renameat2};
+    let env = Env::new();
+    let m = Mount::start(&env, &env.path("mnt"), &["--seal-after", "1h"]);
+    let run = m.p("ns/r");
+    fs::create_dir_all(run.join("dir")).unwrap();
+    fs::write(run.join("a"), b"A").unwrap();
+    fs::write(run.join("dir/inner"), b"I").unwrap();
+    let ren = |from: &str, to: &str, flags: RenameFlags| {
+        renameat2(AT_FDCWD, &run.join(from), AT_FDCWD, &run.join(to), flags)
+            .map_err(|e| std::io::Error::from_raw_os_error(e as i32))
+    };
+    const ENOENT: i32 = 2;
+    const EEXIST: i32 = 17;
+    const EXDEV: i32 = 18;
+    const EINVAL: i32 = 22;
+    const EROFS: i32 = 30;
+
+    // NOREPLACE: refused over an existing name, a plain rename otherwise.
+    assert_eq!(
+        errno(ren("a", "dir", RenameFlags::RENAME_NOREPLACE)),
+        EEXIST
+    );
+    ren("a", "b", RenameFlags::RENAME_NOREPLACE).unwrap();
+    assert_eq!(fs::read(run.join("b")).unwrap(), b"A");
+    assert!(!run.join("a").exists());
+
+    // EXCHANGE: a file and a directory swap names, atomically.
+    ren("b", "dir", RenameFlags::RENAME_EXCHANGE).unwrap();
+    assert_eq!(fs::read(run.join("dir")).unwrap(), b"A");
+    assert_eq!(fs::read(run.join("b/inner")).unwrap(), b"I");
+    ren("dir", "b/inner", RenameFlags::RENAME_EXCHANGE).unwrap();
+    assert_eq!(fs::read(run.join("dir")).unwrap(), b"I");
+    assert_eq!(fs::read(run.join("b/inner")).unwrap(), b"A");
+    assert_eq!(
+        errno(ren("dir", "nope", RenameFlags::RENAME_EXCHANGE)),
+        ENOENT
+    );
+    assert_eq!(
+        errno(ren(
+            "dir",
+            "b",
+            RenameFlags::RENAME_EXCHANGE | RenameFlags::RENAME_NOREPLACE
+        )),
+        EINVAL
+    );
+    assert_eq!(
+        errno(ren("b", "b/sub", RenameFlags::RENAME_NOREPLACE)),
+        EINVAL
+    );
+
+    // Across runs, and in a sealed run.
+    fs::create_dir_all(m.p("ns/other")).unwrap();
+    fs::write(m.p("ns/other/o"), b"O").unwrap();
+    assert_eq!(
+        errno(ren("dir", "../other/o", RenameFlags::RENAME_EXCHANGE)),
+        EXDEV
+    );
+    seal(&m.p("ns/other"));
+    let o = m.p("ns/other");
+    assert_eq!(
+        errno(
+            renameat2(
+                AT_FDCWD,
+                &o.join("o"),
+                AT_FDCWD,
+                &o.join("p"),
+                RenameFlags::RENAME_NOREPLACE
+            )
+            .map_err(|e| std::io::Error::from_raw_os_error(e as i32))
+        ),
+        EROFS
+    );
+    seal(&run);
+    let sealed = m.p("ns/r");
+    assert_eq!(fs::read(sealed.join("dir")).unwrap(), b"I");
+    assert_eq!(fs::read(sealed.join("b/inner")).unwrap(), b"A");
 }

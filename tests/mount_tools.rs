@@ -251,3 +251,69 @@ fn two_producers_write_two_runs_at_once() {
     }
     assert!(env.ok(&["verify"]).contains("ok"));
 }
+
+/// `tools/mount.artifactfs`, as mount(8) runs it for `mount -t artifactfs` and /etc/fstab.
+#[test]
+fn the_mount_helper_takes_fstab_options() {
+    let env = Env::new();
+    let mnt = env.path("mnt");
+    fs::create_dir_all(&mnt).unwrap();
+    let helper = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/mount.artifactfs");
+    let bin = assert_cmd::cargo::cargo_bin("artifactfs");
+    let run = |opts: &str| {
+        Command::new(&helper)
+            .arg(env.store())
+            .arg(&mnt)
+            .arg("-o")
+            .arg(opts)
+            .env("ARTIFACTFS", &bin)
+            .output()
+            .unwrap()
+    };
+    let out = run("seal_after=1h,bogus");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown option 'bogus'"));
+    assert_eq!(run("ro").status.code(), Some(1));
+    assert!(!common::mount::is_mounted(&mnt.canonicalize().unwrap()));
+
+    let out = run("defaults,noauto,_netdev,seal_after=1h,seal_marker=_SUCCESS");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mnt = mnt.canonicalize().unwrap();
+    assert!(common::mount::is_mounted(&mnt));
+    let guard = UnmountOnDrop(mnt.clone());
+    fs::create_dir_all(mnt.join("ns/r")).unwrap();
+    fs::write(mnt.join("ns/r/out"), b"x").unwrap();
+    fs::write(mnt.join("ns/r/_SUCCESS"), b"").unwrap();
+    common::mount::wait_sealed(&mnt.join("ns/r"), Duration::from_secs(30));
+    // A second mount of the store is refused: mount(8) reports a mount failure.
+    let mnt2 = env.path("mnt2");
+    fs::create_dir_all(&mnt2).unwrap();
+    let out = Command::new(&helper)
+        .arg(env.store())
+        .arg(&mnt2)
+        .env("ARTIFACTFS", &bin)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(32));
+    drop(guard);
+    assert!(!common::mount::is_mounted(&mnt));
+}
+
+struct UnmountOnDrop(std::path::PathBuf);
+
+impl Drop for UnmountOnDrop {
+    fn drop(&mut self) {
+        let ok = Command::new("fusermount3")
+            .arg("-u")
+            .arg(&self.0)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            let _ = Command::new("fusermount3").arg("-uz").arg(&self.0).status();
+        }
+    }
+}

@@ -80,7 +80,7 @@ fn retain_and_hold_through_the_cli() {
     assert_eq!(r["retain"], "90d");
     assert_eq!(r["retain_until"], "2027-03-01T00:00:00Z");
     let (code, err) = fails(&env, &["retain", "lab/r1", "30d"]);
-    assert_eq!(code, 9, "{err}");
+    assert_eq!(code, 10, "{err}");
     assert!(
         err.contains("only be extended") && err.contains("2027-03-01T00:00:00Z"),
         "{err}"

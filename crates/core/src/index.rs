@@ -1081,6 +1081,18 @@ impl Index {
         tx.commit().map_err(&err)
     }
 
+    /// The run (sealed, not deleted) whose manifest has this digest.
+    pub fn run_by_manifest(&self, d: &ManifestDigest) -> Result<Option<RunRow>> {
+        self.conn
+            .prepare_cached(
+                "SELECT id, namespace, name, state, manifest, created_at, sealed_at, files, raw_bytes
+                 FROM runs WHERE manifest = ?1 AND state <> 'deleted' LIMIT 1",
+            )
+            .and_then(|mut s| s.query_row(params![d.as_bytes()], run_row).optional())
+            .map_err(self.err())?
+            .transpose()
+    }
+
     /// A run by row id.
     pub fn run_by_id(&self, id: i64) -> Result<Option<RunRow>> {
         self.conn

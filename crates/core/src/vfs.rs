@@ -24,12 +24,13 @@
 //! - **Locking**: one mutex guards the in-memory state and serialises metadata operations;
 //!   file data is read and written outside it. Lock order: state, then the index.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::clock::{rfc3339, to_unix_ns};
@@ -48,9 +49,10 @@ const CTL_STATUS: u64 = 3;
 const CTL_SEAL: u64 = 4;
 const CTL_EVENTS: u64 = 5;
 const CTL_MANIFESTS: u64 = 6;
-const CTL_RETENTION: u64 = 7;
-const CTL_EXPIRED: u64 = 8;
-const CTL_GC: u64 = 9;
+const CTL_BY_DIGEST: u64 = 7;
+const CTL_RETENTION: u64 = 8;
+const CTL_EXPIRED: u64 = 9;
+const CTL_GC: u64 = 10;
 const NS_BASE: u64 = 1 << 40;
 const MANNS_BASE: u64 = 2 << 40;
 const MANRUN_BASE: u64 = 3 << 40;
@@ -59,6 +61,9 @@ const RETRUN_BASE: u64 = 5 << 40;
 const OPEN_BASE: u64 = 1 << 48;
 const SEALED_BASE: u64 = 1 << 62;
 const IDX_BITS: u32 = 24;
+/// Set in a sealed node's run id for the run's tree under `.artifactfs/by-digest/`: the same
+/// entries under other inode numbers, so that no directory has two names in the kernel.
+const VIEW_RUN: i64 = 1 << 37;
 
 /// Name of the control directory in the mount's root.
 pub const CONTROL_DIR: &str = ".artifactfs";
@@ -84,6 +89,8 @@ pub struct VfsOptions {
     pub seal_marker: Option<String>,
     /// Upper bound of the decompressed-chunk cache, bytes.
     pub chunk_cache_bytes: usize,
+    /// Chunks loaded into the cache ahead of a sequential read of a sealed file (0: none).
+    pub readahead_chunks: usize,
 }
 
 impl Default for VfsOptions {
@@ -92,6 +99,7 @@ impl Default for VfsOptions {
             seal_after: Duration::from_secs(60),
             seal_marker: None,
             chunk_cache_bytes: 64 << 20,
+            readahead_chunks: 2,
         }
     }
 }
@@ -169,6 +177,7 @@ enum Node {
     CtlSeal,
     CtlEvents,
     CtlManifests,
+    CtlByDigest,
     CtlRetention,
     CtlExpired,
     CtlGc,
@@ -189,6 +198,7 @@ fn encode(n: Node) -> u64 {
         Node::CtlSeal => CTL_SEAL,
         Node::CtlEvents => CTL_EVENTS,
         Node::CtlManifests => CTL_MANIFESTS,
+        Node::CtlByDigest => CTL_BY_DIGEST,
         Node::CtlRetention => CTL_RETENTION,
         Node::CtlExpired => CTL_EXPIRED,
         Node::CtlGc => CTL_GC,
@@ -210,6 +220,7 @@ fn decode_raw(ino: u64) -> Result<Node> {
         CTL_SEAL => Node::CtlSeal,
         CTL_EVENTS => Node::CtlEvents,
         CTL_MANIFESTS => Node::CtlManifests,
+        CTL_BY_DIGEST => Node::CtlByDigest,
         CTL_RETENTION => Node::CtlRetention,
         CTL_EXPIRED => Node::CtlExpired,
         CTL_GC => Node::CtlGc,
@@ -364,12 +375,29 @@ struct State {
     open_count: HashMap<i64, u32>,
     runs: HashMap<i64, Activity>,
     dirty_mtime: HashMap<i64, i64>,
+    /// Open runs being sealed: changes to them wait (see `Vfs::lock_mut`).
+    sealing: HashSet<i64>,
+    /// Per sealed-file handle: where the next sequential read starts (for readahead).
+    read_pos: HashMap<u64, u64>,
 }
 
 /// A bounded LRU of decompressed, verified chunks.
 struct ChunkCache {
     max_bytes: usize,
     inner: Mutex<CacheInner>,
+    hits: AtomicU64,
+    misses: AtomicU64,
+}
+
+/// Counters of the decompressed-chunk cache, since the view was made.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Reads of a chunk that found it in the cache.
+    pub hits: u64,
+    /// Reads of a chunk that had to load it.
+    pub misses: u64,
+    /// Chunks loaded ahead of reads.
+    pub readahead: u64,
 }
 
 #[derive(Default)]
@@ -380,6 +408,14 @@ struct CacheInner {
 }
 
 impl ChunkCache {
+    fn contains(&self, id: &ChunkId) -> bool {
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map
+            .contains_key(id)
+    }
+
     fn get(&self, store: &Store, id: &ChunkId) -> Result<Arc<Vec<u8>>> {
         {
             let mut c = self.inner.lock().unwrap_or_else(|p| p.into_inner());
@@ -387,9 +423,16 @@ impl ChunkCache {
             let t = c.tick;
             if let Some((d, stamp)) = c.map.get_mut(id) {
                 *stamp = t;
+                self.hits.fetch_add(1, Ordering::Relaxed);
                 return Ok(d.clone());
             }
         }
+        self.misses.fetch_add(1, Ordering::Relaxed);
+        self.load(store, id)
+    }
+
+    /// Reads a chunk into the cache (whether or not it is there).
+    fn load(&self, store: &Store, id: &ChunkId) -> Result<Arc<Vec<u8>>> {
         let data = Arc::new(store.read_chunk(id)?);
         let mut c = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         c.tick += 1;
@@ -409,14 +452,82 @@ impl ChunkCache {
     }
 }
 
+enum Ahead {
+    Load(ChunkId),
+    /// Answered once everything queued before it is done.
+    Sync(crossbeam_channel::Sender<()>),
+}
+
+/// A thread that loads chunks into the cache ahead of sequential reads of sealed files.
+struct Readahead {
+    tx: Option<crossbeam_channel::Sender<Ahead>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    loaded: Arc<AtomicU64>,
+}
+
+impl Readahead {
+    fn start(store: Arc<Store>, cache: Arc<ChunkCache>) -> Result<Self> {
+        let (tx, rx) = crossbeam_channel::bounded::<Ahead>(64);
+        let loaded = Arc::new(AtomicU64::new(0));
+        let count = loaded.clone();
+        let thread = std::thread::Builder::new()
+            .name("afs-readahead".into())
+            .spawn(move || {
+                for msg in rx {
+                    match msg {
+                        Ahead::Load(id) => {
+                            if cache.contains(&id) {
+                                continue;
+                            }
+                            match cache.load(&store, &id) {
+                                Ok(_) => {
+                                    count.fetch_add(1, Ordering::Relaxed);
+                                }
+                                // The read that needs it will load it again and report.
+                                Err(e) => tracing::debug!(chunk = %id, "readahead: {e}"),
+                            }
+                        }
+                        Ahead::Sync(done) => {
+                            let _ = done.send(());
+                        }
+                    }
+                }
+            })
+            .map_err(|e| Error::io("start thread", "afs-readahead", e))?;
+        Ok(Self {
+            tx: Some(tx),
+            thread: Some(thread),
+            loaded,
+        })
+    }
+}
+
+impl Drop for Readahead {
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+type SealHook = Box<dyn Fn(i64) + Send>;
+
 /// The file-system view of one store.
 pub struct Vfs {
-    store: Store,
+    store: Arc<Store>,
     opts: VfsOptions,
     staging: PathBuf,
     state: Mutex<State>,
-    cache: ChunkCache,
+    /// Signalled when a run's seal ends.
+    sealed_cv: Condvar,
+    cache: Arc<ChunkCache>,
+    readahead: Option<Readahead>,
     started_ns: i64,
+    /// Called by a seal after it froze the run and let go of the state lock.
+    #[cfg(test)]
+    seal_hook: Mutex<Option<SealHook>>,
 }
 
 fn name_str(name: &OsStr) -> Result<&str> {
@@ -488,18 +599,76 @@ impl Vfs {
                 },
             );
         }
-        let cache = ChunkCache {
+        remove_sealed_staging(&store, &staging)?;
+        let store = Arc::new(store);
+        let cache = Arc::new(ChunkCache {
             max_bytes: opts.chunk_cache_bytes,
             inner: Mutex::new(CacheInner::default()),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+        });
+        let readahead = if opts.readahead_chunks > 0 {
+            Some(Readahead::start(store.clone(), cache.clone())?)
+        } else {
+            None
         };
         Ok(Self {
             store,
             opts,
             staging,
             state: Mutex::new(st),
+            sealed_cv: Condvar::new(),
             cache,
+            readahead,
             started_ns,
+            #[cfg(test)]
+            seal_hook: Mutex::new(None),
         })
+    }
+
+    /// Counters of the decompressed-chunk cache and of readahead.
+    pub fn cache_stats(&self) -> CacheStats {
+        CacheStats {
+            hits: self.cache.hits.load(Ordering::Relaxed),
+            misses: self.cache.misses.load(Ordering::Relaxed),
+            readahead: self
+                .readahead
+                .as_ref()
+                .map_or(0, |r| r.loaded.load(Ordering::Relaxed)),
+        }
+    }
+
+    /// Returns once the readahead asked for so far is done (for tests and benchmarks).
+    pub fn wait_readahead(&self) {
+        if let Some(tx) = self.readahead.as_ref().and_then(|r| r.tx.as_ref()) {
+            let (done, wait) = crossbeam_channel::bounded(1);
+            if tx.send(Ahead::Sync(done)).is_ok() {
+                let _ = wait.recv();
+            }
+        }
+    }
+
+    /// Forgets what the view cached of runs that changed behind it (a command run by the
+    /// mount's owner through the control socket, e.g. one that deleted runs). New runs need
+    /// nothing: names are looked up in the index each time.
+    pub fn store_changed(&self) {
+        let mut st = self.lock();
+        if st.sealed.is_empty() && st.manifests.is_empty() {
+            return;
+        }
+        let live: HashSet<i64> = match self.store.runs(None) {
+            Ok(runs) => runs
+                .into_iter()
+                .filter(|r| r.manifest.is_some())
+                .map(|r| r.id)
+                .collect(),
+            Err(e) => {
+                tracing::warn!("cannot list runs to refresh the mount's caches: {e}");
+                return;
+            }
+        };
+        st.sealed.retain(|id, _| live.contains(&(id & !VIEW_RUN)));
+        st.manifests.retain(|id, _| live.contains(id));
     }
 
     /// The store behind this view.
@@ -529,13 +698,13 @@ impl Vfs {
         }
         let idx = self.store.index();
         let row = idx
-            .run_by_id(run)?
+            .run_by_id(run & !VIEW_RUN)?
             .filter(|r| r.state != "deleted")
             .ok_or_else(|| Error::NotFound(format!("run {run} (deleted)")))?;
         let digest = row
             .manifest
             .ok_or_else(|| Error::State(format!("run {} is {}", row.run, row.state)))?;
-        let entries = idx.files(run)?;
+        let entries = idx.files(row.id)?;
         drop(idx);
         let s = Arc::new(SealedRun::new(
             run,
@@ -688,6 +857,7 @@ impl Vfs {
             }
             Node::CtlDir
             | Node::CtlManifests
+            | Node::CtlByDigest
             | Node::ManNs(_)
             | Node::CtlRetention
             | Node::RetNs(_) => Ok(self.synthetic(ino, Kind::Dir, 0o555, 0, self.started_ns)),
@@ -768,11 +938,24 @@ impl Vfs {
                 "seal" => Ok(Node::CtlSeal),
                 "events" => Ok(Node::CtlEvents),
                 "manifests" => Ok(Node::CtlManifests),
+                "by-digest" => Ok(Node::CtlByDigest),
                 "retention" => Ok(Node::CtlRetention),
                 "expired" => Ok(Node::CtlExpired),
                 "gc" => Ok(Node::CtlGc),
                 _ => Err(missing()),
             },
+            Node::CtlByDigest => {
+                let d: ManifestDigest = name.parse().map_err(|_| missing())?;
+                let row = self
+                    .store
+                    .index()
+                    .run_by_manifest(&d)?
+                    .ok_or_else(missing)?;
+                Ok(Node::Sealed {
+                    run: row.id | VIEW_RUN,
+                    idx: 0,
+                })
+            }
             Node::CtlRetention => {
                 let ns = self
                     .store
@@ -902,9 +1085,21 @@ impl Vfs {
                 out.push(file(CTL_SEAL, "seal"));
                 out.push(file(CTL_EVENTS, "events"));
                 out.push(dir(CTL_MANIFESTS, "manifests"));
+                out.push(dir(CTL_BY_DIGEST, "by-digest"));
                 out.push(dir(CTL_RETENTION, "retention"));
                 out.push(file(CTL_EXPIRED, "expired"));
                 out.push(file(CTL_GC, "gc"));
+            }
+            Node::CtlByDigest => {
+                for r in self.store.runs(None)? {
+                    if let Some(d) = r.manifest {
+                        let ino = encode(Node::Sealed {
+                            run: r.id | VIEW_RUN,
+                            idx: 0,
+                        });
+                        out.push(dir(ino, &d.to_hex()));
+                    }
+                }
             }
             Node::CtlRetention => {
                 for ns in self.store.index().meta(|m| m.namespaces())? {
@@ -1072,8 +1267,7 @@ impl Vfs {
     /// `mkdir`: a namespace in the root, an open run in a namespace, a directory in a run.
     pub fn mkdir(&self, ctx: Ctx, parent: u64, name: &OsStr, mode: u32) -> Result<Attr> {
         let name = name_str(name)?;
-        let mut st = self.lock();
-        let p = self.node(&st, parent)?;
+        let (mut st, p) = self.lock_mut(parent)?;
         let now = self.now();
         match p {
             Node::Root => {
@@ -1142,8 +1336,7 @@ impl Vfs {
                 format!("cannot make a {} with mknod", kind.as_str()),
             ));
         }
-        let mut st = self.lock();
-        let p = self.node(&st, parent)?;
+        let (mut st, p) = self.lock_mut(parent)?;
         let mut row = self.new_inode(ctx, 0, kind, mode, self.now());
         if matches!(kind, Kind::Char | Kind::Block) {
             row.rdev = rdev;
@@ -1158,8 +1351,7 @@ impl Vfs {
         let target = target
             .to_str()
             .ok_or_else(|| Error::invalid("symlink target", format!("{target:?} is not UTF-8")))?;
-        let mut st = self.lock();
-        let p = self.node(&st, parent)?;
+        let (mut st, p) = self.lock_mut(parent)?;
         let mut row = self.new_inode(ctx, 0, Kind::Symlink, 0o777, self.now());
         row.size = target.len() as u64;
         row.target = Some(target.to_owned());
@@ -1209,8 +1401,7 @@ impl Vfs {
     /// `create`: a new regular file in an open run, opened.
     pub fn create(&self, ctx: Ctx, parent: u64, name: &OsStr, mode: u32) -> Result<(Attr, u64)> {
         let name = name_str(name)?;
-        let mut st = self.lock();
-        let p = self.node(&st, parent)?;
+        let (mut st, p) = self.lock_mut(parent)?;
         let row = self.new_inode(ctx, 0, Kind::File, mode, self.now());
         let row = self.create_in(&mut st, p, name, row, "create")?;
         let file = self.open_staged(&row)?;
@@ -1227,8 +1418,14 @@ impl Vfs {
 
     /// `open` of a file; `write` when opened for writing.
     pub fn open(&self, ino: u64, write: bool) -> Result<(u64, OpenInfo)> {
-        let mut st = self.lock();
-        let node = self.node(&st, ino)?;
+        // Reading a run that is being sealed is fine: its files do not change.
+        let (mut st, node) = if write {
+            self.lock_mut(ino)?
+        } else {
+            let st = self.lock();
+            let node = self.node(&st, ino)?;
+            (st, node)
+        };
         let ro = |what: &str| Error::ReadOnly(format!("{what} is read-only"));
         let (h, info) = match node {
             Node::Open(i) => {
@@ -1451,13 +1648,19 @@ impl Vfs {
             Sealed(Arc<SealedRun>, usize),
             Buf(Arc<Vec<u8>>),
         }
+        let mut sequential = false;
         let r = {
-            let st = self.lock();
+            let mut st = self.lock();
             match st.handles.get(&fh) {
                 Some(Handle::Staged { run, inode, file }) => {
                     R::File(file.clone(), self.staging_path(*run, *inode))
                 }
-                Some(Handle::Sealed { run, idx }) => R::Sealed(run.clone(), *idx),
+                Some(Handle::Sealed { run, idx }) => {
+                    let r = R::Sealed(run.clone(), *idx);
+                    let end = offset.saturating_add(u64::from(size));
+                    sequential = st.read_pos.insert(fh, end).unwrap_or(0) == offset;
+                    r
+                }
                 Some(Handle::Buffer(b)) => R::Buf(b.clone()),
                 Some(Handle::SealCtl) => {
                     return Err(Error::invalid("read", "the seal file is write-only"));
@@ -1491,7 +1694,39 @@ impl Vfs {
                 let end = start.saturating_add(size as usize).min(b.len());
                 Ok(b[start..end].to_vec())
             }
-            R::Sealed(s, idx) => self.read_sealed(&s, idx, offset, size),
+            R::Sealed(s, idx) => {
+                let data = self.read_sealed(&s, idx, offset, size)?;
+                if sequential {
+                    self.read_ahead(&s, idx, offset + data.len() as u64);
+                }
+                Ok(data)
+            }
+        }
+    }
+
+    /// Queues the chunks that follow `end` in a sealed file for loading into the cache.
+    fn read_ahead(&self, s: &SealedRun, idx: usize, end: u64) {
+        let Some(tx) = self.readahead.as_ref().and_then(|r| r.tx.as_ref()) else {
+            return;
+        };
+        let Ok(e) = s.entry(idx) else { return };
+        let mut start = 0u64;
+        let mut queued = 0;
+        for c in &e.chunks {
+            let cs = start;
+            start += u64::from(c.1);
+            // The chunk holding `end` was just read; the ones after it come next.
+            if cs < end {
+                continue;
+            }
+            if queued == self.opts.readahead_chunks {
+                break;
+            }
+            queued += 1;
+            if !self.cache.contains(&c.0) && tx.try_send(Ahead::Load(c.0)).is_err() {
+                // A full queue means readahead is behind already; the reads go on without it.
+                break;
+            }
         }
     }
 
@@ -1553,6 +1788,7 @@ impl Vfs {
                     (file, run, inode)
                 }
                 W::Seal => {
+                    drop(st);
                     let text = std::str::from_utf8(data)
                         .map_err(|_| Error::invalid("seal request", "not UTF-8 text"))?;
                     for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
@@ -1562,7 +1798,7 @@ impl Vfs {
                             .index()
                             .meta(|m| m.run_of(&r.namespace, &r.run))?
                             .ok_or_else(|| Error::NotFound(format!("run {r}")))?;
-                        self.seal_locked(&mut st, id, "control file")?;
+                        self.seal_id(id, "control file")?;
                     }
                     return Ok(data.len() as u32);
                 }
@@ -1625,6 +1861,7 @@ impl Vfs {
         let Some(h) = st.handles.remove(&fh) else {
             return Ok(());
         };
+        st.read_pos.remove(&fh);
         let Handle::Staged { run, inode, .. } = h else {
             return Ok(());
         };
@@ -1671,8 +1908,7 @@ impl Vfs {
 
     /// `setattr`: chmod, chown, truncate, utimens.
     pub fn setattr(&self, ino: u64, set: SetAttr, fh: Option<u64>) -> Result<Attr> {
-        let mut st = self.lock();
-        let node = self.node(&st, ino)?;
+        let (mut st, node) = self.lock_mut(ino)?;
         let now = self.now();
         if let Node::Namespace(id) = node {
             let mut ns = self
@@ -1764,8 +2000,7 @@ impl Vfs {
     /// `unlink` of a non-directory in an open run.
     pub fn unlink(&self, parent: u64, name: &OsStr) -> Result<()> {
         let name = name_str(name)?;
-        let mut st = self.lock();
-        let p = self.node(&st, parent)?;
+        let (mut st, p) = self.lock_mut(parent)?;
         let dir = self.writable(p, "unlink")?;
         let now = self.now();
         let gone = self.store.index().meta_write(|m| {
@@ -1793,8 +2028,7 @@ impl Vfs {
     /// `rmdir`: an empty directory in an open run, or an empty namespace.
     pub fn rmdir(&self, parent: u64, name: &OsStr) -> Result<()> {
         let name = name_str(name)?;
-        let mut st = self.lock();
-        let p = self.node(&st, parent)?;
+        let (mut st, p) = self.lock_mut(parent)?;
         let now = self.now();
         match p {
             Node::Root => {
@@ -1842,7 +2076,8 @@ impl Vfs {
         Ok(())
     }
 
-    /// `rename` inside one open run (`noreplace`: fail if the target exists).
+    /// `rename` inside one open run: `noreplace` fails if the target exists (EEXIST), `exchange`
+    /// swaps two existing names atomically (`renameat2` `RENAME_NOREPLACE`, `RENAME_EXCHANGE`).
     pub fn rename(
         &self,
         parent: u64,
@@ -1854,16 +2089,13 @@ impl Vfs {
     ) -> Result<()> {
         let name = name_str(name)?;
         let newname = name_str(newname)?;
-        if exchange {
-            tracing::warn!(
-                name,
-                newname,
-                "rename with RENAME_EXCHANGE is not supported yet"
-            );
-            return Err(Error::Unsupported("rename with RENAME_EXCHANGE".into()));
+        if exchange && noreplace {
+            return Err(Error::invalid(
+                "rename",
+                "RENAME_EXCHANGE and RENAME_NOREPLACE together",
+            ));
         }
-        let mut st = self.lock();
-        let p = self.node(&st, parent)?;
+        let (mut st, p) = self.lock_mut(parent)?;
         let np = self.node(&st, newparent)?;
         let from = self.writable(p, "rename")?;
         let to = self.writable(np, "rename")?;
@@ -1874,6 +2106,15 @@ impl Vfs {
             return Err(Error::CrossRun(format!(
                 "{name} -> {newname}: rename across runs"
             )));
+        }
+        if exchange {
+            self.store
+                .index()
+                .meta_write(|m| exchange_names(m, from, name, to, newname, now))?;
+            st.dirty_mtime.remove(&from);
+            st.dirty_mtime.remove(&to);
+            self.touch(&mut st, run_from);
+            return Ok(());
         }
         let gone = self.store.index().meta_write(|m| {
             let ino = m
@@ -1945,8 +2186,7 @@ impl Vfs {
     /// `link`: another name for a regular file, in the same open run.
     pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> Result<Attr> {
         let newname = name_str(newname)?;
-        let mut st = self.lock();
-        let n = self.node(&st, ino)?;
+        let (mut st, n) = self.lock_mut(ino)?;
         let np = self.node(&st, newparent)?;
         let i = self.writable(n, "link")?;
         let to = self.writable(np, "link")?;
@@ -2022,7 +2262,7 @@ impl Vfs {
                         format!("{FACTS_PREFIX}sealed_at"),
                         rfc3339(crate::clock::from_unix_ns(s.sealed_at_ns)).into_bytes(),
                     );
-                    self.retention_xattrs(run, &mut out)?;
+                    self.retention_xattrs(run & !VIEW_RUN, &mut out)?;
                 }
                 if let Some(h) = e.blake3 {
                     out.insert(format!("{FACTS_PREFIX}blake3"), h.to_hex().into_bytes());
@@ -2091,16 +2331,26 @@ impl Vfs {
     /// `setxattr`; setting `user.artifactfs.seal` on an open run's directory seals it.
     pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
         let name = name_str(name)?;
-        let mut st = self.lock();
-        let node = self.node(&st, ino)?;
+        let (mut st, node) = self.lock_mut(ino)?;
+        if name == SEAL_XATTR
+            && let Node::Open(i) = node
+        {
+            let run = self.inode(i)?.run;
+            if self.store.index().meta(|m| m.run_root(run))? == Some(i) {
+                if value != b"1" {
+                    return Err(Error::invalid(name, "set it to 1 to seal the run"));
+                }
+                drop(st);
+                return self.seal_id(run, "xattr").map(drop);
+            }
+        }
         self.change_xattr(&mut st, node, name, Some(value), flags)
     }
 
     /// `removexattr`.
     pub fn removexattr(&self, ino: u64, name: &OsStr) -> Result<()> {
         let name = name_str(name)?;
-        let mut st = self.lock();
-        let node = self.node(&st, ino)?;
+        let (mut st, node) = self.lock_mut(ino)?;
         self.change_xattr(&mut st, node, name, None, 0)
     }
 
@@ -2150,14 +2400,6 @@ impl Vfs {
         }
         let mut row = self.inode(i)?;
         if name.starts_with(FACTS_PREFIX) {
-            let is_root = self.store.index().meta(|m| m.run_root(row.run))? == Some(i);
-            if name == SEAL_XATTR && is_root && value.is_some() {
-                if value != Some(b"1".as_slice()) {
-                    return Err(Error::invalid(name, "set it to 1 to seal the run"));
-                }
-                self.seal_locked(st, row.run, "xattr")?;
-                return Ok(());
-            }
             let e = Error::invalid(
                 format!("xattr {name}"),
                 "user.artifactfs.* attributes are read-only facts (user.artifactfs.seal on a run directory seals it)",
@@ -2208,7 +2450,7 @@ impl Vfs {
                     .ok_or_else(|| Error::NotFound(format!("run {}", row.run)))?;
                 Some(RetentionTarget::Run(run.run))
             }
-            Node::Sealed { run, idx: 0 } => {
+            Node::Sealed { run, idx: 0 } if run & VIEW_RUN == 0 => {
                 let run = self
                     .store
                     .index()
@@ -2288,49 +2530,76 @@ impl Vfs {
         }
     }
 
-    /// Seals run `run_id` now (explicit request); `Busy` if any of its files is open.
+    /// Seals run `r` now (explicit request); `Busy` if any of its files is open.
     pub fn seal(&self, r: &RunRef) -> Result<ManifestDigest> {
-        let mut st = self.lock();
         let (id, _) = self
             .store
             .index()
             .meta(|m| m.run_of(&r.namespace, &r.run))?
             .ok_or_else(|| Error::NotFound(format!("run {r}")))?;
-        self.seal_locked(&mut st, id, "request")
+        self.seal_id(id, "request")
     }
 
     /// Seals the open runs that are due: quiet for `seal_after`, or whose marker was closed,
     /// with no file open. Call about once a second.
     pub fn tick(&self) {
-        let mut st = self.lock();
-        let due: Vec<i64> = st
-            .runs
-            .iter()
-            .filter(|(_, a)| {
-                a.open == 0 && (a.seal_requested || a.last.elapsed() >= self.opts.seal_after)
-            })
-            .map(|(id, _)| *id)
-            .collect();
-        for id in due {
-            let why = if st.runs.get(&id).is_some_and(|a| a.seal_requested) {
-                "marker"
-            } else {
-                "quiet"
-            };
-            if let Err(e) = self.seal_locked(&mut st, id, why) {
-                tracing::warn!(
-                    run = id,
-                    "automatic seal failed, retrying after the quiet period: {e}"
-                );
-                if let Some(a) = st.runs.get_mut(&id) {
-                    a.last = Instant::now();
-                    a.seal_requested = false;
+        let due: Vec<(i64, &str)> = {
+            let st = self.lock();
+            st.runs
+                .iter()
+                .filter(|(id, a)| {
+                    !st.sealing.contains(id)
+                        && a.open == 0
+                        && (a.seal_requested || a.last.elapsed() >= self.opts.seal_after)
+                })
+                .map(|(id, a)| (*id, if a.seal_requested { "marker" } else { "quiet" }))
+                .collect()
+        };
+        for (id, why) in due {
+            match self.seal_id(id, why) {
+                Ok(_) => {}
+                // Opened since it was found due (it is not quiet any more), or sealed meanwhile
+                // by an explicit request.
+                Err(Error::Busy(_) | Error::ReadOnly(_)) => {}
+                Err(e) => {
+                    tracing::warn!(
+                        run = id,
+                        "automatic seal failed, retrying after the quiet period: {e}"
+                    );
+                    if let Some(a) = self.lock().runs.get_mut(&id) {
+                        a.last = Instant::now();
+                        a.seal_requested = false;
+                    }
                 }
             }
         }
     }
 
-    fn seal_locked(&self, st: &mut State, run_id: i64, why: &str) -> Result<ManifestDigest> {
+    /// Locks the state for a change of `ino`. While the run `ino` belongs to is being sealed,
+    /// waits for the seal to end, so that the change then meets the sealed run (EROFS) or,
+    /// if the seal failed, the open run as it was.
+    fn lock_mut(&self, ino: u64) -> Result<(MutexGuard<'_, State>, Node)> {
+        let mut st = self.lock();
+        loop {
+            let node = self.node(&st, ino)?;
+            let Node::Open(i) = node else {
+                return Ok((st, node));
+            };
+            if st.sealing.is_empty() || !st.sealing.contains(&self.inode(i)?.run) {
+                return Ok((st, node));
+            }
+            st = self.sealed_cv.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Seals open run `run_id`. The run is frozen (changes wait in [`Vfs::lock_mut`], see
+    /// there) while its files are chunked and packed without the state lock, so the rest of
+    /// the mount goes on; only the index commit and the switch of inode numbers hold it.
+    fn seal_id(&self, run_id: i64, why: &str) -> Result<ManifestDigest> {
+        let mut st = self.lock();
+        while st.sealing.contains(&run_id) {
+            st = self.sealed_cv.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
         let row = self
             .store
             .index()
@@ -2349,134 +2618,29 @@ impl Vfs {
             tracing::warn!(run = %r, "seal refused: {e}");
             return Err(e);
         }
+        st.sealing.insert(run_id);
+        drop(st);
+        #[cfg(test)]
+        if let Some(hook) = &*self.seal_hook.lock().unwrap_or_else(|p| p.into_inner()) {
+            hook(run_id);
+        }
         let started = Instant::now();
-        let (inodes, dentries, root) = self.store.index().meta(|m| {
-            Ok((
-                m.run_inodes(run_id)?,
-                m.run_dentries(run_id)?,
-                m.run_root(run_id)?,
-            ))
-        })?;
-        let root = root
-            .ok_or_else(|| Error::corrupt(format!("run {r}"), "open run without a root inode"))?;
-        let rows: HashMap<i64, InodeRow> = inodes.into_iter().map(|i| (i.ino, i)).collect();
-        let mut kids: HashMap<i64, Vec<(String, i64)>> = HashMap::new();
-        let mut names: HashMap<i64, u32> = HashMap::new();
-        for (p, n, i) in dentries {
-            kids.entry(p).or_default().push((n, i));
-            *names.entry(i).or_default() += 1;
-        }
-        let mut paths: Vec<(String, i64)> = vec![(ROOT.to_owned(), root)];
-        let mut stack = vec![(root, String::new())];
-        while let Some((dir, rel)) = stack.pop() {
-            for (n, i) in kids.remove(&dir).unwrap_or_default() {
-                let p = if rel.is_empty() {
-                    n
-                } else {
-                    format!("{rel}/{n}")
-                };
-                if rows.get(&i).is_some_and(|r| r.kind == Kind::Dir) {
-                    stack.push((i, p.clone()));
-                }
-                paths.push((p, i));
-            }
-        }
-        paths.sort_by(|a, b| (a.0 != ROOT, a.0.as_bytes()).cmp(&(b.0 != ROOT, b.0.as_bytes())));
-
-        let seal = self.store.seal_guard();
-        let mut writer = self.store.writer(&seal);
-        let mut entries = Vec::with_capacity(paths.len());
-        let mut first_name: HashMap<i64, String> = HashMap::new();
-        for (path, ino) in &paths {
-            let i = rows.get(ino).ok_or_else(|| {
-                Error::corrupt(
-                    format!("run {r}"),
-                    format!("{path} names missing inode {ino}"),
-                )
-            })?;
-            let mut e = Entry {
-                path: path.clone(),
-                kind: i.kind,
-                mode: i.mode & 0o7777,
-                uid: i.uid,
-                gid: i.gid,
-                size: 0,
-                mtime_ns: i.mtime_ns,
-                blake3: None,
-                chunks: Vec::new(),
-                target: None,
-                rdev: None,
-                xattrs: i
-                    .xattrs
-                    .iter()
-                    .filter(|(k, _)| k.starts_with("user."))
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect(),
-            };
-            match i.kind {
-                Kind::File => {
-                    if names.get(ino).copied().unwrap_or(1) > 1 {
-                        if let Some(first) = first_name.get(ino) {
-                            e.kind = Kind::Hardlink;
-                            e.target = Some(first.clone());
-                            e.xattrs.clear();
-                            entries.push(e);
-                            continue;
-                        }
-                        first_name.insert(*ino, path.clone());
-                    }
-                    let sp = self.staging_path(run_id, *ino);
-                    let f = File::open(&sp).map_err(|err| Error::io("open", &sp, err))?;
-                    let (size, hash, chunks) =
-                        ingest_stream(&self.store, &mut writer, f, &NoProgress, &sp)?;
-                    e.size = size;
-                    e.blake3 = Some(hash);
-                    e.chunks = chunks;
-                }
-                Kind::Symlink => {
-                    let t = i.target.clone().unwrap_or_default();
-                    e.size = t.len() as u64;
-                    e.target = Some(t);
-                }
-                Kind::Char | Kind::Block => e.rdev = Some(i.rdev),
-                _ => {}
-            }
-            entries.push(e);
-        }
-        let stats = writer.finish()?;
-        let mut metadata = BTreeMap::new();
-        if let Some(root) = entries.first() {
-            for (k, v) in producer_metadata(&root.xattrs) {
-                metadata.entry(k).or_insert(v);
-            }
-        }
-        let mut m = Manifest {
-            format: MANIFEST_FORMAT,
-            namespace: r.namespace.clone(),
-            run: r.run.clone(),
-            sealed_at: rfc3339(self.store.clock().now()),
-            metadata,
-            entries,
-        };
-        m.canonicalize();
-        let bytes = m.canonical_bytes()?;
-        let (digest, _) = manifest::store_manifest(&*self.store.objects, &bytes)?;
-        let now = self.now();
-        let detail = serde_json::json!({
-            "manifest": digest.to_hex(),
-            "files": m.entries.iter().filter(|e| e.kind != Kind::Dir).count(),
-            "raw_bytes": m.raw_bytes(),
-        });
-        self.store
-            .index()
-            .seal_open_run(run_id, &m, &digest, now, detail)?;
-        let dir = self.staging.join(run_id.to_string());
-        if let Err(e) = fs::remove_dir_all(&dir) {
-            tracing::warn!(run = %r, "sealed, but its staging directory {} stays: {e}", dir.display());
-        }
+        // Whatever happens in the build, the run must not stay frozen.
+        // Held until the commit: gc does not sweep a chunk this seal found stored.
+        let guard = self.store.seal_guard();
+        let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            build_seal(&self.store, &guard, &self.staging, run_id, &r)
+        }))
+        .unwrap_or_else(|_| Err(Error::Internal(format!("the seal of run {r} panicked"))));
+        let mut st = self.lock();
+        st.sealing.remove(&run_id);
+        self.sealed_cv.notify_all();
+        let b = built?;
+        commit_seal(&self.store, run_id, &b)?;
+        drop(guard);
         st.runs.remove(&run_id);
-        let s = self.sealed_run(st, run_id)?;
-        for (path, ino) in &paths {
+        let s = self.sealed_run(&mut st, run_id)?;
+        for (path, ino) in &b.paths {
             if let Some(idx) = s.by_path.get(path) {
                 st.redirect.insert(
                     encode(Node::Open(*ino)),
@@ -2488,10 +2652,279 @@ impl Vfs {
             }
             st.dirty_mtime.remove(ino);
         }
+        drop(st);
+        remove_staging(&self.staging, run_id);
         tracing::info!(
-            run = %r, manifest = %digest, why, entries = m.entries.len(), raw_bytes = m.raw_bytes(),
-            new_bytes = stats.pack_bytes, ms = started.elapsed().as_millis() as u64, "run sealed"
+            run = %r, manifest = %b.digest, why, entries = b.manifest.entries.len(),
+            raw_bytes = b.manifest.raw_bytes(), new_bytes = b.pack_bytes,
+            ms = started.elapsed().as_millis() as u64, "run sealed"
         );
-        Ok(digest)
+        Ok(b.digest)
     }
 }
+
+/// What sealing an open run prepared before its commit.
+struct BuiltSeal {
+    manifest: Manifest,
+    digest: ManifestDigest,
+    /// Every path of the run with its open-run inode.
+    paths: Vec<(String, i64)>,
+    pack_bytes: u64,
+}
+
+/// Seals an open run of a store that no mount serves (one a mount left open): the same
+/// manifest and commit as a seal in the mount.
+pub fn seal_offline(store: &Store, r: &RunRef) -> Result<ManifestDigest> {
+    let (id, state) = store
+        .index()
+        .meta(|m| m.run_of(&r.namespace, &r.run))?
+        .ok_or_else(|| Error::NotFound(format!("run {r}")))?;
+    if state != "open" {
+        return Err(Error::ReadOnly(format!("run {r} is already {state}")));
+    }
+    let staging = store.root().join("staging");
+    let guard = store.seal_guard();
+    let b = build_seal(store, &guard, &staging, id, r)?;
+    commit_seal(store, id, &b)?;
+    drop(guard);
+    remove_staging(&staging, id);
+    tracing::info!(run = %r, manifest = %b.digest, entries = b.manifest.entries.len(), "run sealed");
+    Ok(b.digest)
+}
+
+/// Reads an open run's tree from the index, streams its staged files through the chunk
+/// pipeline, and stores its manifest: everything of a seal but the index commit. The run must
+/// not change meanwhile.
+fn build_seal(
+    store: &Store,
+    guard: &crate::gc::SealGuard,
+    staging: &Path,
+    run_id: i64,
+    r: &RunRef,
+) -> Result<BuiltSeal> {
+    let (inodes, dentries, root) = store.index().meta(|m| {
+        Ok((
+            m.run_inodes(run_id)?,
+            m.run_dentries(run_id)?,
+            m.run_root(run_id)?,
+        ))
+    })?;
+    let root =
+        root.ok_or_else(|| Error::corrupt(format!("run {r}"), "open run without a root inode"))?;
+    let rows: HashMap<i64, InodeRow> = inodes.into_iter().map(|i| (i.ino, i)).collect();
+    let mut kids: HashMap<i64, Vec<(String, i64)>> = HashMap::new();
+    let mut names: HashMap<i64, u32> = HashMap::new();
+    for (p, n, i) in dentries {
+        kids.entry(p).or_default().push((n, i));
+        *names.entry(i).or_default() += 1;
+    }
+    let mut paths: Vec<(String, i64)> = vec![(ROOT.to_owned(), root)];
+    let mut stack = vec![(root, String::new())];
+    while let Some((dir, rel)) = stack.pop() {
+        for (n, i) in kids.remove(&dir).unwrap_or_default() {
+            let p = if rel.is_empty() {
+                n
+            } else {
+                format!("{rel}/{n}")
+            };
+            if rows.get(&i).is_some_and(|r| r.kind == Kind::Dir) {
+                stack.push((i, p.clone()));
+            }
+            paths.push((p, i));
+        }
+    }
+    paths.sort_by(|a, b| (a.0 != ROOT, a.0.as_bytes()).cmp(&(b.0 != ROOT, b.0.as_bytes())));
+
+    let run_staging = staging.join(run_id.to_string());
+    let mut writer = store.writer(guard);
+    let mut entries = Vec::with_capacity(paths.len());
+    let mut first_name: HashMap<i64, String> = HashMap::new();
+    for (path, ino) in &paths {
+        let i = rows.get(ino).ok_or_else(|| {
+            Error::corrupt(
+                format!("run {r}"),
+                format!("{path} names missing inode {ino}"),
+            )
+        })?;
+        let mut e = Entry {
+            path: path.clone(),
+            kind: i.kind,
+            mode: i.mode & 0o7777,
+            uid: i.uid,
+            gid: i.gid,
+            size: 0,
+            mtime_ns: i.mtime_ns,
+            blake3: None,
+            chunks: Vec::new(),
+            target: None,
+            rdev: None,
+            xattrs: i
+                .xattrs
+                .iter()
+                .filter(|(k, _)| k.starts_with("user."))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        };
+        match i.kind {
+            Kind::File => {
+                if names.get(ino).copied().unwrap_or(1) > 1 {
+                    if let Some(first) = first_name.get(ino) {
+                        e.kind = Kind::Hardlink;
+                        e.target = Some(first.clone());
+                        e.xattrs.clear();
+                        entries.push(e);
+                        continue;
+                    }
+                    first_name.insert(*ino, path.clone());
+                }
+                let sp = run_staging.join(ino.to_string());
+                let f = File::open(&sp).map_err(|err| Error::io("open", &sp, err))?;
+                let (size, hash, chunks) = ingest_stream(store, &mut writer, f, &NoProgress, &sp)?;
+                e.size = size;
+                e.blake3 = Some(hash);
+                e.chunks = chunks;
+            }
+            Kind::Symlink => {
+                let t = i.target.clone().unwrap_or_default();
+                e.size = t.len() as u64;
+                e.target = Some(t);
+            }
+            Kind::Char | Kind::Block => e.rdev = Some(i.rdev),
+            _ => {}
+        }
+        entries.push(e);
+    }
+    let stats = writer.finish()?;
+    let mut metadata = BTreeMap::new();
+    if let Some(root) = entries.first() {
+        for (k, v) in producer_metadata(&root.xattrs) {
+            metadata.entry(k).or_insert(v);
+        }
+    }
+    let mut m = Manifest {
+        format: MANIFEST_FORMAT,
+        namespace: r.namespace.clone(),
+        run: r.run.clone(),
+        sealed_at: rfc3339(store.clock().now()),
+        metadata,
+        entries,
+    };
+    m.canonicalize();
+    let bytes = m.canonical_bytes()?;
+    let (digest, _) = manifest::store_manifest(&*store.objects, &bytes)?;
+    Ok(BuiltSeal {
+        manifest: m,
+        digest,
+        paths,
+        pack_bytes: stats.pack_bytes,
+    })
+}
+
+/// Commits a built seal: one index transaction.
+fn commit_seal(store: &Store, run_id: i64, b: &BuiltSeal) -> Result<()> {
+    let m = &b.manifest;
+    let now = to_unix_ns(store.clock().now());
+    let detail = serde_json::json!({
+        "manifest": b.digest.to_hex(),
+        "files": m.entries.iter().filter(|e| e.kind != Kind::Dir).count(),
+        "raw_bytes": m.raw_bytes(),
+    });
+    store
+        .index()
+        .seal_open_run(run_id, m, &b.digest, now, detail)
+}
+
+/// Removes a sealed run's staging files (after its commit: a crash before this leaves a
+/// directory that the next [`Vfs::new`] removes).
+fn remove_staging(staging: &Path, run_id: i64) {
+    let dir = staging.join(run_id.to_string());
+    if let Err(e) = fs::remove_dir_all(&dir) {
+        tracing::warn!(
+            run = run_id,
+            "sealed, but its staging directory {} stays (removed at the next mount): {e}",
+            dir.display()
+        );
+    }
+}
+
+/// Removes the staging directories of runs that are sealed (or deleted): what a crash between
+/// a seal's commit and the removal of its staging files leaves. Directories of open runs stay,
+/// and so does anything that is not a run's directory (with a warning).
+fn remove_sealed_staging(store: &Store, staging: &Path) -> Result<()> {
+    let rd = fs::read_dir(staging).map_err(|e| Error::io("read directory", staging, e))?;
+    let mut removed = 0;
+    for d in rd {
+        let d = d.map_err(|e| Error::io("read directory", staging, e))?;
+        let name = d.file_name();
+        let Some(id) = name.to_str().and_then(|n| n.parse::<i64>().ok()) else {
+            tracing::warn!(path = %d.path().display(), "not a run's staging directory; left alone");
+            continue;
+        };
+        match store.index().run_by_id(id)? {
+            Some(row) if row.state != "open" => {
+                let p = d.path();
+                fs::remove_dir_all(&p).map_err(|e| Error::io("remove", &p, e))?;
+                tracing::info!(run = %row.run, "removed the staging files of a sealed run");
+                removed += 1;
+            }
+            Some(_) => {}
+            None => {
+                tracing::warn!(path = %d.path().display(), "staging directory of an unknown run; left alone");
+            }
+        }
+    }
+    if removed > 0 {
+        tracing::info!(
+            runs = removed,
+            "removed staging files left by a crash after a seal"
+        );
+    }
+    Ok(())
+}
+
+/// Swaps the entries `from/name` and `to/newname` (both must exist) in one transaction.
+fn exchange_names(
+    m: &crate::index::Meta<'_>,
+    from: i64,
+    name: &str,
+    to: i64,
+    newname: &str,
+    now: i64,
+) -> Result<()> {
+    let a = m
+        .lookup(from, name)?
+        .ok_or_else(|| Error::NotFound(name.to_owned()))?;
+    let b = m
+        .lookup(to, newname)?
+        .ok_or_else(|| Error::NotFound(newname.to_owned()))?;
+    if a == b {
+        return Ok(());
+    }
+    // A directory must not end up inside itself: `a` moves under `to`, `b` under `from`.
+    for (dir, parent, what) in [(a, to, name), (b, from, newname)] {
+        let mut cur = Some(parent);
+        while let Some(c) = cur {
+            if c == dir {
+                return Err(Error::invalid(
+                    "rename",
+                    format!("{what} would move into itself"),
+                ));
+            }
+            cur = m.parent_of(c)?;
+        }
+    }
+    m.set_dentry(from, name, b)?;
+    m.set_dentry(to, newname, a)?;
+    for ino in [a, b] {
+        let mut row = m
+            .inode(ino)?
+            .ok_or_else(|| Error::NotFound(format!("inode {ino}")))?;
+        row.ctime_ns = now;
+        m.update_inode(&row)?;
+    }
+    m.set_times(from, now, now)?;
+    m.set_times(to, now, now)
+}
+
+#[cfg(test)]
+mod tests;

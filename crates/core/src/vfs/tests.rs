@@ -1,0 +1,316 @@
+//! Tests of the file-system view without FUSE: readahead, renameat2 flags, seals outside a
+//! mount, and the staging files a crash after a seal leaves.
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::path::Path;
+
+use rand::{RngCore, SeedableRng};
+
+use super::*;
+use crate::store::InitOptions;
+
+const CTX: Ctx = Ctx { uid: 0, gid: 0 };
+
+fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
+    let mut v = vec![0u8; n];
+    rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut v);
+    v
+}
+
+fn new_store(dir: &Path) -> Store {
+    Store::init(&dir.join("store"), &InitOptions::default()).unwrap()
+}
+
+fn os(s: &str) -> &OsStr {
+    OsStr::new(s)
+}
+
+fn open_run(v: &Vfs, ns: &str, run: &str) -> u64 {
+    let n = match v.lookup(ROOT_INO, os(ns)) {
+        Ok(a) => a.ino,
+        Err(_) => v.mkdir(CTX, ROOT_INO, os(ns), 0o755).unwrap().ino,
+    };
+    v.mkdir(CTX, n, os(run), 0o755).unwrap().ino
+}
+
+fn write_file(v: &Vfs, dir: u64, name: &str, data: &[u8]) -> u64 {
+    let (a, fh) = v.create(CTX, dir, os(name), 0o644).unwrap();
+    v.write(fh, 0, data).unwrap();
+    v.flush(fh).unwrap();
+    v.release(fh).unwrap();
+    a.ino
+}
+
+impl Vfs {
+    fn inode_run(&self, ino: u64) -> i64 {
+        let st = self.lock();
+        match self.node(&st, ino).unwrap() {
+            Node::Open(i) => self.inode(i).unwrap().run,
+            other => panic!("{other:?} is not in an open run"),
+        }
+    }
+}
+
+fn read_all(v: &Vfs, ino: u64, step: u32) -> Vec<u8> {
+    let (fh, _) = v.open(ino, false).unwrap();
+    let mut out = Vec::new();
+    loop {
+        let d = v.read(fh, out.len() as u64, step).unwrap();
+        if d.is_empty() {
+            break;
+        }
+        out.extend_from_slice(&d);
+        v.wait_readahead();
+    }
+    v.release(fh).unwrap();
+    out
+}
+
+fn sealed_file(dir: &Path, opts: VfsOptions, data: &[u8]) -> (Vfs, u64) {
+    let src = dir.join("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("big"), data).unwrap();
+    let store = new_store(dir);
+    store
+        .ingest_dir(
+            &src,
+            &RunRef::parse("ns/run").unwrap(),
+            BTreeMap::new(),
+            &NoProgress,
+        )
+        .unwrap();
+    let v = Vfs::new(store, opts).unwrap();
+    let ns = v.lookup(ROOT_INO, os("ns")).unwrap().ino;
+    let run = v.lookup(ns, os("run")).unwrap().ino;
+    let f = v.lookup(run, os("big")).unwrap().ino;
+    (v, f)
+}
+
+#[test]
+fn vfs_readahead_loads_the_next_chunks_of_a_sequential_read() {
+    let data = random_bytes(6 << 20, 1);
+    let tmp = tempfile::tempdir().unwrap();
+    let (v, f) = sealed_file(tmp.path(), VfsOptions::default(), &data);
+    assert!(read_all(&v, f, 128 << 10) == data);
+    let s = v.cache_stats();
+    assert_eq!(s.misses, 1, "only the first chunk is read on demand: {s:?}");
+    assert!(s.readahead >= 5, "the other chunks were read ahead: {s:?}");
+
+    // Without readahead every chunk is a miss.
+    let tmp = tempfile::tempdir().unwrap();
+    let opts = VfsOptions {
+        readahead_chunks: 0,
+        ..VfsOptions::default()
+    };
+    let (v, f) = sealed_file(tmp.path(), opts, &data);
+    assert!(read_all(&v, f, 128 << 10) == data);
+    let s = v.cache_stats();
+    assert!(s.misses >= 6, "{s:?}");
+    assert_eq!(s.readahead, 0);
+}
+
+#[test]
+fn vfs_random_reads_do_not_read_ahead() {
+    let data = random_bytes(6 << 20, 2);
+    let tmp = tempfile::tempdir().unwrap();
+    let (v, f) = sealed_file(tmp.path(), VfsOptions::default(), &data);
+    let (fh, _) = v.open(f, false).unwrap();
+    let at = 5 << 20;
+    assert!(v.read(fh, at, 4096).unwrap() == data[at as usize..at as usize + 4096]);
+    v.wait_readahead();
+    assert_eq!(v.cache_stats().readahead, 0);
+}
+
+#[test]
+fn vfs_rename_exchange_and_noreplace() {
+    let tmp = tempfile::tempdir().unwrap();
+    let v = Vfs::new(new_store(tmp.path()), VfsOptions::default()).unwrap();
+    let run = open_run(&v, "ns", "r");
+    let a = write_file(&v, run, "a", b"A");
+    let d = v.mkdir(CTX, run, os("d"), 0o755).unwrap().ino;
+    let inner = write_file(&v, d, "inner", b"I");
+
+    v.rename(run, os("a"), run, os("d"), false, true).unwrap();
+    assert_eq!(v.lookup(run, os("a")).unwrap().ino, d);
+    assert_eq!(v.lookup(run, os("d")).unwrap().ino, a);
+    assert_eq!(v.lookup(d, os("inner")).unwrap().ino, inner);
+
+    // Across directories, and back.
+    v.rename(d, os("inner"), run, os("d"), false, true).unwrap();
+    assert_eq!(v.lookup(run, os("d")).unwrap().ino, inner);
+    assert_eq!(v.lookup(d, os("inner")).unwrap().ino, a);
+
+    // A directory cannot be swapped into itself.
+    let sub = v.mkdir(CTX, d, os("sub"), 0o755).unwrap().ino;
+    let e = v.rename(run, os("a"), sub, os("x"), false, false);
+    assert!(matches!(e, Err(Error::Invalid { .. })), "{e:?}");
+    write_file(&v, sub, "x", b"X");
+    let e = v.rename(run, os("a"), sub, os("x"), false, true);
+    assert!(matches!(e, Err(Error::Invalid { .. })), "{e:?}");
+
+    let e = v.rename(run, os("a"), run, os("missing"), false, true);
+    assert!(matches!(e, Err(Error::NotFound(_))), "{e:?}");
+    let e = v.rename(run, os("a"), run, os("d"), true, true);
+    assert!(matches!(e, Err(Error::Invalid { .. })), "{e:?}");
+    let e = v.rename(run, os("d"), d, os("inner"), true, false);
+    assert!(matches!(e, Err(Error::AlreadyExists(_))), "{e:?}");
+    v.rename(run, os("d"), run, os("e"), true, false).unwrap();
+    assert_eq!(v.lookup(run, os("e")).unwrap().ino, inner);
+
+    // The sealed tree has the swapped names.
+    let r = RunRef::parse("ns/r").unwrap();
+    v.seal(&r).unwrap();
+    let store = v.store();
+    assert!(store.entry(&r, "e").unwrap().kind == Kind::File);
+    assert!(store.entry(&r, "a/inner").unwrap().kind == Kind::File);
+    assert!(store.entry(&r, "a/sub/x").unwrap().kind == Kind::File);
+}
+
+#[test]
+fn vfs_seal_offline_seals_what_a_mount_left_open() {
+    let tmp = tempfile::tempdir().unwrap();
+    let v = Vfs::new(new_store(tmp.path()), VfsOptions::default()).unwrap();
+    let run = open_run(&v, "ns", "left");
+    write_file(&v, run, "f", b"left open");
+    drop(v);
+
+    let store = Store::open(&tmp.path().join("store")).unwrap();
+    let r = RunRef::parse("ns/left").unwrap();
+    let digest = seal_offline(&store, &r).unwrap();
+    let row = store.run(&r).unwrap();
+    assert_eq!(row.state, "sealed");
+    assert_eq!(row.manifest, Some(digest));
+    let mut out = Vec::new();
+    store
+        .read_file_to(&store.entry(&r, "f").unwrap(), &mut out)
+        .unwrap();
+    assert_eq!(out, b"left open");
+    assert!(!store.root().join(format!("staging/{}", row.id)).exists());
+    let again = seal_offline(&store, &r);
+    assert!(matches!(again, Err(Error::ReadOnly(_))), "{again:?}");
+    let missing = seal_offline(&store, &RunRef::parse("ns/none").unwrap());
+    assert!(matches!(missing, Err(Error::NotFound(_))), "{missing:?}");
+}
+
+#[test]
+fn vfs_new_removes_staging_left_by_a_crash_after_a_seal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let v = Vfs::new(new_store(tmp.path()), VfsOptions::default()).unwrap();
+    let sealed = open_run(&v, "ns", "sealed");
+    write_file(&v, sealed, "f", b"1");
+    let open = open_run(&v, "ns", "open");
+    write_file(&v, open, "g", b"2");
+    v.seal(&RunRef::parse("ns/sealed").unwrap()).unwrap();
+    let staging = v.store().root().join("staging");
+    let ids: BTreeMap<String, i64> = v
+        .store()
+        .runs(None)
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.run.run.clone(), r.id))
+        .collect();
+    drop(v);
+    // A crash between the seal's commit and the removal of its staging files leaves these.
+    let left = staging.join(ids["sealed"].to_string());
+    fs::create_dir_all(&left).unwrap();
+    fs::write(left.join("7"), b"stale").unwrap();
+    fs::create_dir_all(staging.join("not-a-run")).unwrap();
+    let open_dir = staging.join(ids["open"].to_string());
+    let open_files = fs::read_dir(&open_dir).unwrap().count();
+    assert_eq!(open_files, 1);
+
+    let v = Vfs::new(
+        Store::open(&tmp.path().join("store")).unwrap(),
+        VfsOptions::default(),
+    )
+    .unwrap();
+    assert!(!left.exists(), "the sealed run's staging files are gone");
+    assert_eq!(fs::read_dir(&open_dir).unwrap().count(), open_files);
+    assert!(staging.join("not-a-run").exists());
+    // The open run is whole.
+    let ns = v.lookup(ROOT_INO, os("ns")).unwrap().ino;
+    let run = v.lookup(ns, os("open")).unwrap().ino;
+    let g = v.lookup(run, os("g")).unwrap().ino;
+    assert_eq!(read_all(&v, g, 4096), b"2");
+}
+
+#[test]
+fn vfs_by_digest_serves_the_sealed_tree_under_other_inodes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let v = Vfs::new(new_store(tmp.path()), VfsOptions::default()).unwrap();
+    let run = open_run(&v, "ns", "r");
+    let d = v.mkdir(CTX, run, os("d"), 0o755).unwrap().ino;
+    write_file(&v, d, "f", b"by content");
+    let digest = v.seal(&RunRef::parse("ns/r").unwrap()).unwrap();
+
+    let ctl = v.lookup(ROOT_INO, os(CONTROL_DIR)).unwrap().ino;
+    let by = v.lookup(ctl, os("by-digest")).unwrap().ino;
+    let names: Vec<String> = v.readdir(by).unwrap().into_iter().map(|e| e.name).collect();
+    assert_eq!(names, [".", "..", &digest.to_hex()]);
+    let root = v.lookup(by, os(&digest.to_hex())).unwrap();
+    assert!(root.immutable);
+    let vd = v.lookup(root.ino, os("d")).unwrap();
+    let vf = v.lookup(vd.ino, os("f")).unwrap();
+    assert_eq!(read_all(&v, vf.ino, 4096), b"by content");
+    // Not the inode numbers of NAMESPACE/RUN: a directory has one name in the kernel.
+    let ns = v.lookup(ROOT_INO, os("ns")).unwrap().ino;
+    let by_name = v.lookup(ns, os("r")).unwrap();
+    assert_ne!(by_name.ino, root.ino);
+    assert_ne!(v.lookup(by_name.ino, os("d")).unwrap().ino, vd.ino);
+    assert_eq!(
+        v.getxattr(root.ino, os("user.artifactfs.manifest"))
+            .unwrap(),
+        digest.to_hex().into_bytes()
+    );
+    // Read-only, and unknown digests are not there.
+    let e = v.create(CTX, vd.ino, os("new"), 0o644);
+    assert!(matches!(e, Err(Error::ReadOnly(_))), "{e:?}");
+    let e = v.mkdir(CTX, by, os("x"), 0o755);
+    assert!(matches!(e, Err(Error::ReadOnly(_))), "{e:?}");
+    let e = v.lookup(by, os(&"0".repeat(64)));
+    assert!(matches!(e, Err(Error::NotFound(_))), "{e:?}");
+    let e = v.lookup(by, os("not-hex"));
+    assert!(matches!(e, Err(Error::NotFound(_))), "{e:?}");
+}
+
+/// While a run seals, the rest of the mount goes on (the state lock is free), and a change to
+/// the sealing run waits for the seal and then meets a sealed run.
+#[test]
+fn vfs_seal_runs_without_the_state_lock_and_freezes_its_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let v = Arc::new(Vfs::new(new_store(tmp.path()), VfsOptions::default()).unwrap());
+    let a = open_run(&v, "ns", "a");
+    let fa = write_file(&v, a, "f", b"a");
+    let b = open_run(&v, "ns", "b");
+    let late = Arc::new(Mutex::new(None));
+    {
+        let v2 = Arc::downgrade(&v);
+        let late = late.clone();
+        *v.seal_hook.lock().unwrap() = Some(Box::new(move |_run| {
+            let v = v2.upgrade().unwrap();
+            assert!(v.state.try_lock().is_ok(), "the state lock is free");
+            let run_a = v.inode_run(fa);
+            assert!(v.lock().sealing.contains(&run_a));
+            // Other runs change, the sealing one is read.
+            write_file(&v, b, "g", b"b");
+            assert_eq!(read_all(&v, fa, 4096), b"a");
+            // A change to the sealing run waits on another thread.
+            let t = std::thread::spawn(move || v.create(CTX, a, os("late"), 0o644).map(drop));
+            *late.lock().unwrap() = Some(t);
+        }));
+    }
+    v.seal(&RunRef::parse("ns/a").unwrap()).unwrap();
+    v.seal_hook.lock().unwrap().take();
+    let t = late.lock().unwrap().take().unwrap();
+    let r = t.join().unwrap();
+    assert!(matches!(r, Err(Error::ReadOnly(_))), "{r:?}");
+    let r = RunRef::parse("ns/a").unwrap();
+    assert!(matches!(
+        v.store().entry(&r, "late"),
+        Err(Error::NotFound(_))
+    ));
+    assert_eq!(v.store().run(&r).unwrap().state, "sealed");
+    let g = v.lookup(b, os("g")).unwrap().ino;
+    assert_eq!(read_all(&v, g, 4096), b"b");
+}
