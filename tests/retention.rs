@@ -367,6 +367,14 @@ fn retention_holds_and_gc_through_the_mount() {
     let expired = fs::read_to_string(m.p(".artifactfs/expired")).unwrap();
     assert_eq!(json(expired.lines().next().unwrap())["run"], "r1");
 
+    // The CLI reaches the mount over its control socket for the same verbs.
+    let via_socket = json(&env.ok(&["runs", "--expired", "--json"]));
+    assert_eq!(via_socket[0]["run"], "r1");
+    let dry = json(&env.ok(&["gc", "--dry-run", "--grace", "0s", "--json"]));
+    assert_eq!(dry["runs_expired"], serde_json::json!(["lab/r1"]));
+    let (code, _) = fails(&env, &["retain", "lab/r1", "1d"]);
+    assert_eq!(code, 10, "shortening is refused through the socket too");
+
     // gc through the control file: a dry run, then a real one.
     assert_eq!(
         errno(fs::write(m.p(".artifactfs/gc"), "sweep everything")),
