@@ -579,3 +579,59 @@ fn a_mount_reads_evicted_chunks_and_uploads_what_is_pending() {
     let s = json(&store, &["tier", "status", "--json"]);
     assert_eq!(s["pending_packs"], 0, "{s}");
 }
+
+/// gc on a tiered store deletes an expired run's packs and manifest in the bucket too, so a
+/// store rebuilt from the bucket afterwards holds only the live run.
+#[test]
+fn gc_deletes_dead_packs_and_manifests_in_the_bucket() {
+    let env = Env::new();
+    let b = Bucket::new("gc");
+    let store = env.store();
+    let clock = env.path("clock");
+    fs::write(&clock, "2026-12-01T00:00:00Z").unwrap();
+    let at = [("ARTIFACTFS_CLOCK_FILE", clock.to_str().unwrap())];
+    init_tiered(&store, &b, "0");
+    let gone = source(&env, "gone", 7, 2);
+    let keep = source(&env, "keep", 8, 2);
+    ok(&store, &["ingest", gone.to_str().unwrap(), "ns/gone"], &at);
+    ok(&store, &["ingest", keep.to_str().unwrap(), "ns/keep"], &at);
+    ok(&store, &["retain", "ns/gone", "1d"], &at);
+    ok(&store, &["retain", "ns/keep", "forever"], &at);
+    ok(&store, &["tier", "push"], &at);
+    assert_eq!(local_packs(&store), 0, "every pack is only in the bucket");
+    let packs_before = b.keys("packs/").len();
+    assert_eq!(b.keys("manifests/").len(), 2);
+
+    fs::write(&clock, "2026-12-03T00:00:00Z").unwrap();
+    let r: serde_json::Value =
+        serde_json::from_str(&ok(&store, &["gc", "--grace", "0s", "--json"], &at)).unwrap();
+    assert_eq!(r["runs_expired"], serde_json::json!(["ns/gone"]), "{r}");
+    assert!(r["packs_deleted"].as_u64().unwrap() >= 1, "{r}");
+    let stats = json(&store, &["stats", "--json"]);
+    let packs_after = b.keys("packs/").len();
+    assert!(
+        packs_after < packs_before,
+        "{packs_before} -> {packs_after}"
+    );
+    assert_eq!(packs_after as u64, stats["packs"].as_u64().unwrap());
+    assert_eq!(
+        b.keys("manifests/").len(),
+        1,
+        "the expired run's manifest left the bucket"
+    );
+    assert!(ok(&store, &["verify"], &at).contains("ok"));
+    export_matches(&env, &store, "ns/keep", &keep);
+
+    // A store rebuilt from the bucket has the live run only, whole.
+    let new = env.path("rebuilt");
+    ok(&new, &["index", "rebuild", "--from", &b.url()], &[]);
+    let runs = json(&new, &["runs", "--json"]);
+    let names: Vec<&str> = runs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["run"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["keep"]);
+    export_matches(&env, &new, "ns/keep", &keep);
+}

@@ -550,6 +550,19 @@ impl Store {
                 .map_err(|e| Error::Internal(format!("gc report encode: {e}")))?;
             self.index().event(now, "gc.finished", None, &detail)?;
         }
+        if !opts.dry_run
+            && let Some(t) = &self.tier
+            && (!rep.runs_expired.is_empty() || rep.packs_deleted > 0 || rep.packs_rewritten > 0)
+        {
+            // A rebuild from the bucket must not start from a snapshot that still lists what
+            // this gc deleted.
+            match t.upload_snapshot() {
+                Ok(key) => tracing::info!(key, "index snapshot uploaded after gc"),
+                Err(e) => tracing::warn!(
+                    "gc finished, but the index snapshot after it failed ({e}); a rebuild from the bucket turns the deleted runs into tombstones"
+                ),
+            }
+        }
         self.save_gc_report(&rep);
         tracing::info!(
             dry_run = rep.dry_run,

@@ -83,7 +83,7 @@ impl Index {
             .conn
             .prepare_cached(
                 "SELECT DISTINCT r.manifest FROM runs r LEFT JOIN tier_manifests t
-                 ON t.digest = r.manifest WHERE r.manifest IS NOT NULL AND t.digest IS NULL",
+                 ON t.digest = r.manifest WHERE r.manifest IS NOT NULL AND r.state <> 'deleted' AND t.digest IS NULL",
             )
             .map_err(self.err_tier())?;
         let rows = s
@@ -247,7 +247,7 @@ impl Index {
             "SELECT count(DISTINCT r.manifest) FILTER (WHERE t.digest IS NULL),
                     count(DISTINCT r.manifest) FILTER (WHERE t.digest IS NOT NULL)
              FROM runs r LEFT JOIN tier_manifests t ON t.digest = r.manifest
-             WHERE r.manifest IS NOT NULL",
+             WHERE r.manifest IS NOT NULL AND r.state <> 'deleted'",
         )?;
         Ok(TierCounts {
             pending_packs,
@@ -311,7 +311,7 @@ impl Index {
         let mut s = self
             .conn
             .prepare_cached(
-                "SELECT manifest, namespace || '/' || name FROM runs WHERE manifest IS NOT NULL",
+                "SELECT manifest, namespace || '/' || name FROM runs WHERE manifest IS NOT NULL AND state <> 'deleted'",
             )
             .map_err(self.err_tier())?;
         let rows = s

@@ -24,6 +24,7 @@ use crate::clock::to_unix_ns;
 use crate::error::{Error, Result};
 use crate::id::ManifestDigest;
 use crate::manifest::{self, Manifest, manifest_key};
+use crate::names::RunRef;
 use crate::objstore::{LocalStore, ObjectStore};
 use crate::pack::{pack_id_from_key, read_table};
 use crate::store::{Store, StoreConfig};
@@ -249,14 +250,19 @@ impl Store {
         }
         for (d, run) in &named {
             if !listed_m.contains(d) {
-                report.skipped.push(format!(
-                    "run {run}: its manifest {d} is in the snapshot but not in the bucket"
-                ));
+                // Deleted by gc after the snapshot, or never uploaded: either way it cannot be
+                // served; it stays as a tombstone rather than a run whose reads fail.
+                let why = format!("its manifest {d} is in the snapshot but not in the bucket");
+                if let Ok(r) = RunRef::parse(run) {
+                    self.index().tombstone_lost_run(&r, now, &why)?;
+                }
+                report.skipped.push(format!("run {run}: {why}"));
             }
         }
         let before = report.runs;
         self.insert_runs(runs, report)?;
         report.replayed_runs = report.runs - before;
+        self.index().recount_refs()?;
         let stats = self.stats()?;
         report.packs = stats.packs;
         report.chunks = stats.chunks;

@@ -20,6 +20,7 @@ use crate::codec::Codec;
 use crate::error::{Error, Result};
 use crate::id::{ChunkId, ManifestDigest, PackId};
 use crate::manifest::{Entry, Manifest};
+use crate::names::RunRef;
 use crate::pack::PackEntry;
 use crate::retention::{Retention, RetentionState};
 
@@ -854,6 +855,52 @@ impl Index {
         }
         // Chunks referenced but without a row are reported by verify's chunk check.
         Ok(out)
+    }
+
+    /// Makes a run whose objects are gone a tombstone (a rebuild found its manifest missing
+    /// from the bucket), with the event `run.lost`. Reference counts are not changed here:
+    /// call [`Index::recount_refs`] afterwards.
+    pub fn tombstone_lost_run(&mut self, r: &RunRef, now_ns: i64, why: &str) -> Result<bool> {
+        self.write_tx(|tx, path| {
+            let err = sql_err(path);
+            let id: Option<i64> = tx
+                .query_row(
+                    "SELECT id FROM runs WHERE namespace = ?1 AND name = ?2 AND state <> 'deleted'",
+                    params![r.namespace, r.run],
+                    |row| row.get(0),
+                )
+                .optional()
+                .map_err(&err)?;
+            let Some(id) = id else { return Ok(false) };
+            tx.execute("DELETE FROM files WHERE run = ?1", params![id])
+                .map_err(&err)?;
+            tx.execute("DELETE FROM holds WHERE run = ?1", params![id])
+                .map_err(&err)?;
+            tx.execute(
+                "UPDATE runs SET state = 'deleted', deleted_at = ?2 WHERE id = ?1",
+                params![id, now_ns],
+            )
+            .map_err(&err)?;
+            append_event(
+                tx,
+                now_ns,
+                "run.lost",
+                Some(&r.namespace),
+                Some(&r.run),
+                &serde_json::json!({ "why": why }),
+            )
+            .map_err(&err)?;
+            Ok(true)
+        })
+    }
+
+    /// Sets every chunk's reference count from the live runs' files (after a rebuild).
+    pub fn recount_refs(&mut self) -> Result<()> {
+        self.write_tx(|tx, path| {
+            tx.execute("UPDATE chunks SET refs = 0", [])
+                .map_err(sql_err(path))?;
+            backfill_refs(tx, path)
+        })
     }
 
     /// The deleted runs (tombstones), newest first.
