@@ -195,19 +195,7 @@ fn crash_scenario(env: &Env) -> Vec<u8> {
 
 #[test]
 fn gc_killed_at_every_phase_leaves_a_store_that_verifies_and_the_next_gc_finishes() {
-    let points = [
-        "expire:after-first-run",
-        "expire:after-index",
-        "expire:after-manifests",
-        "sweep:after-index",
-        "sweep:after-orphans",
-        "compact:after-pack-written",
-        "compact:after-index",
-        "compact:after-old-packs",
-        "packs:after-index",
-        "packs:after-delete",
-    ];
-    for point in points {
+    for &point in artifactfs_core::gc::FAULT_POINTS {
         let env = Env::with_clock(T0);
         let keep = crash_scenario(&env);
         env.set_time("2026-12-05T00:00:00Z");

@@ -373,18 +373,7 @@ impl Index {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(&err)?;
-        tx.execute(
-            "INSERT OR IGNORE INTO packs (hash, size, chunks, created_at) VALUES (?1, ?2, ?3, ?4)",
-            params![id.as_bytes(), size as i64, entries.len() as i64, now_ns],
-        )
-        .map_err(&err)?;
-        let pack_row: i64 = tx
-            .query_row(
-                "SELECT id FROM packs WHERE hash = ?1",
-                params![id.as_bytes()],
-                |r| r.get(0),
-            )
-            .map_err(&err)?;
+        let pack_row = pack_row(&tx, id, size, entries.len(), now_ns).map_err(&err)?;
         {
             let mut ins = tx
                 .prepare_cached(
@@ -810,6 +799,25 @@ fn append_event(
     )?
     .execute(params![now_ns, kind, namespace, run, detail.to_string()])?;
     Ok(conn.last_insert_rowid())
+}
+
+/// The row id of pack `id`, inserting its row if it has none.
+fn pack_row(
+    tx: &Connection,
+    id: &PackId,
+    size: u64,
+    chunks: usize,
+    now_ns: i64,
+) -> rusqlite::Result<i64> {
+    tx.execute(
+        "INSERT OR IGNORE INTO packs (hash, size, chunks, created_at) VALUES (?1, ?2, ?3, ?4)",
+        params![id.as_bytes(), size as i64, chunks as i64, now_ns],
+    )?;
+    tx.query_row(
+        "SELECT id FROM packs WHERE hash = ?1",
+        params![id.as_bytes()],
+        |r| r.get(0),
+    )
 }
 
 /// Inserts a manifest's metadata and entries as `run_meta` and `files` rows of `run_id`.

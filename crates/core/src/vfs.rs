@@ -717,6 +717,22 @@ impl Vfs {
         Ok(s)
     }
 
+    /// The namespace of this name; `NotFound` names it.
+    fn ns_named(&self, name: &str) -> Result<NamespaceRow> {
+        self.store
+            .index()
+            .meta(|m| m.namespace(name))?
+            .ok_or_else(|| Error::NotFound(name.to_owned()))
+    }
+
+    /// The namespace of this row id.
+    fn ns_by_id(&self, id: i64) -> Result<NamespaceRow> {
+        self.store
+            .index()
+            .meta(|m| m.namespace_by_id(id))?
+            .ok_or_else(|| Error::NotFound(format!("namespace {id}")))
+    }
+
     fn inode(&self, ino: i64) -> Result<InodeRow> {
         self.store
             .index()
@@ -956,37 +972,15 @@ impl Vfs {
                     idx: 0,
                 })
             }
-            Node::CtlRetention => {
-                let ns = self
-                    .store
-                    .index()
-                    .meta(|m| m.namespace(name))?
-                    .ok_or_else(missing)?;
-                Ok(Node::RetNs(ns.id))
-            }
+            Node::CtlRetention => Ok(Node::RetNs(self.ns_named(name)?.id)),
             Node::RetNs(id) => {
-                let ns = self
-                    .store
-                    .index()
-                    .meta(|m| m.namespace_by_id(id))?
-                    .ok_or_else(missing)?;
+                let ns = self.ns_by_id(id)?;
                 let found = self.store.index().meta(|m| m.run_of(&ns.name, name))?;
                 Ok(Node::RetRun(found.ok_or_else(missing)?.0))
             }
-            Node::CtlManifests => {
-                let ns = self
-                    .store
-                    .index()
-                    .meta(|m| m.namespace(name))?
-                    .ok_or_else(missing)?;
-                Ok(Node::ManNs(ns.id))
-            }
+            Node::CtlManifests => Ok(Node::ManNs(self.ns_named(name)?.id)),
             Node::ManNs(id) => {
-                let ns = self
-                    .store
-                    .index()
-                    .meta(|m| m.namespace_by_id(id))?
-                    .ok_or_else(missing)?;
+                let ns = self.ns_by_id(id)?;
                 let run = name.strip_suffix(".json").ok_or_else(missing)?;
                 let found = self.store.index().meta(|m| m.run_of(&ns.name, run))?;
                 match found {
@@ -2269,11 +2263,7 @@ impl Vfs {
                 }
             }
             Node::Namespace(id) => {
-                let ns = self
-                    .store
-                    .index()
-                    .meta(|m| m.namespace_by_id(id))?
-                    .ok_or_else(|| Error::NotFound(format!("namespace {id}")))?;
+                let ns = self.ns_by_id(id)?;
                 if let Some(r) = self.store.namespace_retention(&ns.name)? {
                     out.insert(RETAIN_XATTR.to_owned(), r.into_bytes());
                 }
@@ -2459,14 +2449,7 @@ impl Vfs {
                     .ok_or_else(|| Error::NotFound(format!("run {run}")))?;
                 Some(RetentionTarget::Run(run.run))
             }
-            Node::Namespace(id) => {
-                let ns = self
-                    .store
-                    .index()
-                    .meta(|m| m.namespace_by_id(id))?
-                    .ok_or_else(|| Error::NotFound(format!("namespace {id}")))?;
-                Some(RetentionTarget::Namespace(ns.name))
-            }
+            Node::Namespace(id) => Some(RetentionTarget::Namespace(self.ns_by_id(id)?.name)),
             _ => None,
         })
     }

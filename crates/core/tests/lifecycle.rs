@@ -82,6 +82,19 @@ fn ingest(t: &T, s: &Store, run: &str, files: &[(&str, Vec<u8>)]) -> RunRef {
     r
 }
 
+/// gc with no grace period (and otherwise default settings, or `compact_below`).
+fn gc_now(s: &Store, compact_below: f64) -> artifactfs_core::gc::GcReport {
+    s.gc(
+        &GcOptions {
+            grace: Duration::ZERO,
+            compact_below,
+            ..Default::default()
+        },
+        &NoProgress,
+    )
+    .unwrap()
+}
+
 fn events(s: &Store) -> Vec<(String, Option<String>, serde_json::Value)> {
     s.events(0, 100_000)
         .unwrap()
@@ -286,15 +299,7 @@ fn gc_reclaims_exactly_what_no_live_run_references() {
     assert_eq!(objects_before, objects_after);
     assert_eq!(s.runs(None).unwrap().len(), 3);
 
-    let real = s
-        .gc(
-            &GcOptions {
-                grace: Duration::ZERO,
-                ..Default::default()
-            },
-            &NoProgress,
-        )
-        .unwrap();
+    let real = gc_now(&s, 0.5);
     assert_eq!(real.runs_expired, ["ns/a", "ns/b"]);
     assert_eq!(dry.runs_expired, real.runs_expired);
     assert_eq!(dry.chunks_swept, real.chunks_swept);
@@ -326,15 +331,7 @@ fn gc_reclaims_exactly_what_no_live_run_references() {
     ingest(&t, &s, "ns/a", &[("again", random(14, 1000))]);
 
     // A second gc finds nothing more to do.
-    let again = s
-        .gc(
-            &GcOptions {
-                grace: Duration::ZERO,
-                ..Default::default()
-            },
-            &NoProgress,
-        )
-        .unwrap();
+    let again = gc_now(&s, 0.5);
     assert_eq!(
         (
             again.runs_expired.len(),
@@ -356,15 +353,7 @@ fn grace_period_keeps_young_chunks_and_holds_block_expiry() {
     s.set_retention(&a, "1h", None).unwrap();
     s.place_hold(&a, "audit", b"").unwrap();
     t.clock.advance(2 * 3600 * Duration::from_secs(1));
-    let r = s
-        .gc(
-            &GcOptions {
-                grace: Duration::ZERO,
-                ..Default::default()
-            },
-            &NoProgress,
-        )
-        .unwrap();
+    let r = gc_now(&s, 0.5);
     assert!(r.runs_expired.is_empty(), "held");
     s.remove_hold(&a, "audit").unwrap();
     // The run's packs were written two hours ago: a 3h grace keeps its chunks for now.
@@ -469,16 +458,7 @@ fn gc_in_a_loop_while_producers_write() {
     let mut expired = 0;
     for _ in 0..60 {
         t.clock.advance(Duration::from_secs(2 * 3600));
-        let r = s
-            .gc(
-                &GcOptions {
-                    grace: Duration::ZERO,
-                    compact_below: 0.9,
-                    ..Default::default()
-                },
-                &NoProgress,
-            )
-            .unwrap();
+        let r = gc_now(&s, 0.9);
         expired += r.runs_expired.len();
     }
     stop.store(true, Ordering::Relaxed);
@@ -495,15 +475,7 @@ fn gc_in_a_loop_while_producers_write() {
     }
     // And once everything expirable is gone, only the kept runs' chunks remain.
     t.clock.advance(DAY);
-    s.gc(
-        &GcOptions {
-            grace: Duration::ZERO,
-            compact_below: 1.0,
-            ..Default::default()
-        },
-        &NoProgress,
-    )
-    .unwrap();
+    gc_now(&s, 1.0);
     let (live, stored) = live_chunk_bytes(&s);
     let st = s.stats().unwrap();
     assert_eq!(st.chunks as usize, live.len());

@@ -770,19 +770,7 @@ impl Index {
         self.durable(|s| {
             s.write_tx(|tx, path| {
                 let err = sql_err(path);
-                tx.execute(
-                    "INSERT OR IGNORE INTO packs (hash, size, chunks, created_at)
-                     VALUES (?1, ?2, ?3, ?4)",
-                    params![new.as_bytes(), size as i64, moved.len() as i64, now_ns],
-                )
-                .map_err(&err)?;
-                let row: i64 = tx
-                    .query_row(
-                        "SELECT id FROM packs WHERE hash = ?1",
-                        params![new.as_bytes()],
-                        |r| r.get(0),
-                    )
-                    .map_err(&err)?;
+                let row = super::pack_row(tx, new, size, moved.len(), now_ns).map_err(&err)?;
                 let mut up = tx
                     .prepare_cached(
                         "UPDATE chunks SET pack = ?2, offset = ?3, stored_len = ?4, codec = ?5
