@@ -315,12 +315,14 @@ fn handle(stream: &UnixStream, vfs: &Vfs) -> Result<()> {
             cred.uid(),
             nix::unistd::geteuid()
         );
-        write_frame(stream, b'E', msg.as_bytes())?;
-        bail!(
+        // Logged before the answer, so the log says it by the time the client has heard it.
+        tracing::warn!(
             "refused a command from uid {} (pid {})",
             cred.uid(),
             cred.pid()
         );
+        write_frame(stream, b'E', msg.as_bytes())?;
+        return Ok(());
     }
     let hello = Hello {
         proto: PROTO,
