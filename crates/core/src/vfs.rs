@@ -2145,16 +2145,7 @@ impl Vfs {
                 };
             }
             if src.kind == Kind::Dir {
-                let mut cur = Some(to);
-                while let Some(c) = cur {
-                    if c == ino {
-                        return Err(Error::invalid(
-                            "rename",
-                            format!("{name} would move into itself"),
-                        ));
-                    }
-                    cur = m.parent_of(c)?;
-                }
+                refuse_move_into_itself(m, ino, to, name)?;
             }
             m.remove_dentry(from, name)?;
             m.set_dentry(to, newname, ino)?;
@@ -2866,6 +2857,26 @@ fn remove_sealed_staging(store: &Store, staging: &Path) -> Result<()> {
 }
 
 /// Swaps the entries `from/name` and `to/newname` (both must exist) in one transaction.
+/// Refuses to move directory `dir` under `parent` when `parent` is `dir` or inside it.
+fn refuse_move_into_itself(
+    m: &crate::index::Meta<'_>,
+    dir: i64,
+    parent: i64,
+    what: &str,
+) -> Result<()> {
+    let mut cur = Some(parent);
+    while let Some(c) = cur {
+        if c == dir {
+            return Err(Error::invalid(
+                "rename",
+                format!("{what} would move into itself"),
+            ));
+        }
+        cur = m.parent_of(c)?;
+    }
+    Ok(())
+}
+
 fn exchange_names(
     m: &crate::index::Meta<'_>,
     from: i64,
@@ -2885,16 +2896,7 @@ fn exchange_names(
     }
     // A directory must not end up inside itself: `a` moves under `to`, `b` under `from`.
     for (dir, parent, what) in [(a, to, name), (b, from, newname)] {
-        let mut cur = Some(parent);
-        while let Some(c) = cur {
-            if c == dir {
-                return Err(Error::invalid(
-                    "rename",
-                    format!("{what} would move into itself"),
-                ));
-            }
-            cur = m.parent_of(c)?;
-        }
+        refuse_move_into_itself(m, dir, parent, what)?;
     }
     m.set_dentry(from, name, b)?;
     m.set_dentry(to, newname, a)?;
