@@ -46,18 +46,42 @@ fn unescape(field: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The source (`fsname`) of the FUSE mount at `dir`, if `dir` is a FUSE mount point now.
+fn fuse_mount_source(dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    text.lines().find_map(|l| {
+        let point = l.split(' ').nth(4).map(unescape);
+        // After the separator: fstype, source, super options.
+        let mut tail = l.split(" - ").nth(1)?.split(' ');
+        let fstype = tail.next()?;
+        let source = tail.next().map(unescape).unwrap_or_default();
+        (point.as_deref().map(Path::new) == Some(dir) && fstype.starts_with("fuse"))
+            .then_some(source)
+    })
+}
+
 /// Whether `dir` is a FUSE mount point now.
 pub fn is_mounted(dir: &Path) -> bool {
-    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    text.lines().any(|l| {
-        let mut parts = l.split(' ');
-        let point = parts.nth(4).map(unescape);
-        let fstype = l.split(" - ").nth(1).and_then(|r| r.split(' ').next());
-        point.as_deref().map(Path::new) == Some(dir)
-            && fstype.is_some_and(|t| t.starts_with("fuse"))
-    })
+    fuse_mount_source(dir).is_some()
+}
+
+/// The `fsname` a mount of `store` shows: the store's absolute path, so that `mount` and
+/// `umount` can tell which store is mounted where. Paths the kernel's option syntax cannot
+/// carry (commas, white space, backslashes) fall back to `artifactfs`.
+fn fsname_for(store: &Path) -> String {
+    match store.canonicalize() {
+        Ok(p) => {
+            let s = p.to_string_lossy();
+            if s.chars()
+                .any(|c| c == ',' || c == '\\' || c.is_whitespace())
+            {
+                "artifactfs".into()
+            } else {
+                s.into_owned()
+            }
+        }
+        Err(_) => "artifactfs".into(),
+    }
 }
 
 fn canonical_mountpoint(p: &Path) -> Result<PathBuf> {
@@ -198,7 +222,10 @@ pub fn foreground(a: &MountArgs, detached: bool) -> Result<()> {
     let session = artifactfs_fuse::spawn_mount(
         vfs.clone(),
         &mp,
-        &artifactfs_fuse::MountOptions::default(),
+        &artifactfs_fuse::MountOptions {
+            fsname: fsname_for(&a.store),
+            ..artifactfs_fuse::MountOptions::default()
+        },
         stop.clone(),
     )
     .with_context(|| format!("cannot mount at {}", mp.display()))?;
@@ -250,8 +277,16 @@ pub fn foreground(a: &MountArgs, detached: bool) -> Result<()> {
     Ok(())
 }
 
-/// `umount`: asks fusermount3 to unmount.
+/// How long `umount` waits for the mount process to let go of its store.
+const UMOUNT_WAIT: Duration = Duration::from_secs(90);
+
+/// `umount`: asks fusermount3 to unmount, then waits until the mount process has released its
+/// store (finished the commands it was serving and closed the index). Without the wait, a new
+/// mount of the same store or mount point right after `umount` could race the old process.
 pub fn umount(mp: &Path) -> Result<()> {
+    let store = fuse_mount_source(mp)
+        .map(PathBuf::from)
+        .filter(|s| s.is_absolute() && s.join("lock").is_file());
     let out = Command::new("fusermount3")
         .arg("-u")
         .arg(mp)
@@ -264,5 +299,32 @@ pub fn umount(mp: &Path) -> Result<()> {
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
+    if let Some(store) = store {
+        wait_released(&store)?;
+    }
     Ok(())
+}
+
+/// Waits until nobody holds `STORE/lock`.
+fn wait_released(store: &Path) -> Result<()> {
+    let path = store.join("lock");
+    let f =
+        std::fs::File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+    let deadline = Instant::now() + UMOUNT_WAIT;
+    loop {
+        match f.try_lock_shared() {
+            Ok(()) => return Ok(()),
+            Err(std::fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => bail!(
+                "unmounted, but the mount process still holds {} after {} s",
+                store.display(),
+                UMOUNT_WAIT.as_secs()
+            ),
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("cannot lock {}", path.display()));
+            }
+        }
+    }
 }

@@ -317,3 +317,65 @@ impl Drop for UnmountOnDrop {
         }
     }
 }
+
+/// The `mount` source is the store, and `artifactfs umount` returns only once the mount process
+/// has let go of the store: a remount of the same store at the same place right after it works
+/// and stays mounted, and the first process is gone.
+#[test]
+fn umount_waits_for_the_mount_process_so_a_remount_follows_at_once() {
+    let env = Env::new();
+    let mnt = env.path("mnt");
+    fs::create_dir_all(&mnt).unwrap();
+    let mnt = mnt.canonicalize().unwrap();
+    let mount = |expect_pid: bool| -> u32 {
+        let out = sh(env
+            .std_cmd(&["mount", mnt.to_str().unwrap(), "--seal-after", "1h"])
+            .stdin(std::process::Stdio::null()));
+        let pid = out
+            .split("(pid ")
+            .nth(1)
+            .and_then(|t| t.split(')').next())
+            .and_then(|p| p.parse().ok());
+        assert!(!expect_pid || pid.is_some(), "no pid in {out:?}");
+        pid.unwrap_or(0)
+    };
+    let alive = |pid: u32| {
+        fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            s.rsplit(')')
+                .next()
+                .and_then(|t| t.split_whitespace().next())
+                != Some("Z")
+        })
+    };
+    let guard = UnmountOnDrop(mnt.clone());
+    let first = mount(true);
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let store = env.store().canonicalize().unwrap();
+    assert!(
+        mountinfo
+            .lines()
+            .any(|l| l.contains(&format!(" {} ", mnt.display()))
+                && l.split(" - ").nth(1).is_some_and(
+                    |t| t.starts_with("fuse") && t.split(' ').nth(1) == store.to_str()
+                )),
+        "the mount's source is not the store:\n{mountinfo}"
+    );
+    fs::create_dir_all(mnt.join("ns/r")).unwrap();
+    fs::write(mnt.join("ns/r/out"), b"kept open").unwrap();
+    sh(&mut env.std_cmd(&["umount", mnt.to_str().unwrap()]));
+    assert!(
+        !alive(first),
+        "mount process {first} still runs after umount"
+    );
+    let second = mount(true);
+    assert_ne!(first, second);
+    // The open run is there in the second mount, which serves it.
+    assert_eq!(fs::read(mnt.join("ns/r/out")).unwrap(), b"kept open");
+    sh(&mut env.std_cmd(&["umount", mnt.to_str().unwrap()]));
+    assert!(
+        !alive(second),
+        "mount process {second} still runs after umount"
+    );
+    assert!(!common::mount::is_mounted(&mnt));
+    drop(guard);
+}

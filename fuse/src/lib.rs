@@ -512,11 +512,16 @@ impl Filesystem for ArtifactFs {
 pub struct MountOptions {
     /// Threads answering the kernel.
     pub threads: usize,
+    /// The mount's source as `mount` and /proc/self/mountinfo show it (`fsname=`).
+    pub fsname: String,
 }
 
 impl Default for MountOptions {
     fn default() -> Self {
-        Self { threads: 2 }
+        Self {
+            threads: 2,
+            fsname: "artifactfs".into(),
+        }
     }
 }
 
@@ -531,7 +536,7 @@ pub fn spawn_mount(
 ) -> std::io::Result<BackgroundSession> {
     let mut config = fuser::Config::default();
     config.mount_options = vec![
-        fuser::MountOption::FSName("artifactfs".into()),
+        fuser::MountOption::FSName(opts.fsname.clone()),
         fuser::MountOption::Subtype("artifactfs".into()),
         fuser::MountOption::DefaultPermissions,
         fuser::MountOption::NoAtime,
