@@ -1476,6 +1476,14 @@ impl Meta<'_> {
             .map_err(self.err())
     }
 
+    /// Whether a directory has any entry.
+    pub fn has_children(&self, dir: i64) -> Result<bool> {
+        self.conn
+            .prepare_cached("SELECT EXISTS (SELECT 1 FROM dentries WHERE parent = ?1)")
+            .and_then(|mut s| s.query_row(params![dir], |r| r.get(0)))
+            .map_err(self.err())
+    }
+
     /// The directory holding `ino` (for a directory, its only name).
     pub fn parent_of(&self, ino: i64) -> Result<Option<i64>> {
         self.conn

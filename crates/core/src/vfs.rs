@@ -525,6 +525,11 @@ pub struct Vfs {
     cache: Arc<ChunkCache>,
     readahead: Option<Readahead>,
     started_ns: i64,
+    /// How many subdirectories each open-run directory has (its link count is 2 + that),
+    /// remembered so that a `stat` of a directory of thousands of files does not count them
+    /// again. Read and changed only while `state` is held; forgotten when a directory gains or
+    /// loses a subdirectory and when a run seals.
+    subdirs: Mutex<HashMap<i64, u64>>,
     /// Called by a seal after it froze the run and let go of the state lock.
     #[cfg(test)]
     seal_hook: Mutex<Option<SealHook>>,
@@ -621,6 +626,7 @@ impl Vfs {
             cache,
             readahead,
             started_ns,
+            subdirs: Mutex::new(HashMap::new()),
             #[cfg(test)]
             seal_hook: Mutex::new(None),
         })
@@ -751,6 +757,25 @@ impl Vfs {
             .last = Instant::now();
     }
 
+    /// The number of subdirectories of open-run directory `dir` (the state lock is held).
+    fn subdir_count(&self, dir: i64) -> Result<u64> {
+        let mut known = self.subdirs.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = known.get(&dir) {
+            return Ok(*n);
+        }
+        let (_, n) = self.store.index().meta(|m| m.child_counts(dir))?;
+        known.insert(dir, n);
+        Ok(n)
+    }
+
+    /// Forgets the subdirectory counts of `dirs` (the state lock is held).
+    fn forget_subdirs(&self, dirs: &[i64]) {
+        let mut known = self.subdirs.lock().unwrap_or_else(|p| p.into_inner());
+        for d in dirs {
+            known.remove(d);
+        }
+    }
+
     fn open_attr(&self, st: &State, row: &InodeRow) -> Result<Attr> {
         let (size, nlink) = match row.kind {
             Kind::File => {
@@ -760,10 +785,7 @@ impl Vfs {
                     .len();
                 (len, row.nlink)
             }
-            Kind::Dir => {
-                let (_, dirs) = self.store.index().meta(|m| m.child_counts(row.ino))?;
-                (0, 2 + dirs as u32)
-            }
+            Kind::Dir => (0, 2 + self.subdir_count(row.ino)? as u32),
             _ => (row.size, row.nlink.max(1)),
         };
         Ok(Attr {
@@ -1246,6 +1268,9 @@ impl Vfs {
             Ok(ino)
         })?;
         st.dirty_mtime.remove(&dir_ino);
+        if row.kind == Kind::Dir {
+            self.forget_subdirs(&[dir_ino]);
+        }
         self.touch(st, dir.run);
         row.ino = ino;
         tracing::debug!(
@@ -2058,7 +2083,7 @@ impl Vfs {
             if row.kind != Kind::Dir {
                 return Err(Error::NotDir(name.to_owned()));
             }
-            if m.child_counts(ino)?.0 > 0 {
+            if m.has_children(ino)? {
                 return Err(Error::NotEmpty(name.to_owned()));
             }
             m.remove_dentry(dir, name)?;
@@ -2066,6 +2091,7 @@ impl Vfs {
             m.set_times(dir, now, now)?;
             Ok(row.run)
         })?;
+        self.forget_subdirs(&[dir]);
         self.touch(&mut st, run);
         Ok(())
     }
@@ -2101,6 +2127,8 @@ impl Vfs {
                 "{name} -> {newname}: rename across runs"
             )));
         }
+        // Either directory may gain or lose a subdirectory.
+        self.forget_subdirs(&[from, to]);
         if exchange {
             self.store
                 .index()
@@ -2131,7 +2159,7 @@ impl Vfs {
                 match (src.kind == Kind::Dir, dst.kind == Kind::Dir) {
                     (true, false) => return Err(Error::NotDir(newname.to_owned())),
                     (false, true) => return Err(Error::IsDir(newname.to_owned())),
-                    (true, true) if m.child_counts(old)?.0 > 0 => {
+                    (true, true) if m.has_children(old)? => {
                         return Err(Error::NotEmpty(newname.to_owned()));
                     }
                     _ => {}
@@ -2611,6 +2639,11 @@ impl Vfs {
         self.sealed_cv.notify_all();
         let b = built?;
         commit_seal(&self.store, run_id, &b)?;
+        // The run's directories are gone from the open-run tables.
+        self.subdirs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         drop(guard);
         st.runs.remove(&run_id);
         let s = self.sealed_run(&mut st, run_id)?;

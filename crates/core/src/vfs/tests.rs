@@ -314,3 +314,41 @@ fn vfs_seal_runs_without_the_state_lock_and_freezes_its_run() {
     let g = v.lookup(b, os("g")).unwrap().ino;
     assert_eq!(read_all(&v, g, 4096), b"b");
 }
+
+/// A directory's link count is 2 + its subdirectories, through every change that adds, removes
+/// or moves one (the counts are remembered between `getattr`s).
+#[test]
+fn vfs_directory_link_counts_follow_mkdir_rmdir_and_renames() {
+    let tmp = tempfile::tempdir().unwrap();
+    let v = Vfs::new(new_store(tmp.path()), VfsOptions::default()).unwrap();
+    let run = open_run(&v, "ns", "r");
+    let nlink = |ino: u64| v.getattr(ino).unwrap().nlink;
+    assert_eq!(nlink(run), 2);
+    for i in 0..50 {
+        write_file(&v, run, &format!("f{i}"), b"x");
+    }
+    assert_eq!(nlink(run), 2);
+    let a = v.mkdir(CTX, run, os("a"), 0o755).unwrap().ino;
+    let b = v.mkdir(CTX, run, os("b"), 0o755).unwrap().ino;
+    assert_eq!((nlink(run), nlink(a), nlink(b)), (4, 2, 2));
+    v.mkdir(CTX, a, os("sub"), 0o755).unwrap();
+    assert_eq!((nlink(run), nlink(a)), (4, 3));
+    // Moved to another directory.
+    v.rename(a, os("sub"), b, os("sub"), false, false).unwrap();
+    assert_eq!((nlink(a), nlink(b)), (2, 3));
+    // Replacing an empty directory, and swapping a directory with a file.
+    v.mkdir(CTX, a, os("empty"), 0o755).unwrap();
+    assert_eq!(nlink(a), 3);
+    v.rename(b, os("sub"), a, os("empty"), false, false)
+        .unwrap();
+    assert_eq!((nlink(a), nlink(b)), (3, 2));
+    v.rename(a, os("empty"), run, os("f0"), false, true)
+        .unwrap();
+    assert_eq!((nlink(run), nlink(a)), (5, 2));
+    // An empty directory is removed (`f0` is now the moved `sub`); a non-empty one is not.
+    v.rmdir(run, os("f0")).unwrap();
+    assert_eq!(nlink(run), 4);
+    let e = v.rmdir(run, os("a"));
+    assert!(matches!(e, Err(Error::NotEmpty(_))), "{e:?}");
+    assert_eq!(nlink(run), 4);
+}
