@@ -379,3 +379,87 @@ fn umount_waits_for_the_mount_process_so_a_remount_follows_at_once() {
     assert!(!common::mount::is_mounted(&mnt));
     drop(guard);
 }
+
+/// A sealed run copied out of the mount with its xattrs (`cp -a` takes the read-only
+/// `user.artifactfs.*` facts along) ingests to the same entries as the original: facts are not
+/// content. A run directory's `user.retain` and `user.hold.*` become the ingested run's
+/// retention and holds, as they do on a run directory in the mount, not manifest metadata.
+#[test]
+fn a_run_copied_out_of_the_mount_ingests_to_the_same_entries() {
+    let env = Env::new();
+    let src = sim_run(&env, 21, 2 << 20);
+    let m = Mount::start(&env, &env.path("mnt"), &[]);
+    fs::create_dir_all(m.p("lab/orig")).unwrap();
+    sh(Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", src.display()))
+        .arg(m.p("lab/orig")));
+    seal(&m.p("lab/orig"));
+    let copy = env.path("copy");
+    sh(Command::new("cp").arg("-a").arg(m.p("lab/orig")).arg(&copy));
+    let facts = sh(Command::new("getfattr")
+        .arg("-R")
+        .arg("-d")
+        .arg("-m")
+        .arg("user.artifactfs")
+        .arg(&copy));
+    assert!(
+        facts.contains("user.artifactfs.blake3"),
+        "cp -a did not copy the facts:\n{facts}"
+    );
+    xattr::set(&copy, "user.retain", b"30d").unwrap();
+    xattr::set(&copy, "user.hold.audit", b"ticket 7").unwrap();
+    xattr::set(&copy, "user.statehub.run_id", b"sh-21").unwrap();
+    let entries = |run: &str| -> serde_json::Value {
+        let m: serde_json::Value =
+            serde_json::from_str(&env.ok(&["manifest", run, "--json"])).unwrap();
+        m["entries"].clone()
+    };
+    env.ok(&["ingest", copy.to_str().unwrap(), "lab/copy"]);
+    let (orig, copied) = (entries("lab/orig"), entries("lab/copy"));
+    let text = copied.to_string();
+    assert!(!text.contains("user.artifactfs."), "facts stored: {text}");
+    assert!(
+        !text.contains("user.retain") && !text.contains("user.hold."),
+        "{text}"
+    );
+    let (orig, mut copied) = (orig.as_array().unwrap(), copied.as_array().unwrap().clone());
+    // The one xattr the copy's root has on top: the Statehub id set above.
+    let root_xattrs = copied[0].as_object_mut().unwrap().remove("xattrs");
+    assert_eq!(
+        root_xattrs,
+        Some(serde_json::json!({"user.statehub.run_id": "sh-21"}))
+    );
+    assert_eq!(orig.len(), copied.len());
+    for (a, b) in orig.iter().zip(&copied) {
+        assert_eq!(a, b);
+    }
+    let manifest: serde_json::Value =
+        serde_json::from_str(&env.ok(&["manifest", "lab/copy", "--json"])).unwrap();
+    assert_eq!(manifest["metadata"]["statehub.run_id"], "sh-21");
+    assert!(manifest["metadata"].get("retain").is_none(), "{manifest}");
+    let retain = env.ok(&["retain", "lab/copy", "--json"]);
+    assert!(retain.contains("\"30d\""), "{retain}");
+    let holds = env.ok(&["hold", "ls", "lab/copy"]);
+    assert!(holds.contains("audit"), "{holds}");
+    // A bad value is refused before anything is stored.
+    xattr::set(&copy, "user.retain", b"soon").unwrap();
+    let out = env.run(&["ingest", copy.to_str().unwrap(), "lab/bad"]);
+    assert_eq!(out.status.code(), Some(7), "{out:?}");
+    assert!(env.run_info("lab/bad").is_none());
+    // Inside the mount too: rsync -aX of the sealed run into a new one takes the facts along,
+    // which the open run accepts and drops; other user.artifactfs.* names stay refused.
+    sh(Command::new("rsync")
+        .arg("-aX")
+        .arg(format!("{}/", m.p("lab/orig").display()))
+        .arg(format!("{}/", m.p("lab/again").display())));
+    let e = xattr::set(m.p("lab/again/manifest.txt"), "user.artifactfs.other", b"x");
+    assert_eq!(e.unwrap_err().raw_os_error(), Some(libc_einval()));
+    seal(&m.p("lab/again"));
+    assert_eq!(entries("lab/again"), entries("lab/orig"));
+    m.unmount();
+}
+
+fn libc_einval() -> i32 {
+    nix::errno::Errno::EINVAL as i32
+}

@@ -170,7 +170,7 @@ impl Store {
         SealGuard(self.gate.clone())
     }
 
-    fn now_ns(&self) -> i64 {
+    pub(crate) fn now_ns(&self) -> i64 {
         to_unix_ns(self.clock.now())
     }
 

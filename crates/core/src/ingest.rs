@@ -125,6 +125,12 @@ fn read_xattrs(p: &Path) -> Result<BTreeMap<String, XattrValue>> {
         if !name.as_encoded_bytes().starts_with(b"user.") {
             continue;
         }
+        // `user.artifactfs.*` are facts a mount shows (a sealed file's digest, a run's state),
+        // derived and never stored: a tree copied out of a mount with its xattrs ingests to
+        // the same manifest as the original.
+        if name.as_encoded_bytes().starts_with(b"user.artifactfs.") {
+            continue;
+        }
         let Some(n) = name.to_str() else {
             return Err(Error::invalid(
                 "xattr name",
@@ -459,7 +465,9 @@ impl Store {
         let stats = done.stats;
 
         let mut metadata = metadata;
-        if let Some(root) = entries.first() {
+        let mut lifecycle = Lifecycle::default();
+        if let Some(root) = entries.first_mut() {
+            lifecycle = Lifecycle::take(&mut root.xattrs, self.now_ns())?;
             for (k, v) in producer_metadata(&root.xattrs) {
                 metadata.entry(k).or_insert(v);
             }
@@ -473,9 +481,61 @@ impl Store {
             entries,
         };
         let (digest, manifest_bytes) = self.commit_manifest(&mut m)?;
+        lifecycle.apply(self, run).map_err(|e| {
+            Error::invalid(
+                "run directory xattrs",
+                format!("run {run} is sealed as {digest}, but its user.retain or user.hold.* was refused: {e}"),
+            )
+        })?;
         let raw_bytes = m.raw_bytes();
         let new_stored = stats.pack_bytes + manifest_bytes;
         Ok(report(run, &digest, &m, raw_bytes, stats, new_stored))
+    }
+}
+
+/// A run directory's `user.retain` and `user.hold.*`: the run's retention and holds, as the
+/// mount treats them on a run directory, not content of the manifest.
+#[derive(Default)]
+struct Lifecycle {
+    retain: Option<String>,
+    holds: Vec<(String, Vec<u8>)>,
+}
+
+impl Lifecycle {
+    /// Takes them out of the root's xattrs, checking them before anything is committed.
+    fn take(xattrs: &mut BTreeMap<String, XattrValue>, now_ns: i64) -> Result<Self> {
+        let mut out = Lifecycle::default();
+        if let Some(v) = xattrs.remove(crate::vfs::RETAIN_XATTR) {
+            let text = String::from_utf8(v.to_bytes()?)
+                .map_err(|_| Error::invalid("user.retain", "the value is not UTF-8 text"))?;
+            crate::retention::Retention::parse(&text, now_ns)?;
+            out.retain = Some(text);
+        }
+        let names: Vec<String> = xattrs
+            .keys()
+            .filter(|k| k.starts_with(crate::vfs::HOLD_PREFIX))
+            .cloned()
+            .collect();
+        for k in names {
+            let v = match xattrs.remove(&k) {
+                Some(v) => v.to_bytes()?,
+                None => Vec::new(),
+            };
+            let name = k[crate::vfs::HOLD_PREFIX.len()..].to_owned();
+            crate::retention::validate_hold_name(&name)?;
+            out.holds.push((name, v));
+        }
+        Ok(out)
+    }
+
+    fn apply(&self, store: &Store, run: &RunRef) -> Result<()> {
+        if let Some(v) = &self.retain {
+            store.set_retention(run, v, None)?;
+        }
+        for (name, reason) in &self.holds {
+            store.place_hold(run, name, reason)?;
+        }
+        Ok(())
     }
 }
 

@@ -70,6 +70,9 @@ pub const CONTROL_DIR: &str = ".artifactfs";
 /// The xattr that seals an open run when set on its directory.
 pub const SEAL_XATTR: &str = "user.artifactfs.seal";
 const FACTS_PREFIX: &str = "user.artifactfs.";
+/// The read-only facts a mount shows (after [`FACTS_PREFIX`]); writing one into an open run is
+/// accepted and ignored.
+const DERIVED_FACTS: [&str; 5] = ["state", "manifest", "sealed_at", "blake3", "retain_until"];
 
 /// The xattr that carries a run's retention (or a namespace's default for new runs).
 pub const RETAIN_XATTR: &str = "user.retain";
@@ -2408,6 +2411,20 @@ impl Vfs {
             return Err(e);
         }
         let mut row = self.inode(i)?;
+        if value.is_some()
+            && name
+                .strip_prefix(FACTS_PREFIX)
+                .is_some_and(|f| DERIVED_FACTS.contains(&f))
+        {
+            // A copy of a sealed tree (`rsync -aX`, `cp --preserve=xattr`) carries the facts
+            // along; they are derived, so the new run's own replace them at its seal.
+            tracing::debug!(
+                run = row.run,
+                ino = i,
+                "xattr {name}: a derived fact, not stored"
+            );
+            return Ok(());
+        }
         if name.starts_with(FACTS_PREFIX) {
             let e = Error::invalid(
                 format!("xattr {name}"),
