@@ -385,6 +385,8 @@ fn retention_holds_and_gc_through_the_mount() {
         names.is_empty(),
         "the deleted run left the mount: {names:?}"
     );
+    // The kernel had the run's name cached (looked up above, kept 60 s): it was told to forget.
+    assert!(!run.exists(), "the kernel still shows the deleted run");
     let events = fs::read_to_string(m.p(".artifactfs/events")).unwrap();
     let kinds: Vec<String> = events
         .lines()

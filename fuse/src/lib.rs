@@ -543,6 +543,12 @@ pub fn spawn_mount(
     ];
     config.n_threads = Some(opts.threads.max(1));
     let session = fuser::spawn_mount(ArtifactFs::new(vfs.clone()), mountpoint, &config)?;
+    let notifier = session.notifier();
+    vfs.set_entry_invalidator(Some(Box::new(move |parent, name| {
+        if let Err(e) = notifier.inval_entry(INodeNo(parent), OsStr::new(name)) {
+            tracing::debug!(parent, name, "kernel entry invalidation: {e}");
+        }
+    })));
     std::thread::Builder::new()
         .name("afs-seal-ticker".into())
         .spawn(move || {

@@ -518,6 +518,10 @@ impl Drop for Readahead {
 type SealHook = Box<dyn Fn(i64) + Send>;
 
 /// The file-system view of one store.
+/// Called with (parent inode, name) when a name disappears without a request of the kernel's,
+/// e.g. a run deleted by gc: the kernel may otherwise keep serving it from its dentry cache.
+pub type EntryInvalidator = Box<dyn Fn(u64, &str) + Send + Sync>;
+
 pub struct Vfs {
     store: Arc<Store>,
     opts: VfsOptions,
@@ -533,6 +537,8 @@ pub struct Vfs {
     /// again. Read and changed only while `state` is held; forgotten when a directory gains or
     /// loses a subdirectory and when a run seals.
     subdirs: Mutex<HashMap<i64, u64>>,
+    /// Tells the kernel to forget a name it may have cached (set by the FUSE frontend).
+    forget_entry: Mutex<Option<EntryInvalidator>>,
     /// Called by a seal after it froze the run and let go of the state lock.
     #[cfg(test)]
     seal_hook: Mutex<Option<SealHook>>,
@@ -630,6 +636,7 @@ impl Vfs {
             readahead,
             started_ns,
             subdirs: Mutex::new(HashMap::new()),
+            forget_entry: Mutex::new(None),
             #[cfg(test)]
             seal_hook: Mutex::new(None),
         })
@@ -1648,6 +1655,7 @@ impl Vfs {
     ) -> Result<crate::gc::GcReport> {
         let rep = self.store.gc(opts, progress)?;
         if !rep.runs_expired.is_empty() {
+            self.forget_deleted_runs(&rep.runs_expired);
             let mut st = self.lock();
             let gone: Vec<i64> = st
                 .sealed
@@ -1661,6 +1669,29 @@ impl Vfs {
             }
         }
         Ok(rep)
+    }
+
+    /// Sets the hook that makes the kernel forget names (see [`EntryInvalidator`]).
+    pub fn set_entry_invalidator(&self, f: Option<EntryInvalidator>) {
+        *self.forget_entry.lock().unwrap_or_else(|p| p.into_inner()) = f;
+    }
+
+    /// Makes the kernel forget the names of runs gc deleted (`NAMESPACE/RUN`).
+    fn forget_deleted_runs(&self, runs: &[String]) {
+        let hook = self.forget_entry.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(forget) = hook.as_ref() else {
+            return;
+        };
+        for r in runs {
+            let Some((ns, run)) = r.split_once('/') else {
+                continue;
+            };
+            match self.store.index().meta(|m| m.namespace(ns)) {
+                Ok(Some(row)) => forget(encode(Node::Namespace(row.id)), run),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(run = %r, "cannot tell the kernel the run is gone: {e}"),
+            }
+        }
     }
 
     /// Reads up to `size` bytes at `offset`.
