@@ -365,6 +365,21 @@ impl Store {
         metadata: BTreeMap<String, String>,
         progress: &dyn Progress,
     ) -> Result<IngestReport> {
+        self.ingest_dir_checked(src, run, metadata, progress, &mut |_| Ok(()))
+    }
+
+    /// [`Store::ingest_dir`] with a last word for the caller: `before_commit` runs once every
+    /// chunk of the run is durable and the manifest is complete, just before it is committed.
+    /// If it fails, nothing is committed (the chunks written are unreferenced, for gc) and its
+    /// error is returned. The spool watcher uses it to refuse a tree that changed meanwhile.
+    pub fn ingest_dir_checked(
+        &self,
+        src: &Path,
+        run: &RunRef,
+        metadata: BTreeMap<String, String>,
+        progress: &dyn Progress,
+        before_commit: &mut dyn FnMut(&Manifest) -> Result<()>,
+    ) -> Result<IngestReport> {
         if let Some(existing) = self.index().run(run)? {
             return Err(Error::AlreadyExists(format!(
                 "run {run} ({})",
@@ -472,6 +487,7 @@ impl Store {
             metadata,
             entries,
         };
+        before_commit(&m)?;
         let (digest, manifest_bytes) = self.commit_manifest(&mut m)?;
         let raw_bytes = m.raw_bytes();
         let new_stored = stats.pack_bytes + manifest_bytes;
