@@ -609,3 +609,56 @@ fn quiet_since(dir: &Path) -> Instant {
         Err(_) => now,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The pre-commit comparison sees every kind of change a producer can make.
+    #[test]
+    fn stat_comparison_sees_writes_renames_modes_and_xattrs() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir(root.join("sub")).unwrap();
+        std::fs::write(root.join("sub/log"), b"line 1\n").unwrap();
+        let base = stat_tree(root).unwrap();
+        assert_eq!(first_difference(&base, &stat_tree(root).unwrap()), None);
+
+        let changes: [(&str, &dyn Fn()); 4] = [
+            ("sub/log changed", &|| {
+                let mut f = std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(root.join("sub/log"))
+                    .unwrap();
+                f.write_all(b"line 2\n").unwrap();
+            }),
+            ("sub/new appeared", &|| {
+                std::fs::write(root.join("sub/.new.tmp"), b"x").unwrap();
+                std::fs::rename(root.join("sub/.new.tmp"), root.join("sub/new")).unwrap();
+            }),
+            ("sub/log changed", &|| {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(
+                    root.join("sub/log"),
+                    std::fs::Permissions::from_mode(0o600),
+                )
+                .unwrap();
+            }),
+            ("sub/log changed", &|| {
+                xattr::set(root.join("sub/log"), "user.k", b"v").unwrap();
+            }),
+        ];
+        for (want, change) in changes {
+            let before = stat_tree(root).unwrap();
+            // ctime has nanosecond resolution but a coarse clock: let it tick.
+            std::thread::sleep(Duration::from_millis(20));
+            change();
+            let diff = first_difference(&before, &stat_tree(root).unwrap());
+            assert!(
+                diff.as_deref()
+                    .is_some_and(|d| d.contains(want) || d.contains("sub changed")),
+                "{want}: {diff:?}"
+            );
+        }
+    }
+}

@@ -558,6 +558,32 @@ mod tests {
             .collect()
     }
 
+    /// A `before_commit` refusal commits nothing: the run does not exist afterwards and the
+    /// same name can be ingested; the hook saw the complete manifest.
+    #[test]
+    fn a_refused_commit_leaves_no_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        fs::create_dir(&src).unwrap();
+        fs::write(src.join("a"), content(100_000, 7)).unwrap();
+        let store = Store::init(&dir.path().join("store"), &InitOptions::default()).unwrap();
+        let run = RunRef::parse("t/refused").unwrap();
+        let mut seen = Vec::new();
+        let err = store
+            .ingest_dir_checked(&src, &run, BTreeMap::new(), &NoProgress, &mut |m| {
+                seen = m.entries.iter().map(|e| e.path.clone()).collect();
+                Err(Error::Busy("changed".into()))
+            })
+            .unwrap_err();
+        assert!(matches!(err, Error::Busy(_)), "{err:?}");
+        assert_eq!(seen, [ROOT, "a"]);
+        assert!(matches!(store.run(&run), Err(Error::NotFound(_))));
+        store
+            .ingest_dir(&src, &run, BTreeMap::new(), &NoProgress)
+            .unwrap();
+        assert_eq!(store.run(&run).unwrap().state, "sealed");
+    }
+
     /// Files read in blocks get the one-shot BLAKE3 of their bytes as the whole-file hash and
     /// chunks that concatenate to them: empty, one chunk, one piece of several chunks, and
     /// lengths at and around multiples of the piece size (hashed in pieces, the last piece
