@@ -303,7 +303,9 @@ impl Watch<'_> {
                     p.marker |= is_marker;
                 }
                 None => {
-                    if self.spool.join(&run).is_dir() {
+                    let is_dir =
+                        std::fs::symlink_metadata(self.spool.join(&run)).is_ok_and(|m| m.is_dir());
+                    if is_dir {
                         self.discover(&run, Instant::now());
                         if let Some(RunState::Pending(p)) = self.runs.get_mut(&run) {
                             p.marker |= is_marker;
