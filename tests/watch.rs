@@ -33,7 +33,7 @@ struct Watcher {
 impl Watcher {
     fn start(env: &Env, spool: &Path, extra: &[&str], log: &str) -> Self {
         let log = env.path(log);
-        let mut args = vec!["-v", "watch", spool.to_str().unwrap(), "--seal-after", "1s"];
+        let mut args = vec!["-v", "watch", spool.to_str().unwrap(), "--seal-after", "2s"];
         args.extend_from_slice(extra);
         let mut child = env
             .std_cmd(&args)
@@ -149,7 +149,7 @@ fn reference_digest(p: &ProduceOptions, index: u32, marker: Option<&str>) -> Str
 
 /// Two runs written at once and sealed on quiet, then one sealed on its marker: each manifest
 /// is the one `ingest` gives for the generated tree (so no run was sealed while its logs were
-/// still growing: the producer appends every 300 ms, the quiet period is 1 s). Retention comes
+/// still growing: the producer appends every 250 ms, the quiet period is 2 s). Retention comes
 /// from the run directory's `user.retain`.
 #[test]
 fn runs_seal_on_quiet_and_marker_with_the_manifest_of_ingest() {
@@ -158,7 +158,7 @@ fn runs_seal_on_quiet_and_marker_with_the_manifest_of_ingest() {
     std::fs::create_dir(&spool).unwrap();
     let w = Watcher::start(&env, &spool, &["--seal-marker", "_SUCCESS"], "watch.log");
 
-    let mut two = producer(&spool, 0, 2, 300);
+    let mut two = producer(&spool, 0, 2, 250);
     two.producers = 2;
     produce(&two, |_| {}).unwrap();
     let mut sealed = vec![w.next_sealed(), w.next_sealed()];
