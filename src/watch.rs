@@ -236,20 +236,45 @@ impl Watch<'_> {
     fn serve(&mut self, rx: &Receiver<Msg>) -> Result<()> {
         loop {
             match rx.recv_timeout(TICK) {
-                Ok(Msg::Signal(sig)) => {
-                    tracing::info!(signal = ?sig, "stopping");
-                    return Ok(());
-                }
-                Ok(Msg::Fs(Ok(ev))) => self.on_event(&ev),
-                Ok(Msg::Fs(Err(e))) => {
-                    tracing::warn!("inotify: {e}; rescanning the spool");
-                    self.rescan();
+                Ok(msg) => {
+                    if self.handle(msg) {
+                        return Ok(());
+                    }
                 }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => bail!("the file watcher stopped"),
             }
-            self.seal_due();
+            if self.seal_due(rx) {
+                return Ok(());
+            }
         }
+    }
+
+    /// Takes one message into account; true if it asks to stop.
+    fn handle(&mut self, msg: Msg) -> bool {
+        match msg {
+            Msg::Signal(sig) => {
+                tracing::info!(signal = ?sig, "stopping");
+                return true;
+            }
+            Msg::Fs(Ok(ev)) => self.on_event(&ev),
+            Msg::Fs(Err(e)) => {
+                tracing::warn!("inotify: {e}; rescanning the spool");
+                self.rescan();
+            }
+        }
+        false
+    }
+
+    /// Takes every message already queued into account, so that no run looks quiet only
+    /// because its changes wait in the queue (e.g. behind a long seal); true if asked to stop.
+    fn drain(&mut self, rx: &Receiver<Msg>) -> bool {
+        while let Ok(msg) = rx.try_recv() {
+            if self.handle(msg) {
+                return true;
+            }
+        }
+        false
     }
 
     /// The run a path belongs to, and the rest of the path below the run directory.
@@ -429,23 +454,35 @@ impl Watch<'_> {
         Ok(None)
     }
 
-    fn seal_due(&mut self) {
+    fn is_due(&self, name: &str) -> bool {
+        matches!(
+            self.runs.get(name),
+            Some(RunState::Pending(p))
+                if p.failed.is_none() && (p.marker || p.last.elapsed() >= self.args.seal_after)
+        )
+    }
+
+    /// Seals the runs that are due, each after the queued changes are counted; true if asked
+    /// to stop meanwhile.
+    fn seal_due(&mut self, rx: &Receiver<Msg>) -> bool {
+        if self.drain(rx) {
+            return true;
+        }
         let due: Vec<String> = self
             .runs
-            .iter()
-            .filter_map(|(name, st)| match st {
-                RunState::Pending(p)
-                    if p.failed.is_none()
-                        && (p.marker || p.last.elapsed() >= self.args.seal_after) =>
-                {
-                    Some(name.clone())
-                }
-                _ => None,
-            })
+            .keys()
+            .filter(|name| self.is_due(name))
+            .cloned()
             .collect();
         for name in due {
-            self.seal(&name);
+            if self.drain(rx) {
+                return true;
+            }
+            if self.is_due(&name) {
+                self.seal(&name);
+            }
         }
+        false
     }
 
     fn seal(&mut self, name: &str) {
