@@ -230,6 +230,26 @@ pub enum Command {
     },
     /// Unmount a mount (fusermount3 -u).
     Umount { mountpoint: PathBuf },
+    /// Ingest runs written into a plain directory (no FUSE): each directory is a run.
+    ///
+    /// Owns the store like a mount (other commands go through STORE/control.sock). Stops on
+    /// SIGINT or SIGTERM. See docs/pilot.md and ADR 0013.
+    Watch {
+        /// The spool directory; each directory in it is NAMESPACE/<dirname>.
+        spool: PathBuf,
+        /// The runs' namespace [default: the spool directory's name].
+        #[arg(long)]
+        namespace: Option<String>,
+        /// Seal a run once nothing in it has changed for this long.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        seal_after: std::time::Duration,
+        /// A file of this name in a run's directory seals the run (e.g. _SUCCESS).
+        #[arg(long, value_name = "NAME")]
+        seal_marker: Option<String>,
+        /// Remove a run's directory from the spool once it is sealed.
+        #[arg(long)]
+        remove_after_seal: bool,
+    },
 }
 
 #[derive(Subcommand, Debug, Serialize, Deserialize)]
@@ -472,6 +492,23 @@ pub fn run() -> Result<ExitCode> {
             crate::mount::umount(&mountpoint)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Watch {
+            spool,
+            namespace,
+            seal_after,
+            seal_marker,
+            remove_after_seal,
+        } => {
+            crate::watch::watch(&crate::watch::WatchArgs {
+                store: store_dir,
+                spool,
+                namespace,
+                seal_after,
+                seal_marker,
+                remove_after_seal,
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Index {
             command: IndexCommand::Rebuild { from, json },
         } => {
@@ -600,6 +637,7 @@ pub fn execute(cmd: Command, eng: &Engine, io: &mut Io) -> Result<u8> {
         Command::Init { .. }
         | Command::Mount { .. }
         | Command::Umount { .. }
+        | Command::Watch { .. }
         | Command::Index { .. } => {
             bail!("this command does not run through a store's owner")
         }

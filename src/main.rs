@@ -7,6 +7,7 @@ mod lifecycle;
 mod mount;
 mod output;
 mod tier;
+mod watch;
 
 use std::process::ExitCode;
 

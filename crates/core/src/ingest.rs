@@ -371,6 +371,21 @@ impl Store {
         metadata: BTreeMap<String, String>,
         progress: &dyn Progress,
     ) -> Result<IngestReport> {
+        self.ingest_dir_checked(src, run, metadata, progress, &mut |_| Ok(()))
+    }
+
+    /// [`Store::ingest_dir`] with a last word for the caller: `before_commit` runs once every
+    /// chunk of the run is durable and the manifest is complete, just before it is committed.
+    /// If it fails, nothing is committed (the chunks written are unreferenced, for gc) and its
+    /// error is returned. The spool watcher uses it to refuse a tree that changed meanwhile.
+    pub fn ingest_dir_checked(
+        &self,
+        src: &Path,
+        run: &RunRef,
+        metadata: BTreeMap<String, String>,
+        progress: &dyn Progress,
+        before_commit: &mut dyn FnMut(&Manifest) -> Result<()>,
+    ) -> Result<IngestReport> {
         if let Some(existing) = self.index().run(run)? {
             return Err(Error::AlreadyExists(format!(
                 "run {run} ({})",
@@ -480,13 +495,14 @@ impl Store {
             metadata,
             entries,
         };
+        before_commit(&m)?;
         let (digest, manifest_bytes) = self.commit_manifest(&mut m)?;
-        lifecycle.apply(self, run).map_err(|e| {
-            Error::invalid(
-                "run directory xattrs",
-                format!("run {run} is sealed as {digest}, but its user.retain or user.hold.* was refused: {e}"),
-            )
-        })?;
+        if let Err(e) = lifecycle.apply(self, run) {
+            // The values were valid, but the retention rules refused them (e.g. shorter than
+            // the namespace default the run got): the seal stands, as a refused setxattr on a
+            // run directory in the mount leaves the run.
+            tracing::warn!(run = %run, "the run directory's user.retain or user.hold.* was not applied: {e}");
+        }
         let raw_bytes = m.raw_bytes();
         let new_stored = stats.pack_bytes + manifest_bytes;
         Ok(report(run, &digest, &m, raw_bytes, stats, new_stored))
@@ -600,6 +616,32 @@ mod tests {
                 (x >> 11) as u8
             })
             .collect()
+    }
+
+    /// A `before_commit` refusal commits nothing: the run does not exist afterwards and the
+    /// same name can be ingested; the hook saw the complete manifest.
+    #[test]
+    fn a_refused_commit_leaves_no_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        fs::create_dir(&src).unwrap();
+        fs::write(src.join("a"), content(100_000, 7)).unwrap();
+        let store = Store::init(&dir.path().join("store"), &InitOptions::default()).unwrap();
+        let run = RunRef::parse("t/refused").unwrap();
+        let mut seen = Vec::new();
+        let err = store
+            .ingest_dir_checked(&src, &run, BTreeMap::new(), &NoProgress, &mut |m| {
+                seen = m.entries.iter().map(|e| e.path.clone()).collect();
+                Err(Error::Busy("changed".into()))
+            })
+            .unwrap_err();
+        assert!(matches!(err, Error::Busy(_)), "{err:?}");
+        assert_eq!(seen, [ROOT, "a"]);
+        assert!(matches!(store.run(&run), Err(Error::NotFound(_))));
+        store
+            .ingest_dir(&src, &run, BTreeMap::new(), &NoProgress)
+            .unwrap();
+        assert_eq!(store.run(&run).unwrap().state, "sealed");
     }
 
     /// Files read in blocks get the one-shot BLAKE3 of their bytes as the whole-file hash and

@@ -192,9 +192,28 @@ struct RunCtx<'a> {
 }
 
 impl Job<'_> {
-    fn write(&self, ctx: &RunCtx<'_>) -> Result<u64> {
+    /// Writes the file's bytes to `w`; returns how many.
+    fn render<W: Write>(&self, ctx: &RunCtx<'_>, w: &mut W) -> std::io::Result<u64> {
         let seed = ctx.plan.seed;
         let run = ctx.run;
+        match &self.content {
+            Content::Big(f) => f.write_to(seed, w),
+            Content::Log(l) => l.write_to(seed, run, w),
+            Content::MetricsCsv(n) => text::write_metrics_csv(seed, run, *n, w),
+            Content::SamplesJsonl(n) => text::write_samples_jsonl(seed, run, *n, w),
+            Content::Noise { k, len, fresh } => {
+                let which = if *fresh { run } else { u64::MAX };
+                write_noise(seed, *k, which, *len, w)
+            }
+            Content::Case(id) => {
+                let data = text::case_json(seed, run, *id, ctx.plan.case_avg);
+                w.write_all(&data).map(|()| data.len() as u64)
+            }
+            Content::Text(s) => w.write_all(s.as_bytes()).map(|()| s.len() as u64),
+        }
+    }
+
+    fn write(&self, ctx: &RunCtx<'_>) -> Result<u64> {
         let path = ctx.root.join(&self.path);
         let file = OpenOptions::new()
             .write(true)
@@ -207,22 +226,9 @@ impl Job<'_> {
             64 << 10
         };
         let mut w = BufWriter::with_capacity(capacity, file);
-        let written = match &self.content {
-            Content::Big(f) => f.write_to(seed, &mut w),
-            Content::Log(l) => l.write_to(seed, run, &mut w),
-            Content::MetricsCsv(n) => text::write_metrics_csv(seed, run, *n, &mut w),
-            Content::SamplesJsonl(n) => text::write_samples_jsonl(seed, run, *n, &mut w),
-            Content::Noise { k, len, fresh } => {
-                let which = if *fresh { run } else { u64::MAX };
-                write_noise(seed, *k, which, *len, &mut w)
-            }
-            Content::Case(id) => {
-                let data = text::case_json(seed, run, *id, ctx.plan.case_avg);
-                w.write_all(&data).map(|()| data.len() as u64)
-            }
-            Content::Text(s) => w.write_all(s.as_bytes()).map(|()| s.len() as u64),
-        }
-        .with_context(|| format!("writing {}", path.display()))?;
+        let written = self
+            .render(ctx, &mut w)
+            .with_context(|| format!("writing {}", path.display()))?;
         let file = w
             .into_inner()
             .map_err(|e| e.into_error())
@@ -423,15 +429,7 @@ fn write_run(plan: &Plan, run: u64, big: &[BigFile], root: PathBuf) -> Result<Ru
     fs::create_dir_all(&ctx.root).with_context(|| format!("creating {}", ctx.root.display()))?;
     fs::set_permissions(&ctx.root, dir_mode.clone())
         .with_context(|| format!("setting mode of {}", ctx.root.display()))?;
-    // Parents sort before their children.
-    let mut dirs = BTreeSet::new();
-    for job in &jobs {
-        let mut p = Path::new(&job.path);
-        while let Some(parent) = p.parent().filter(|p| !p.as_os_str().is_empty()) {
-            dirs.insert(parent.to_path_buf());
-            p = parent;
-        }
-    }
+    let dirs = parent_dirs(jobs.iter().map(|j| j.path.as_str()));
     for d in &dirs {
         let path = ctx.root.join(d);
         fs::create_dir(&path)
@@ -474,6 +472,19 @@ fn write_run(plan: &Plan, run: u64, big: &[BigFile], root: PathBuf) -> Result<Ru
         bytes: sizes.iter().sum::<u64>() + manifest_len,
         files: jobs.len() as u64 + 1,
     })
+}
+
+/// Every directory above the given relative paths; parents sort before their children.
+fn parent_dirs<'a>(paths: impl Iterator<Item = &'a str>) -> BTreeSet<PathBuf> {
+    let mut dirs = BTreeSet::new();
+    for path in paths {
+        let mut p = Path::new(path);
+        while let Some(parent) = p.parent().filter(|p| !p.as_os_str().is_empty()) {
+            dirs.insert(parent.to_path_buf());
+            p = parent;
+        }
+    }
+    dirs
 }
 
 fn manifest(plan: &Plan, run: u64, listing: &[(&str, u64)]) -> String {
@@ -526,4 +537,103 @@ pub fn generate(opts: &Options, mut report: impl FnMut(&RunSummary)) -> Result<V
         }
     }
     Ok(summaries)
+}
+
+/// One file of a run, held in memory.
+#[derive(Clone, Debug)]
+pub struct FileContent {
+    /// Path relative to the run directory.
+    pub path: String,
+    pub mode: u32,
+    pub data: Vec<u8>,
+}
+
+/// A whole run held in memory: exactly what [`generate`] writes for the same seed, size,
+/// small-file count and run index, for writers that produce a run over time (`produce`).
+#[derive(Clone, Debug)]
+pub struct RunContent {
+    pub index: u64,
+    pub name: String,
+    /// Modification time of every file and directory ([`run_mtime`]).
+    pub mtime: SystemTime,
+    /// Directories below the run directory, parents first.
+    pub dirs: Vec<String>,
+    /// Files in path order, `manifest.txt` included.
+    pub files: Vec<FileContent>,
+}
+
+impl RunContent {
+    pub fn bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.data.len() as u64).sum()
+    }
+}
+
+/// Renders runs `first .. first + count` in memory, in order, handing each to `each` (which
+/// may stop the sequence with an error). Content, names and modes are those of [`generate`].
+pub fn render_runs(
+    seed: u64,
+    size: u64,
+    small_files: Option<u64>,
+    first: u32,
+    count: u32,
+    mut each: impl FnMut(RunContent) -> Result<()>,
+) -> Result<()> {
+    let plan = Plan::new(seed, size, small_files);
+    let mut big: Vec<BigFile> = plan
+        .big
+        .iter()
+        .map(|s| BigFile::new(s.key, s.profile, s.len))
+        .collect();
+    let end = u64::from(first) + u64::from(count);
+    for run in 0..end {
+        if run > 0 {
+            for f in &mut big {
+                f.advance(seed, run);
+            }
+        }
+        if run < u64::from(first) {
+            continue;
+        }
+        let ctx = RunCtx {
+            plan: &plan,
+            run,
+            mtime: run_mtime(run),
+            root: PathBuf::new(),
+        };
+        let jobs = jobs_for(&plan, run, &big);
+        let mut files = Vec::with_capacity(jobs.len() + 1);
+        for job in &jobs {
+            let mut data = Vec::with_capacity(job.estimate as usize);
+            job.render(&ctx, &mut data)
+                .with_context(|| format!("rendering {}", job.path))?;
+            files.push(FileContent {
+                path: job.path.clone(),
+                mode: job.mode,
+                data,
+            });
+        }
+        files.sort_by(|a, b| a.path.cmp(&b.path));
+        let listing: Vec<(&str, u64)> = files
+            .iter()
+            .map(|f| (f.path.as_str(), f.data.len() as u64))
+            .collect();
+        let manifest = manifest(&plan, run, &listing);
+        files.push(FileContent {
+            path: "manifest.txt".into(),
+            mode: 0o644,
+            data: manifest.into_bytes(),
+        });
+        let dirs = parent_dirs(files.iter().map(|f| f.path.as_str()))
+            .into_iter()
+            .map(|d| d.to_string_lossy().into_owned())
+            .collect();
+        each(RunContent {
+            index: run,
+            name: run_name(run),
+            mtime: ctx.mtime,
+            dirs,
+            files,
+        })?;
+    }
+    Ok(())
 }

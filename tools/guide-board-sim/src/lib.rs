@@ -10,10 +10,11 @@
 //! content as when generated after its predecessors.
 //!
 //! Modules: [`seed`] derives every random stream, [`binary`] generates and evolves the large
-//! binaries, [`text`] the logs, metrics, results and static files, and [`generate`] lays out and
-//! writes runs.
+//! binaries, [`text`] the logs, metrics, results and static files, [`generate`] lays out and
+//! writes runs, and [`produce`] writes the same runs over time, as a lab harness does.
 
 pub mod binary;
 pub mod generate;
+pub mod produce;
 pub mod seed;
 pub mod text;

@@ -7,7 +7,8 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 
-use guide_board_sim::generate::{Options, generate};
+use guide_board_sim::generate::{Options, RunSummary, generate};
+use guide_board_sim::produce::{ProduceOptions, produce};
 
 /// Smallest accepted `--size`.
 const MIN_SIZE: u64 = 64 * 1024;
@@ -41,6 +42,68 @@ enum Command {
     /// 2026-01-01T00:00:00Z + i hours. Refuses to write into an existing non-empty run
     /// directory. Prints `run-NNNN <bytes> <files>` per run written.
     Generate(GenerateArgs),
+    /// Write runs over time, the way a lab harness does: DIR/run-NNNN (or DIR/NS/run-NNNN)
+    ///
+    /// Each run directory is created, tagged (xattrs user.statehub.run_id, user.producer,
+    /// user.producer.seed, user.producer.run and, with --retain, user.retain), then written in
+    /// 6 rounds separated by --pace: logs and large files stay open and grow in every round,
+    /// some files are written under a temporary name and renamed into place, some are drafted
+    /// and rewritten, small files arrive spread over the rounds. Modes and mtimes come last,
+    /// then the --marker file. The final tree of each run equals what `generate` writes for
+    /// the same seed and run index (plus the xattrs and the marker). Prints `run-NNNN <bytes>
+    /// <files>` as each run is complete.
+    Produce(ProduceArgs),
+}
+
+#[derive(Args, Debug)]
+struct ProduceArgs {
+    /// Directory to write the run directories into (created if missing; may be a mount root)
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+
+    /// Write into DIR/NS (e.g. a namespace of an artifactfs mount)
+    #[arg(long, value_name = "NS")]
+    namespace: Option<String>,
+
+    /// Seed of every random choice
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    seed: u64,
+
+    /// Number of runs to write (at least 1)
+    #[arg(long, value_name = "K", default_value = "1", value_parser = parse_runs)]
+    runs: u32,
+
+    /// Index of the first run to write
+    #[arg(long, value_name = "I", default_value_t = 0)]
+    first_run: u32,
+
+    /// Approximate total size of one run (as for generate)
+    #[arg(long, value_name = "SIZE", default_value = "4MiB", value_parser = parse_size)]
+    size: u64,
+
+    /// Number of small JSON result files per run (as for generate)
+    #[arg(long, value_name = "N")]
+    small_files: Option<u64>,
+
+    /// Retention tag of each run directory (user.retain), e.g. 90d
+    #[arg(long, value_name = "DURATION")]
+    retain: Option<String>,
+
+    /// user.statehub.run_id of a run is this prefix followed by the run's name
+    #[arg(long, value_name = "P", default_value = "statehub:guide-board:")]
+    statehub_id_prefix: String,
+
+    /// Pause between the rounds of writes of a run, milliseconds
+    #[arg(long, value_name = "MS", default_value_t = 200)]
+    pace: u64,
+
+    /// Runs written at the same time (threads)
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
+    producers: u64,
+
+    /// Write an empty file of this name last in each run directory (e.g. _SUCCESS)
+    #[arg(long, value_name = "NAME")]
+    marker: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -142,6 +205,37 @@ fn run(cli: Cli) -> Result<()> {
                 }
             })?;
             if let Some(e) = io_err {
+                return Err(e.into());
+            }
+        }
+        Command::Produce(a) => {
+            let opts = ProduceOptions {
+                out: a.out,
+                namespace: a.namespace,
+                seed: a.seed,
+                runs: a.runs,
+                first_run: a.first_run,
+                size: a.size,
+                small_files: a.small_files,
+                retain: a.retain,
+                statehub_id_prefix: a.statehub_id_prefix,
+                pace: std::time::Duration::from_millis(a.pace),
+                producers: a.producers as usize,
+                marker: a.marker,
+            };
+            let io_err = std::sync::Mutex::new(None);
+            produce(&opts, |s: &RunSummary| {
+                let mut out = std::io::stdout().lock();
+                if let Err(e) =
+                    writeln!(out, "{} {} {}", s.name, s.bytes, s.files).and_then(|()| out.flush())
+                {
+                    io_err
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get_or_insert(e);
+                }
+            })?;
+            if let Some(e) = io_err.into_inner().unwrap_or_else(|p| p.into_inner()) {
                 return Err(e.into());
             }
         }

@@ -10,6 +10,7 @@ use clap::Parser;
 
 use super::*;
 use guide_board_sim::generate::{self, DEEP_DIR, RunSummary, run_mtime};
+use guide_board_sim::produce::{ProduceOptions, produce};
 
 const MIB: u64 = 1 << 20;
 
@@ -322,7 +323,9 @@ fn size_parsing() {
 #[test]
 fn cli_parsing() {
     let cli = Cli::try_parse_from(["guide-board-sim", "generate", "--out", "/x"]).unwrap();
-    let Command::Generate(a) = cli.command;
+    let Command::Generate(a) = cli.command else {
+        panic!("generate expected")
+    };
     assert_eq!(
         (a.seed, a.runs, a.size, a.small_files, a.first_run),
         (1, 1, 64 * MIB, None, 0)
@@ -344,7 +347,9 @@ fn cli_parsing() {
         "3",
     ])
     .unwrap();
-    let Command::Generate(a) = cli.command;
+    let Command::Generate(a) = cli.command else {
+        panic!("generate expected")
+    };
     assert_eq!(
         (a.seed, a.runs, a.size, a.small_files, a.first_run),
         (9, 4, 8 * MIB, Some(30), 3)
@@ -355,4 +360,98 @@ fn cli_parsing() {
         assert!(Cli::try_parse_from(args).is_err(), "{bad:?} accepted");
     }
     assert!(Cli::try_parse_from(["guide-board-sim", "generate"]).is_err());
+}
+
+/// Asserts two snapshots are equal, naming the first path that differs.
+fn assert_same_maps(a: &BTreeMap<String, Entry>, b: &BTreeMap<String, Entry>) {
+    assert_eq!(
+        a.keys().collect::<Vec<_>>(),
+        b.keys().collect::<Vec<_>>(),
+        "different paths"
+    );
+    for (k, ea) in a {
+        let eb = &b[k];
+        assert_eq!(
+            (ea.dir, ea.mode, ea.mtime, ea.content.len()),
+            (eb.dir, eb.mode, eb.mtime, eb.content.len()),
+            "{k}"
+        );
+        assert!(ea.content == eb.content, "{k}: contents differ");
+    }
+}
+
+fn assert_same(a: &Path, b: &Path) {
+    assert_same_maps(&snapshot(a), &snapshot(b));
+}
+
+fn produce_opts(out: &Path, seed: u64, runs: u32, size: u64) -> ProduceOptions {
+    ProduceOptions {
+        out: out.to_path_buf(),
+        namespace: None,
+        seed,
+        runs,
+        first_run: 0,
+        size,
+        small_files: None,
+        retain: Some("90d".into()),
+        statehub_id_prefix: "sh-".into(),
+        pace: std::time::Duration::ZERO,
+        producers: 2,
+        marker: None,
+    }
+}
+
+/// Runs written over time by two producers at once end as the very trees `generate` writes
+/// for the same seed and run indexes (contents, modes, mtimes, no temporary files left), with
+/// the producer's xattrs on each run directory.
+#[test]
+fn produced_runs_equal_generated_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (gen_dir, prod_dir) = (dir.path().join("gen"), dir.path().join("prod"));
+    gen_ok(&opts(&gen_dir, 7, 3, 512 * 1024));
+    let p = produce_opts(&prod_dir, 7, 3, 512 * 1024);
+    let written = produce(&p, |_| {}).unwrap();
+    assert_eq!(
+        written.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
+        ["run-0000", "run-0001", "run-0002"]
+    );
+    for s in &written {
+        assert_same(&gen_dir.join(&s.name), &prod_dir.join(&s.name));
+        let root = prod_dir.join(&s.name);
+        let idx: u64 = s.name["run-".len()..].parse().unwrap();
+        for (k, v) in guide_board_sim::produce::run_xattrs(&p, idx) {
+            assert_eq!(xattr::get(&root, &k).unwrap(), Some(v.into_bytes()), "{k}");
+        }
+        assert_eq!(
+            xattr::get(&root, "user.statehub.run_id").unwrap(),
+            Some(format!("sh-{}", s.name).into_bytes())
+        );
+    }
+}
+
+/// With a marker and a namespace, a run is the generated tree plus an empty marker that has
+/// the run's mtime, and the run directory keeps the generated mtime; a later first run works.
+#[test]
+fn produced_run_with_marker_is_generated_tree_plus_marker() {
+    let dir = tempfile::tempdir().unwrap();
+    let (gen_dir, prod_dir) = (dir.path().join("gen"), dir.path().join("prod"));
+    let mut g = opts(&gen_dir, 3, 1, 256 * 1024);
+    g.first_run = 4;
+    gen_ok(&g);
+    let mut p = produce_opts(&prod_dir, 3, 1, 256 * 1024);
+    p.first_run = 4;
+    p.producers = 1;
+    p.namespace = Some("guide-board".into());
+    p.marker = Some("_SUCCESS".into());
+    p.pace = std::time::Duration::from_millis(1);
+    produce(&p, |_| {}).unwrap();
+    let mut produced = snapshot(&prod_dir.join("guide-board/run-0004"));
+    let marker = produced.remove("_SUCCESS").expect("marker written");
+    assert_eq!(marker.content, b"");
+    assert_eq!(marker.mtime, run_mtime(4));
+    assert_eq!(marker.mode, 0o644);
+    assert_same_maps(&snapshot(&gen_dir.join("run-0004")), &produced);
+    // An existing run directory is refused, not overwritten.
+    let err = produce(&p, |_| {}).unwrap_err();
+    assert!(format!("{err:#}").contains("exists"), "{err:#}");
 }

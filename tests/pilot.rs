@@ -1,0 +1,441 @@
+//! The guide-board pilot end to end: the producer writes runs into a real FUSE mount the way
+//! the lab harness does (two at once, then one with a marker); each run seals (on quiet, on
+//! its marker), carries its Statehub id and producer metadata, takes a retention and a hold by
+//! `setfattr` that the CLI views agree with, logs opened → sealed → retention → hold in order,
+//! and exports bit-exact against the generator's reference tree. Then the same with the store
+//! tiered to the Ceph RGW bucket (`tools/ceph-rgw/start.sh`, idempotent): push, snapshot,
+//! rebuild into a new store from the bucket alone, and every run exports bit-exact with its
+//! retention and hold intact.
+
+mod common;
+
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use artifactfs_core::objstore::ObjectStore;
+use artifactfs_s3::{S3Config, S3Credentials, S3Store};
+use common::mount::{is_mounted, wait_sealed};
+use common::{Env, assert_same_tree};
+use guide_board_sim::generate::{Options, generate, run_mtime, run_name};
+use guide_board_sim::produce::{ProduceOptions, produce, run_xattrs};
+
+const NS: &str = "guide-board";
+const SEED: u64 = 42;
+const SIZE: u64 = 2 << 20;
+const MARKER: &str = "_SUCCESS";
+/// Against hangs only.
+const DEADLINE: Duration = Duration::from_secs(120);
+
+/// `artifactfs --store STORE ARGS…` with extra environment (the gateway's, for a tiered store).
+fn afs(store: &Path, vars: &[(String, String)], args: &[&str]) -> String {
+    let mut c = Command::new(assert_cmd::cargo::cargo_bin("artifactfs"));
+    c.env_remove("ARTIFACTFS_STORE")
+        .env_remove("ARTIFACTFS_CLOCK_FILE")
+        .arg("--store")
+        .arg(store)
+        .args(args);
+    for (k, v) in vars {
+        c.env(k, v);
+    }
+    let out = c.output().expect("run artifactfs");
+    assert!(
+        out.status.success(),
+        "artifactfs {args:?} failed ({:?}):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn afs_json(store: &Path, vars: &[(String, String)], args: &[&str]) -> serde_json::Value {
+    serde_json::from_str(&afs(store, vars, args)).expect("json output")
+}
+
+/// `artifactfs mount --foreground`, unmounted and killed on drop.
+struct Mount {
+    child: Option<Child>,
+    mnt: PathBuf,
+    log: PathBuf,
+}
+
+impl Mount {
+    fn start(env: &Env, vars: &[(String, String)]) -> Self {
+        let mnt = env.path("mnt");
+        fs::create_dir_all(&mnt).unwrap();
+        let mnt = mnt.canonicalize().unwrap();
+        let log = env.path("mount.log");
+        let mut c = Command::new(assert_cmd::cargo::cargo_bin("artifactfs"));
+        c.env_remove("ARTIFACTFS_STORE")
+            .env_remove("ARTIFACTFS_CLOCK_FILE")
+            .arg("--store")
+            .arg(env.store())
+            .args(["-v", "mount"])
+            .arg(&mnt)
+            .args([
+                "--foreground",
+                "--seal-after",
+                "2s",
+                "--seal-marker",
+                MARKER,
+            ]);
+        for (k, v) in vars {
+            c.env(k, v);
+        }
+        let child = c
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn mount");
+        let mut m = Mount {
+            child: Some(child),
+            mnt,
+            log,
+        };
+        let deadline = Instant::now() + DEADLINE;
+        while !is_mounted(&m.mnt) {
+            if let Some(st) = m.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("mount exited early ({st}):\n{}", m.log_text());
+            }
+            assert!(Instant::now() < deadline, "mount not ready");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        m
+    }
+
+    fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn unmount(mut self) {
+        let st = Command::new("fusermount3")
+            .arg("-u")
+            .arg(&self.mnt)
+            .status()
+            .unwrap();
+        assert!(st.success(), "fusermount3 -u:\n{}", self.log_text());
+        let status = self.child.take().unwrap().wait().unwrap();
+        assert!(
+            status.success(),
+            "mount exited {status}:\n{}",
+            self.log_text()
+        );
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("fusermount3")
+                .arg("-uz")
+                .arg(&self.mnt)
+                .stderr(Stdio::null())
+                .status();
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// One run of the pilot: how it was produced.
+struct Case {
+    opts: ProduceOptions,
+    index: u32,
+}
+
+impl Case {
+    fn run(&self) -> String {
+        format!("{NS}/{}", run_name(u64::from(self.index)))
+    }
+
+    /// The generator's tree of this run, with what the mount keeps of the producer's tags
+    /// (`user.retain` is the run's retention there, not an xattr) and the marker, if any.
+    fn reference(&self, env: &Env) -> PathBuf {
+        let out = env.path(&format!("ref-{}", self.index));
+        let root = out.join(run_name(u64::from(self.index)));
+        if root.exists() {
+            return root;
+        }
+        generate(
+            &Options {
+                out: out.clone(),
+                seed: self.opts.seed,
+                runs: 1,
+                size: self.opts.size,
+                small_files: None,
+                first_run: self.index,
+            },
+            |_| {},
+        )
+        .unwrap();
+        for (k, v) in run_xattrs(&self.opts, u64::from(self.index)) {
+            if k != "user.retain" {
+                xattr::set(&root, &k, v.as_bytes()).unwrap();
+            }
+        }
+        if let Some(m) = &self.opts.marker {
+            let mtime = run_mtime(u64::from(self.index));
+            let f = File::create(root.join(m)).unwrap();
+            f.set_modified(mtime).unwrap();
+            File::open(&root).unwrap().set_modified(mtime).unwrap();
+        }
+        root
+    }
+}
+
+fn produced(mnt: &Path, first: u32, runs: u32, producers: usize, marker: bool) -> ProduceOptions {
+    ProduceOptions {
+        out: mnt.to_path_buf(),
+        namespace: Some(NS.into()),
+        seed: SEED,
+        runs,
+        first_run: first,
+        size: SIZE,
+        small_files: None,
+        retain: Some("90d".into()),
+        statehub_id_prefix: "statehub:lab-7:".into(),
+        pace: Duration::from_millis(100),
+        producers,
+        marker: marker.then(|| MARKER.to_string()),
+    }
+}
+
+/// The pilot through a mount of the store in `env` (tiered or not: `vars` reach every
+/// command). Returns the cases, sealed, with retention 1y and hold `audit` placed.
+fn pilot(env: &Env, vars: &[(String, String)]) -> Vec<Case> {
+    let m = Mount::start(env, vars);
+    let two = produced(&m.mnt, 0, 2, 2, false);
+    produce(&two, |_| {}).unwrap();
+    let marked = produced(&m.mnt, 2, 1, 1, true);
+    produce(&marked, |_| {}).unwrap();
+    let cases = vec![
+        Case {
+            opts: two.clone(),
+            index: 0,
+        },
+        Case {
+            opts: two,
+            index: 1,
+        },
+        Case {
+            opts: marked,
+            index: 2,
+        },
+    ];
+    let store = env.store();
+    for c in &cases {
+        let dir = m.mnt.join(c.run());
+        wait_sealed(&dir, DEADLINE);
+
+        // The manifest carries the Statehub id and the producer's metadata.
+        let man = afs_json(&store, vars, &["manifest", &c.run(), "--json"]);
+        let meta = &man["metadata"];
+        assert_eq!(
+            meta["statehub.run_id"],
+            format!("statehub:lab-7:run-{:04}", c.index),
+            "{meta}"
+        );
+        assert_eq!(meta["producer.seed"], SEED.to_string(), "{meta}");
+        assert_eq!(meta["producer.run"], c.index.to_string(), "{meta}");
+        assert!(
+            meta["producer"]
+                .as_str()
+                .is_some_and(|p| p.starts_with("guide-board-sim")),
+            "{meta}"
+        );
+
+        // Retention (tagged 90d by the producer) extended, and a hold, by setfattr.
+        let before = afs_json(&store, vars, &["retain", &c.run(), "--json"]);
+        assert_eq!(before["retain"], "90d", "{before}");
+        xattr::set(&dir, "user.retain", b"1y").unwrap();
+        xattr::set(&dir, "user.hold.audit", b"pilot review").unwrap();
+        let after = afs_json(&store, vars, &["retain", &c.run(), "--json"]);
+        assert_eq!(after["retain"], "1y", "{after}");
+        let holds = afs_json(&store, vars, &["hold", "ls", &c.run(), "--json"]);
+        assert_eq!(holds[0]["name"], "audit", "{holds}");
+        assert_eq!(holds[0]["reason"], "pilot review", "{holds}");
+        let view: serde_json::Value = serde_json::from_slice(
+            &fs::read(m.mnt.join(".artifactfs/retention").join(c.run())).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(view["retain"], "1y", "{view}");
+        assert_eq!(view["retain_until"], after["retain_until"], "{view}");
+        assert_eq!(view["eligible"], false, "{view}");
+
+        // Events of this run, in order: opened, (the producer's retention), sealed, the
+        // retention set afterwards, the hold.
+        let events = fs::read_to_string(m.mnt.join(".artifactfs/events")).unwrap();
+        let kinds: Vec<String> = events
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|e| e["namespace"] == NS && e["run"] == run_name(u64::from(c.index)))
+            .map(|e| e["kind"].as_str().unwrap().to_string())
+            .collect();
+        let want = [
+            "run.opened",
+            "run.sealed",
+            "run.retention",
+            "run.hold_placed",
+        ];
+        let mut at = 0;
+        for k in &kinds {
+            if at < want.len() && k == want[at] {
+                at += 1;
+            }
+        }
+        assert_eq!(at, want.len(), "events of {}: {kinds:?}", c.run());
+        assert_eq!(kinds.first().map(String::as_str), Some("run.opened"));
+
+        // Bit-exact export against the generated reference.
+        let dest = env.path(&format!("export-{}", c.index));
+        afs(&store, vars, &["export", &c.run(), dest.to_str().unwrap()]);
+        assert_same_tree(&c.reference(env), &dest);
+        fs::remove_dir_all(&dest).unwrap();
+    }
+    m.unmount();
+    cases
+}
+
+#[test]
+fn pilot_through_a_mount() {
+    let env = Env::new();
+    let cases = pilot(&env, &[]);
+    assert_eq!(cases.len(), 3);
+    assert!(afs(&env.store(), &[], &["verify"]).contains("ok"));
+}
+
+/// `tools/ceph-rgw/env.sh`, as (name, value) pairs, after starting the gateway once.
+fn gateway_env() -> &'static Vec<(String, String)> {
+    static ENV: OnceLock<Vec<(String, String)>> = OnceLock::new();
+    ENV.get_or_init(|| {
+        let tools = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tools/ceph-rgw");
+        let run = |script: &str| {
+            let out = Command::new("bash")
+                .arg(tools.join(script))
+                .output()
+                .expect("run a tools/ceph-rgw script");
+            assert!(
+                out.status.success(),
+                "{script} failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8(out.stdout).unwrap()
+        };
+        run("start.sh");
+        run("env.sh")
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("export "))
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.trim_matches(['"', '\'']).to_owned()))
+            .collect()
+    })
+}
+
+/// A new bucket, emptied and deleted when dropped.
+struct Bucket {
+    store: S3Store,
+    name: String,
+}
+
+impl Bucket {
+    fn new() -> Self {
+        let var = |name: &str| {
+            gateway_env()
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+                .unwrap_or_else(|| panic!("env.sh does not set {name}"))
+        };
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let name = format!("afs-pilot-{}-{}", std::process::id(), nanos % 1_000_000_000);
+        let config = S3Config {
+            endpoint: Some(var("AWS_ENDPOINT_URL")),
+            region: Some(var("AWS_REGION")),
+            credentials: Some(S3Credentials {
+                access_key_id: var("AWS_ACCESS_KEY_ID"),
+                secret_access_key: var("AWS_SECRET_ACCESS_KEY"),
+                session_token: None,
+            }),
+            ..S3Config::new(&name)
+        };
+        let store = S3Store::connect(config).unwrap();
+        store.create_bucket().unwrap();
+        Self { store, name }
+    }
+
+    fn url(&self) -> String {
+        format!("s3://{}/lab", self.name)
+    }
+}
+
+impl Drop for Bucket {
+    fn drop(&mut self) {
+        if let Ok(all) = self.store.list("") {
+            for m in all {
+                let _ = self.store.delete(&m.key);
+            }
+        }
+        let _ = self.store.delete_bucket();
+    }
+}
+
+/// The pilot on a store tiered to RGW, then a new store rebuilt from the bucket alone: every
+/// run exports bit-exact from it, with its retention and hold. Retention and holds are index
+/// state (not in manifests): they reach the bucket in an index snapshot, so the pilot takes
+/// one after setting them (docs/pilot.md).
+#[test]
+fn pilot_tiered_then_rebuilt_from_the_bucket() {
+    let env = Env::new();
+    let vars = gateway_env().clone();
+    let b = Bucket::new();
+    let store = env.store();
+    afs(
+        &store,
+        &vars,
+        &["init", "--pack-size", "1MiB", "--backend", &b.url()],
+    );
+    let cases = pilot(&env, &vars);
+
+    let pushed = afs_json(&store, &vars, &["tier", "push", "--json"]);
+    assert_eq!(pushed["still_pending"], 0, "{pushed}");
+    afs(&store, &vars, &["tier", "snapshot"]);
+    let status = afs_json(&store, &vars, &["tier", "status", "--json"]);
+    assert_eq!(
+        (
+            status["pending_packs"].as_u64(),
+            status["pending_manifests"].as_u64()
+        ),
+        (Some(0), Some(0)),
+        "{status}"
+    );
+
+    let fresh = env.path("rebuilt");
+    let report = afs_json(
+        &fresh,
+        &vars,
+        &["index", "rebuild", "--from", &b.url(), "--json"],
+    );
+    assert_eq!(report["runs"], 3, "{report}");
+    assert!(report["snapshot"].is_string(), "{report}");
+    for c in &cases {
+        let dest = env.path(&format!("rebuilt-export-{}", c.index));
+        afs(&fresh, &vars, &["export", &c.run(), dest.to_str().unwrap()]);
+        assert_same_tree(&c.reference(&env), &dest);
+        let r = afs_json(&fresh, &vars, &["retain", &c.run(), "--json"]);
+        assert_eq!(r["retain"], "1y", "{r}");
+        let holds = afs_json(&fresh, &vars, &["hold", "ls", &c.run(), "--json"]);
+        assert_eq!(holds[0]["name"], "audit", "{holds}");
+        let man = afs_json(&fresh, &vars, &["manifest", &c.run(), "--json"]);
+        assert_eq!(
+            man["metadata"]["statehub.run_id"],
+            format!("statehub:lab-7:run-{:04}", c.index)
+        );
+    }
+    assert!(afs(&fresh, &vars, &["verify"]).contains("ok"));
+}
