@@ -318,8 +318,9 @@ impl Worker {
         let mut body = serde_json::to_vec(&subject::payload(&self.store_id, ev))
             .map_err(|e| Stop::Failed(format!("encode event {}: {e}", ev.seq)))?;
         // Headroom for the subject and headers.
-        let max = s.client.server_info().max_payload.saturating_sub(1024);
-        if body.len() > max {
+        let max_payload = s.client.server_info().max_payload;
+        let max = max_payload.saturating_sub(1024);
+        if max_payload > 0 && body.len() > max {
             tracing::warn!(
                 seq = ev.seq,
                 bytes = body.len(),
