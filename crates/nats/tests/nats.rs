@@ -86,6 +86,14 @@ fn nats_server_bin() -> PathBuf {
         })
 }
 
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 struct Server {
     child: Option<Child>,
     port: u16,
@@ -94,11 +102,10 @@ struct Server {
 
 impl Server {
     fn start() -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        Self::start_on(free_port())
+    }
+
+    fn start_on(port: u16) -> Self {
         let mut s = Server {
             child: None,
             port,
@@ -538,7 +545,7 @@ impl std::io::Write for LogBuf {
 }
 
 #[test]
-fn an_unreachable_server_is_named_and_nothing_is_acknowledged() {
+fn a_server_down_at_start_is_named_and_nothing_is_acknowledged() {
     let log = LogBuf::default();
     let writer = log.clone();
     tracing::subscriber::set_global_default(
@@ -550,12 +557,8 @@ fn an_unreachable_server_is_named_and_nothing_is_acknowledged() {
     )
     .unwrap();
 
-    // Nothing listens on this port.
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    // Nothing listens on this port, yet.
+    let port = free_port();
     let url = format!("nats://127.0.0.1:{port}");
     let mut ts = TestStore::new();
     ts.ingest("lab/a");
@@ -574,12 +577,19 @@ fn an_unreachable_server_is_named_and_nothing_is_acknowledged() {
         text.lines()
             .any(|l| l.contains("WARN") && l.contains(&url) && l.contains("cannot connect"))
     });
-    p.shutdown();
     assert_eq!(
         cursor_value(&ts.cursor()),
         None,
         "no cursor: nothing acknowledged"
     );
+    // The server comes up: the publisher catches up on its own.
+    let _server = Server::start_on(port);
+    ts.holds("lab/a", 3);
+    let last = ts.last_seq();
+    wait_acked(&p, last);
+    p.shutdown();
+    assert_eq!(cursor_value(&ts.cursor()), Some(last));
+    assert_stream_is(&url, "DOWN", &ts.expected("artifactfs.events"));
 
     // A URL that is not one fails at once, and says which.
     let e = Publisher::spawn_for_store(
