@@ -20,6 +20,10 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # The S3 backend's tests run against a real Ceph RGW on 127.0.0.1:7480 (installed on first
 # use); it keeps everything in RAM, so it is stopped and wiped whatever the tests did.
+# The event publisher's tests run against a real nats-server with JetStream on 127.0.0.1:4222
+# (installed on first use; some tests start their own on other ports); stopped and wiped too.
+trap 'tools/nats/stop.sh; tools/ceph-rgw/stop.sh' EXIT
 tools/ceph-rgw/start.sh
-trap 'tools/ceph-rgw/stop.sh' EXIT
+tools/nats/start.sh
+export ARTIFACTFS_TEST_NATS=${ARTIFACTFS_TEST_NATS:-nats://127.0.0.1:4222}
 cargo test --workspace --locked

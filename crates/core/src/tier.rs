@@ -539,6 +539,19 @@ impl Tier {
         {
             return Err(e);
         }
+        if report.packs + report.manifests > 0 {
+            // One event per push that uploaded something, so that subscribers to the event
+            // log learn when data reached the remote tier.
+            let detail = serde_json::json!({
+                "backend": self.remote.describe(),
+                "packs": report.packs,
+                "pack_bytes": report.pack_bytes,
+                "manifests": report.manifests,
+                "still_pending": report.still_pending,
+            });
+            self.index()?
+                .event(self.now(), "tier.uploaded", None, &detail)?;
+        }
         if report.packs + report.manifests > 0 && report.still_pending == 0 {
             match self.snapshot_if_due() {
                 Ok(k) => report.snapshot = k,
@@ -1346,6 +1359,41 @@ mod tests {
         assert_eq!((r.still_pending, r.manifests), (0, 1));
         assert_eq!(store.tier_status().unwrap().counts.pending_packs, 0);
         assert_eq!(read(&store, "ns/a"), data);
+    }
+
+    #[test]
+    fn a_push_that_uploads_records_one_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let remote = Arc::new(Flaky::new());
+        let store = tiered(dir.path(), remote.clone(), 1 << 30);
+        let uploaded = |s: &Store| -> Vec<serde_json::Value> {
+            s.events(0, 1000)
+                .unwrap()
+                .into_iter()
+                .filter(|e| e.kind == "tier.uploaded")
+                .map(|e| {
+                    assert_eq!((e.namespace.as_deref(), e.run.as_deref()), (None, None));
+                    e.detail
+                })
+                .collect()
+        };
+        ingest(&store, dir.path(), "ns/a", 6, 2 << 20);
+        // A failed push uploads nothing and records nothing.
+        remote.down.store(true, Ordering::SeqCst);
+        assert!(store.push_pending().is_err());
+        assert!(uploaded(&store).is_empty());
+        remote.down.store(false, Ordering::SeqCst);
+        let r = store.push_pending().unwrap();
+        let ev = uploaded(&store);
+        assert_eq!(ev.len(), 1, "{ev:?}");
+        assert_eq!(ev[0]["packs"], r.packs);
+        assert_eq!(ev[0]["pack_bytes"], r.pack_bytes);
+        assert_eq!(ev[0]["manifests"], 1);
+        assert_eq!(ev[0]["still_pending"], 0);
+        assert_eq!(ev[0]["backend"], "flaky");
+        // Nothing pending: no upload, no event.
+        store.push_pending().unwrap();
+        assert_eq!(uploaded(&store).len(), 1);
     }
 
     #[test]
