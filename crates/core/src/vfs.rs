@@ -70,6 +70,12 @@ pub const CONTROL_DIR: &str = ".artifactfs";
 /// The xattr that seals an open run when set on its directory.
 pub const SEAL_XATTR: &str = "user.artifactfs.seal";
 const FACTS_PREFIX: &str = "user.artifactfs.";
+/// Opens of a sealed run's files at most this many entries apart, in increasing order, are a
+/// scan of the run: the files after them are read ahead.
+const SCAN_GAP: usize = 8;
+/// How far a scan reads ahead: this many files, or this many bytes of their chunks.
+const SCAN_AHEAD_FILES: usize = 16;
+const SCAN_AHEAD_BYTES: u64 = 4 << 20;
 /// The read-only facts a mount shows (after [`FACTS_PREFIX`]); writing one into an open run is
 /// accepted and ignored.
 const DERIVED_FACTS: [&str; 5] = ["state", "manifest", "sealed_at", "blake3", "retain_until"];
@@ -382,6 +388,9 @@ struct State {
     sealing: HashSet<i64>,
     /// Per sealed-file handle: where the next sequential read starts (for readahead).
     read_pos: HashMap<u64, u64>,
+    /// Per sealed run: the entry opened last, to tell a scan of the run (tar, cp -r, rsync)
+    /// from random opens.
+    last_open: HashMap<i64, usize>,
 }
 
 /// A bounded LRU of decompressed, verified chunks.
@@ -1486,6 +1495,10 @@ impl Vfs {
                         format!("{} is not a file", s.entries[idx].path),
                     ));
                 }
+                let previous = st.last_open.insert(run, idx);
+                if previous.is_some_and(|p| p < idx && idx - p <= SCAN_GAP) {
+                    self.read_ahead_files(&s, idx);
+                }
                 (
                     Handle::Sealed { run: s, idx },
                     OpenInfo {
@@ -1753,6 +1766,36 @@ impl Vfs {
                     self.read_ahead(&s, idx, offset + data.len() as u64);
                 }
                 Ok(data)
+            }
+        }
+    }
+
+    /// Queues the chunks of the files after entry `idx` (in manifest order, which is the order
+    /// of a depth-first walk up to the sorting of names with `.` before `/`), while a scan of
+    /// the run opens its files one after another: small files are a chunk each, and reading
+    /// them one round trip at a time leaves the disk and the decompressor idle in between.
+    fn read_ahead_files(&self, s: &SealedRun, idx: usize) {
+        let Some(tx) = self.readahead.as_ref().and_then(|r| r.tx.as_ref()) else {
+            return;
+        };
+        let mut bytes = 0u64;
+        let mut files = 0;
+        for e in s.entries.iter().skip(idx + 1) {
+            if e.kind != Kind::File {
+                continue;
+            }
+            files += 1;
+            for c in &e.chunks {
+                bytes += u64::from(c.1);
+                if !self.cache.contains(&c.0) && tx.try_send(Ahead::Load(c.0)).is_err() {
+                    return;
+                }
+                if bytes >= SCAN_AHEAD_BYTES {
+                    return;
+                }
+            }
+            if files == SCAN_AHEAD_FILES {
+                return;
             }
         }
     }

@@ -352,3 +352,46 @@ fn vfs_directory_link_counts_follow_mkdir_rmdir_and_renames() {
     assert!(matches!(e, Err(Error::NotEmpty(_))), "{e:?}");
     assert_eq!(nlink(run), 4);
 }
+
+/// Opening a sealed run's files one after another reads the next files ahead: after the first
+/// two, the rest of a directory of small files are cache hits. Opens out of order do not.
+#[test]
+fn vfs_a_scan_of_small_files_reads_the_next_files_ahead() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    let files: Vec<Vec<u8>> = (0..12)
+        .map(|i| random_bytes(3000 + i * 10, 40 + i as u64))
+        .collect();
+    for (i, d) in files.iter().enumerate() {
+        fs::write(src.join(format!("f{i:02}")), d).unwrap();
+    }
+    let store = new_store(tmp.path());
+    store
+        .ingest_dir(
+            &src,
+            &RunRef::parse("ns/run").unwrap(),
+            BTreeMap::new(),
+            &NoProgress,
+        )
+        .unwrap();
+    let v = Vfs::new(store, VfsOptions::default()).unwrap();
+    let ns = v.lookup(ROOT_INO, os("ns")).unwrap().ino;
+    let run = v.lookup(ns, os("run")).unwrap().ino;
+    let ino = |i: usize| v.lookup(run, os(&format!("f{i:02}"))).unwrap().ino;
+
+    // Out of order: no readahead.
+    assert!(read_all(&v, ino(9), 1 << 20) == files[9]);
+    assert!(read_all(&v, ino(3), 1 << 20) == files[3]);
+    assert_eq!(v.cache_stats().readahead, 0);
+
+    // In order from f04 (one after f03, opened last): only f04 is a miss, the rest were read
+    // ahead.
+    for (i, want) in files.iter().enumerate().skip(4) {
+        assert!(read_all(&v, ino(i), 1 << 20) == *want, "f{i:02}");
+        v.wait_readahead();
+    }
+    let s = v.cache_stats();
+    assert_eq!((s.misses, s.hits), (3, 7), "{s:?}");
+    assert!(s.readahead >= 6, "{s:?}");
+}
