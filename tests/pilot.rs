@@ -11,13 +11,13 @@ mod common;
 
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::OnceLock;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use artifactfs_core::objstore::ObjectStore;
 use artifactfs_s3::{S3Config, S3Credentials, S3Store};
-use common::mount::{is_mounted, wait_sealed};
+use common::mount::{Mount, wait_sealed};
 use common::{Env, assert_same_tree};
 use guide_board_sim::generate::{Options, generate, run_mtime, run_name};
 use guide_board_sim::produce::{ProduceOptions, produce, run_xattrs};
@@ -52,92 +52,6 @@ fn afs(store: &Path, vars: &[(String, String)], args: &[&str]) -> String {
 
 fn afs_json(store: &Path, vars: &[(String, String)], args: &[&str]) -> serde_json::Value {
     serde_json::from_str(&afs(store, vars, args)).expect("json output")
-}
-
-/// `artifactfs mount --foreground`, unmounted and killed on drop.
-struct Mount {
-    child: Option<Child>,
-    mnt: PathBuf,
-    log: PathBuf,
-}
-
-impl Mount {
-    fn start(env: &Env, vars: &[(String, String)]) -> Self {
-        let mnt = env.path("mnt");
-        fs::create_dir_all(&mnt).unwrap();
-        let mnt = mnt.canonicalize().unwrap();
-        let log = env.path("mount.log");
-        let mut c = Command::new(assert_cmd::cargo::cargo_bin("artifactfs"));
-        c.env_remove("ARTIFACTFS_STORE")
-            .env_remove("ARTIFACTFS_CLOCK_FILE")
-            .arg("--store")
-            .arg(env.store())
-            .args(["-v", "mount"])
-            .arg(&mnt)
-            .args([
-                "--foreground",
-                "--seal-after",
-                "2s",
-                "--seal-marker",
-                MARKER,
-            ]);
-        for (k, v) in vars {
-            c.env(k, v);
-        }
-        let child = c
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::create(&log).unwrap())
-            .spawn()
-            .expect("spawn mount");
-        let mut m = Mount {
-            child: Some(child),
-            mnt,
-            log,
-        };
-        let deadline = Instant::now() + DEADLINE;
-        while !is_mounted(&m.mnt) {
-            if let Some(st) = m.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("mount exited early ({st}):\n{}", m.log_text());
-            }
-            assert!(Instant::now() < deadline, "mount not ready");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        m
-    }
-
-    fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn unmount(mut self) {
-        let st = Command::new("fusermount3")
-            .arg("-u")
-            .arg(&self.mnt)
-            .status()
-            .unwrap();
-        assert!(st.success(), "fusermount3 -u:\n{}", self.log_text());
-        let status = self.child.take().unwrap().wait().unwrap();
-        assert!(
-            status.success(),
-            "mount exited {status}:\n{}",
-            self.log_text()
-        );
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = Command::new("fusermount3")
-                .arg("-uz")
-                .arg(&self.mnt)
-                .stderr(Stdio::null())
-                .status();
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
 }
 
 /// One run of the pilot: how it was produced.
@@ -206,7 +120,12 @@ fn produced(mnt: &Path, first: u32, runs: u32, producers: usize, marker: bool) -
 /// The pilot through a mount of the store in `env` (tiered or not: `vars` reach every
 /// command). Returns the cases, sealed, with retention 1y and hold `audit` placed.
 fn pilot(env: &Env, vars: &[(String, String)]) -> Vec<Case> {
-    let m = Mount::start(env, vars);
+    let m = Mount::start_with(
+        env,
+        &env.path("mnt"),
+        &["--seal-after", "2s", "--seal-marker", MARKER],
+        vars,
+    );
     let two = produced(&m.mnt, 0, 2, 2, false);
     produce(&two, |_| {}).unwrap();
     let marked = produced(&m.mnt, 2, 1, 1, true);

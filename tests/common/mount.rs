@@ -26,6 +26,11 @@ pub struct Mount {
 
 impl Mount {
     pub fn start(env: &Env, mnt: &Path, extra: &[&str]) -> Mount {
+        Self::start_with(env, mnt, extra, &[])
+    }
+
+    /// [`Mount::start`] with extra environment variables (e.g. a gateway's endpoint and keys).
+    pub fn start_with(env: &Env, mnt: &Path, extra: &[&str], vars: &[(String, String)]) -> Mount {
         fs::create_dir_all(mnt).unwrap();
         let mnt = mnt.canonicalize().unwrap();
         let log = env.path(&format!(
@@ -34,8 +39,9 @@ impl Mount {
         ));
         let mut args = vec!["-v", "mount", mnt.to_str().unwrap(), "--foreground"];
         args.extend_from_slice(extra);
-        let child = env
-            .std_cmd(&args)
+        let mut cmd = env.std_cmd(&args);
+        cmd.envs(vars.iter().map(|(k, v)| (k, v)));
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(File::create(&log).unwrap())
