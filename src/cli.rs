@@ -224,6 +224,10 @@ pub enum Command {
         /// Closing a file of this name in a run's directory seals the run (e.g. _SUCCESS).
         #[arg(long, value_name = "NAME")]
         seal_marker: Option<String>,
+        /// Publish the store's events to this NATS server (JetStream stream ARTIFACTFS_EVENTS,
+        /// subjects artifactfs.events.NS.KIND; docs/events.md).
+        #[arg(long, value_name = "URL")]
+        nats: Option<String>,
         /// Set by a detaching `mount` for the process it starts: begin a new session.
         #[arg(long, hide = true)]
         detached: bool,
@@ -472,6 +476,7 @@ pub fn run() -> Result<ExitCode> {
             foreground,
             seal_after,
             seal_marker,
+            nats,
             detached,
         } => {
             let opts = crate::mount::MountArgs {
@@ -479,6 +484,7 @@ pub fn run() -> Result<ExitCode> {
                 mountpoint,
                 seal_after,
                 seal_marker,
+                nats,
                 verbose: cli.verbose,
             };
             if foreground {

@@ -22,6 +22,8 @@ pub struct MountArgs {
     pub mountpoint: PathBuf,
     pub seal_after: Duration,
     pub seal_marker: Option<String>,
+    /// Publish the store's events to this NATS server.
+    pub nats: Option<String>,
     pub verbose: u8,
 }
 
@@ -148,6 +150,9 @@ pub fn detach(a: &MountArgs) -> Result<()> {
     if let Some(m) = &a.seal_marker {
         cmd.arg("--seal-marker").arg(m);
     }
+    if let Some(url) = &a.nats {
+        cmd.arg("--nats").arg(url);
+    }
     cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
     let mut child = cmd.spawn().context("cannot start the mount process")?;
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -208,6 +213,11 @@ pub fn foreground(a: &MountArgs, detached: bool) -> Result<()> {
         artifactfs_core::names::validate_component("seal marker", m, true)?;
     }
     let vfs = Arc::new(Vfs::new(store, opts)?);
+    let publisher = a
+        .nats
+        .as_ref()
+        .map(|url| start_publisher(&vfs, url))
+        .transpose()?;
     // Listen before the mount is ready: whoever sees the mount may send commands at once. A
     // socket that cannot be bound (e.g. a store path longer than a socket address allows)
     // costs only that: the mount works, other commands report the store in use.
@@ -274,7 +284,27 @@ pub fn foreground(a: &MountArgs, detached: bool) -> Result<()> {
     if let Some(u) = uploader {
         u.stop();
     }
+    if let Some(p) = publisher {
+        p.shutdown();
+    }
     Ok(())
+}
+
+/// Starts publishing the store's events to the NATS server at `url` (ADR 0012). An
+/// unreachable server is retried in the background; only invalid options fail here.
+fn start_publisher(vfs: &Arc<Vfs>, url: &str) -> Result<artifactfs_nats::Publisher> {
+    let store = vfs.store();
+    let events = vfs.clone();
+    artifactfs_nats::Publisher::spawn(
+        store.root(),
+        &store.config().store_id,
+        move |after, limit| events.store().events(after, limit),
+        artifactfs_nats::NatsOptions {
+            url: url.to_owned(),
+            ..artifactfs_nats::NatsOptions::default()
+        },
+    )
+    .with_context(|| format!("cannot publish events to {url}"))
 }
 
 /// How long `umount` waits for the mount process to let go of its store.

@@ -1,0 +1,124 @@
+//! `artifactfs mount --nats URL`: the store's events reach the NATS server's JetStream stream
+//! while the mount runs, in order and once each, as `.artifactfs/events` lists them. Needs a
+//! nats-server with JetStream (`tools/nats/start.sh`; `ARTIFACTFS_TEST_NATS`).
+
+mod common;
+
+use std::fs;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer};
+use common::Env;
+use common::mount::{Mount, seal};
+use futures_util::StreamExt;
+
+fn nats_url() -> String {
+    std::env::var("ARTIFACTFS_TEST_NATS").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
+
+/// The (message id, subject, kind) of every message of this store in the stream, in order.
+fn stream_of(store_id: &str) -> Vec<(String, String, String)> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let client = async_nats::connect(nats_url())
+            .await
+            .expect("nats-server (tools/nats/start.sh)");
+        let js = jetstream::new(client);
+        let Ok(mut s) = js.get_stream("ARTIFACTFS_EVENTS").await else {
+            return Vec::new();
+        };
+        let n = s.info().await.unwrap().state.messages;
+        let c = s
+            .create_consumer(consumer::pull::Config {
+                deliver_policy: consumer::DeliverPolicy::All,
+                ack_policy: consumer::AckPolicy::None,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let mut msgs = c.messages().await.unwrap();
+        let mut out = Vec::new();
+        for _ in 0..n {
+            let m = tokio::time::timeout(Duration::from_secs(10), msgs.next())
+                .await
+                .expect("a stream message")
+                .unwrap()
+                .unwrap();
+            let id = m
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("Nats-Msg-Id"))
+                .map(|v| v.as_str().to_owned())
+                .unwrap_or_default();
+            if !id.starts_with(store_id) {
+                continue;
+            }
+            let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+            out.push((
+                id,
+                m.subject.to_string(),
+                v["kind"].as_str().unwrap().to_owned(),
+            ));
+        }
+        out
+    })
+}
+
+#[test]
+fn the_mount_publishes_its_events_to_nats() {
+    let env = Env::new();
+    env.ok(&["init"]);
+    let config = fs::read_to_string(env.store().join("config.toml")).unwrap();
+    let store_id = config
+        .lines()
+        .find_map(|l| l.strip_prefix("store_id = "))
+        .map(|v| v.trim().trim_matches('"').to_owned())
+        .expect("store_id in config.toml");
+    let url = nats_url();
+    let m = Mount::start(
+        &env,
+        &env.path("mnt"),
+        &["--seal-after", "1h", "--nats", &url],
+    );
+    fs::create_dir_all(m.p("lab/r1")).unwrap();
+    fs::write(m.p("lab/r1/out.txt"), b"published").unwrap();
+    seal(&m.p("lab/r1"));
+    xattr::set(m.p("lab/r1"), "user.hold.audit", b"ticket 9").unwrap();
+    let log: Vec<serde_json::Value> = fs::read_to_string(m.p(".artifactfs/events"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let want: Vec<(String, String, String)> = log
+        .iter()
+        .map(|e| {
+            let kind = e["kind"].as_str().unwrap().to_owned();
+            (
+                format!("{store_id}-{}", e["seq"]),
+                format!("artifactfs.events.lab.{kind}"),
+                kind,
+            )
+        })
+        .collect();
+    assert_eq!(
+        want.iter().map(|w| w.2.as_str()).collect::<Vec<_>>(),
+        ["run.opened", "run.sealed", "run.hold_placed"]
+    );
+    // Against hangs only: the publisher polls the log about once a second.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut got = stream_of(&store_id);
+    while got.len() < want.len() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        got = stream_of(&store_id);
+    }
+    assert_eq!(got, want);
+    m.unmount();
+    let cursor = fs::read_to_string(env.store().join("nats-cursor")).unwrap();
+    assert!(
+        cursor.contains(&log.last().unwrap()["seq"].to_string()),
+        "{cursor}"
+    );
+}
