@@ -635,3 +635,180 @@ fn gc_deletes_dead_packs_and_manifests_in_the_bucket() {
     assert_eq!(names, ["keep"]);
     export_matches(&env, &new, "ns/keep", &keep);
 }
+
+/// `retain NS/RUN --json` without the fields that depend on when it is asked.
+fn lifecycle_of(store: &Path, run: &str, at: &[(&str, &str)]) -> serde_json::Value {
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(store, &["retain", run, "--json"], at)).unwrap();
+    serde_json::json!({
+        "retain": v["retain"],
+        "retain_until": v["retain_until"],
+        "holds": v["holds"],
+        "state": v["state"],
+    })
+}
+
+/// Retention and holds changed after the newest index snapshot reach the bucket as lifecycle
+/// records and come back in a rebuild, from the snapshot and (snapshots deleted) from packs
+/// and manifests alone; the restored state is enforced (a shortening is still refused).
+#[test]
+fn retention_and_holds_survive_a_rebuild_from_the_bucket() {
+    let env = Env::new();
+    let b = Bucket::new("life");
+    let store = env.store();
+    init_tiered(&store, &b, "1MiB");
+    let a = source(&env, "a", 41, 1);
+    let c = source(&env, "c", 42, 1);
+    ingest(&store, &a, "ns/a");
+    ingest(&store, &c, "ns/c");
+    ok(&store, &["retain", "ns/a", "30d"], &[]);
+    let r = json(&store, &["tier", "push", "--json"]);
+    assert!(r["snapshot"].is_string(), "{r}");
+    assert_eq!(r["lifecycle"], 1, "{r}");
+    assert_eq!(b.keys("lifecycle/"), ["site/lifecycle/ns/a.json"]);
+
+    // After the snapshot: an extension, holds (one placed then removed), a namespace default.
+    ok(&store, &["retain", "ns/a", "1y"], &[]);
+    ok(
+        &store,
+        &["hold", "add", "ns/a", "legal", "--reason", "case 17"],
+        &[],
+    );
+    ok(&store, &["hold", "add", "ns/c", "audit"], &[]);
+    ok(&store, &["hold", "add", "ns/c", "tmp"], &[]);
+    ok(&store, &["hold", "rm", "ns/c", "tmp"], &[]);
+    ok(&store, &["retain", "ns", "90d"], &[]);
+    let s = json(&store, &["tier", "status", "--json"]);
+    assert_eq!(s["pending_lifecycle"], 3, "{s}");
+    assert_eq!(s["pending_manifests"], 0, "existing fields stay: {s}");
+    let r = json(&store, &["tier", "push", "--json"]);
+    assert_eq!(
+        (r["lifecycle"].as_u64(), r["still_pending"].as_u64()),
+        (Some(3), Some(0)),
+        "{r}"
+    );
+    assert!(
+        r["snapshot"].is_null(),
+        "no new snapshot within the hour: {r}"
+    );
+    assert_eq!(
+        json(&store, &["tier", "status", "--json"])["pending_lifecycle"],
+        0
+    );
+    assert_eq!(b.keys("index-snapshots/").len(), 1);
+    let want_a = lifecycle_of(&store, "ns/a", &[]);
+    let want_c = lifecycle_of(&store, "ns/c", &[]);
+    assert_eq!(want_a["retain"], "1y");
+    assert_eq!(want_a["holds"][0]["reason"], "case 17");
+    assert_eq!(want_c["holds"].as_array().unwrap().len(), 1);
+
+    for (name, from_snapshot) in [("fresh", true), ("fresh2", false)] {
+        if !from_snapshot {
+            for k in b.keys("index-snapshots/") {
+                b.store.delete(&k).unwrap();
+            }
+        }
+        let fresh = env.path(name);
+        let report: serde_json::Value = serde_json::from_str(&ok(
+            &fresh,
+            &["index", "rebuild", "--from", &b.url(), "--json"],
+            &[],
+        ))
+        .unwrap();
+        assert_eq!(report["snapshot"].is_string(), from_snapshot, "{report}");
+        assert_eq!(report["runs"], 2, "{report}");
+        assert_eq!(report["lifecycle_restored"], 3, "{report}");
+        assert_eq!(report["skipped"], serde_json::json!([]), "{report}");
+        assert_eq!(lifecycle_of(&fresh, "ns/a", &[]), want_a, "{name}");
+        assert_eq!(lifecycle_of(&fresh, "ns/c", &[]), want_c, "{name}");
+        let d = json(&fresh, &["retain", "ns", "--json"]);
+        assert_eq!(d["default_retain"], "90d", "{name}: {d}");
+        // The restored retention is enforced: shortening it is refused.
+        let out = cmd(&fresh, &["retain", "ns/a", "30d"], &[]);
+        assert!(!out.status.success(), "{name}");
+    }
+}
+
+/// gc deletes an expired run's lifecycle record with its manifest, so a rebuilt store does not
+/// give it back; a record still in the bucket (gc ran, no push yet) is not applied either.
+#[test]
+fn a_run_deleted_by_gc_does_not_get_its_lifecycle_back() {
+    let env = Env::new();
+    let b = Bucket::new("lifegc");
+    let store = env.store();
+    let clock = env.path("clock");
+    fs::write(&clock, "2026-12-01T00:00:00Z").unwrap();
+    let at = [("ARTIFACTFS_CLOCK_FILE", clock.to_str().unwrap())];
+    init_tiered(&store, &b, "0");
+    let gone = source(&env, "gone", 51, 1);
+    let keep = source(&env, "keep", 52, 1);
+    ok(&store, &["ingest", gone.to_str().unwrap(), "ns/gone"], &at);
+    ok(&store, &["ingest", keep.to_str().unwrap(), "ns/keep"], &at);
+    ok(&store, &["retain", "ns/gone", "1d"], &at);
+    ok(&store, &["retain", "ns/keep", "forever"], &at);
+    ok(&store, &["hold", "add", "ns/keep", "legal"], &at);
+    ok(&store, &["tier", "push"], &at);
+    assert_eq!(
+        b.keys("lifecycle/"),
+        ["site/lifecycle/ns/gone.json", "site/lifecycle/ns/keep.json"]
+    );
+    fs::write(&clock, "2026-12-03T00:00:00Z").unwrap();
+    let r: serde_json::Value =
+        serde_json::from_str(&ok(&store, &["gc", "--grace", "0s", "--json"], &at)).unwrap();
+    assert_eq!(r["runs_expired"], serde_json::json!(["ns/gone"]), "{r}");
+    let names = |s: &Path| -> Vec<String> {
+        json(s, &["runs", "--json"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["run"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    // Before the next push the record is still in the bucket: it names a run that is gone.
+    let early = env.path("early");
+    let report: serde_json::Value = serde_json::from_str(&ok(
+        &early,
+        &["index", "rebuild", "--from", &b.url(), "--json"],
+        &[],
+    ))
+    .unwrap();
+    assert!(
+        report["skipped"]
+            .to_string()
+            .contains("lifecycle/ns/gone.json"),
+        "{report}"
+    );
+    assert_eq!(names(&early), ["keep"]);
+    let want_keep = lifecycle_of(&store, "ns/keep", &at);
+    assert_eq!(lifecycle_of(&early, "ns/keep", &at), want_keep);
+    // The push deletes it.
+    let s = json(&store, &["tier", "status", "--json"]);
+    assert_eq!(s["pending_lifecycle"], 1, "{s}");
+    let r: serde_json::Value =
+        serde_json::from_str(&ok(&store, &["tier", "push", "--json"], &at)).unwrap();
+    assert_eq!(r["lifecycle"], 1, "{r}");
+    assert_eq!(b.keys("lifecycle/"), ["site/lifecycle/ns/keep.json"]);
+    // A new run of the same name gets no retention from the old one.
+    let again = source(&env, "again", 53, 1);
+    ok(&store, &["ingest", again.to_str().unwrap(), "ns/gone"], &at);
+    ok(&store, &["tier", "push"], &at);
+    let new = env.path("rebuilt");
+    let report: serde_json::Value = serde_json::from_str(&ok(
+        &new,
+        &["index", "rebuild", "--from", &b.url(), "--json"],
+        &[],
+    ))
+    .unwrap();
+    assert_eq!(report["skipped"], serde_json::json!([]), "{report}");
+    assert_eq!(names(&new), ["gone", "keep"]);
+    let g = lifecycle_of(&new, "ns/gone", &at);
+    assert!(
+        g["retain"].is_null() && g["holds"] == serde_json::json!([]),
+        "{g}"
+    );
+    let k = lifecycle_of(&new, "ns/keep", &at);
+    assert_eq!(k, want_keep);
+    assert_eq!(k["retain"], "forever");
+    assert_eq!(k["holds"][0]["name"], "legal");
+    export_matches(&env, &new, "ns/gone", &again);
+}

@@ -326,3 +326,248 @@ impl Index {
             .collect()
     }
 }
+
+/// Event kinds that change what a run's or a namespace's lifecycle record in the remote tier
+/// says: retention, holds, a seal (a retention set while the run was open becomes recordable),
+/// a deletion (the record goes), and namespace defaults.
+pub(crate) const LIFECYCLE_KINDS: &[&str] = &[
+    "run.retention",
+    "run.hold_placed",
+    "run.hold_removed",
+    "run.sealed",
+    "run.expired",
+    "run.lost",
+    "namespace.retention",
+];
+
+/// One event that may change a lifecycle record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LifecycleEvent {
+    pub seq: i64,
+    pub kind: String,
+    pub namespace: String,
+    /// `None` for a namespace's default.
+    pub run: Option<String>,
+}
+
+impl Index {
+    /// The newest event's `seq` (0 when the log is empty).
+    pub fn tier_last_event_seq(&self) -> Result<i64> {
+        self.conn
+            .query_row("SELECT coalesce(max(seq), 0) FROM events", [], |r| r.get(0))
+            .map_err(self.err_tier())
+    }
+
+    /// Events of [`LIFECYCLE_KINDS`] with `after < seq <= upto`, in order.
+    pub fn tier_lifecycle_events(&self, after: i64, upto: i64) -> Result<Vec<LifecycleEvent>> {
+        let kinds = LIFECYCLE_KINDS
+            .iter()
+            .map(|k| format!("'{k}'"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut s = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT seq, kind, namespace, run FROM events
+                 WHERE seq > ?1 AND seq <= ?2 AND namespace IS NOT NULL AND kind IN ({kinds})
+                 ORDER BY seq"
+            ))
+            .map_err(self.err_tier())?;
+        s.query_map(params![after, upto], |r| {
+            Ok(LifecycleEvent {
+                seq: r.get(0)?,
+                kind: r.get(1)?,
+                namespace: r.get(2)?,
+                run: r.get(3)?,
+            })
+        })
+        .map_err(self.err_tier())?
+        .collect::<rusqlite::Result<Vec<_>>>()
+        .map_err(self.err_tier())
+    }
+
+    /// When the lifecycle of a run (`Some(run)`) or of a namespace's default (`None`) last
+    /// changed: the time of its newest retention or hold event (unix ns), if any. This is the
+    /// version of its lifecycle record.
+    pub fn tier_lifecycle_version(
+        &self,
+        namespace: &str,
+        run: Option<&str>,
+    ) -> Result<Option<i64>> {
+        let one = |r: &rusqlite::Row<'_>| r.get::<_, Option<i64>>(0);
+        match run {
+            Some(run) => self.conn.query_row(
+                "SELECT max(at) FROM events WHERE namespace = ?1 AND run = ?2
+                 AND kind IN ('run.retention', 'run.hold_placed', 'run.hold_removed')",
+                params![namespace, run],
+                one,
+            ),
+            None => self.conn.query_row(
+                "SELECT max(at) FROM events WHERE namespace = ?1 AND run IS NULL
+                 AND kind = 'namespace.retention'",
+                params![namespace],
+                one,
+            ),
+        }
+        .map_err(self.err_tier())
+    }
+
+    /// Every run's and namespace's lifecycle version at once (see
+    /// [`Index::tier_lifecycle_version`]), keyed by (namespace, run).
+    pub fn tier_lifecycle_versions(
+        &self,
+    ) -> Result<std::collections::HashMap<(String, Option<String>), i64>> {
+        let mut s = self
+            .conn
+            .prepare_cached(
+                "SELECT namespace, run, max(at) FROM events WHERE namespace IS NOT NULL
+                 AND kind IN ('run.retention', 'run.hold_placed', 'run.hold_removed',
+                              'namespace.retention')
+                 GROUP BY namespace, run",
+            )
+            .map_err(self.err_tier())?;
+        s.query_map([], |r| {
+            Ok(((r.get::<_, String>(0)?, r.get(1)?), r.get::<_, i64>(2)?))
+        })
+        .map_err(self.err_tier())?
+        .collect::<rusqlite::Result<_>>()
+        .map_err(self.err_tier())
+    }
+
+    /// Restores a sealed run's retention and holds as a lifecycle record states them, without
+    /// the compliance rule (it restores recorded state), in one transaction with one event per
+    /// change, each at `at_ns` and marked `"rebuilt": true` (as a rebuild records seals).
+    /// Returns whether anything changed.
+    pub fn tier_restore_lifecycle(
+        &mut self,
+        run: &crate::index::RunRow,
+        retention: &crate::retention::RetentionState,
+        holds: &[crate::index::HoldRow],
+        at_ns: i64,
+    ) -> Result<bool> {
+        let current = self.run_retention(run)?;
+        let path = self.path.clone();
+        let err = crate::index::sql_err(&path);
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(&err)?;
+        let event =
+            |kind: &str, detail: serde_json::Value| {
+                tx.execute(
+                "INSERT INTO events (at, kind, namespace, run, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![at_ns, kind, run.run.namespace, run.run.run, detail.to_string()],
+            )
+            };
+        let mut changed = false;
+        if current.retention != *retention {
+            tx.execute(
+                "UPDATE runs SET retain = ?2, retain_for_ns = ?3, retain_until = ?4 WHERE id = ?1",
+                params![run.id, retention.spec, retention.for_ns, retention.until_ns],
+            )
+            .map_err(&err)?;
+            event(
+                "run.retention",
+                serde_json::json!({
+                    "retain": retention.spec,
+                    "retain_until": retention.until_ns,
+                    "previous": current.retention.spec,
+                    "previous_until": current.retention.until_ns,
+                    "override": false,
+                    "reason": null,
+                    "rebuilt": true,
+                }),
+            )
+            .map_err(&err)?;
+            changed = true;
+        }
+        for old in &current.holds {
+            if !holds.iter().any(|h| h.name == old.name) {
+                tx.execute(
+                    "DELETE FROM holds WHERE run = ?1 AND name = ?2",
+                    params![run.id, old.name],
+                )
+                .map_err(&err)?;
+                event(
+                    "run.hold_removed",
+                    serde_json::json!({ "hold": old.name, "rebuilt": true }),
+                )
+                .map_err(&err)?;
+                changed = true;
+            }
+        }
+        for h in holds {
+            let old = current.holds.iter().find(|o| o.name == h.name);
+            if old == Some(h) {
+                continue;
+            }
+            tx.execute(
+                "INSERT INTO holds (run, name, reason, placed_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (run, name) DO UPDATE SET reason = excluded.reason,
+                                                      placed_at = excluded.placed_at",
+                params![run.id, h.name, h.reason, h.placed_at_ns],
+            )
+            .map_err(&err)?;
+            event(
+                "run.hold_placed",
+                serde_json::json!({
+                    "hold": h.name,
+                    "reason": h.reason,
+                    "previous_reason": old.map(|o| o.reason.clone()),
+                    "rebuilt": true,
+                }),
+            )
+            .map_err(&err)?;
+            changed = true;
+        }
+        tx.commit().map_err(&err)?;
+        Ok(changed)
+    }
+
+    /// Restores a namespace's default retention from its lifecycle record, with a
+    /// `namespace.retention` event at `at_ns` marked `"rebuilt": true`. Returns false when the
+    /// namespace is not indexed or already has that default.
+    pub fn tier_restore_namespace_retention(
+        &mut self,
+        namespace: &str,
+        spec: Option<&str>,
+        at_ns: i64,
+    ) -> Result<bool> {
+        let current: Option<Option<String>> = self
+            .conn
+            .query_row(
+                "SELECT retain FROM namespaces WHERE name = ?1",
+                params![namespace],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(self.err_tier())?;
+        match current {
+            None => return Ok(false),
+            Some(c) if c.as_deref() == spec => return Ok(false),
+            Some(_) => {}
+        }
+        let path = self.path.clone();
+        let err = crate::index::sql_err(&path);
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(&err)?;
+        tx.execute(
+            "UPDATE namespaces SET retain = ?2 WHERE name = ?1",
+            params![namespace, spec],
+        )
+        .map_err(&err)?;
+        tx.execute(
+            "INSERT INTO events (at, kind, namespace, run, detail) VALUES (?1, 'namespace.retention', ?2, NULL, ?3)",
+            params![
+                at_ns,
+                namespace,
+                serde_json::json!({ "retain": spec, "rebuilt": true }).to_string()
+            ],
+        )
+        .map_err(&err)?;
+        tx.commit().map_err(&err)?;
+        Ok(true)
+    }
+}

@@ -10,10 +10,17 @@
 //! in a manifest. When two manifests name the same run (a run deleted and made again), the
 //! one sealed last wins and the others are reported.
 //!
+//! Retention and holds come back from the bucket's lifecycle records (`lifecycle/`, see
+//! `crate::tier`): after the snapshot (if any) and the manifests, the record of each live
+//! sealed run whose manifest it names is applied when it is newer than what the index has,
+//! without the compliance rule (it restores recorded state), with one event per change at the
+//! record's version time marked `"rebuilt": true`; likewise namespace defaults. A record of a
+//! run that is gone, or of an earlier run of the same name, is reported and not applied.
+//!
 //! Rebuild trusts a remote object whose listed size matches and whose table (or digest)
 //! checks; `artifactfs verify` re-reads everything afterwards.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::path::Path;
 use std::sync::Arc;
@@ -23,12 +30,15 @@ use serde::Serialize;
 use crate::clock::to_unix_ns;
 use crate::error::{Error, Result};
 use crate::id::ManifestDigest;
+use crate::index::HoldRow;
 use crate::manifest::{self, Manifest, manifest_key};
 use crate::names::RunRef;
 use crate::objstore::{LocalStore, ObjectStore};
 use crate::pack::{pack_id_from_key, read_table};
 use crate::store::{Store, StoreConfig};
-use crate::tier::{REMOTE_CONFIG_KEY, TierConfig};
+use crate::tier::{
+    LIFECYCLE_PREFIX, LifecycleRecord, REMOTE_CONFIG_KEY, TierConfig, parse_lifecycle_key,
+};
 
 /// What a rebuild found.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -48,6 +58,8 @@ pub struct RebuildReport {
     /// Packs and runs found in the bucket but not in the snapshot, indexed from their objects.
     pub replayed_packs: u64,
     pub replayed_runs: u64,
+    /// Runs and namespaces whose retention or holds were restored from lifecycle records.
+    pub lifecycle_restored: u64,
 }
 
 impl Store {
@@ -77,6 +89,14 @@ impl Store {
             }
             crate::objstore::sync_dir(root)?;
             report.old_index = Some(old.display().to_string());
+        }
+        // The new log is numbered from 1: upload every lifecycle record again (a record is
+        // never replaced by an older version).
+        let cursor = root.join(crate::tier::LIFECYCLE_CURSOR);
+        match fs::remove_file(&cursor) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io("remove", &cursor, e)),
         }
         let store = match (config.tier.is_some(), remote) {
             (true, Some(r)) => {
@@ -259,9 +279,13 @@ impl Store {
                 report.skipped.push(format!("run {run}: {why}"));
             }
         }
+        // What the snapshot knows of retention and holds, before the replayed runs get their
+        // defaults: a record older than that is not applied.
+        let versions = self.index().tier_lifecycle_versions()?;
         let before = report.runs;
         self.insert_runs(runs, report)?;
         report.replayed_runs = report.runs - before;
+        self.restore_lifecycle(remote, &versions, report)?;
         self.index().recount_refs()?;
         let stats = self.stats()?;
         report.packs = stats.packs;
@@ -405,6 +429,10 @@ impl Store {
             runs.push((at, d, m));
         }
         self.insert_runs(runs, report)?;
+        if let Some(r) = remote {
+            // Nothing in a new index predates the records: each one is applied.
+            self.restore_lifecycle(r, &Default::default(), report)?;
+        }
         self.index().sync()?;
         tracing::info!(
             packs = report.packs,
@@ -412,6 +440,106 @@ impl Store {
             skipped = report.skipped.len(),
             "index rebuilt"
         );
+        Ok(())
+    }
+}
+
+impl Store {
+    /// Applies the bucket's lifecycle records to the restored runs and namespaces; see the
+    /// module documentation.
+    fn restore_lifecycle(
+        &self,
+        remote: &dyn ObjectStore,
+        versions: &HashMap<(String, Option<String>), i64>,
+        report: &mut RebuildReport,
+    ) -> Result<()> {
+        for m in remote.list(LIFECYCLE_PREFIX)? {
+            let Some((ns, run)) = parse_lifecycle_key(&m.key) else {
+                report
+                    .skipped
+                    .push(format!("{}: not a lifecycle record name", m.key));
+                continue;
+            };
+            let rec = match remote
+                .get(&m.key)
+                .and_then(|b| LifecycleRecord::from_bytes(&b, &m.key))
+            {
+                Ok(r) if r.namespace == ns && r.run == run => r,
+                Ok(_) => {
+                    report
+                        .skipped
+                        .push(format!("{}: names another run than its key", m.key));
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(key = %m.key, error = %e, "lifecycle record skipped");
+                    report.skipped.push(format!("{}: {e}", m.key));
+                    continue;
+                }
+            };
+            let known = versions.get(&(ns.clone(), run.clone()));
+            if known.is_some_and(|v| *v >= rec.version) && run.is_none() {
+                continue;
+            }
+            let Some(run) = run else {
+                if self.index().tier_restore_namespace_retention(
+                    &ns,
+                    rec.retain.as_deref(),
+                    rec.version,
+                )? {
+                    report.lifecycle_restored += 1;
+                }
+                continue;
+            };
+            let row = RunRef::new(&ns, &run)
+                .and_then(|r| self.index().run(&r))
+                .ok()
+                .flatten();
+            let Some(row) = row.filter(|r| r.state == "sealed") else {
+                report.skipped.push(format!(
+                    "{}: no sealed run {ns}/{run} (deleted); not applied",
+                    m.key
+                ));
+                continue;
+            };
+            if row.manifest.map(|d| d.to_hex()) != rec.manifest {
+                report.skipped.push(format!(
+                    "{}: recorded for another run named {ns}/{run}; not applied",
+                    m.key
+                ));
+                continue;
+            }
+            if known.is_some_and(|v| *v >= rec.version) {
+                // The snapshot already has this state or a newer one.
+                continue;
+            }
+            let retention = crate::retention::RetentionState {
+                spec: rec.retain.clone(),
+                for_ns: rec.retain_for_ns,
+                until_ns: rec.retain_until,
+            };
+            let holds: Vec<HoldRow> = rec
+                .holds
+                .iter()
+                .map(|h| HoldRow {
+                    name: h.name.clone(),
+                    reason: h.reason.clone(),
+                    placed_at_ns: h.placed_at,
+                })
+                .collect();
+            if self
+                .index()
+                .tier_restore_lifecycle(&row, &retention, &holds, rec.version)?
+            {
+                report.lifecycle_restored += 1;
+            }
+        }
+        if report.lifecycle_restored > 0 {
+            tracing::info!(
+                restored = report.lifecycle_restored,
+                "retention and holds restored from lifecycle records"
+            );
+        }
         Ok(())
     }
 }

@@ -37,6 +37,19 @@
 //! kept afterwards as a file under `STORE/cache/ranges/` (written atomically, not fsynced: it
 //! is a cache and every chunk is checked against its id when decoded). Manifests are small
 //! and always stay local.
+//!
+//! # Lifecycle records
+//!
+//! Retention and holds live in the index, which reaches the bucket only in (at most hourly)
+//! snapshots. So every change of them is also written to the bucket as a small JSON object per
+//! sealed run, `lifecycle/<namespace>/<run>.json` (and `lifecycle/<namespace>/.namespace.json`
+//! for a namespace's default), holding the whole current state and a version (the time of the
+//! newest retention or hold event). The queue is the event log itself: each push looks at the
+//! lifecycle events after `STORE/lifecycle-cursor` (a `seq`), writes (or, for a deleted run,
+//! deletes) the record of each run or namespace they name, and moves the cursor past them only
+//! when every one of those uploads succeeded. A change therefore never waits for the bucket,
+//! and one made while it is down goes out with the next push that reaches it. A record is
+//! never replaced by an older version. A rebuild applies them (`crate::rebuild`).
 
 use std::collections::HashMap;
 use std::fs;
@@ -65,6 +78,18 @@ pub const REMOTE_CONFIG_KEY: &str = "store/config.toml";
 
 /// Where index snapshots live in the remote tier: `index-snapshots/<unix ns, 20 digits>.sqlite.zst`.
 pub const SNAPSHOT_PREFIX: &str = "index-snapshots/";
+
+/// Where lifecycle records live in the remote tier: `lifecycle/<namespace>/<run>.json`.
+pub const LIFECYCLE_PREFIX: &str = "lifecycle/";
+
+/// The record name of a namespace's default (a run name cannot start with `.`).
+const NAMESPACE_RECORD: &str = ".namespace";
+
+/// Version of the lifecycle record format.
+pub const LIFECYCLE_FORMAT: u32 = 1;
+
+/// The file (under the store root) holding the `seq` of the last lifecycle event uploaded.
+pub(crate) const LIFECYCLE_CURSOR: &str = "lifecycle-cursor";
 
 /// Snapshots kept in the remote tier; older ones are deleted after a new one is checked.
 const SNAPSHOTS_KEPT: usize = 2;
@@ -316,13 +341,103 @@ impl RangeCache {
     }
 }
 
+/// The key of the lifecycle record of run `run` of `namespace`, or with `None` of the
+/// namespace's default retention.
+pub fn lifecycle_key(namespace: &str, run: Option<&str>) -> String {
+    format!(
+        "{LIFECYCLE_PREFIX}{namespace}/{}.json",
+        run.unwrap_or(NAMESPACE_RECORD)
+    )
+}
+
+/// The namespace and run (`None`: the namespace's default) a lifecycle key names.
+pub fn parse_lifecycle_key(key: &str) -> Option<(String, Option<String>)> {
+    let rest = key.strip_prefix(LIFECYCLE_PREFIX)?.strip_suffix(".json")?;
+    let (ns, run) = rest.split_once('/')?;
+    if ns.is_empty() || run.is_empty() || run.contains('/') {
+        return None;
+    }
+    let run = (run != NAMESPACE_RECORD).then(|| run.to_owned());
+    Some((ns.to_owned(), run))
+}
+
+/// A hold as a lifecycle record keeps it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LifecycleHold {
+    pub name: String,
+    pub reason: String,
+    /// Unix ns.
+    pub placed_at: i64,
+}
+
+/// The retention and holds of one sealed run, or the default retention of one namespace
+/// (`run` and `manifest` absent), as kept in the remote tier; see the module documentation
+/// and `docs/format.md`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LifecycleRecord {
+    pub format: u32,
+    pub namespace: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<String>,
+    /// The run's manifest (hex): the record applies only to the run sealed with it, never to
+    /// a later run of the same name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest: Option<String>,
+    /// The retention as set (`None`: none).
+    pub retain: Option<String>,
+    #[serde(default)]
+    pub retain_for_ns: Option<i64>,
+    /// Unix ns; `i64::MAX` for `forever`.
+    #[serde(default)]
+    pub retain_until: Option<i64>,
+    #[serde(default)]
+    pub holds: Vec<LifecycleHold>,
+    /// When the state last changed (unix ns of the newest retention or hold event); a record
+    /// is never replaced by one with a smaller version.
+    pub version: i64,
+    /// The `seq` of that store's newest lifecycle event when the record was written
+    /// (informative: logs are renumbered by a rebuild).
+    pub seq: i64,
+}
+
+impl LifecycleRecord {
+    /// Parses a record, naming `key` in the error.
+    pub fn from_bytes(bytes: &[u8], key: &str) -> Result<Self> {
+        let r: Self = serde_json::from_slice(bytes)
+            .map_err(|e| Error::corrupt(format!("lifecycle record {key}"), e.to_string()))?;
+        if r.format != LIFECYCLE_FORMAT {
+            return Err(Error::corrupt(
+                format!("lifecycle record {key}"),
+                format!("format {} (this build reads {LIFECYCLE_FORMAT})", r.format),
+            ));
+        }
+        Ok(r)
+    }
+}
+
+/// A run or namespace named by lifecycle events after the cursor: the `seq` of its first such
+/// event, the namespace, the run (`None`: the namespace's default), and whether all of its
+/// events were seals.
+type LifecycleTarget = (i64, String, Option<String>, bool);
+
+/// What a push does with one run's or namespace's lifecycle record.
+enum LifecycleAction {
+    Put(String, LifecycleRecord),
+    Delete(String),
+    /// Nothing to record (an open run: its seal records it; a run without retention or holds).
+    Skip,
+}
+
 /// What one push did.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct PushReport {
     pub packs: u64,
     pub pack_bytes: u64,
     pub manifests: u64,
-    /// Packs and manifests still pending after this push (their upload failed).
+    /// Lifecycle records written or deleted.
+    pub lifecycle: u64,
+    /// Packs, manifests and lifecycle records still pending after this push (their upload
+    /// failed).
     pub still_pending: u64,
     pub evicted_packs: u64,
     pub evicted_bytes: u64,
@@ -353,6 +468,8 @@ pub struct TierStatus {
     pub range_cache_entries: u64,
     #[serde(flatten)]
     pub counts: TierCounts,
+    /// Runs and namespaces whose lifecycle record (retention, holds) is not yet in the bucket.
+    pub pending_lifecycle: u64,
 }
 
 /// The local store as a cache in front of a remote one; see the module documentation.
@@ -376,6 +493,8 @@ pub struct Tier {
     cache_dir: PathBuf,
     /// When the newest remote snapshot was taken (unix ns), once known.
     last_snapshot: Mutex<Option<i64>>,
+    /// `STORE/lifecycle-cursor`.
+    lifecycle_cursor: PathBuf,
 }
 
 impl Tier {
@@ -401,6 +520,7 @@ impl Tier {
             config_text,
             cache_dir: root.join("cache"),
             last_snapshot: Mutex::new(None),
+            lifecycle_cursor: root.join(LIFECYCLE_CURSOR),
         })
     }
 
@@ -441,10 +561,16 @@ impl Tier {
             (idx.tier_pending_packs()?, idx.tier_pending_manifests()?)
         };
         if packs.is_empty() && manifests.is_empty() {
+            let lifecycle_err = self.push_lifecycle(&mut report)?;
             let ev = self.evict()?;
             report.evicted_packs = ev.packs;
             report.evicted_bytes = ev.bytes;
             report.evicted_ranges = ev.ranges;
+            if report.lifecycle == 0
+                && let Some(e) = lifecycle_err
+            {
+                return Err(e);
+            }
             return Ok(report);
         }
         let mut first_err: Option<Error> = None;
@@ -529,12 +655,18 @@ impl Tier {
                 }
             }
         }
+        if first_err.as_ref().is_some_and(is_unreachable) {
+            report.still_pending += self.pending_lifecycle_count()?;
+        } else if let Some(e) = self.push_lifecycle(&mut report)? {
+            first_err.get_or_insert(e);
+        }
         let ev = self.evict()?;
         report.evicted_packs = ev.packs;
         report.evicted_bytes = ev.bytes;
         report.evicted_ranges = ev.ranges;
         if report.packs == 0
             && report.manifests == 0
+            && report.lifecycle == 0
             && let Some(e) = first_err
         {
             return Err(e);
@@ -567,6 +699,201 @@ impl Tier {
             );
         }
         Ok(report)
+    }
+
+    /// The `seq` of the last lifecycle event whose record is in the bucket (0: none yet).
+    fn lifecycle_cursor(&self) -> i64 {
+        match fs::read_to_string(&self.lifecycle_cursor) {
+            Ok(t) => t.trim().parse().unwrap_or_else(|_| {
+                tracing::warn!(file = %self.lifecycle_cursor.display(), "unreadable lifecycle cursor; uploading every lifecycle record again");
+                0
+            }),
+            Err(_) => 0,
+        }
+    }
+
+    fn save_lifecycle_cursor(&self, seq: i64) -> Result<()> {
+        let tmp = self.lifecycle_cursor.with_extension("tmp");
+        fs::write(&tmp, format!("{seq}\n"))
+            .and_then(|()| fs::rename(&tmp, &self.lifecycle_cursor))
+            .map_err(|e| Error::io("write", &self.lifecycle_cursor, e))
+    }
+
+    /// The runs and namespaces named by lifecycle events after the cursor, each once with the
+    /// `seq` of its first such event and whether all of them were seals, oldest first; and
+    /// the newest `seq` looked at.
+    fn lifecycle_targets(&self) -> Result<(Vec<LifecycleTarget>, i64)> {
+        let after = self.lifecycle_cursor();
+        let idx = self.index()?;
+        let upto = idx.tier_last_event_seq()?;
+        let mut targets: Vec<LifecycleTarget> = Vec::new();
+        let mut at: HashMap<(String, Option<String>), usize> = HashMap::new();
+        for e in idx.tier_lifecycle_events(after, upto)? {
+            let seal = e.kind == "run.sealed";
+            let key = (e.namespace.clone(), e.run.clone());
+            match at.get(&key) {
+                Some(&i) => targets[i].3 &= seal,
+                None => {
+                    at.insert(key, targets.len());
+                    targets.push((e.seq, e.namespace, e.run, seal));
+                }
+            }
+        }
+        Ok((targets, upto))
+    }
+
+    /// What to do with the lifecycle record of run `run` (or the default of) `namespace`.
+    fn lifecycle_action(
+        &self,
+        namespace: &str,
+        run: Option<&str>,
+        only_seals: bool,
+        seq: i64,
+    ) -> Result<LifecycleAction> {
+        let idx = self.index()?;
+        let key = lifecycle_key(namespace, run);
+        let Some(run) = run else {
+            return Ok(LifecycleAction::Put(
+                key,
+                LifecycleRecord {
+                    format: LIFECYCLE_FORMAT,
+                    namespace: namespace.to_owned(),
+                    run: None,
+                    manifest: None,
+                    retain: idx.namespace_retention(namespace)?,
+                    retain_for_ns: None,
+                    retain_until: None,
+                    holds: Vec::new(),
+                    version: idx.tier_lifecycle_version(namespace, None)?.unwrap_or(0),
+                    seq,
+                },
+            ));
+        };
+        let Ok(r) = crate::names::RunRef::new(namespace, run) else {
+            return Ok(LifecycleAction::Skip);
+        };
+        let row = match idx.run(&r)? {
+            None => return Ok(LifecycleAction::Delete(key)),
+            Some(row) if row.state != "sealed" => return Ok(LifecycleAction::Skip),
+            Some(row) => row,
+        };
+        let rr = idx.run_retention(&row)?;
+        if only_seals && rr.retention.spec.is_none() && rr.holds.is_empty() {
+            return Ok(LifecycleAction::Skip);
+        }
+        let version = idx
+            .tier_lifecycle_version(namespace, Some(run))?
+            .or(row.sealed_at_ns)
+            .unwrap_or(row.created_at_ns);
+        Ok(LifecycleAction::Put(
+            key,
+            LifecycleRecord {
+                format: LIFECYCLE_FORMAT,
+                namespace: namespace.to_owned(),
+                run: Some(run.to_owned()),
+                manifest: row.manifest.map(|d| d.to_hex()),
+                retain: rr.retention.spec,
+                retain_for_ns: rr.retention.for_ns,
+                retain_until: rr.retention.until_ns,
+                holds: rr
+                    .holds
+                    .into_iter()
+                    .map(|h| LifecycleHold {
+                        name: h.name,
+                        reason: h.reason,
+                        placed_at: h.placed_at_ns,
+                    })
+                    .collect(),
+                version,
+                seq,
+            },
+        ))
+    }
+
+    /// Runs and namespaces whose lifecycle record is not yet in the bucket.
+    fn pending_lifecycle_count(&self) -> Result<u64> {
+        let (targets, upto) = self.lifecycle_targets()?;
+        let mut n = 0;
+        for (_, ns, run, seals) in targets {
+            if !matches!(
+                self.lifecycle_action(&ns, run.as_deref(), seals, upto)?,
+                LifecycleAction::Skip
+            ) {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Writes one lifecycle record, unless the bucket holds a newer version of it.
+    fn put_lifecycle(&self, key: &str, rec: &LifecycleRecord) -> Result<bool> {
+        match self.remote.get(key) {
+            Ok(b) => match LifecycleRecord::from_bytes(&b, key) {
+                Ok(old) if old.version > rec.version => {
+                    tracing::info!(
+                        key,
+                        version = rec.version,
+                        bucket_version = old.version,
+                        "the bucket holds a newer lifecycle record; kept"
+                    );
+                    return Ok(false);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(key, error = %e, "replacing an unreadable lifecycle record")
+                }
+            },
+            Err(Error::MissingObject { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        let bytes = serde_json::to_vec(rec)
+            .map_err(|e| Error::Internal(format!("encode lifecycle record: {e}")))?;
+        self.remote.put(key, &bytes)?;
+        self.check_remote(key, bytes.len(), |got| got == bytes.as_slice())?;
+        Ok(true)
+    }
+
+    /// Brings the bucket's lifecycle records up to the index (see the module documentation).
+    /// Returns the first failure; the cursor then stays before the event that failed.
+    fn push_lifecycle(&self, report: &mut PushReport) -> Result<Option<Error>> {
+        let (targets, upto) = self.lifecycle_targets()?;
+        if targets.is_empty() {
+            if upto != self.lifecycle_cursor() && upto > 0 {
+                self.save_lifecycle_cursor(upto)?;
+            }
+            return Ok(None);
+        }
+        let mut cursor = upto;
+        let mut failure = None;
+        let total = targets.len();
+        for (i, (first, ns, run, seals)) in targets.into_iter().enumerate() {
+            let done = match self.lifecycle_action(&ns, run.as_deref(), seals, upto)? {
+                LifecycleAction::Skip => continue,
+                LifecycleAction::Put(key, rec) => self.put_lifecycle(&key, &rec).map(|_| key),
+                LifecycleAction::Delete(key) => self.remote.delete(&key).map(|()| key),
+            };
+            match done {
+                Ok(key) => {
+                    tracing::debug!(key, "lifecycle record written");
+                    report.lifecycle += 1;
+                }
+                Err(e) => {
+                    tracing::warn!(namespace = %ns, run = run.as_deref().unwrap_or(""), error = %e,
+                        "lifecycle record upload failed; it stays pending");
+                    if report.errors.len() < 5 {
+                        report.errors.push(e.to_string());
+                    }
+                    report.still_pending += (total - i) as u64;
+                    cursor = first - 1;
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        if cursor != self.lifecycle_cursor() {
+            self.save_lifecycle_cursor(cursor)?;
+        }
+        Ok(failure)
     }
 
     /// Uploads an index snapshot when the newest one is older than the configured interval.
@@ -825,6 +1152,7 @@ impl Tier {
             range_cache_bytes: range_bytes,
             range_cache_entries: range_entries,
             counts,
+            pending_lifecycle: self.pending_lifecycle_count()?,
         })
     }
 
@@ -1438,6 +1766,77 @@ mod tests {
                 .head(&pack_key(&id))
                 .unwrap()
                 .is_none()
+        );
+    }
+
+    #[test]
+    fn lifecycle_changes_queue_while_down_and_survive_a_rebuild() {
+        let dir = tempfile::tempdir().unwrap();
+        let remote = Arc::new(Flaky::new());
+        let store = tiered(dir.path(), remote.clone(), 1 << 30);
+        ingest(&store, dir.path(), "ns/a", 7, 1 << 20);
+        let a = crate::RunRef::parse("ns/a").unwrap();
+        store.push_pending().unwrap();
+        assert!(store.upload_index_snapshot().is_ok());
+        let key = lifecycle_key("ns", Some("a"));
+        assert!(
+            remote.inner.head(&key).unwrap().is_none(),
+            "no retention, no record"
+        );
+        // Changes while the bucket is down are made at once and stay pending.
+        remote.down.store(true, Ordering::SeqCst);
+        store.set_retention(&a, "30d", None).unwrap();
+        store.place_hold(&a, "legal", b"case 17").unwrap();
+        store.set_namespace_retention("ns", Some("90d")).unwrap();
+        assert_eq!(store.tier_status().unwrap().pending_lifecycle, 2);
+        assert!(store.push_pending().is_err());
+        assert_eq!(store.tier_status().unwrap().pending_lifecycle, 2);
+        remote.down.store(false, Ordering::SeqCst);
+        let r = store.push_pending().unwrap();
+        assert_eq!((r.lifecycle, r.still_pending), (2, 0), "{r:?}");
+        assert_eq!(store.tier_status().unwrap().pending_lifecycle, 0);
+        let rec = LifecycleRecord::from_bytes(&remote.inner.get(&key).unwrap(), &key).unwrap();
+        assert_eq!(rec.retain.as_deref(), Some("30d"));
+        assert_eq!(rec.holds.len(), 1);
+        assert_eq!(rec.holds[0].reason, "case 17");
+        // A newer change rewrites it with a larger version.
+        store.set_retention(&a, "60d", None).unwrap();
+        store.push_pending().unwrap();
+        let rec2 = LifecycleRecord::from_bytes(&remote.inner.get(&key).unwrap(), &key).unwrap();
+        assert_eq!(rec2.retain.as_deref(), Some("60d"));
+        assert!(rec2.version > rec.version);
+        let want = store.retention_info(&a).unwrap();
+        drop(store);
+        // The snapshot predates every change: the records bring them back.
+        let (new, report) = Store::init_from_remote(
+            &dir.path().join("new"),
+            remote.clone(),
+            TierConfig::new("s3://test/x"),
+        )
+        .unwrap();
+        assert!(report.snapshot.is_some(), "{report:?}");
+        assert_eq!(report.lifecycle_restored, 2, "{report:?}");
+        let got = new.retention_info(&a).unwrap();
+        assert_eq!(got.retain, want.retain);
+        assert_eq!(got.retain_until, want.retain_until);
+        assert_eq!(got.holds, want.holds);
+        assert_eq!(
+            new.namespace_retention("ns").unwrap().as_deref(),
+            Some("90d")
+        );
+        let mut kinds: Vec<_> = new
+            .events(0, 1000)
+            .unwrap()
+            .into_iter()
+            .filter(|e| {
+                e.detail["rebuilt"] == true && e.kind != "run.opened" && e.kind != "run.sealed"
+            })
+            .map(|e| e.kind)
+            .collect();
+        kinds.sort();
+        assert_eq!(
+            kinds,
+            ["namespace.retention", "run.hold_placed", "run.retention"]
         );
     }
 }
