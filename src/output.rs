@@ -330,6 +330,11 @@ pub fn tier_status(
         "manifests      {} pending, {} remote",
         c.pending_manifests, c.remote_manifests
     )?;
+    writeln!(
+        out,
+        "lifecycle      {} pending (runs and namespaces whose retention or holds changed)",
+        s.pending_lifecycle
+    )?;
     Ok(())
 }
 
