@@ -147,19 +147,20 @@ pub fn router(vfs: Arc<Vfs>, opts: ServerOptions) -> Router {
 pub struct Handle {
     /// The address it listens on (the real port when asked for port 0).
     pub addr: SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    stop: Option<tokio::sync::oneshot::Sender<Duration>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Handle {
-    /// Stops taking connections and gives running requests up to `grace` to finish.
+    /// Stops taking connections, closes open ones, and gives engine calls in progress up to
+    /// `grace` to finish (an engine call is never cut in the middle by the runtime).
     pub fn shutdown(mut self, grace: Duration) {
         self.stop_and_join(grace);
     }
 
-    fn stop_and_join(&mut self, _grace: Duration) {
+    fn stop_and_join(&mut self, grace: Duration) {
         if let Some(s) = self.stop.take() {
-            let _ = s.send(());
+            let _ = s.send(grace);
         }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -190,7 +191,7 @@ pub fn start(vfs: Arc<Vfs>, listen: &str, opts: ServerOptions) -> std::io::Resul
         .thread_name("afs-http")
         .enable_all()
         .build()?;
-    let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
+    let (tx, mut rx) = tokio::sync::oneshot::channel::<Duration>();
     let listener = {
         let _g = rt.enter();
         tokio::net::TcpListener::from_std(listener)?
@@ -198,10 +199,10 @@ pub fn start(vfs: Arc<Vfs>, listen: &str, opts: ServerOptions) -> std::io::Resul
     let thread = std::thread::Builder::new()
         .name("afs-http-main".into())
         .spawn(move || {
-            rt.block_on(async move {
+            let grace = rt.block_on(async move {
                 loop {
                     tokio::select! {
-                        _ = &mut rx => break,
+                        g = &mut rx => break g.unwrap_or(Duration::ZERO),
                         acc = listener.accept() => {
                             let (sock, peer) = match acc {
                                 Ok(a) => a,
@@ -227,7 +228,8 @@ pub fn start(vfs: Arc<Vfs>, listen: &str, opts: ServerOptions) -> std::io::Resul
                     }
                 }
             });
-            rt.shutdown_timeout(Duration::from_secs(5));
+            // Connection tasks are dropped; engine calls on the blocking pool get up to `grace`.
+            rt.shutdown_timeout(grace);
         })?;
     tracing::info!(%addr, "HTTP API listening");
     Ok(Handle {
