@@ -8,7 +8,8 @@
 //! process when the store is free, and in the mount process when a mount owns the store: the
 //! command is then forwarded over the store's control socket (`control`). A new verb is a new
 //! [`Command`] variant, an arm in `execute` and its body; forwarding needs nothing more.
-//! The few verbs that never reach a store through its owner (`init`, `mount`, `umount`) are
+//! The few verbs that never reach a store through its owner (`init`, `mount`, `umount`,
+//! `serve`) are
 //! handled in [`run`] before that.
 
 use std::collections::BTreeMap;
@@ -228,6 +229,9 @@ pub enum Command {
         /// subjects artifactfs.events.NS.KIND; docs/events.md).
         #[arg(long, value_name = "URL")]
         nats: Option<String>,
+        /// Also serve the HTTP API on ADDR (HOST:PORT), over the same engine as the mount.
+        #[arg(long, value_name = "ADDR")]
+        serve: Option<String>,
         /// Set by a detaching `mount` for the process it starts: begin a new session.
         #[arg(long, hide = true)]
         detached: bool,
@@ -253,6 +257,31 @@ pub enum Command {
         /// Remove a run's directory from the spool once it is sealed.
         #[arg(long)]
         remove_after_seal: bool,
+    },
+    /// Serve the HTTP API (docs/api.md) on ADDR, owning the store as a mount does.
+    ///
+    /// Other commands on the store are forwarded to the server over STORE/control.sock while
+    /// it runs. Logs are JSON lines on standard error.
+    Serve {
+        /// HOST:PORT to listen on (port 0 picks a free one; the address is printed).
+        #[arg(long, value_name = "ADDR")]
+        listen: String,
+        /// Seal an open run once it has had no open file and no write for this long
+        /// (default: only when asked, POST /v1/runs/NS/RUN/seal).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        seal_after: Option<std::time::Duration>,
+        /// Largest JSON request body.
+        #[arg(long, value_parser = parse_size, default_value = "1MiB")]
+        max_json_body: u64,
+        /// Largest request head (request line and headers).
+        #[arg(long, value_parser = parse_size, default_value = "64KiB")]
+        max_header_size: u64,
+        /// Remove resumable uploads untouched this long.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "24h")]
+        upload_expiry: std::time::Duration,
+        /// Publish the store's events to this NATS server (docs/events.md).
+        #[arg(long, value_name = "URL")]
+        nats: Option<String>,
     },
 }
 
@@ -353,7 +382,7 @@ fn default_store() -> Result<PathBuf> {
     Ok(PathBuf::from(home).join(".local/share/artifactfs"))
 }
 
-fn init_logging(verbose: u8) {
+fn init_logging(verbose: u8, json: bool) {
     let default = match verbose {
         0 => "warn",
         1 => "info",
@@ -361,11 +390,15 @@ fn init_logging(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("ARTIFACTFS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_writer(std::io::stderr);
+    if json {
+        // One JSON object a line, with the request span's fields (request_id, route, …).
+        fmt.json().with_current_span(true).init();
+    } else {
+        fmt.with_ansi(std::io::stderr().is_terminal()).init();
+    }
 }
 
 /// The engine's clock: the system clock, or, when `ARTIFACTFS_CLOCK_FILE` names a file, the
@@ -422,7 +455,7 @@ fn parse_meta(items: &[String]) -> Result<BTreeMap<String, String>> {
 
 pub fn run() -> Result<ExitCode> {
     let cli = Cli::parse();
-    init_logging(cli.verbose);
+    init_logging(cli.verbose, matches!(cli.command, Command::Serve { .. }));
     let store_dir = match cli.store {
         Some(s) => s,
         None => default_store()?,
@@ -477,6 +510,7 @@ pub fn run() -> Result<ExitCode> {
             seal_after,
             seal_marker,
             nats,
+            serve,
             detached,
         } => {
             let opts = crate::mount::MountArgs {
@@ -485,6 +519,7 @@ pub fn run() -> Result<ExitCode> {
                 seal_after,
                 seal_marker,
                 nats,
+                serve,
                 verbose: cli.verbose,
             };
             if foreground {
@@ -512,6 +547,31 @@ pub fn run() -> Result<ExitCode> {
                 seal_after,
                 seal_marker,
                 remove_after_seal,
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Serve {
+            listen,
+            seal_after,
+            max_json_body,
+            max_header_size,
+            upload_expiry,
+            nats,
+        } => {
+            let to_usize = |v: u64, what: &str| {
+                usize::try_from(v).with_context(|| format!("{what} is too large"))
+            };
+            crate::serve::serve(crate::serve::ServeArgs {
+                store: store_dir,
+                listen,
+                seal_after,
+                nats,
+                options: artifactfs_server::ServerOptions {
+                    max_json_bytes: to_usize(max_json_body, "--max-json-body")?,
+                    max_header_bytes: to_usize(max_header_size, "--max-header-size")?,
+                    upload_expiry,
+                    ..artifactfs_server::ServerOptions::default()
+                },
             })?;
             Ok(ExitCode::SUCCESS)
         }
@@ -644,6 +704,7 @@ pub fn execute(cmd: Command, eng: &Engine, io: &mut Io) -> Result<u8> {
         | Command::Mount { .. }
         | Command::Umount { .. }
         | Command::Watch { .. }
+        | Command::Serve { .. }
         | Command::Index { .. } => {
             bail!("this command does not run through a store's owner")
         }

@@ -6,6 +6,7 @@ mod control;
 mod lifecycle;
 mod mount;
 mod output;
+mod serve;
 mod tier;
 mod watch;
 

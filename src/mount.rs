@@ -24,6 +24,8 @@ pub struct MountArgs {
     pub seal_marker: Option<String>,
     /// Publish the store's events to this NATS server.
     pub nats: Option<String>,
+    /// Also serve the HTTP API on this address.
+    pub serve: Option<String>,
     pub verbose: u8,
 }
 
@@ -101,7 +103,7 @@ fn canonical_mountpoint(p: &Path) -> Result<PathBuf> {
 
 /// Opens (or creates) the store to be mounted; a store that is owned already is refused with
 /// a message that says so (exit status 5).
-fn open_for_mount(dir: &Path) -> Result<Store> {
+pub fn open_for_mount(dir: &Path, verb: &str) -> Result<Store> {
     if crate::cli::is_empty_or_missing(dir) {
         drop(
             Store::init(dir, &InitOptions::default())
@@ -115,8 +117,8 @@ fn open_for_mount(dir: &Path) -> Result<Store> {
         };
         match holder {
             Some(holder) => e.context(format!(
-                "cannot mount {}: it is already owned by {holder} (a running mount, or another \
-                 command); unmount it first",
+                "cannot {verb} {}: it is already owned by {holder} (a running mount, server or \
+                 watch, or another command); stop it first",
                 dir.display()
             )),
             None => e,
@@ -128,7 +130,7 @@ fn open_for_mount(dir: &Path) -> Result<Store> {
 pub fn detach(a: &MountArgs) -> Result<()> {
     let mp = canonical_mountpoint(&a.mountpoint)?;
     // Refuse here, with the real reason, rather than after the child failed.
-    drop(open_for_mount(&a.store)?);
+    drop(open_for_mount(&a.store, "mount")?);
     let log_path = a.store.join("mount.log");
     let log = OpenOptions::new()
         .create(true)
@@ -152,6 +154,9 @@ pub fn detach(a: &MountArgs) -> Result<()> {
     }
     if let Some(url) = &a.nats {
         cmd.arg("--nats").arg(url);
+    }
+    if let Some(l) = &a.serve {
+        cmd.arg("--serve").arg(l);
     }
     cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
     let mut child = cmd.spawn().context("cannot start the mount process")?;
@@ -192,41 +197,24 @@ pub fn foreground(a: &MountArgs, detached: bool) -> Result<()> {
         let _ = nix::unistd::setsid();
     }
     // Block the signals before any thread starts, so that only the waiting thread sees them.
-    let mut signals = SigSet::empty();
-    signals.add(Signal::SIGINT);
-    signals.add(Signal::SIGTERM);
-    signals.add(Signal::SIGHUP);
-    signals.thread_block().context("cannot block signals")?;
+    let rx = signal_channel()?;
 
     let mp = canonical_mountpoint(&a.mountpoint)?;
-    let store = open_for_mount(&a.store)?;
-    // A tiered store uploads in the background while mounted; stopped after unmount.
-    let uploader = store
-        .tier()
-        .map(|t| t.start_uploader(Duration::from_secs(30)));
-    let opts = VfsOptions {
-        seal_after: a.seal_after,
-        seal_marker: a.seal_marker.clone(),
-        ..VfsOptions::default()
-    };
-    if let Some(m) = &opts.seal_marker {
-        artifactfs_core::names::validate_component("seal marker", m, true)?;
-    }
-    let vfs = Arc::new(Vfs::new(store, opts)?);
-    let publisher = a
-        .nats
-        .as_ref()
-        .map(|url| start_publisher(&vfs, url))
-        .transpose()?;
-    // Listen before the mount is ready: whoever sees the mount may send commands at once. A
-    // socket that cannot be bound (e.g. a store path longer than a socket address allows)
-    // costs only that: the mount works, other commands report the store in use.
-    let control = match crate::control::Server::start(&a.store, vfs.clone()) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            tracing::error!("{e:#}; other commands on this store will report it in use");
-            None
-        }
+    let owner = Owner::start(
+        &a.store,
+        VfsOptions {
+            seal_after: a.seal_after,
+            seal_marker: a.seal_marker.clone(),
+            ..VfsOptions::default()
+        },
+        "mount",
+        a.nats.as_deref(),
+    )?;
+    let vfs = owner.vfs.clone();
+    // The HTTP API over the same view, when asked: one engine, both frontends.
+    let http = match &a.serve {
+        Some(listen) => Some(crate::serve::start_http(&vfs, listen)?),
+        None => None,
     };
     let stop = Arc::new(AtomicBool::new(false));
     let session = artifactfs_fuse::spawn_mount(
@@ -243,15 +231,6 @@ pub fn foreground(a: &MountArgs, detached: bool) -> Result<()> {
         store = %a.store.display(), mountpoint = %mp.display(), seal_after = ?a.seal_after,
         "mounted; until unmount, other artifactfs commands on this store go through its control socket"
     );
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::Builder::new()
-        .name("afs-signals".into())
-        .spawn(move || {
-            if let Ok(sig) = signals.wait() {
-                let _ = tx.send(sig);
-            }
-        })
-        .context("cannot start the signal thread")?;
     loop {
         match rx.recv_timeout(Duration::from_millis(200)) {
             Ok(sig) => {
@@ -262,9 +241,10 @@ pub fn foreground(a: &MountArgs, detached: bool) -> Result<()> {
                 if session.guard.is_finished() {
                     tracing::info!("unmounted from outside");
                     stop.store(true, Ordering::Relaxed);
-                    if let Some(c) = control {
-                        c.shutdown(COMMAND_GRACE);
+                    if let Some(h) = http {
+                        h.shutdown(COMMAND_GRACE);
                     }
+                    owner.stop();
                     return session
                         .join()
                         .context("the file system ended with an error");
@@ -278,16 +258,72 @@ pub fn foreground(a: &MountArgs, detached: bool) -> Result<()> {
         tracing::warn!("unmount failed ({e}); detaching the mount lazily");
         let _ = Command::new("fusermount3").arg("-uz").arg(&mp).status();
     }
-    if let Some(c) = control {
-        c.shutdown(COMMAND_GRACE);
+    if let Some(h) = http {
+        h.shutdown(COMMAND_GRACE);
     }
-    if let Some(u) = uploader {
-        u.stop();
-    }
-    if let Some(p) = publisher {
-        p.shutdown();
-    }
+    owner.stop();
     Ok(())
+}
+
+/// What a process that owns a store runs besides its frontends: the engine's view (shared by
+/// the frontends and the control socket), the control socket, and a tiered store's uploader.
+/// `mount` and `serve` both start one.
+pub struct Owner {
+    pub vfs: Arc<Vfs>,
+    control: Option<crate::control::Server>,
+    uploader: Option<artifactfs_core::tier::Uploader>,
+    publisher: Option<artifactfs_nats::Publisher>,
+}
+
+impl Owner {
+    /// Opens (or creates) the store, takes its lock and starts the control socket, and with
+    /// `nats` the event publisher. `verb` names the owner in messages.
+    pub fn start(
+        store_dir: &Path,
+        opts: VfsOptions,
+        verb: &str,
+        nats: Option<&str>,
+    ) -> Result<Self> {
+        let store = open_for_mount(store_dir, verb)?;
+        // A tiered store uploads in the background while owned; stopped in `stop`.
+        let uploader = store
+            .tier()
+            .map(|t| t.start_uploader(Duration::from_secs(30)));
+        if let Some(m) = &opts.seal_marker {
+            artifactfs_core::names::validate_component("seal marker", m, true)?;
+        }
+        let vfs = Arc::new(Vfs::new(store, opts)?);
+        let publisher = nats.map(|url| start_publisher(&vfs, url)).transpose()?;
+        // Listen before the frontends are ready: whoever sees them may send commands at once.
+        // A socket that cannot be bound (e.g. a store path longer than a socket address
+        // allows) costs only that: the frontends work, other commands report the store in use.
+        let control = match crate::control::Server::start(store_dir, vfs.clone()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::error!("{e:#}; other commands on this store will report it in use");
+                None
+            }
+        };
+        Ok(Self {
+            vfs,
+            control,
+            uploader,
+            publisher,
+        })
+    }
+
+    /// Stops the control socket (waiting for running commands) and the uploader.
+    pub fn stop(self) {
+        if let Some(c) = self.control {
+            c.shutdown(COMMAND_GRACE);
+        }
+        if let Some(u) = self.uploader {
+            u.stop();
+        }
+        if let Some(p) = self.publisher {
+            p.shutdown();
+        }
+    }
 }
 
 /// Starts publishing the store's events to the NATS server at `url` (ADR 0012). An
@@ -305,6 +341,26 @@ fn start_publisher(vfs: &Arc<Vfs>, url: &str) -> Result<artifactfs_nats::Publish
         },
     )
     .with_context(|| format!("cannot publish events to {url}"))
+}
+
+/// Blocks SIGINT, SIGTERM and SIGHUP in this thread (and the threads it starts later) and
+/// returns a channel that receives the first of them, from a thread of its own.
+pub fn signal_channel() -> Result<std::sync::mpsc::Receiver<Signal>> {
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGTERM);
+    signals.add(Signal::SIGHUP);
+    signals.thread_block().context("cannot block signals")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("afs-signals".into())
+        .spawn(move || {
+            if let Ok(sig) = signals.wait() {
+                let _ = tx.send(sig);
+            }
+        })
+        .context("cannot start the signal thread")?;
+    Ok(rx)
 }
 
 /// How long `umount` waits for the mount process to let go of its store.

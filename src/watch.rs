@@ -37,7 +37,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{Context, Result, bail};
 use artifactfs_core::manifest::{Kind, ROOT};
 use artifactfs_core::vfs::{Vfs, VfsOptions};
-use artifactfs_core::{Error, InitOptions, NoProgress, RunRef, Store};
+use artifactfs_core::{Error, NoProgress, RunRef, Store};
 use nix::sys::signal::{SigSet, Signal};
 use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
 use notify::{RecursiveMode, Watcher};
@@ -198,27 +198,7 @@ pub fn watch(args: &WatchArgs) -> Result<()> {
 }
 
 fn open_for_watch(dir: &Path) -> Result<Store> {
-    if crate::cli::is_empty_or_missing(dir) {
-        drop(
-            Store::init(dir, &InitOptions::default())
-                .with_context(|| format!("cannot initialise store {}", dir.display()))?,
-        );
-    }
-    crate::cli::open_store(dir).map_err(|e| {
-        let holder = match e.downcast_ref::<Error>() {
-            Some(Error::Locked { holder, .. }) => Some(holder.clone()),
-            _ => None,
-        };
-        match holder {
-            Some(holder) => e.context(format!(
-                "cannot watch into {}: it is owned by {holder} (a mount, another watch, or \
-                 another command); a spool is ingested by the store's owner only, so stop it \
-                 first or write into its mount instead",
-                dir.display()
-            )),
-            None => e,
-        }
-    })
+    crate::mount::open_for_mount(dir, "watch into")
 }
 
 fn spawn_signal_thread(signals: SigSet, tx: Sender<Msg>) -> Result<()> {

@@ -22,6 +22,7 @@ pub mod manifest;
 pub mod names;
 pub mod objstore;
 pub mod pack;
+pub mod readiness;
 pub mod rebuild;
 pub mod retention;
 pub mod store;
