@@ -67,16 +67,33 @@ fn stream_of(store_id: &str) -> Vec<(String, String, String)> {
     })
 }
 
-#[test]
-fn the_mount_publishes_its_events_to_nats() {
-    let env = Env::new();
+/// A new store's id.
+fn init_store(env: &Env) -> String {
     env.ok(&["init"]);
     let config = fs::read_to_string(env.store().join("config.toml")).unwrap();
-    let store_id = config
+    config
         .lines()
         .find_map(|l| l.strip_prefix("store_id = "))
         .map(|v| v.trim().trim_matches('"').to_owned())
-        .expect("store_id in config.toml");
+        .expect("store_id in config.toml")
+}
+
+/// The stream's messages of `store_id`, once there are `n` (the publisher polls the log about
+/// once a second; the deadline is against hangs only).
+fn wait_stream(store_id: &str, n: usize) -> Vec<(String, String, String)> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut got = stream_of(store_id);
+    while got.len() < n && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        got = stream_of(store_id);
+    }
+    got
+}
+
+#[test]
+fn the_mount_publishes_its_events_to_nats() {
+    let env = Env::new();
+    let store_id = init_store(&env);
     let url = nats_url();
     let m = Mount::start(
         &env,
@@ -107,18 +124,55 @@ fn the_mount_publishes_its_events_to_nats() {
         want.iter().map(|w| w.2.as_str()).collect::<Vec<_>>(),
         ["run.opened", "run.sealed", "run.hold_placed"]
     );
-    // Against hangs only: the publisher polls the log about once a second.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut got = stream_of(&store_id);
-    while got.len() < want.len() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(200));
-        got = stream_of(&store_id);
-    }
-    assert_eq!(got, want);
+    assert_eq!(wait_stream(&store_id, want.len()), want);
     m.unmount();
     let cursor = fs::read_to_string(env.store().join("nats-cursor")).unwrap();
     assert!(
         cursor.contains(&log.last().unwrap()["seq"].to_string()),
         "{cursor}"
     );
+}
+
+/// `artifactfs serve --nats URL` publishes too: a run ingested through the server's control
+/// socket and its retention reach the stream in order.
+#[test]
+fn the_server_publishes_its_events_to_nats() {
+    let env = Env::new();
+    let store_id = init_store(&env);
+    let mut child = env
+        .std_cmd(&["serve", "--listen", "127.0.0.1:0", "--nats", &nats_url()])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn serve");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert!(line.starts_with("listening on http://"), "{line:?}");
+    let src = env.path("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("a.txt"), b"served").unwrap();
+    env.ok(&["ingest", src.to_str().unwrap(), "lab/r2"]);
+    env.ok(&["retain", "lab/r2", "30d"]);
+    let got = wait_stream(&store_id, 3);
+    let kinds: Vec<&str> = got.iter().map(|g| g.2.as_str()).collect();
+    assert_eq!(
+        kinds,
+        ["run.opened", "run.sealed", "run.retention"],
+        "{got:?}"
+    );
+    for (i, g) in got.iter().enumerate() {
+        assert_eq!(g.0, format!("{store_id}-{}", i + 1));
+        assert_eq!(g.1, format!("artifactfs.events.lab.{}", g.2));
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(child.wait().unwrap().success());
 }
