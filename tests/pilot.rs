@@ -12,12 +12,10 @@ mod common;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use artifactfs_core::objstore::ObjectStore;
-use artifactfs_s3::{S3Config, S3Credentials, S3Store};
 use common::mount::{Mount, wait_sealed};
+use common::rgw::{Bucket, gateway_env};
 use common::{Env, assert_same_tree};
 use guide_board_sim::generate::{Options, generate, run_mtime, run_name};
 use guide_board_sim::produce::{ProduceOptions, produce, run_xattrs};
@@ -226,84 +224,6 @@ fn pilot_through_a_mount() {
     assert!(afs(&env.store(), &[], &["verify"]).contains("ok"));
 }
 
-/// `tools/ceph-rgw/env.sh`, as (name, value) pairs, after starting the gateway once.
-fn gateway_env() -> &'static Vec<(String, String)> {
-    static ENV: OnceLock<Vec<(String, String)>> = OnceLock::new();
-    ENV.get_or_init(|| {
-        let tools = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tools/ceph-rgw");
-        let run = |script: &str| {
-            let out = Command::new("bash")
-                .arg(tools.join(script))
-                .output()
-                .expect("run a tools/ceph-rgw script");
-            assert!(
-                out.status.success(),
-                "{script} failed:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            String::from_utf8(out.stdout).unwrap()
-        };
-        run("start.sh");
-        run("env.sh")
-            .lines()
-            .filter_map(|l| l.trim().strip_prefix("export "))
-            .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| (k.to_owned(), v.trim_matches(['"', '\'']).to_owned()))
-            .collect()
-    })
-}
-
-/// A new bucket, emptied and deleted when dropped.
-struct Bucket {
-    store: S3Store,
-    name: String,
-}
-
-impl Bucket {
-    fn new() -> Self {
-        let var = |name: &str| {
-            gateway_env()
-                .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.clone())
-                .unwrap_or_else(|| panic!("env.sh does not set {name}"))
-        };
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        let name = format!("afs-pilot-{}-{}", std::process::id(), nanos % 1_000_000_000);
-        let config = S3Config {
-            endpoint: Some(var("AWS_ENDPOINT_URL")),
-            region: Some(var("AWS_REGION")),
-            credentials: Some(S3Credentials {
-                access_key_id: var("AWS_ACCESS_KEY_ID"),
-                secret_access_key: var("AWS_SECRET_ACCESS_KEY"),
-                session_token: None,
-            }),
-            ..S3Config::new(&name)
-        };
-        let store = S3Store::connect(config).unwrap();
-        store.create_bucket().unwrap();
-        Self { store, name }
-    }
-
-    fn url(&self) -> String {
-        format!("s3://{}/lab", self.name)
-    }
-}
-
-impl Drop for Bucket {
-    fn drop(&mut self) {
-        if let Ok(all) = self.store.list("") {
-            for m in all {
-                let _ = self.store.delete(&m.key);
-            }
-        }
-        let _ = self.store.delete_bucket();
-    }
-}
-
 /// The pilot on a store tiered to RGW, then a new store rebuilt from the bucket alone: every
 /// run exports bit-exact from it, with its retention and hold. Retention and holds are index
 /// state (not in manifests): they reach the bucket in an index snapshot, so the pilot takes
@@ -312,7 +232,7 @@ impl Drop for Bucket {
 fn pilot_tiered_then_rebuilt_from_the_bucket() {
     let env = Env::new();
     let vars = gateway_env().clone();
-    let b = Bucket::new();
+    let b = Bucket::new("pilot");
     let store = env.store();
     afs(
         &store,

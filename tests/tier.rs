@@ -9,109 +9,15 @@ mod common;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command as StdCommand;
-use std::sync::OnceLock;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use artifactfs_core::objstore::ObjectStore;
-use artifactfs_s3::{S3Config, S3Credentials, S3Store};
+use common::rgw::{Bucket, gateway_env};
 use common::{Env, assert_same_tree, bytes};
 
 const MIB: usize = 1 << 20;
 /// A port nothing listens on.
 const DEAD_ENDPOINT: &str = "http://127.0.0.1:9";
-
-/// `tools/ceph-rgw/env.sh`, as (name, value) pairs, after starting the gateway once.
-fn gateway_env() -> &'static Vec<(String, String)> {
-    static ENV: OnceLock<Vec<(String, String)>> = OnceLock::new();
-    ENV.get_or_init(|| {
-        let tools = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tools/ceph-rgw");
-        let run = |script: &str| {
-            let out = StdCommand::new("bash")
-                .arg(tools.join(script))
-                .output()
-                .expect("run a tools/ceph-rgw script");
-            assert!(
-                out.status.success(),
-                "{script} failed:\n{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-            String::from_utf8(out.stdout).unwrap()
-        };
-        run("start.sh");
-        run("env.sh")
-            .lines()
-            .filter_map(|l| l.trim().strip_prefix("export "))
-            .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| (k.to_owned(), v.trim_matches(['"', '\'']).to_owned()))
-            .collect()
-    })
-}
-
-fn var(name: &str) -> String {
-    gateway_env()
-        .iter()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.clone())
-        .unwrap_or_else(|| panic!("env.sh does not set {name}"))
-}
-
-/// A new bucket, emptied when dropped.
-struct Bucket {
-    store: S3Store,
-    name: String,
-}
-
-impl Bucket {
-    fn new(tag: &str) -> Self {
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        let name = format!(
-            "afs-tier-{tag}-{}-{}",
-            std::process::id(),
-            nanos % 1_000_000_000
-        );
-        let config = S3Config {
-            endpoint: Some(var("AWS_ENDPOINT_URL")),
-            region: Some(var("AWS_REGION")),
-            credentials: Some(S3Credentials {
-                access_key_id: var("AWS_ACCESS_KEY_ID"),
-                secret_access_key: var("AWS_SECRET_ACCESS_KEY"),
-                session_token: None,
-            }),
-            ..S3Config::new(&name)
-        };
-        let store = S3Store::connect(config).unwrap();
-        store.create_bucket().unwrap();
-        Self { store, name }
-    }
-
-    fn url(&self) -> String {
-        format!("s3://{}/site", self.name)
-    }
-
-    fn keys(&self, prefix: &str) -> Vec<String> {
-        self.store
-            .list(&format!("site/{prefix}"))
-            .unwrap()
-            .into_iter()
-            .map(|m| m.key)
-            .collect()
-    }
-}
-
-impl Drop for Bucket {
-    fn drop(&mut self) {
-        if let Ok(all) = self.store.list("") {
-            for m in all {
-                let _ = self.store.delete(&m.key);
-            }
-        }
-        let _ = self.store.delete_bucket();
-    }
-}
 
 /// `artifactfs` with the gateway's AWS_* variables (and `overrides` on top).
 fn cmd(store: &Path, args: &[&str], overrides: &[(&str, &str)]) -> std::process::Output {
@@ -200,7 +106,7 @@ fn rand_suffix() -> u128 {
 #[test]
 fn push_evicts_and_reads_come_back_through_ranged_gets() {
     let env = Env::new();
-    let b = Bucket::new("push");
+    let b = Bucket::new("tier-push");
     let store = env.store();
     init_tiered(&store, &b, "0");
     let src = source(&env, "src", 1, 3);
@@ -264,7 +170,7 @@ fn push_evicts_and_reads_come_back_through_ranged_gets() {
 #[test]
 fn the_cache_bound_holds_and_evicted_chunks_are_cached_after_a_read() {
     let env = Env::new();
-    let b = Bucket::new("bound");
+    let b = Bucket::new("tier-bound");
     let store = env.store();
     let bound = 3 * MIB as u64;
     init_tiered(&store, &b, "3MiB");
@@ -303,7 +209,7 @@ fn the_cache_bound_holds_and_evicted_chunks_are_cached_after_a_read() {
 #[test]
 fn a_new_store_is_rebuilt_from_the_bucket_alone() {
     let env = Env::new();
-    let b = Bucket::new("rebuild");
+    let b = Bucket::new("tier-rebuild");
     let store = env.store();
     init_tiered(&store, &b, "1MiB");
     let mut srcs = Vec::new();
@@ -387,7 +293,7 @@ fn a_new_store_is_rebuilt_from_the_bucket_alone() {
 #[test]
 fn an_unreachable_endpoint_keeps_uploads_pending_and_evicts_nothing() {
     let env = Env::new();
-    let b = Bucket::new("down");
+    let b = Bucket::new("tier-down");
     let store = env.store();
     init_tiered(&store, &b, "0");
     let dead = [
@@ -431,7 +337,7 @@ fn an_unreachable_endpoint_keeps_uploads_pending_and_evicts_nothing() {
 #[test]
 fn rejected_credentials_fail_at_start_with_a_clear_error() {
     let env = Env::new();
-    let b = Bucket::new("creds");
+    let b = Bucket::new("tier-creds");
     let store = env.store();
     let wrong = [("AWS_SECRET_ACCESS_KEY", "not-the-secret")];
     let out = cmd(&store, &["init", "--backend", &b.url()], &wrong);
@@ -463,7 +369,7 @@ fn rejected_credentials_fail_at_start_with_a_clear_error() {
 #[test]
 fn a_push_killed_midway_resumes_and_evicts_only_what_was_checked() {
     let env = Env::new();
-    let b = Bucket::new("kill");
+    let b = Bucket::new("tier-kill");
     let store = env.store();
     init_tiered(&store, &b, "0");
     let src = source(&env, "src", 50, 24);
@@ -508,7 +414,7 @@ fn a_push_killed_midway_resumes_and_evicts_only_what_was_checked() {
 fn a_mount_reads_evicted_chunks_and_uploads_what_is_pending() {
     use common::mount::is_mounted;
     let env = Env::new();
-    let b = Bucket::new("mount");
+    let b = Bucket::new("tier-mount");
     let store = env.store();
     init_tiered(&store, &b, "0");
     let src = source(&env, "src", 60, 3);
@@ -585,7 +491,7 @@ fn a_mount_reads_evicted_chunks_and_uploads_what_is_pending() {
 #[test]
 fn gc_deletes_dead_packs_and_manifests_in_the_bucket() {
     let env = Env::new();
-    let b = Bucket::new("gc");
+    let b = Bucket::new("tier-gc");
     let store = env.store();
     let clock = env.path("clock");
     fs::write(&clock, "2026-12-01T00:00:00Z").unwrap();
@@ -654,7 +560,7 @@ fn lifecycle_of(store: &Path, run: &str, at: &[(&str, &str)]) -> serde_json::Val
 #[test]
 fn retention_and_holds_survive_a_rebuild_from_the_bucket() {
     let env = Env::new();
-    let b = Bucket::new("life");
+    let b = Bucket::new("tier-life");
     let store = env.store();
     init_tiered(&store, &b, "1MiB");
     let a = source(&env, "a", 41, 1);
@@ -734,7 +640,7 @@ fn retention_and_holds_survive_a_rebuild_from_the_bucket() {
 #[test]
 fn a_run_deleted_by_gc_does_not_get_its_lifecycle_back() {
     let env = Env::new();
-    let b = Bucket::new("lifegc");
+    let b = Bucket::new("tier-lifegc");
     let store = env.store();
     let clock = env.path("clock");
     fs::write(&clock, "2026-12-01T00:00:00Z").unwrap();

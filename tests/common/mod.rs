@@ -12,6 +12,7 @@ use std::process::Output;
 use assert_cmd::Command;
 
 pub mod mount;
+pub mod rgw;
 
 /// A temporary store and scratch space.
 pub struct Env {
