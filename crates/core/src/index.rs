@@ -26,7 +26,7 @@ mod retention;
 pub use retention::{DefaultRetention, ExpiredRun, HoldRow, PackUsage, RunRetention, SweepStats};
 
 /// Schema version written by this build.
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 const MIGRATIONS: &[&str] = &[
     // 0 -> 1
@@ -149,6 +149,14 @@ const MIGRATIONS: &[&str] = &[
     "#,
     // 3 -> 4: tiering state (crate::index_tier).
     crate::index_tier::MIGRATION_TIER,
+    // 4 -> 5: small files of open runs keep their content in the index instead of a staging
+    // file (ADR 0015).
+    r#"
+    CREATE TABLE inline_data (
+        ino         INTEGER PRIMARY KEY REFERENCES inodes(ino) ON DELETE CASCADE,
+        data        BLOB NOT NULL
+    );
+    "#,
 ];
 
 /// A run as the index knows it.
@@ -1395,6 +1403,41 @@ impl Meta<'_> {
         self.conn
             .prepare_cached("UPDATE inodes SET mtime_ns = ?2, ctime_ns = ?3 WHERE ino = ?1")
             .and_then(|mut s| s.execute(params![ino, mtime_ns, ctime_ns]))
+            .map_err(self.err())
+            .map(drop)
+    }
+
+    /// The content of a file kept in the index (`None`: it is in its staging file).
+    pub fn inline_data(&self, ino: i64) -> Result<Option<Vec<u8>>> {
+        self.conn
+            .prepare_cached("SELECT data FROM inline_data WHERE ino = ?1")
+            .and_then(|mut s| s.query_row(params![ino], |r| r.get(0)).optional())
+            .map_err(self.err())
+    }
+
+    /// The length of a file kept in the index (`None`: it is in its staging file).
+    pub fn inline_len(&self, ino: i64) -> Result<Option<u64>> {
+        self.conn
+            .prepare_cached("SELECT length(data) FROM inline_data WHERE ino = ?1")
+            .and_then(|mut s| s.query_row(params![ino], |r| r.get::<_, i64>(0)).optional())
+            .map(|n| n.map(|n| n as u64))
+            .map_err(self.err())
+    }
+
+    /// Keeps a file's content in the index.
+    pub fn set_inline_data(&self, ino: i64, data: &[u8]) -> Result<()> {
+        self.conn
+            .prepare_cached("INSERT OR REPLACE INTO inline_data (ino, data) VALUES (?1, ?2)")
+            .and_then(|mut s| s.execute(params![ino, data]))
+            .map_err(self.err())
+            .map(drop)
+    }
+
+    /// Drops a file's content from the index (it moved to its staging file).
+    pub fn drop_inline_data(&self, ino: i64) -> Result<()> {
+        self.conn
+            .prepare_cached("DELETE FROM inline_data WHERE ino = ?1")
+            .and_then(|mut s| s.execute(params![ino]))
             .map_err(self.err())
             .map(drop)
     }

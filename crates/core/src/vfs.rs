@@ -7,10 +7,13 @@
 //!
 //! - **Open runs** keep their metadata (inodes, directory entries, modes, owners, times, xattrs,
 //!   symlink targets, link counts) in the index (schema 2) and each regular file's bytes in a
-//!   staging file `STORE/staging/<run id>/<inode>` (ADR 0007). Writes are `pwrite`s into that
-//!   file; its length is the file's size. A file's mtime after a write is kept in memory and
+//!   staging file `STORE/staging/<run id>/<inode>` (ADR 0007), or, up to 64 KiB, in the index
+//!   itself (ADR 0015: in memory while open, written with the mtime on close). Writes are
+//!   `pwrite`s into that file; its length is the file's size. A file's mtime after a write is kept in memory and
 //!   written to the index on flush, fsync and release, so a closed or fsynced file survives a
 //!   crash of the mount with its content and attributes.
+//! - **Chunking ahead**: a closed file is chunked in the background (`preseal`), so that the
+//!   seal can take its chunk list instead of reading it again (ADR 0015).
 //! - **Sealing** streams every staged file through the chunk pipeline (as `ingest_dir` does),
 //!   builds the same manifest entries as an ingest of the same tree, stores the manifest, and
 //!   flips the run to sealed in one index transaction; only then are the staging files deleted.
@@ -354,10 +357,12 @@ enum RetentionTarget {
 }
 
 enum Handle {
+    /// A file of an open run: its staging file, or `None` while its content is inline (in
+    /// [`State::inline`] and the index).
     Staged {
         run: i64,
         inode: i64,
-        file: Arc<File>,
+        file: Option<Arc<File>>,
     },
     Sealed {
         run: Arc<SealedRun>,
@@ -367,6 +372,21 @@ enum Handle {
     SealCtl,
     GcCtl,
 }
+
+/// An open inline file's bytes.
+#[derive(Default)]
+struct Inline {
+    data: Vec<u8>,
+    /// Changed since it was last written to the index.
+    dirty: bool,
+}
+
+/// A regular file of an open run keeps its content in the index while it is at most this
+/// long, and moves to a staging file when it grows past it (ADR 0015).
+const INLINE_MAX: u64 = 64 << 10;
+/// The open inline files' bytes in memory are at most this many; past it, files move to
+/// staging files.
+const INLINE_MEM_MAX: usize = 64 << 20;
 
 struct Activity {
     last: Instant,
@@ -384,6 +404,11 @@ struct State {
     open_count: HashMap<i64, u32>,
     runs: HashMap<i64, Activity>,
     dirty_mtime: HashMap<i64, i64>,
+    /// The content of open files small enough to live in the index instead of a staging file
+    /// (ADR 0015), while they are open; written to the index on flush, fsync and release.
+    inline: HashMap<i64, Inline>,
+    /// The bytes in `inline`.
+    inline_bytes: usize,
     /// Open runs being sealed: changes to them wait (see `Vfs::lock_mut`).
     sealing: HashSet<i64>,
     /// Per sealed-file handle: where the next sequential read starts (for readahead).
@@ -548,6 +573,8 @@ pub struct Vfs {
     subdirs: Mutex<HashMap<i64, u64>>,
     /// Tells the kernel to forget a name it may have cached (set by the FUSE frontend).
     forget_entry: Mutex<Option<EntryInvalidator>>,
+    /// Chunks closed files of open runs ahead of their seal.
+    preseal: preseal::PreSeal,
     /// Called by a seal after it froze the run and let go of the state lock.
     #[cfg(test)]
     seal_hook: Mutex<Option<SealHook>>,
@@ -635,6 +662,7 @@ impl Vfs {
         } else {
             None
         };
+        let preseal = preseal::PreSeal::start(store.clone(), staging.clone())?;
         Ok(Self {
             store,
             opts,
@@ -646,6 +674,7 @@ impl Vfs {
             started_ns,
             subdirs: Mutex::new(HashMap::new()),
             forget_entry: Mutex::new(None),
+            preseal,
             #[cfg(test)]
             seal_hook: Mutex::new(None),
         })
@@ -797,13 +826,7 @@ impl Vfs {
 
     fn open_attr(&self, st: &State, row: &InodeRow) -> Result<Attr> {
         let (size, nlink) = match row.kind {
-            Kind::File => {
-                let p = self.staging_path(row.run, row.ino);
-                let len = fs::metadata(&p)
-                    .map_err(|e| Error::io("stat", &p, e))?
-                    .len();
-                (len, row.nlink)
-            }
+            Kind::File => (self.file_len(st, row)?, row.nlink),
             Kind::Dir => (0, 2 + self.subdir_count(row.ino)? as u32),
             _ => (row.size, row.nlink.max(1)),
         };
@@ -1270,7 +1293,6 @@ impl Vfs {
         }
         row.run = dir.run;
         let now = row.ctime_ns;
-        let staging = self.staging.join(dir.run.to_string());
         let ino = self.store.index().meta_write(|m| {
             if m.lookup(dir_ino, name)?.is_some() {
                 return Err(Error::AlreadyExists(name.to_owned()));
@@ -1279,10 +1301,8 @@ impl Vfs {
             m.set_dentry(dir_ino, name, ino)?;
             m.set_times(dir_ino, now, now)?;
             if row.kind == Kind::File {
-                let p = staging.join(ino.to_string());
-                fs::create_dir_all(&staging)
-                    .map_err(|e| Error::io("create directory", &staging, e))?;
-                File::create_new(&p).map_err(|e| Error::io("create", &p, e))?;
+                // A new file starts inline; it moves to a staging file if it grows.
+                m.set_inline_data(ino, &[])?;
             }
             Ok(ino)
         })?;
@@ -1426,6 +1446,81 @@ impl Vfs {
         fh
     }
 
+    /// The length of an open-run file.
+    fn file_len(&self, st: &State, row: &InodeRow) -> Result<u64> {
+        if let Some(i) = st.inline.get(&row.ino) {
+            return Ok(i.data.len() as u64);
+        }
+        if let Some(n) = self.store.index().meta(|m| m.inline_len(row.ino))? {
+            return Ok(n);
+        }
+        let p = self.staging_path(row.run, row.ino);
+        Ok(fs::metadata(&p)
+            .map_err(|e| Error::io("stat", &p, e))?
+            .len())
+    }
+
+    /// Where an open-run file's content is for a new handle: `None` when inline (then loaded
+    /// into [`State::inline`]), else its staging file.
+    fn open_content(&self, st: &mut State, row: &InodeRow) -> Result<Option<Arc<File>>> {
+        if st.inline.contains_key(&row.ino) {
+            return Ok(None);
+        }
+        if let Some(data) = self.store.index().meta(|m| m.inline_data(row.ino))? {
+            st.inline_bytes += data.len();
+            st.inline.insert(row.ino, Inline { data, dirty: false });
+            return Ok(None);
+        }
+        self.open_staged(row).map(Some)
+    }
+
+    /// Moves an inline file's content to a staging file (it grew past [`INLINE_MAX`], or
+    /// inline files use too much memory); every handle of it switches to the file.
+    fn spill(&self, st: &mut State, run: i64, inode: i64) -> Result<Arc<File>> {
+        let data = match st.inline.remove(&inode) {
+            Some(i) => {
+                st.inline_bytes -= i.data.len();
+                i.data
+            }
+            None => self
+                .store
+                .index()
+                .meta(|m| m.inline_data(inode))?
+                .unwrap_or_default(),
+        };
+        let dir = self.staging.join(run.to_string());
+        fs::create_dir_all(&dir).map_err(|e| Error::io("create directory", &dir, e))?;
+        let p = self.staging_path(run, inode);
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&p)
+            .map_err(|e| Error::io("create", &p, e))?;
+        f.write_all_at(&data, 0)
+            .map_err(|e| Error::io("write", &p, e))?;
+        // Until this commit the index's copy counts; after it, the staging file.
+        self.store
+            .index()
+            .meta_write(|m| m.drop_inline_data(inode))?;
+        let f = Arc::new(f);
+        for h in st.handles.values_mut() {
+            if let Handle::Staged { inode: i, file, .. } = h
+                && *i == inode
+            {
+                *file = Some(f.clone());
+            }
+        }
+        tracing::debug!(
+            run,
+            inode,
+            bytes = data.len(),
+            "inline file moved to staging"
+        );
+        Ok(f)
+    }
+
     fn open_staged(&self, row: &InodeRow) -> Result<Arc<File>> {
         let p = self.staging_path(row.run, row.ino);
         let f = OpenOptions::new()
@@ -1442,7 +1537,7 @@ impl Vfs {
         let (mut st, p) = self.lock_mut(parent)?;
         let row = self.new_inode(ctx, 0, Kind::File, mode, self.now());
         let row = self.create_in(&mut st, p, name, row, "create")?;
-        let file = self.open_staged(&row)?;
+        let file = self.open_content(&mut st, &row)?;
         let fh = self.new_handle(
             &mut st,
             Handle::Staged {
@@ -1474,7 +1569,7 @@ impl Vfs {
                         format!("inode {i} is a {}", row.kind.as_str()),
                     ));
                 }
-                let file = self.open_staged(&row)?;
+                let file = self.open_content(&mut st, &row)?;
                 (
                     Handle::Staged {
                         run: row.run,
@@ -1718,8 +1813,24 @@ impl Vfs {
         let r = {
             let mut st = self.lock();
             match st.handles.get(&fh) {
-                Some(Handle::Staged { run, inode, file }) => {
-                    R::File(file.clone(), self.staging_path(*run, *inode))
+                Some(Handle::Staged {
+                    run,
+                    inode,
+                    file: Some(file),
+                }) => R::File(file.clone(), self.staging_path(*run, *inode)),
+                Some(Handle::Staged {
+                    inode, file: None, ..
+                }) => {
+                    let data = &st
+                        .inline
+                        .get(inode)
+                        .ok_or_else(|| {
+                            Error::Internal(format!("inline file {inode} is open but not loaded"))
+                        })?
+                        .data;
+                    let start = (offset as usize).min(data.len());
+                    let end = start.saturating_add(size as usize).min(data.len());
+                    return Ok(data[start..end].to_vec());
                 }
                 Some(Handle::Sealed { run, idx }) => {
                     let r = R::Sealed(run.clone(), *idx);
@@ -1861,7 +1972,7 @@ impl Vfs {
     /// Writes `data` at `offset`; returns the bytes written.
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
         enum W {
-            Staged(Arc<File>, i64, i64),
+            Staged(Option<Arc<File>>, i64, i64),
             Seal,
             Gc,
             Other,
@@ -1881,6 +1992,27 @@ impl Vfs {
                     let now = self.now();
                     st.dirty_mtime.insert(inode, now);
                     self.touch(&mut st, run);
+                    self.preseal.changed(run, inode);
+                    let file = match file {
+                        Some(f) => f,
+                        None => {
+                            let end = offset.saturating_add(data.len() as u64);
+                            let st = &mut *st;
+                            if let Some(i) = st.inline.get_mut(&inode) {
+                                let grow = (end as usize).saturating_sub(i.data.len());
+                                if end <= INLINE_MAX && st.inline_bytes + grow <= INLINE_MEM_MAX {
+                                    if i.data.len() < end as usize {
+                                        i.data.resize(end as usize, 0);
+                                    }
+                                    i.data[offset as usize..end as usize].copy_from_slice(data);
+                                    i.dirty = true;
+                                    st.inline_bytes += grow;
+                                    return Ok(data.len() as u32);
+                                }
+                            }
+                            self.spill(st, run, inode)?
+                        }
+                    };
                     (file, run, inode)
                 }
                 W::Seal => {
@@ -1918,11 +2050,26 @@ impl Vfs {
         Ok(data.len() as u32)
     }
 
+    /// Writes what a file's writes changed to the index: its mtime and, when it is inline, its
+    /// content.
     fn persist_mtime(&self, st: &mut State, inode: i64) -> Result<()> {
-        if let Some(t) = st.dirty_mtime.remove(&inode) {
-            self.store
-                .index()
-                .meta_write(|m| m.set_times(inode, t, t))?;
+        let data = st.inline.get(&inode).filter(|i| i.dirty).map(|i| &i.data);
+        if data.is_none() && !st.dirty_mtime.contains_key(&inode) {
+            return Ok(());
+        }
+        let t = st.dirty_mtime.get(&inode).copied();
+        self.store.index().meta_write(|m| {
+            if let Some(t) = t {
+                m.set_times(inode, t, t)?;
+            }
+            if let Some(d) = data {
+                m.set_inline_data(inode, d)?;
+            }
+            Ok(())
+        })?;
+        st.dirty_mtime.remove(&inode);
+        if let Some(i) = st.inline.get_mut(&inode) {
+            i.dirty = false;
         }
         Ok(())
     }
@@ -1942,8 +2089,10 @@ impl Vfs {
         let mut st = self.lock();
         if let Some(Handle::Staged { run, inode, file }) = st.handles.get(&fh) {
             let (run, inode, file) = (*run, *inode, file.clone());
-            file.sync_all()
-                .map_err(|e| Error::io("fsync", self.staging_path(run, inode), e))?;
+            if let Some(file) = file {
+                file.sync_all()
+                    .map_err(|e| Error::io("fsync", self.staging_path(run, inode), e))?;
+            }
             self.persist_mtime(&mut st, inode)?;
             // The file's metadata (size, times, name) is in the index: make that durable too.
             self.store.index().sync()?;
@@ -1969,6 +2118,11 @@ impl Vfs {
         };
         if left == 0 {
             st.open_count.remove(&inode);
+            if res.is_ok()
+                && let Some(i) = st.inline.remove(&inode)
+            {
+                st.inline_bytes -= i.data.len();
+            }
         }
         if let Some(a) = st.runs.get_mut(&run) {
             a.open = a.open.saturating_sub(1);
@@ -1979,9 +2133,11 @@ impl Vfs {
             match row {
                 Some(row) if row.nlink == 0 => {
                     self.store.index().meta_write(|m| m.delete_inode(inode))?;
+                    self.preseal.forget(inode);
                     let _ = fs::remove_file(self.staging_path(run, inode));
                 }
                 Some(_) => {
+                    self.preseal.closed(run, inode);
                     if let Some(marker) = &self.opts.seal_marker {
                         let root = self.store.index().meta(|m| m.run_root(run))?;
                         let named = match root {
@@ -2036,6 +2192,7 @@ impl Vfs {
         }
         let i = self.writable(node, "setattr")?;
         let mut row = self.inode(i)?;
+        let mut inline_set: Option<Vec<u8>> = None;
         if let Some(m) = set.mode {
             row.mode = m & 0o7777;
         }
@@ -2051,12 +2208,30 @@ impl Vfs {
                     format!("inode {i} is a {}", row.kind.as_str()),
                 ));
             }
-            let file = match fh.and_then(|f| st.handles.get(&f)) {
-                Some(Handle::Staged { file, .. }) => file.clone(),
-                _ => self.open_staged(&row)?,
-            };
-            file.set_len(size)
-                .map_err(|e| Error::io("truncate", self.staging_path(row.run, i), e))?;
+            self.preseal.changed(row.run, i);
+            let inline = st.inline.contains_key(&i)
+                || self.store.index().meta(|m| m.inline_len(i))?.is_some();
+            if inline && size <= INLINE_MAX {
+                let mut data = match st.inline.get(&i) {
+                    Some(x) => x.data.clone(),
+                    None => self
+                        .store
+                        .index()
+                        .meta(|m| m.inline_data(i))?
+                        .unwrap_or_default(),
+                };
+                data.resize(size as usize, 0);
+                // Written with the inode below; a copy in memory follows.
+                inline_set = Some(data);
+            } else {
+                let file = match fh.and_then(|f| st.handles.get(&f)) {
+                    Some(Handle::Staged { file: Some(f), .. }) => f.clone(),
+                    _ if inline => self.spill(&mut st, row.run, i)?,
+                    _ => self.open_staged(&row)?,
+                };
+                file.set_len(size)
+                    .map_err(|e| Error::io("truncate", self.staging_path(row.run, i), e))?;
+            }
             row.mtime_ns = now;
             st.dirty_mtime.remove(&i);
         }
@@ -2067,7 +2242,21 @@ impl Vfs {
             row.mtime_ns = t;
         }
         row.ctime_ns = now;
-        self.store.index().meta_write(|m| m.update_inode(&row))?;
+        self.store.index().meta_write(|m| {
+            m.update_inode(&row)?;
+            if let Some(d) = &inline_set {
+                m.set_inline_data(i, d)?;
+            }
+            Ok(())
+        })?;
+        if let Some(d) = inline_set {
+            let st = &mut *st;
+            if let Some(x) = st.inline.get_mut(&i) {
+                st.inline_bytes = st.inline_bytes - x.data.len() + d.len();
+                x.data = d;
+                x.dirty = false;
+            }
+        }
         self.touch(&mut st, row.run);
         self.open_attr(&st, &row)
     }
@@ -2114,6 +2303,7 @@ impl Vfs {
             self.drop_name(&st, m, ino, now)
         })?;
         if let Some((run, ino)) = gone {
+            self.preseal.forget(ino);
             let _ = fs::remove_file(self.staging_path(run, ino));
         }
         let run = self.inode(dir)?.run;
@@ -2265,6 +2455,7 @@ impl Vfs {
             Ok(gone)
         })?;
         if let Some((run, ino)) = gone {
+            self.preseal.forget(ino);
             let _ = fs::remove_file(self.staging_path(run, ino));
         }
         st.dirty_mtime.remove(&from);
@@ -2713,6 +2904,8 @@ impl Vfs {
         }
         st.sealing.insert(run_id);
         drop(st);
+        // Its files are closed: what is still queued to be chunked ahead, the seal chunks.
+        self.preseal.quiesce(run_id);
         #[cfg(test)]
         if let Some(hook) = &*self.seal_hook.lock().unwrap_or_else(|p| p.into_inner()) {
             hook(run_id);
@@ -2722,7 +2915,14 @@ impl Vfs {
         // Held until the commit: gc does not sweep a chunk this seal found stored.
         let guard = self.store.seal_guard();
         let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            build_seal(&self.store, &guard, &self.staging, run_id, &r)
+            build_seal(
+                &self.store,
+                &guard,
+                &self.staging,
+                run_id,
+                &r,
+                Some(&self.preseal),
+            )
         }))
         .unwrap_or_else(|_| Err(Error::Internal(format!("the seal of run {r} panicked"))));
         let mut st = self.lock();
@@ -2737,6 +2937,7 @@ impl Vfs {
             .clear();
         drop(guard);
         st.runs.remove(&run_id);
+        self.preseal.forget_run(run_id);
         let s = self.sealed_run(&mut st, run_id)?;
         for (path, ino) in &b.paths {
             if let Some(idx) = s.by_path.get(path) {
@@ -2782,7 +2983,7 @@ pub fn seal_offline(store: &Store, r: &RunRef) -> Result<ManifestDigest> {
     }
     let staging = store.root().join("staging");
     let guard = store.seal_guard();
-    let b = build_seal(store, &guard, &staging, id, r)?;
+    let b = build_seal(store, &guard, &staging, id, r, None)?;
     commit_seal(store, id, &b)?;
     drop(guard);
     remove_staging(&staging, id);
@@ -2799,6 +3000,7 @@ fn build_seal(
     staging: &Path,
     run_id: i64,
     r: &RunRef,
+    pre: Option<&preseal::PreSeal>,
 ) -> Result<BuiltSeal> {
     let (inodes, dentries, root) = store.index().meta(|m| {
         Ok((
@@ -2875,9 +3077,25 @@ fn build_seal(
                     }
                     first_name.insert(*ino, path.clone());
                 }
-                let sp = run_staging.join(ino.to_string());
-                let f = File::open(&sp).map_err(|err| Error::io("open", &sp, err))?;
-                let (size, hash, chunks) = ingest_stream(store, &mut writer, f, &NoProgress, &sp)?;
+                let ahead = match pre.and_then(|p| p.result(*ino)) {
+                    Some(d) if chunks_present(store, &d.chunks)? => Some(d),
+                    _ => None,
+                };
+                let (size, hash, chunks) = match ahead {
+                    Some(d) => (d.size, d.hash, d.chunks),
+                    None => {
+                        let sp = run_staging.join(ino.to_string());
+                        let inline = store.index().meta(|m| m.inline_data(*ino))?;
+                        match inline {
+                            Some(d) => ingest_stream(store, &mut writer, &d[..], &NoProgress, &sp)?,
+                            None => {
+                                let f =
+                                    File::open(&sp).map_err(|err| Error::io("open", &sp, err))?;
+                                ingest_stream(store, &mut writer, f, &NoProgress, &sp)?
+                            }
+                        }
+                    }
+                };
                 e.size = size;
                 e.blake3 = Some(hash);
                 e.chunks = chunks;
@@ -2916,6 +3134,18 @@ fn build_seal(
         paths,
         pack_bytes: stats.pack_bytes,
     })
+}
+
+/// Whether every chunk of a file chunked ahead of its seal is still in the index (gc sweeps
+/// unreferenced chunks). Called under the seal guard, so none goes before the commit.
+fn chunks_present(store: &Store, chunks: &[crate::manifest::ChunkRef]) -> Result<bool> {
+    let index = store.index();
+    for c in chunks {
+        if !index.has_chunk(&c.0)? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// Commits a built seal: one index transaction.
@@ -3035,5 +3265,6 @@ fn exchange_names(
     m.set_times(to, now, now)
 }
 
+mod preseal;
 #[cfg(test)]
 mod tests;

@@ -200,7 +200,9 @@ fn vfs_new_removes_staging_left_by_a_crash_after_a_seal() {
     let sealed = open_run(&v, "ns", "sealed");
     write_file(&v, sealed, "f", b"1");
     let open = open_run(&v, "ns", "open");
-    write_file(&v, open, "g", b"2");
+    // Past the inline size: the content is in a staging file.
+    let big = vec![2u8; INLINE_MAX as usize + 1];
+    write_file(&v, open, "g", &big);
     v.seal(&RunRef::parse("ns/sealed").unwrap()).unwrap();
     let staging = v.store().root().join("staging");
     let ids: BTreeMap<String, i64> = v
@@ -232,7 +234,7 @@ fn vfs_new_removes_staging_left_by_a_crash_after_a_seal() {
     let ns = v.lookup(ROOT_INO, os("ns")).unwrap().ino;
     let run = v.lookup(ns, os("open")).unwrap().ino;
     let g = v.lookup(run, os("g")).unwrap().ino;
-    assert_eq!(read_all(&v, g, 4096), b"2");
+    assert_eq!(read_all(&v, g, 4096), big);
 }
 
 #[test]
@@ -394,4 +396,169 @@ fn vfs_a_scan_of_small_files_reads_the_next_files_ahead() {
     let s = v.cache_stats();
     assert_eq!((s.misses, s.hits), (3, 7), "{s:?}");
     assert!(s.readahead >= 6, "{s:?}");
+}
+
+fn staged(v: &Vfs, ino: u64) -> bool {
+    let st = v.lock();
+    let Node::Open(i) = v.node(&st, ino).unwrap() else {
+        panic!("{ino} is not in an open run")
+    };
+    let row = v.inode(i).unwrap();
+    v.staging_path(row.run, i).exists()
+}
+
+fn inline_len(v: &Vfs, ino: u64) -> Option<u64> {
+    let st = v.lock();
+    let Node::Open(i) = v.node(&st, ino).unwrap() else {
+        panic!("{ino} is not in an open run")
+    };
+    v.store().index().meta(|m| m.inline_len(i)).unwrap()
+}
+
+/// Small files keep their content in the index (no staging file), survive a new view of the
+/// store, take random writes and truncation, and move to a staging file when they grow; the
+/// seal gives what an ingest of the same tree gives.
+#[test]
+fn vfs_small_files_live_in_the_index_until_they_grow() {
+    let tmp = tempfile::tempdir().unwrap();
+    let v = Vfs::new(new_store(tmp.path()), VfsOptions::default()).unwrap();
+    let run = open_run(&v, "ns", "r");
+    let small = write_file(&v, run, "small", b"hello world");
+    assert!(!staged(&v, small));
+    assert_eq!(inline_len(&v, small), Some(11));
+    assert_eq!(v.getattr(small).unwrap().size, 11);
+
+    // Random writes past the end leave a hole of zeros; truncation shortens.
+    let (fh, _) = v.open(small, true).unwrap();
+    v.write(fh, 20, b"!").unwrap();
+    v.write(fh, 0, b"J").unwrap();
+    assert_eq!(
+        v.read(fh, 0, 100).unwrap(),
+        b"Jello world\0\0\0\0\0\0\0\0\0!"
+    );
+    v.release(fh).unwrap();
+    let set = SetAttr {
+        size: Some(5),
+        ..Default::default()
+    };
+    v.setattr(small, set, None).unwrap();
+    assert_eq!(read_all(&v, small, 3), b"Jello");
+
+    // Growing past the inline size moves it to a staging file, open handles included.
+    let (fh, _) = v.open(small, true).unwrap();
+    let (reader, _) = v.open(small, false).unwrap();
+    let tail = random_bytes(INLINE_MAX as usize, 1);
+    v.write(fh, 5, &tail).unwrap();
+    assert!(staged(&v, small));
+    assert_eq!(inline_len(&v, small), None);
+    let mut want = b"Jello".to_vec();
+    want.extend_from_slice(&tail);
+    assert_eq!(
+        v.read(reader, 0, 8).unwrap(),
+        b"Jello"
+            .iter()
+            .chain(&tail[..3])
+            .copied()
+            .collect::<Vec<u8>>()
+    );
+    v.release(fh).unwrap();
+    v.release(reader).unwrap();
+    assert_eq!(read_all(&v, small, 4096), want);
+
+    // Unflushed writes of an open handle are in memory only; a closed file is in the index.
+    let other = write_file(&v, run, "other", b"kept");
+    let empty = write_file(&v, run, "empty", b"");
+    drop(v);
+    let v = Vfs::new(
+        Store::open(&tmp.path().join("store")).unwrap(),
+        VfsOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(read_all(&v, other, 7), b"kept");
+    assert_eq!(read_all(&v, small, 4096), want);
+    assert_eq!(v.getattr(empty).unwrap().size, 0);
+
+    // The seal equals an ingest of the same tree.
+    let src = tmp.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    for (name, data) in [("small", &want[..]), ("other", b"kept"), ("empty", b"")] {
+        fs::write(src.join(name), data).unwrap();
+    }
+    v.seal(&RunRef::parse("ns/r").unwrap()).unwrap();
+    let store = v.store();
+    let ing = RunRef::parse("ns/ingested").unwrap();
+    store
+        .ingest_dir(&src, &ing, BTreeMap::new(), &NoProgress)
+        .unwrap();
+    let (_, sealed) = store.manifest(&RunRef::parse("ns/r").unwrap()).unwrap();
+    let (_, ingested) = store.manifest(&ing).unwrap();
+    let files = |m: &Manifest| -> Vec<(
+        String,
+        u64,
+        Option<crate::id::FileHash>,
+        Vec<crate::manifest::ChunkRef>,
+    )> {
+        m.entries
+            .iter()
+            .filter(|e| e.kind == Kind::File)
+            .map(|e| (e.path.clone(), e.size, e.blake3, e.chunks.clone()))
+            .collect()
+    };
+    assert_eq!(files(&sealed), files(&ingested));
+}
+
+/// Closed files are chunked ahead of the seal, which then writes nothing new; a file changed
+/// after that is chunked again by the seal; chunks gc swept meanwhile are written again.
+#[test]
+fn vfs_closed_files_are_chunked_ahead_of_the_seal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let v = Vfs::new(new_store(tmp.path()), VfsOptions::default()).unwrap();
+    let run = open_run(&v, "ns", "r");
+    let a = random_bytes(3 << 20, 2);
+    let b = random_bytes(100, 3);
+    write_file(&v, run, "a", &a);
+    let bi = write_file(&v, run, "b", &b);
+    v.preseal.wait_idle();
+    let chunks_before = v.store().stats().unwrap().chunks;
+    assert!(chunks_before > 1, "chunked ahead: {chunks_before} chunks");
+    // `b` changes after it was chunked: the seal must not take the old chunks.
+    let (fh, _) = v.open(bi, true).unwrap();
+    v.write(fh, 0, b"changed").unwrap();
+    v.release(fh).unwrap();
+    v.preseal.wait_idle();
+    let mut b2 = b.clone();
+    b2[..7].copy_from_slice(b"changed");
+
+    // gc with no grace sweeps the unreferenced chunks of the first `b`, and of `a` too: the
+    // seal finds them gone and chunks `a` again.
+    let opts = crate::gc::GcOptions {
+        grace: Duration::ZERO,
+        ..Default::default()
+    };
+    let rep = v.store().gc(&opts, &NoProgress).unwrap();
+    assert!(rep.chunks_swept >= 1, "{rep:?}");
+    let digest = v.seal(&RunRef::parse("ns/r").unwrap()).unwrap();
+    let store = v.store();
+    let r = RunRef::parse("ns/r").unwrap();
+    assert_eq!(store.run(&r).unwrap().manifest, Some(digest));
+    for (name, want) in [("a", &a), ("b", &b2)] {
+        let mut out = Vec::new();
+        store
+            .read_file_to(&store.entry(&r, name).unwrap(), &mut out)
+            .unwrap();
+        assert_eq!(&out, want, "{name}");
+    }
+    assert!(store.verify(None, &NoProgress).unwrap().ok());
+
+    // Without gc in between, the seal writes no chunk of its own.
+    let run2 = open_run(&v, "ns", "r2");
+    let c = random_bytes(2 << 20, 4);
+    write_file(&v, run2, "c", &c);
+    v.preseal.wait_idle();
+    let before = v.store().stats().unwrap();
+    v.seal(&RunRef::parse("ns/r2").unwrap()).unwrap();
+    let after = v.store().stats().unwrap();
+    assert_eq!(after.chunks, before.chunks);
+    assert_eq!(after.packs, before.packs);
+    assert_eq!(v.preseal.pending(), 0);
 }
