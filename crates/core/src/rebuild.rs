@@ -15,8 +15,8 @@
 //! files, with an `index.rebuilt` event, so that nobody holding a `seq` of the old log takes
 //! new events for ones already seen.
 //!
-//! Retention and holds come back from the bucket's lifecycle records (`lifecycle/`, see
-//! `crate::tier`): after the snapshot (if any) and the manifests, the record of each live
+//! Retention and holds come back from the lifecycle records (`lifecycle/`, see `crate::tier`;
+//! in the bucket of a tiered store, in the local object store of an untiered one): after the snapshot (if any) and the manifests, the record of each live
 //! sealed run whose manifest it names is applied when it is newer than what the index has,
 //! without the compliance rule (it restores recorded state), with one event per change at the
 //! record's version time marked `"rebuilt": true`; likewise namespace defaults. A record of a
@@ -101,11 +101,16 @@ impl Store {
         }
         // The new log is new to the lifecycle queue: upload every lifecycle record again (a
         // record is never replaced by an older version).
-        let cursor = root.join(crate::tier::LIFECYCLE_CURSOR);
-        match fs::remove_file(&cursor) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io("remove", &cursor, e)),
+        for name in [
+            crate::tier::LIFECYCLE_CURSOR,
+            crate::tier::LOCAL_LIFECYCLE_CURSOR,
+        ] {
+            let cursor = root.join(name);
+            match fs::remove_file(&cursor) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io("remove", &cursor, e)),
+            }
         }
         let store = match (config.tier.is_some(), remote) {
             (true, Some(r)) => {
@@ -454,10 +459,9 @@ impl Store {
             runs.push((at, d, m));
         }
         self.insert_runs(runs, report)?;
-        if let Some(r) = remote {
-            // Nothing in a new index predates the records: each one is applied.
-            self.restore_lifecycle(r, &Default::default(), report)?;
-        }
+        // Nothing in a new index predates the records: each one is applied. A tiered store
+        // keeps them in the bucket, an untiered one in its local object store.
+        self.restore_lifecycle(remote.unwrap_or(local), &Default::default(), report)?;
         self.index().sync()?;
         tracing::info!(
             packs = report.packs,
@@ -571,7 +575,11 @@ impl Store {
 
 /// Files in the store directory in which readers of the event log keep the `seq` they got to:
 /// the lifecycle queue's (`crate::tier`) and the NATS publisher's (`artifactfs-nats`).
-pub const EVENT_CURSOR_FILES: &[&str] = &[crate::tier::LIFECYCLE_CURSOR, "nats-cursor"];
+pub const EVENT_CURSOR_FILES: &[&str] = &[
+    crate::tier::LIFECYCLE_CURSOR,
+    crate::tier::LOCAL_LIFECYCLE_CURSOR,
+    "nats-cursor",
+];
 
 /// The highest event `seq` that anything may hold of the logs of the store at `root`: the
 /// current index (before it is replaced), earlier replaced ones (`index.sqlite.old-*`), and
