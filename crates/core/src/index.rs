@@ -677,26 +677,23 @@ impl Index {
         if floor <= self.last_event_seq()? {
             return Ok(());
         }
-        let path = self.path.clone();
-        let err = sql_err(&path);
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(&err)?;
-        let n = tx
-            .execute(
-                "UPDATE sqlite_sequence SET seq = ?1 WHERE name = 'events'",
-                params![floor],
-            )
-            .map_err(&err)?;
-        if n == 0 {
-            tx.execute(
-                "INSERT INTO sqlite_sequence (name, seq) VALUES ('events', ?1)",
-                params![floor],
-            )
-            .map_err(&err)?;
-        }
-        tx.commit().map_err(&err)
+        self.write_tx(|tx, path| {
+            let err = sql_err(path);
+            let n = tx
+                .execute(
+                    "UPDATE sqlite_sequence SET seq = ?1 WHERE name = 'events'",
+                    params![floor],
+                )
+                .map_err(&err)?;
+            if n == 0 {
+                tx.execute(
+                    "INSERT INTO sqlite_sequence (name, seq) VALUES ('events', ?1)",
+                    params![floor],
+                )
+                .map_err(&err)?;
+            }
+            Ok(())
+        })
     }
 
     /// Events with `seq > after`, in order, at most `limit`.
