@@ -15,7 +15,10 @@ use std::time::{Duration, Instant};
 
 use artifactfs_core::{InitOptions, NoProgress, RunRef, Store};
 use artifactfs_nats::{NatsOptions, Publisher, subject};
-use async_nats::jetstream::{self, consumer};
+use async_nats::jetstream;
+
+#[path = "../../../tests/common/jetstream.rs"]
+mod stream_reader;
 use futures_util::StreamExt;
 
 /// Longest wait for something that should happen in well under a second; a bound against
@@ -301,42 +304,11 @@ fn wait_acked(p: &Publisher, seq: i64) {
 
 /// Everything in `stream`, in stream order: (stream seq, subject, msg id, payload).
 fn read_stream(url: &str, stream: &str) -> Vec<(u64, String, String, serde_json::Value)> {
-    runtime().block_on(async {
-        let client = async_nats::connect(url).await.unwrap();
-        let js = jetstream::new(client);
-        let mut s = js.get_stream(stream).await.unwrap();
-        let n = s.info().await.unwrap().state.messages;
-        let c = s
-            .create_consumer(consumer::pull::Config {
-                deliver_policy: consumer::DeliverPolicy::All,
-                ack_policy: consumer::AckPolicy::None,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        let mut msgs = c.messages().await.unwrap();
-        let mut out = Vec::new();
-        while (out.len() as u64) < n {
-            let m = tokio::time::timeout(PATIENCE, msgs.next())
-                .await
-                .expect("stream message")
-                .unwrap()
-                .unwrap();
-            let id = m
-                .headers
-                .as_ref()
-                .and_then(|h| h.get("Nats-Msg-Id"))
-                .map(|v| v.as_str().to_owned())
-                .unwrap_or_default();
-            out.push((
-                m.info().unwrap().stream_sequence,
-                m.subject.to_string(),
-                id,
-                serde_json::from_slice(&m.payload).unwrap(),
-            ));
-        }
-        out
-    })
+    stream_reader::read_stream(url, stream, PATIENCE)
+        .unwrap_or_else(|| panic!("no stream {stream} at {url}"))
+        .into_iter()
+        .map(|m| (m.stream_seq, m.subject, m.msg_id, m.payload))
+        .collect()
 }
 
 /// Asserts that the stream holds exactly `want`, once each, in order, from its first message.
@@ -689,10 +661,14 @@ fn a_rebuilt_index_goes_on_publishing_without_drops() {
     ts.holds("lab/a", 2);
     let third = check(&ts, &mut want, second);
 
-    // Index and cursor gone: the log starts again from 1 under the same store id. The
+    // Index and every cursor file gone (the NATS publisher's, and the lifecycle queue's that
+    // an untiered store keeps): the log starts again from 1 under the same store id. The
     // publisher finds that the stream's newest event of the store is another event than the
     // log's of that number, publishes nothing, and says so.
-    std::fs::remove_file(ts.cursor()).unwrap();
+    for name in artifactfs_core::rebuild::EVENT_CURSOR_FILES {
+        let _ = std::fs::remove_file(ts.store.root().join(name));
+    }
+    assert!(!ts.cursor().exists());
     let report = ts.rebuild(true);
     assert_eq!(report.events_after, 0);
     let p = Publisher::spawn_for_store(ts.store.clone(), o.clone()).unwrap();
