@@ -711,10 +711,7 @@ impl Tier {
     }
 
     /// The lifecycle queue over the bucket (see the module documentation).
-    fn lifecycle_queue<'a>(
-        &'a self,
-        check: &'a ReadBack<'a>,
-    ) -> Result<LifecycleQueue<'a>> {
+    fn lifecycle_queue<'a>(&'a self, check: &'a ReadBack<'a>) -> Result<LifecycleQueue<'a>> {
         let index = self
             .index
             .get()
