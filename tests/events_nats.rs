@@ -3,14 +3,14 @@
 //! nats-server with JetStream (`tools/nats/start.sh`; `ARTIFACTFS_TEST_NATS`).
 
 mod common;
+#[path = "common/jetstream.rs"]
+mod jetstream;
 
 use std::fs;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, consumer};
 use common::Env;
 use common::mount::{Mount, seal};
-use futures_util::StreamExt;
 
 fn nats_url() -> String {
     std::env::var("ARTIFACTFS_TEST_NATS").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
@@ -18,53 +18,15 @@ fn nats_url() -> String {
 
 /// The (message id, subject, kind) of every message of this store in the stream, in order.
 fn stream_of(store_id: &str) -> Vec<(String, String, String)> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let client = async_nats::connect(nats_url())
-            .await
-            .expect("nats-server (tools/nats/start.sh)");
-        let js = jetstream::new(client);
-        let Ok(mut s) = js.get_stream("ARTIFACTFS_EVENTS").await else {
-            return Vec::new();
-        };
-        let n = s.info().await.unwrap().state.messages;
-        let c = s
-            .create_consumer(consumer::pull::Config {
-                deliver_policy: consumer::DeliverPolicy::All,
-                ack_policy: consumer::AckPolicy::None,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        let mut msgs = c.messages().await.unwrap();
-        let mut out = Vec::new();
-        for _ in 0..n {
-            let m = tokio::time::timeout(Duration::from_secs(10), msgs.next())
-                .await
-                .expect("a stream message")
-                .unwrap()
-                .unwrap();
-            let id = m
-                .headers
-                .as_ref()
-                .and_then(|h| h.get("Nats-Msg-Id"))
-                .map(|v| v.as_str().to_owned())
-                .unwrap_or_default();
-            if !id.starts_with(store_id) {
-                continue;
-            }
-            let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
-            out.push((
-                id,
-                m.subject.to_string(),
-                v["kind"].as_str().unwrap().to_owned(),
-            ));
-        }
-        out
-    })
+    jetstream::read_stream(&nats_url(), "ARTIFACTFS_EVENTS", Duration::from_secs(10))
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|m| m.msg_id.starts_with(store_id))
+        .map(|m| {
+            let kind = m.payload["kind"].as_str().unwrap().to_owned();
+            (m.msg_id, m.subject, kind)
+        })
+        .collect()
 }
 
 /// A new store's id.
@@ -169,10 +131,5 @@ fn the_server_publishes_its_events_to_nats() {
         assert_eq!(g.0, format!("{store_id}-{}", i + 1));
         assert_eq!(g.1, format!("artifactfs.events.lab.{}", g.2));
     }
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    assert!(child.wait().unwrap().success());
+    assert!(common::terminate(&mut child).success());
 }

@@ -74,12 +74,7 @@ impl Server {
 
     /// SIGTERM, and waits for a clean exit.
     fn stop(mut self) {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .unwrap();
-        let st = self.child.wait().unwrap();
+        let st = common::terminate(&mut self.child);
         assert!(st.success(), "serve exited with {st}:\n{}", self.log_text());
     }
 

@@ -404,3 +404,99 @@ fn retention_holds_and_gc_through_the_mount() {
     m.unmount();
     env.ok(&["verify"]);
 }
+
+/// An untiered store keeps lifecycle records in its own object store (`objects/lifecycle/`),
+/// so a local `index rebuild` gives back retention, holds and namespace defaults; gc's
+/// deletion of a run removes its record, and the run stays deleted.
+#[test]
+fn retention_and_holds_of_an_untiered_store_survive_a_local_rebuild() {
+    let env = Env::with_clock(T0);
+    write_tree(
+        &env.path("src"),
+        &[("a", b"alpha"), ("b", &random(2, 70_000))],
+    );
+    for run in ["lab/keep", "lab/gone", "lab/plain"] {
+        env.ingest(&env.path("src"), run);
+    }
+    env.ok(&["retain", "lab/keep", "1y"]);
+    env.ok(&["hold", "add", "lab/keep", "legal", "--reason", "case 9"]);
+    env.ok(&["hold", "add", "lab/keep", "tmp"]);
+    env.ok(&["hold", "rm", "lab/keep", "tmp"]);
+    env.ok(&["retain", "lab/gone", "1d"]);
+    env.ok(&["retain", "lab", "90d"]);
+    let records = env.store().join("objects/lifecycle/lab");
+    let listed = |dir: &Path| -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(dir)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    };
+    assert_eq!(
+        listed(&records),
+        [".namespace.json", "gone.json", "keep.json"],
+        "written as the changes are made; none for a run without retention or holds"
+    );
+    let state = |env: &Env| {
+        (
+            retention(env, "lab/keep"),
+            retention(env, "lab/gone"),
+            retention(env, "lab/plain"),
+            json(&env.ok(&["hold", "ls", "lab/keep", "--json"])),
+            json(&env.ok(&["retain", "lab", "--json"])),
+        )
+    };
+    let before = state(&env);
+    assert_eq!(before.0["retain"], "1y");
+    assert_eq!(before.3.as_array().unwrap().len(), 1, "{:?}", before.3);
+    assert_eq!(before.4["default_retain"], "90d");
+
+    let remove_index = |env: &Env| {
+        for e in fs::read_dir(env.store()).unwrap().flatten() {
+            if e.file_name().to_string_lossy().starts_with("index.sqlite") {
+                fs::remove_file(e.path()).unwrap();
+            }
+        }
+    };
+    remove_index(&env);
+    let report = json(&env.ok(&["index", "rebuild", "--json"]));
+    assert_eq!(report["runs"], 3, "{report}");
+    assert_eq!(report["lifecycle_restored"], 3, "{report}");
+    assert_eq!(report["skipped"], serde_json::json!([]), "{report}");
+    assert_eq!(
+        state(&env),
+        before,
+        "retention, holds and defaults as before"
+    );
+    // The restored retention is enforced.
+    let (code, _) = fails(&env, &["retain", "lab/keep", "30d"]);
+    assert_eq!(code, 10);
+
+    // gc deletes lab/gone and its record; the next rebuild does not bring either back.
+    env.set_time("2026-12-05T00:00:00Z");
+    let gc = json(&env.ok(&["gc", "--grace", "0s", "--json"]));
+    assert_eq!(gc["runs_expired"], serde_json::json!(["lab/gone"]), "{gc}");
+    assert_eq!(listed(&records), [".namespace.json", "keep.json"]);
+    remove_index(&env);
+    let report = json(&env.ok(&["index", "rebuild", "--json"]));
+    assert_eq!(
+        (
+            report["runs"].as_u64(),
+            report["lifecycle_restored"].as_u64()
+        ),
+        (Some(2), Some(2)),
+        "{report}"
+    );
+    assert_eq!(report["skipped"], serde_json::json!([]), "{report}");
+    assert!(env.run_info("lab/gone").is_none());
+    assert_eq!(retention(&env, "lab/keep"), before.0);
+    assert_eq!(
+        json(&env.ok(&["hold", "ls", "lab/keep", "--json"])),
+        before.3
+    );
+    assert_eq!(json(&env.ok(&["retain", "lab", "--json"])), before.4);
+}

@@ -84,12 +84,7 @@ impl Watcher {
     }
 
     fn stop(mut self) {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .unwrap();
-        let status = self.child.wait().unwrap();
+        let status = common::terminate(&mut self.child);
         assert!(status.success(), "watch ended with {status}");
     }
 }

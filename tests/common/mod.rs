@@ -301,3 +301,14 @@ pub fn bytes(n: usize, seed: u64) -> Vec<u8> {
     h.finalize_xof().fill(&mut out);
     out
 }
+
+/// Stops a child process as an operator or a service manager would (SIGTERM) and waits for
+/// it to exit; returns how it exited.
+pub fn terminate(child: &mut std::process::Child) -> std::process::ExitStatus {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    child.wait().expect("wait for the child")
+}

@@ -241,6 +241,7 @@ impl Store {
         self.index()
             .set_run_retention(&run, &spec, &new, now, detail)?;
         tracing::info!(run = %r, retain = %spec, override = override_reason.is_some(), "retention set");
+        self.record_lifecycle();
         self.retention_info(r)
     }
 
@@ -261,6 +262,7 @@ impl Store {
         };
         self.index().set_namespace_retention(namespace, spec, now)?;
         tracing::info!(namespace, retain = ?spec, "namespace default retention set");
+        self.record_lifecycle();
         Ok(())
     }
 
@@ -272,6 +274,7 @@ impl Store {
         let now = self.now_ns();
         if self.index().place_hold(&run, name, &reason, now)? {
             tracing::info!(run = %r, hold = name, "hold placed");
+            self.record_lifecycle();
         }
         Ok(())
     }
@@ -283,6 +286,7 @@ impl Store {
         let now = self.now_ns();
         self.index().remove_hold(&run, name, now)?;
         tracing::info!(run = %r, hold = name, "hold removed");
+        self.record_lifecycle();
         Ok(())
     }
 
@@ -549,6 +553,7 @@ impl Store {
             let detail = serde_json::to_value(&rep)
                 .map_err(|e| Error::Internal(format!("gc report encode: {e}")))?;
             self.index().event(now, "gc.finished", None, &detail)?;
+            self.record_lifecycle();
         }
         if !opts.dry_run
             && let Some(t) = &self.tier

@@ -651,6 +651,59 @@ impl Index {
         .map_err(sql_err(&path))
     }
 
+    /// The highest `seq` the event log has ever given out (0: none), counting events that are
+    /// no longer in the table.
+    pub fn last_event_seq(&self) -> Result<i64> {
+        self.conn
+            .query_row(
+                "SELECT max(coalesce((SELECT max(seq) FROM events), 0),
+                            coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0))",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(self.err())
+    }
+
+    /// The highest `seq` the (old, possibly damaged) index at `path` gave out, read without
+    /// migrating or changing it.
+    pub fn last_event_seq_of(path: &Path) -> Result<i64> {
+        let err = sql_err(path);
+        let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE)
+            .map_err(&err)?;
+        conn.busy_timeout(Duration::from_secs(5)).map_err(&err)?;
+        let idx = Self {
+            conn,
+            path: path.to_path_buf(),
+            default_retention: None,
+        };
+        idx.last_event_seq()
+    }
+
+    /// Makes the next event of this (new) log get a `seq` above `floor`, so that a rebuilt log
+    /// continues the numbering of the one it replaces.
+    pub fn continue_events_after(&mut self, floor: i64) -> Result<()> {
+        if floor <= self.last_event_seq()? {
+            return Ok(());
+        }
+        self.write_tx(|tx, path| {
+            let err = sql_err(path);
+            let n = tx
+                .execute(
+                    "UPDATE sqlite_sequence SET seq = ?1 WHERE name = 'events'",
+                    params![floor],
+                )
+                .map_err(&err)?;
+            if n == 0 {
+                tx.execute(
+                    "INSERT INTO sqlite_sequence (name, seq) VALUES ('events', ?1)",
+                    params![floor],
+                )
+                .map_err(&err)?;
+            }
+            Ok(())
+        })
+    }
+
     /// Events with `seq > after`, in order, at most `limit`.
     pub fn events(&self, after: i64, limit: usize) -> Result<Vec<EventRow>> {
         let mut s = self

@@ -10,8 +10,13 @@
 //! in a manifest. When two manifests name the same run (a run deleted and made again), the
 //! one sealed last wins and the others are reported.
 //!
-//! Retention and holds come back from the bucket's lifecycle records (`lifecycle/`, see
-//! `crate::tier`): after the snapshot (if any) and the manifests, the record of each live
+//! The new event log continues the numbering of the one it replaces (ADR 0012): it starts after
+//! the highest `seq` of the old index, of earlier replaced ones and of the readers' cursor
+//! files, with an `index.rebuilt` event, so that nobody holding a `seq` of the old log takes
+//! new events for ones already seen.
+//!
+//! Retention and holds come back from the lifecycle records (`lifecycle/`, see `crate::tier`;
+//! in the bucket of a tiered store, in the local object store of an untiered one): after the snapshot (if any) and the manifests, the record of each live
 //! sealed run whose manifest it names is applied when it is newer than what the index has,
 //! without the compliance rule (it restores recorded state), with one event per change at the
 //! record's version time marked `"rebuilt": true`; likewise namespace defaults. A record of a
@@ -60,6 +65,9 @@ pub struct RebuildReport {
     pub replayed_runs: u64,
     /// Runs and namespaces whose retention or holds were restored from lifecycle records.
     pub lifecycle_restored: u64,
+    /// The highest event `seq` the replaced log gave out or a reader of it recorded; the new
+    /// log is numbered after it (its first event, `index.rebuilt`, is `events_after + 1`).
+    pub events_after: i64,
 }
 
 impl Store {
@@ -74,6 +82,7 @@ impl Store {
         let lock = crate::store::take_lock(root)?;
         let mut report = RebuildReport::default();
         let index = root.join("index.sqlite");
+        report.events_after = published_events_floor(root);
         if index.exists() {
             let old = root.join(format!(
                 "index.sqlite.old-{}",
@@ -90,13 +99,18 @@ impl Store {
             crate::objstore::sync_dir(root)?;
             report.old_index = Some(old.display().to_string());
         }
-        // The new log is numbered from 1: upload every lifecycle record again (a record is
-        // never replaced by an older version).
-        let cursor = root.join(crate::tier::LIFECYCLE_CURSOR);
-        match fs::remove_file(&cursor) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io("remove", &cursor, e)),
+        // The new log is new to the lifecycle queue: upload every lifecycle record again (a
+        // record is never replaced by an older version).
+        for name in [
+            crate::tier::LIFECYCLE_CURSOR,
+            crate::tier::LOCAL_LIFECYCLE_CURSOR,
+        ] {
+            let cursor = root.join(name);
+            match fs::remove_file(&cursor) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io("remove", &cursor, e)),
+            }
         }
         let store = match (config.tier.is_some(), remote) {
             (true, Some(r)) => {
@@ -126,6 +140,22 @@ impl Store {
                 true,
             )?,
         };
+        // The new log continues the numbering of the old one, so that readers holding a
+        // `seq` of it (the NATS publisher's cursor and its message ids, long-polling
+        // clients) see every new event as new (ADR 0012).
+        {
+            let mut idx = store.index();
+            idx.continue_events_after(report.events_after)?;
+            idx.event(
+                to_unix_ns(store.clock.now()),
+                "index.rebuilt",
+                None,
+                &serde_json::json!({
+                    "after": report.events_after,
+                    "old_index": report.old_index,
+                }),
+            )?;
+        }
         store.reindex(&mut report)?;
         Ok((store, report))
     }
@@ -429,10 +459,9 @@ impl Store {
             runs.push((at, d, m));
         }
         self.insert_runs(runs, report)?;
-        if let Some(r) = remote {
-            // Nothing in a new index predates the records: each one is applied.
-            self.restore_lifecycle(r, &Default::default(), report)?;
-        }
+        // Nothing in a new index predates the records: each one is applied. A tiered store
+        // keeps them in the bucket, an untiered one in its local object store.
+        self.restore_lifecycle(remote.unwrap_or(local), &Default::default(), report)?;
         self.index().sync()?;
         tracing::info!(
             packs = report.packs,
@@ -544,6 +573,57 @@ impl Store {
     }
 }
 
+/// Files in the store directory in which readers of the event log keep the `seq` they got to:
+/// the lifecycle queue's (`crate::tier`) and the NATS publisher's (`artifactfs-nats`).
+pub const EVENT_CURSOR_FILES: &[&str] = &[
+    crate::tier::LIFECYCLE_CURSOR,
+    crate::tier::LOCAL_LIFECYCLE_CURSOR,
+    "nats-cursor",
+];
+
+/// The highest event `seq` that anything may hold of the logs of the store at `root`: the
+/// current index (before it is replaced), earlier replaced ones (`index.sqlite.old-*`), and
+/// the readers' cursor files. What cannot be read is logged and left out.
+fn published_events_floor(root: &Path) -> i64 {
+    let mut floor = 0i64;
+    let mut indexes = vec![root.join("index.sqlite")];
+    if let Ok(dir) = fs::read_dir(root) {
+        for e in dir.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("index.sqlite.old-")
+                && !name.ends_with("-wal")
+                && !name.ends_with("-shm")
+            {
+                indexes.push(e.path());
+            }
+        }
+    }
+    for path in indexes.iter().filter(|p| p.exists()) {
+        match crate::index::Index::last_event_seq_of(path) {
+            Ok(n) => floor = floor.max(n),
+            Err(e) => {
+                tracing::warn!(index = %path.display(), error = %e, "cannot read the last event seq of an old index")
+            }
+        }
+    }
+    for name in EVENT_CURSOR_FILES {
+        let path = root.join(name);
+        match fs::read_to_string(&path) {
+            Ok(t) => match t.trim().parse::<i64>() {
+                Ok(n) => floor = floor.max(n),
+                Err(_) => {
+                    tracing::warn!(file = %path.display(), "unreadable event cursor; not counted")
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "cannot read an event cursor")
+            }
+        }
+    }
+    floor
+}
+
 /// Replaces the (new, empty) index of the store at `root` with the snapshot `key`.
 fn restore_snapshot(root: &Path, remote: &dyn ObjectStore, key: &str) -> Result<()> {
     let packed = remote.get(key)?;
@@ -615,6 +695,48 @@ mod tests {
         assert_eq!(read(&store, "ns/b"), b);
         assert_eq!(store.stats().unwrap().chunks, stats.chunks);
         assert!(store.verify(None, &crate::NoProgress).unwrap().ok());
+    }
+
+    #[test]
+    fn a_rebuilt_log_continues_the_numbering() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        let store = Store::init(&root, &crate::InitOptions::default()).unwrap();
+        ingest(&store, dir.path(), "ns/a", 1);
+        ingest(&store, dir.path(), "ns/b", 2);
+        let last = store.events(0, 100).unwrap().last().unwrap().seq;
+        assert_eq!(last, 4, "two runs, opened and sealed");
+        drop(store);
+        let kinds = |store: &Store, after: i64| -> Vec<(i64, String)> {
+            let evs = store.events(after, 100).unwrap();
+            evs.into_iter().map(|e| (e.seq, e.kind)).collect()
+        };
+        // With the old index in place: numbered after its last event.
+        let (store, report) = Store::rebuild_index(&root, None).unwrap();
+        assert_eq!(report.events_after, last, "{report:?}");
+        let got = kinds(&store, 0);
+        assert_eq!(
+            got.first().unwrap(),
+            &(last + 1, "index.rebuilt".to_owned())
+        );
+        assert_eq!(got.len(), 5, "{got:?}");
+        assert!(got.iter().all(|(seq, _)| *seq > last), "{got:?}");
+        let rebuilt_last = got.last().unwrap().0;
+        ingest(&store, dir.path(), "ns/c", 3);
+        assert_eq!(kinds(&store, rebuilt_last)[0].0, rebuilt_last + 1);
+        drop(store);
+        // Index and old indexes gone: a reader's cursor ahead of everything still counts.
+        for e in fs::read_dir(&root).unwrap().flatten() {
+            if e.file_name().to_string_lossy().starts_with("index.sqlite") {
+                fs::remove_file(e.path()).unwrap();
+            }
+        }
+        fs::write(root.join("nats-cursor"), "1000\n").unwrap();
+        let (store, report) = Store::rebuild_index(&root, None).unwrap();
+        assert_eq!(report.events_after, 1000, "{report:?}");
+        let got = kinds(&store, 0);
+        assert_eq!(got[0], (1001, "index.rebuilt".to_owned()), "{got:?}");
+        assert_eq!(got.len(), 7, "{got:?}");
     }
 
     #[test]

@@ -95,6 +95,8 @@ pub struct Store {
     pub(crate) gate: Arc<crate::gc::Gate>,
     /// One gc at a time.
     pub(crate) gc_lock: Mutex<()>,
+    /// One writer of an untiered store's local lifecycle records at a time.
+    pub(crate) lifecycle_lock: Mutex<()>,
     pub(crate) tier: Option<Arc<crate::tier::Tier>>,
     _lock: File,
 }
@@ -192,7 +194,10 @@ impl Store {
         objects: Arc<dyn ObjectStore>,
         clock: Arc<dyn Clock>,
     ) -> Result<Self> {
-        Self::open_inner(root, objects, clock, false)
+        let store = Self::open_inner(root, objects, clock, false)?;
+        // Records a crash kept from being written.
+        store.record_lifecycle();
+        Ok(store)
     }
 
     pub(crate) fn open_inner(
@@ -233,6 +238,7 @@ impl Store {
             clock,
             gate: Arc::default(),
             gc_lock: Mutex::new(()),
+            lifecycle_lock: Mutex::new(()),
             tier: None,
             _lock: lock,
         })
@@ -289,6 +295,7 @@ impl Store {
         });
         self.index().insert_sealed_run(m, &digest, now, detail)?;
         tracing::info!(run = %format!("{}/{}", m.namespace, m.run), manifest = %digest, "run sealed");
+        self.record_lifecycle();
         Ok((digest, stored))
     }
 

@@ -50,6 +50,11 @@
 //! when every one of those uploads succeeded. A change therefore never waits for the bucket,
 //! and one made while it is down goes out with the next push that reaches it. A record is
 //! never replaced by an older version. A rebuild applies them (`crate::rebuild`).
+//!
+//! A store without a remote tier keeps the same records in its local object store, through the
+//! same queue ([`LifecycleQueue`], cursor `STORE/lifecycle-cursor.local`), run right after each
+//! change (`Store::record_lifecycle`) rather than by a push, so that a local rebuild restores
+//! retention and holds too.
 
 use std::collections::HashMap;
 use std::fs;
@@ -90,6 +95,10 @@ pub const LIFECYCLE_FORMAT: u32 = 1;
 
 /// The file (under the store root) holding the `seq` of the last lifecycle event uploaded.
 pub(crate) const LIFECYCLE_CURSOR: &str = "lifecycle-cursor";
+
+/// The same for the records an untiered store keeps in its local object store (a file of its
+/// own, so that a tier added later still gets every record).
+pub(crate) const LOCAL_LIFECYCLE_CURSOR: &str = "lifecycle-cursor.local";
 
 /// Snapshots kept in the remote tier; older ones are deleted after a new one is checked.
 const SNAPSHOTS_KEPT: usize = 2;
@@ -701,199 +710,30 @@ impl Tier {
         Ok(report)
     }
 
-    /// The `seq` of the last lifecycle event whose record is in the bucket (0: none yet).
-    fn lifecycle_cursor(&self) -> i64 {
-        match fs::read_to_string(&self.lifecycle_cursor) {
-            Ok(t) => t.trim().parse().unwrap_or_else(|_| {
-                tracing::warn!(file = %self.lifecycle_cursor.display(), "unreadable lifecycle cursor; uploading every lifecycle record again");
-                0
-            }),
-            Err(_) => 0,
-        }
+    /// The lifecycle queue over the bucket (see the module documentation).
+    fn lifecycle_queue<'a>(&'a self, check: &'a ReadBack<'a>) -> Result<LifecycleQueue<'a>> {
+        let index = self
+            .index
+            .get()
+            .ok_or_else(|| Error::Internal("tier used before its index was attached".into()))?;
+        Ok(LifecycleQueue {
+            index,
+            dest: &*self.remote,
+            cursor: &self.lifecycle_cursor,
+            check: Some(check),
+        })
     }
 
-    fn save_lifecycle_cursor(&self, seq: i64) -> Result<()> {
-        let tmp = self.lifecycle_cursor.with_extension("tmp");
-        fs::write(&tmp, format!("{seq}\n"))
-            .and_then(|()| fs::rename(&tmp, &self.lifecycle_cursor))
-            .map_err(|e| Error::io("write", &self.lifecycle_cursor, e))
-    }
-
-    /// The runs and namespaces named by lifecycle events after the cursor, each once with the
-    /// `seq` of its first such event and whether all of them were seals, oldest first; and
-    /// the newest `seq` looked at.
-    fn lifecycle_targets(&self) -> Result<(Vec<LifecycleTarget>, i64)> {
-        let after = self.lifecycle_cursor();
-        let idx = self.index()?;
-        let upto = idx.tier_last_event_seq()?;
-        let mut targets: Vec<LifecycleTarget> = Vec::new();
-        let mut at: HashMap<(String, Option<String>), usize> = HashMap::new();
-        for e in idx.tier_lifecycle_events(after, upto)? {
-            let seal = e.kind == "run.sealed";
-            let key = (e.namespace.clone(), e.run.clone());
-            match at.get(&key) {
-                Some(&i) => targets[i].3 &= seal,
-                None => {
-                    at.insert(key, targets.len());
-                    targets.push((e.seq, e.namespace, e.run, seal));
-                }
-            }
-        }
-        Ok((targets, upto))
-    }
-
-    /// What to do with the lifecycle record of run `run` (or the default of) `namespace`.
-    fn lifecycle_action(
-        &self,
-        namespace: &str,
-        run: Option<&str>,
-        only_seals: bool,
-        seq: i64,
-    ) -> Result<LifecycleAction> {
-        let idx = self.index()?;
-        let key = lifecycle_key(namespace, run);
-        let Some(run) = run else {
-            return Ok(LifecycleAction::Put(
-                key,
-                LifecycleRecord {
-                    format: LIFECYCLE_FORMAT,
-                    namespace: namespace.to_owned(),
-                    run: None,
-                    manifest: None,
-                    retain: idx.namespace_retention(namespace)?,
-                    retain_for_ns: None,
-                    retain_until: None,
-                    holds: Vec::new(),
-                    version: idx.tier_lifecycle_version(namespace, None)?.unwrap_or(0),
-                    seq,
-                },
-            ));
-        };
-        let Ok(r) = crate::names::RunRef::new(namespace, run) else {
-            return Ok(LifecycleAction::Skip);
-        };
-        let row = match idx.run(&r)? {
-            None => return Ok(LifecycleAction::Delete(key)),
-            Some(row) if row.state != "sealed" => return Ok(LifecycleAction::Skip),
-            Some(row) => row,
-        };
-        let rr = idx.run_retention(&row)?;
-        if only_seals && rr.retention.spec.is_none() && rr.holds.is_empty() {
-            return Ok(LifecycleAction::Skip);
-        }
-        let version = idx
-            .tier_lifecycle_version(namespace, Some(run))?
-            .or(row.sealed_at_ns)
-            .unwrap_or(row.created_at_ns);
-        Ok(LifecycleAction::Put(
-            key,
-            LifecycleRecord {
-                format: LIFECYCLE_FORMAT,
-                namespace: namespace.to_owned(),
-                run: Some(run.to_owned()),
-                manifest: row.manifest.map(|d| d.to_hex()),
-                retain: rr.retention.spec,
-                retain_for_ns: rr.retention.for_ns,
-                retain_until: rr.retention.until_ns,
-                holds: rr
-                    .holds
-                    .into_iter()
-                    .map(|h| LifecycleHold {
-                        name: h.name,
-                        reason: h.reason,
-                        placed_at: h.placed_at_ns,
-                    })
-                    .collect(),
-                version,
-                seq,
-            },
-        ))
-    }
-
-    /// Runs and namespaces whose lifecycle record is not yet in the bucket.
     fn pending_lifecycle_count(&self) -> Result<u64> {
-        let (targets, upto) = self.lifecycle_targets()?;
-        let mut n = 0;
-        for (_, ns, run, seals) in targets {
-            if !matches!(
-                self.lifecycle_action(&ns, run.as_deref(), seals, upto)?,
-                LifecycleAction::Skip
-            ) {
-                n += 1;
-            }
-        }
-        Ok(n)
+        let check =
+            |key: &str, bytes: &[u8]| self.check_remote(key, bytes.len(), |got| got == bytes);
+        self.lifecycle_queue(&check)?.pending()
     }
 
-    /// Writes one lifecycle record, unless the bucket holds a newer version of it.
-    fn put_lifecycle(&self, key: &str, rec: &LifecycleRecord) -> Result<bool> {
-        match self.remote.get(key) {
-            Ok(b) => match LifecycleRecord::from_bytes(&b, key) {
-                Ok(old) if old.version > rec.version => {
-                    tracing::info!(
-                        key,
-                        version = rec.version,
-                        bucket_version = old.version,
-                        "the bucket holds a newer lifecycle record; kept"
-                    );
-                    return Ok(false);
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(key, error = %e, "replacing an unreadable lifecycle record")
-                }
-            },
-            Err(Error::MissingObject { .. }) => {}
-            Err(e) => return Err(e),
-        }
-        let bytes = serde_json::to_vec(rec)
-            .map_err(|e| Error::Internal(format!("encode lifecycle record: {e}")))?;
-        self.remote.put(key, &bytes)?;
-        self.check_remote(key, bytes.len(), |got| got == bytes.as_slice())?;
-        Ok(true)
-    }
-
-    /// Brings the bucket's lifecycle records up to the index (see the module documentation).
-    /// Returns the first failure; the cursor then stays before the event that failed.
     fn push_lifecycle(&self, report: &mut PushReport) -> Result<Option<Error>> {
-        let (targets, upto) = self.lifecycle_targets()?;
-        if targets.is_empty() {
-            if upto != self.lifecycle_cursor() && upto > 0 {
-                self.save_lifecycle_cursor(upto)?;
-            }
-            return Ok(None);
-        }
-        let mut cursor = upto;
-        let mut failure = None;
-        let total = targets.len();
-        for (i, (first, ns, run, seals)) in targets.into_iter().enumerate() {
-            let done = match self.lifecycle_action(&ns, run.as_deref(), seals, upto)? {
-                LifecycleAction::Skip => continue,
-                LifecycleAction::Put(key, rec) => self.put_lifecycle(&key, &rec).map(|_| key),
-                LifecycleAction::Delete(key) => self.remote.delete(&key).map(|()| key),
-            };
-            match done {
-                Ok(key) => {
-                    tracing::debug!(key, "lifecycle record written");
-                    report.lifecycle += 1;
-                }
-                Err(e) => {
-                    tracing::warn!(namespace = %ns, run = run.as_deref().unwrap_or(""), error = %e,
-                        "lifecycle record upload failed; it stays pending");
-                    if report.errors.len() < 5 {
-                        report.errors.push(e.to_string());
-                    }
-                    report.still_pending += (total - i) as u64;
-                    cursor = first - 1;
-                    failure = Some(e);
-                    break;
-                }
-            }
-        }
-        if cursor != self.lifecycle_cursor() {
-            self.save_lifecycle_cursor(cursor)?;
-        }
-        Ok(failure)
+        let check =
+            |key: &str, bytes: &[u8]| self.check_remote(key, bytes.len(), |got| got == bytes);
+        self.lifecycle_queue(&check)?.push(report)
     }
 
     /// Uploads an index snapshot when the newest one is older than the configured interval.
@@ -1518,6 +1358,263 @@ impl Store {
             Some(t) => t.delete_everywhere(&key),
             None => self.objects.delete(&key),
         }
+    }
+}
+
+impl Store {
+    /// An untiered store keeps the lifecycle records in its local object store (same keys and
+    /// format as in a bucket), so that `index rebuild` restores retention and holds: this
+    /// writes (or, for a run gc deleted, removes) those that the lifecycle events after
+    /// `STORE/lifecycle-cursor.local` call for. Called after every change of retention or
+    /// holds, seal and gc, and at open. A failure is logged and the records stay due (the
+    /// cursor does not move): the change itself is committed and the next call catches up.
+    /// A tiered store does nothing here: its pushes write the records to the bucket.
+    pub(crate) fn record_lifecycle(&self) {
+        if self.tier.is_some() {
+            return;
+        }
+        let _one = self
+            .lifecycle_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let cursor = self.root().join(LOCAL_LIFECYCLE_CURSOR);
+        let queue = LifecycleQueue {
+            index: &self.index,
+            dest: &*self.objects,
+            cursor: &cursor,
+            check: None,
+        };
+        let mut report = PushReport::default();
+        match queue.push(&mut report) {
+            Ok(None) => {
+                if report.lifecycle > 0 {
+                    tracing::debug!(
+                        records = report.lifecycle,
+                        "local lifecycle records written"
+                    );
+                }
+            }
+            Ok(Some(e)) | Err(e) => {
+                tracing::warn!(error = %e, "cannot write the local lifecycle records; retried at the next change")
+            }
+        }
+    }
+}
+
+/// Reads a written object back: `(key, bytes written)`.
+pub(crate) type ReadBack<'a> = dyn Fn(&str, &[u8]) -> Result<()> + 'a;
+
+/// The queue of lifecycle records: brings the records in `dest` (the bucket of a tiered store,
+/// the local object store of an untiered one) up to the index, driven by the lifecycle events
+/// after the cursor file (see the module documentation).
+pub(crate) struct LifecycleQueue<'a> {
+    pub index: &'a Mutex<Index>,
+    pub dest: &'a dyn ObjectStore,
+    pub cursor: &'a Path,
+    /// Reads a written record back (the bucket); `None`: the put is trusted (local store).
+    pub check: Option<&'a ReadBack<'a>>,
+}
+
+impl LifecycleQueue<'_> {
+    fn index(&self) -> MutexGuard<'_, Index> {
+        self.index.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The `seq` of the last lifecycle event whose record is in the bucket (0: none yet).
+    fn cursor(&self) -> i64 {
+        match fs::read_to_string(self.cursor) {
+            Ok(t) => t.trim().parse().unwrap_or_else(|_| {
+                tracing::warn!(file = %self.cursor.display(), "unreadable lifecycle cursor; writing every lifecycle record again");
+                0
+            }),
+            Err(_) => 0,
+        }
+    }
+
+    fn save_cursor(&self, seq: i64) -> Result<()> {
+        let tmp = self.cursor.with_extension("tmp");
+        fs::write(&tmp, format!("{seq}\n"))
+            .and_then(|()| fs::rename(&tmp, self.cursor))
+            .map_err(|e| Error::io("write", self.cursor, e))
+    }
+
+    /// The runs and namespaces named by lifecycle events after the cursor, each once with the
+    /// `seq` of its first such event and whether all of them were seals, oldest first; and
+    /// the newest `seq` looked at.
+    fn targets(&self) -> Result<(Vec<LifecycleTarget>, i64)> {
+        let after = self.cursor();
+        let idx = self.index();
+        let upto = idx.tier_last_event_seq()?;
+        let mut targets: Vec<LifecycleTarget> = Vec::new();
+        let mut at: HashMap<(String, Option<String>), usize> = HashMap::new();
+        for e in idx.tier_lifecycle_events(after, upto)? {
+            let seal = e.kind == "run.sealed";
+            let key = (e.namespace.clone(), e.run.clone());
+            match at.get(&key) {
+                Some(&i) => targets[i].3 &= seal,
+                None => {
+                    at.insert(key, targets.len());
+                    targets.push((e.seq, e.namespace, e.run, seal));
+                }
+            }
+        }
+        Ok((targets, upto))
+    }
+
+    /// What to do with the lifecycle record of run `run` (or the default of) `namespace`.
+    fn action(
+        &self,
+        namespace: &str,
+        run: Option<&str>,
+        only_seals: bool,
+        seq: i64,
+    ) -> Result<LifecycleAction> {
+        let idx = self.index();
+        let key = lifecycle_key(namespace, run);
+        let Some(run) = run else {
+            return Ok(LifecycleAction::Put(
+                key,
+                LifecycleRecord {
+                    format: LIFECYCLE_FORMAT,
+                    namespace: namespace.to_owned(),
+                    run: None,
+                    manifest: None,
+                    retain: idx.namespace_retention(namespace)?,
+                    retain_for_ns: None,
+                    retain_until: None,
+                    holds: Vec::new(),
+                    version: idx.tier_lifecycle_version(namespace, None)?.unwrap_or(0),
+                    seq,
+                },
+            ));
+        };
+        let Ok(r) = crate::names::RunRef::new(namespace, run) else {
+            return Ok(LifecycleAction::Skip);
+        };
+        let row = match idx.run(&r)? {
+            None => return Ok(LifecycleAction::Delete(key)),
+            Some(row) if row.state != "sealed" => return Ok(LifecycleAction::Skip),
+            Some(row) => row,
+        };
+        let rr = idx.run_retention(&row)?;
+        if only_seals && rr.retention.spec.is_none() && rr.holds.is_empty() {
+            return Ok(LifecycleAction::Skip);
+        }
+        let version = idx
+            .tier_lifecycle_version(namespace, Some(run))?
+            .or(row.sealed_at_ns)
+            .unwrap_or(row.created_at_ns);
+        Ok(LifecycleAction::Put(
+            key,
+            LifecycleRecord {
+                format: LIFECYCLE_FORMAT,
+                namespace: namespace.to_owned(),
+                run: Some(run.to_owned()),
+                manifest: row.manifest.map(|d| d.to_hex()),
+                retain: rr.retention.spec,
+                retain_for_ns: rr.retention.for_ns,
+                retain_until: rr.retention.until_ns,
+                holds: rr
+                    .holds
+                    .into_iter()
+                    .map(|h| LifecycleHold {
+                        name: h.name,
+                        reason: h.reason,
+                        placed_at: h.placed_at_ns,
+                    })
+                    .collect(),
+                version,
+                seq,
+            },
+        ))
+    }
+
+    /// Runs and namespaces whose lifecycle record is not yet in the bucket.
+    fn pending(&self) -> Result<u64> {
+        let (targets, upto) = self.targets()?;
+        let mut n = 0;
+        for (_, ns, run, seals) in targets {
+            if !matches!(
+                self.action(&ns, run.as_deref(), seals, upto)?,
+                LifecycleAction::Skip
+            ) {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Writes one lifecycle record, unless the bucket holds a newer version of it.
+    fn put(&self, key: &str, rec: &LifecycleRecord) -> Result<bool> {
+        match self.dest.get(key) {
+            Ok(b) => match LifecycleRecord::from_bytes(&b, key) {
+                Ok(old) if old.version > rec.version => {
+                    tracing::info!(
+                        key,
+                        version = rec.version,
+                        bucket_version = old.version,
+                        "the object store holds a newer lifecycle record; kept"
+                    );
+                    return Ok(false);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(key, error = %e, "replacing an unreadable lifecycle record")
+                }
+            },
+            Err(Error::MissingObject { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        let bytes = serde_json::to_vec(rec)
+            .map_err(|e| Error::Internal(format!("encode lifecycle record: {e}")))?;
+        self.dest.put(key, &bytes)?;
+        if let Some(check) = self.check {
+            check(key, &bytes)?;
+        }
+        Ok(true)
+    }
+
+    /// Brings the bucket's lifecycle records up to the index (see the module documentation).
+    /// Returns the first failure; the cursor then stays before the event that failed.
+    fn push(&self, report: &mut PushReport) -> Result<Option<Error>> {
+        let (targets, upto) = self.targets()?;
+        if targets.is_empty() {
+            if upto != self.cursor() && upto > 0 {
+                self.save_cursor(upto)?;
+            }
+            return Ok(None);
+        }
+        let mut cursor = upto;
+        let mut failure = None;
+        let total = targets.len();
+        for (i, (first, ns, run, seals)) in targets.into_iter().enumerate() {
+            let done = match self.action(&ns, run.as_deref(), seals, upto)? {
+                LifecycleAction::Skip => continue,
+                LifecycleAction::Put(key, rec) => self.put(&key, &rec).map(|_| key),
+                LifecycleAction::Delete(key) => self.dest.delete(&key).map(|()| key),
+            };
+            match done {
+                Ok(key) => {
+                    tracing::debug!(key, "lifecycle record written");
+                    report.lifecycle += 1;
+                }
+                Err(e) => {
+                    tracing::warn!(namespace = %ns, run = run.as_deref().unwrap_or(""), error = %e,
+                        "lifecycle record upload failed; it stays pending");
+                    if report.errors.len() < 5 {
+                        report.errors.push(e.to_string());
+                    }
+                    report.still_pending += (total - i) as u64;
+                    cursor = first - 1;
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        if cursor != self.cursor() {
+            self.save_cursor(cursor)?;
+        }
+        Ok(failure)
     }
 }
 

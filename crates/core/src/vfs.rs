@@ -3159,7 +3159,9 @@ fn commit_seal(store: &Store, run_id: i64, b: &BuiltSeal) -> Result<()> {
     });
     store
         .index()
-        .seal_open_run(run_id, m, &b.digest, now, detail)
+        .seal_open_run(run_id, m, &b.digest, now, detail)?;
+    store.record_lifecycle();
+    Ok(())
 }
 
 /// Removes a sealed run's staging files (after its commit: a crash before this leaves a

@@ -80,4 +80,9 @@ mod tests {
             assert!(e.contains("nats-cursor"), "{e}");
         }
     }
+
+    #[test]
+    fn a_rebuild_numbers_the_new_log_after_the_default_cursor() {
+        assert!(artifactfs_core::rebuild::EVENT_CURSOR_FILES.contains(&crate::CURSOR_FILE));
+    }
 }

@@ -196,6 +196,7 @@ impl Worker {
             s.stream = Some(self.ensure_stream(js).await?);
         }
         if s.in_doubt {
+            self.check_cursor_in_log().await?;
             if let Some(stream) = &s.stream {
                 self.reconcile(stream).await?;
             }
@@ -270,6 +271,9 @@ impl Worker {
                         .and_then(|n| n.parse::<i64>().ok())
                     {
                         found = Some(n);
+                        if n > self.acked {
+                            self.check_same_event(n, &m.payload).await?;
+                        }
                         break;
                     }
                 }
@@ -297,6 +301,70 @@ impl Worker {
             _ => {}
         }
         Ok(())
+    }
+
+    /// The log's event `seq`, if it has one.
+    async fn event_at(&self, seq: i64) -> Result<Option<EventRow>, Stop> {
+        let f = self.events.clone();
+        match tokio::task::spawn_blocking(move || f(seq - 1, 1)).await {
+            Ok(Ok(v)) => Ok(v.into_iter().next().filter(|e| e.seq == seq)),
+            Ok(Err(e)) => Err(Stop::Failed(format!("read the event log: {e}"))),
+            Err(e) => Err(Stop::Failed(format!("read the event log: {e}"))),
+        }
+    }
+
+    /// Refuses to go on when the cursor is past the end of the log: the log was renumbered
+    /// (an index rebuilt where it could not see the old log or the cursor), and waiting for
+    /// the log to grow past the cursor would skip every event up to it.
+    async fn check_cursor_in_log(&self) -> Result<(), Stop> {
+        if self.acked <= 0 {
+            return Ok(());
+        }
+        let f = self.events.clone();
+        let after = self.acked - 1;
+        let reaches = match tokio::task::spawn_blocking(move || f(after, 1)).await {
+            Ok(Ok(v)) => !v.is_empty(),
+            Ok(Err(e)) => return Err(Stop::Failed(format!("read the event log: {e}"))),
+            Err(e) => return Err(Stop::Failed(format!("read the event log: {e}"))),
+        };
+        if reaches {
+            return Ok(());
+        }
+        Err(Stop::Failed(format!(
+            "the cursor {} ({}) is past the end of the store's event log: the log was \
+             renumbered; nothing is published so that no event is skipped. Run `index \
+             rebuild` again with the cursor file in place (the new log is numbered after it), \
+             or lower the cursor",
+            self.cursor_path.display(),
+            self.acked
+        )))
+    }
+
+    /// Before the cursor jumps to `n`, the newest of this store's events in the stream: the
+    /// log's event `n` must be the one the stream holds (same kind and time). If it is not,
+    /// the log was renumbered under the same store id and jumping would lose events.
+    async fn check_same_event(&self, n: i64, payload: &[u8]) -> Result<(), Stop> {
+        let in_stream: Option<(String, i64)> = serde_json::from_slice::<serde_json::Value>(payload)
+            .ok()
+            .and_then(|v| Some((v["kind"].as_str()?.to_owned(), v["at_ns"].as_i64()?)));
+        let in_log = self.event_at(n).await?.map(|e| (e.kind, e.at_ns));
+        if in_stream.is_some() && in_stream == in_log {
+            return Ok(());
+        }
+        Err(Stop::Failed(format!(
+            "the stream {} holds event {n} of store {} (cursor {}), but the store's event log \
+             has {} at that number: the log was renumbered (an index rebuilt without its old \
+             index and without the cursor file); nothing is published so that no event is \
+             dropped as a duplicate. Write {n} to {} and run `index rebuild` again (the new \
+             log is numbered after it)",
+            self.opts.stream,
+            self.store_id,
+            self.acked,
+            in_log.map_or("no event".to_owned(), |(k, _)| format!(
+                "another event ({k})"
+            )),
+            self.cursor_path.display()
+        )))
     }
 
     async fn read_events(&self) -> Result<Vec<EventRow>, Stop> {

@@ -15,7 +15,10 @@ use std::time::{Duration, Instant};
 
 use artifactfs_core::{InitOptions, NoProgress, RunRef, Store};
 use artifactfs_nats::{NatsOptions, Publisher, subject};
-use async_nats::jetstream::{self, consumer};
+use async_nats::jetstream;
+
+#[path = "../../../tests/common/jetstream.rs"]
+mod stream_reader;
 use futures_util::StreamExt;
 
 /// Longest wait for something that should happen in well under a second; a bound against
@@ -256,6 +259,34 @@ impl TestStore {
     fn cursor(&self) -> PathBuf {
         self.store.root().join("nats-cursor")
     }
+
+    /// `index rebuild` of the store, after `remove` of its index files (`index.sqlite*`)
+    /// when asked. The store must have no other owner (publishers shut down).
+    fn rebuild(&mut self, remove_indexes: bool) -> artifactfs_core::rebuild::RebuildReport {
+        let root = self.store.root().to_path_buf();
+        self.n += 1;
+        let spare = Store::init(
+            &self.dir.path().join(format!("spare-{}", self.n)),
+            &InitOptions::default(),
+        )
+        .unwrap();
+        let old = std::mem::replace(&mut self.store, Arc::new(spare));
+        drop(
+            Arc::try_unwrap(old)
+                .ok()
+                .expect("no other owner of the store"),
+        );
+        if remove_indexes {
+            for e in std::fs::read_dir(&root).unwrap().flatten() {
+                if e.file_name().to_string_lossy().starts_with("index.sqlite") {
+                    std::fs::remove_file(e.path()).unwrap();
+                }
+            }
+        }
+        let (store, report) = Store::rebuild_index(&root, None).unwrap();
+        self.store = Arc::new(store);
+        report
+    }
 }
 
 fn cursor_value(p: &Path) -> Option<i64> {
@@ -273,42 +304,11 @@ fn wait_acked(p: &Publisher, seq: i64) {
 
 /// Everything in `stream`, in stream order: (stream seq, subject, msg id, payload).
 fn read_stream(url: &str, stream: &str) -> Vec<(u64, String, String, serde_json::Value)> {
-    runtime().block_on(async {
-        let client = async_nats::connect(url).await.unwrap();
-        let js = jetstream::new(client);
-        let mut s = js.get_stream(stream).await.unwrap();
-        let n = s.info().await.unwrap().state.messages;
-        let c = s
-            .create_consumer(consumer::pull::Config {
-                deliver_policy: consumer::DeliverPolicy::All,
-                ack_policy: consumer::AckPolicy::None,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        let mut msgs = c.messages().await.unwrap();
-        let mut out = Vec::new();
-        while (out.len() as u64) < n {
-            let m = tokio::time::timeout(PATIENCE, msgs.next())
-                .await
-                .expect("stream message")
-                .unwrap()
-                .unwrap();
-            let id = m
-                .headers
-                .as_ref()
-                .and_then(|h| h.get("Nats-Msg-Id"))
-                .map(|v| v.as_str().to_owned())
-                .unwrap_or_default();
-            out.push((
-                m.info().unwrap().stream_sequence,
-                m.subject.to_string(),
-                id,
-                serde_json::from_slice(&m.payload).unwrap(),
-            ));
-        }
-        out
-    })
+    stream_reader::read_stream(url, stream, PATIENCE)
+        .unwrap_or_else(|| panic!("no stream {stream} at {url}"))
+        .into_iter()
+        .map(|m| (m.stream_seq, m.subject, m.msg_id, m.payload))
+        .collect()
 }
 
 /// Asserts that the stream holds exactly `want`, once each, in order, from its first message.
@@ -609,4 +609,80 @@ fn a_server_down_at_start_is_named_and_nothing_is_acknowledged() {
         .expect("bad cursor refused");
     assert!(e.to_string().contains("nats-cursor"), "{e}");
     assert_eq!(std::fs::read_to_string(ts.cursor()).unwrap(), "garbage\n");
+}
+
+#[test]
+fn a_rebuilt_index_goes_on_publishing_without_drops() {
+    let server = Server::start();
+    let url = server.url();
+    let o = opts(&url, "REBUILT", "artifactfs.events");
+    let mut ts = TestStore::new();
+    ts.ingest("lab/a");
+    ts.holds("lab/a", 3);
+    let p = Publisher::spawn_for_store(ts.store.clone(), o.clone()).unwrap();
+    let first = ts.last_seq();
+    wait_acked(&p, first);
+    p.shutdown();
+    let mut want = ts.expected("artifactfs.events");
+
+    // Rebuilt beside the old index: the new log (one index.rebuilt, the runs again, then what
+    // comes next) is numbered after the old one, and every new event reaches the stream.
+    let report = ts.rebuild(false);
+    assert_eq!(report.events_after, first);
+    ts.ingest("lab/b");
+    ts.holds("lab/b", 2);
+    let check = |ts: &TestStore, want: &mut Vec<_>, after: i64| {
+        let p = Publisher::spawn_for_store(ts.store.clone(), o.clone()).unwrap();
+        let last = ts.last_seq();
+        wait_acked(&p, last);
+        let new: Vec<_> = ts
+            .expected("artifactfs.events")
+            .into_iter()
+            .filter(|e| e.2["seq"].as_i64().unwrap() > after)
+            .collect();
+        assert_eq!(new[0].2["kind"], "index.rebuilt", "{new:?}");
+        assert_eq!(new[0].2["seq"], after + 1);
+        let st = p.status();
+        assert_eq!(
+            (st.published, st.duplicates),
+            (new.len() as u64, 0),
+            "every new event published, none taken for a duplicate: {st:?}"
+        );
+        p.shutdown();
+        want.extend(new);
+        assert_stream_is(&url, "REBUILT", want);
+        last
+    };
+    let second = check(&ts, &mut want, first);
+
+    // Index files gone altogether: the cursor file alone carries the numbering on.
+    let report = ts.rebuild(true);
+    assert_eq!(report.events_after, second);
+    ts.holds("lab/a", 2);
+    let third = check(&ts, &mut want, second);
+
+    // Index and every cursor file gone (the NATS publisher's, and the lifecycle queue's that
+    // an untiered store keeps): the log starts again from 1 under the same store id. The
+    // publisher finds that the stream's newest event of the store is another event than the
+    // log's of that number, publishes nothing, and says so.
+    for name in artifactfs_core::rebuild::EVENT_CURSOR_FILES {
+        let _ = std::fs::remove_file(ts.store.root().join(name));
+    }
+    assert!(!ts.cursor().exists());
+    let report = ts.rebuild(true);
+    assert_eq!(report.events_after, 0);
+    let p = Publisher::spawn_for_store(ts.store.clone(), o.clone()).unwrap();
+    wait_for("the refusal", || p.status().last_error.is_some());
+    let st = p.status();
+    assert!(
+        st.last_error.as_deref().unwrap().contains("renumbered"),
+        "{st:?}"
+    );
+    assert_eq!((st.acked, st.published), (0, 0), "{st:?}");
+    p.shutdown();
+    assert_stream_is(&url, "REBUILT", &want);
+    // What the error says to do: the cursor at the stream's newest, and rebuild again.
+    std::fs::write(ts.cursor(), format!("{third}\n")).unwrap();
+    assert_eq!(ts.rebuild(true).events_after, third);
+    check(&ts, &mut want, third);
 }

@@ -212,7 +212,11 @@ impl Index {
         self.default_retention = d;
     }
 
-    fn write_tx<T>(&mut self, f: impl FnOnce(&Connection, &Path) -> Result<T>) -> Result<T> {
+    /// Runs `f` in one `BEGIN IMMEDIATE` transaction and commits it.
+    pub(super) fn write_tx<T>(
+        &mut self,
+        f: impl FnOnce(&Connection, &Path) -> Result<T>,
+    ) -> Result<T> {
         let path = self.path.clone();
         let err = sql_err(&path);
         let tx = self
