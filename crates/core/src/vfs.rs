@@ -2583,6 +2583,11 @@ impl Vfs {
         let name = name_str(name)?;
         let mut st = self.lock();
         let node = self.node(&st, ino)?;
+        if matches!(node, Node::Open(_)) && !name.starts_with("user.") {
+            // Open runs store only user.* names; the kernel asks for security.capability
+            // before every write.
+            return Err(Error::NoAttr(name.to_owned()));
+        }
         self.xattrs_of(&mut st, node)?
             .remove(name)
             .ok_or_else(|| Error::NoAttr(name.to_owned()))
