@@ -9,8 +9,9 @@
 //! # What is authoritative
 //!
 //! A pack or manifest is durable once it is in the local store (as before tiering); it is
-//! *safely remote* once it has been uploaded, read back and checked (the pack's BLAKE3 is its
-//! id; a manifest's bytes equal the local ones) and the index records that (`tier_packs`,
+//! *safely remote* once it has been uploaded and checked (by default through the backend's
+//! own digest check of the upload, else read back: the pack's BLAKE3 is its id; a manifest's
+//! bytes equal the local ones; ADR 0014) and the index records that (`tier_packs`,
 //! `tier_manifests`, see `crate::index_tier`). Only then may the local copy of a pack be
 //! evicted. The index is never the only record of where bytes are: reads try the local store
 //! first and the remote one on a miss, whatever the index says, so a crash between any two
@@ -33,10 +34,12 @@
 //!
 //! Local pack files plus cached chunk ranges are bounded by `cache_size`; least recently read
 //! goes first. Reads of local packs note the time in memory; eviction saves those times to
-//! the index first. A read of an evicted chunk is one ranged GET of just that chunk's bytes,
-//! kept afterwards as a file under `STORE/cache/ranges/` (written atomically, not fsynced: it
-//! is a cache and every chunk is checked against its id when decoded). Manifests are small
-//! and always stay local.
+//! the index first. A read of an evicted chunk is one ranged GET of just that chunk's bytes;
+//! a reader that knows what comes next (`crate::fetch`, ADR 0014) asks for coalesced windows
+//! of several chunks instead, several at once. Either is kept afterwards as a file under
+//! `STORE/cache/ranges/` (written atomically, not fsynced: it is a cache and every chunk is
+//! checked against its id when decoded), which then serves any range inside it. Manifests
+//! are small and always stay local.
 //!
 //! # Lifecycle records
 //!
@@ -101,8 +104,12 @@ const UPLOAD_THREADS: usize = 4;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum VerifyMode {
-    /// Read the whole object back and check it (BLAKE3 of a pack is its id).
+    /// When the backend's `put` checks the bytes against a digest computed from the local
+    /// copy (S3 `Content-MD5`, then the stored size and `ETag`; ADR 0014), that check;
+    /// otherwise as `Reread`.
     #[default]
+    Checksum,
+    /// Read the whole object back and check it (BLAKE3 of a pack is its id).
     Reread,
     /// Only check the stored size (`HEAD`); the backend's own checks must be trusted.
     Size,
@@ -1064,7 +1071,13 @@ impl Tier {
             retryable: true,
             message,
         };
-        match self.config.verify {
+        let mode = match self.config.verify {
+            VerifyMode::Checksum if self.remote.put_is_checked() => return Ok(()),
+            VerifyMode::Checksum => VerifyMode::Reread,
+            m => m,
+        };
+        match mode {
+            VerifyMode::Checksum => Ok(()),
             VerifyMode::Size => match self.remote.head(key)? {
                 Some(n) if n == len as u64 => Ok(()),
                 other => Err(bad(format!("stored size {other:?}, sent {len} bytes"))),
