@@ -978,6 +978,23 @@ mod tests {
     }
 
     #[test]
+    fn md5_etags_are_told_from_others() {
+        let md5 = hex(&Md5::digest(b"abc"));
+        assert_eq!(md5, "900150983cd24fb0d6963f7d28e17f72");
+        assert!(is_md5_etag(&md5));
+        assert!(is_md5_etag(&format!("{md5}-3")));
+        for other in [
+            "",
+            "abc",
+            &format!("{md5}-"),
+            &format!("{md5}-x"),
+            "z".repeat(32).as_str(),
+        ] {
+            assert!(!is_md5_etag(other), "{other}");
+        }
+    }
+
+    #[test]
     fn refuses_small_parts() {
         let c = S3Config {
             part_size: MIB,
