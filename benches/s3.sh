@@ -9,8 +9,9 @@
 #   - `aws s3 cp --recursive` of the same pack files up to the same gateway and back down
 #     (awscli's defaults: 10 requests at once, multipart above 8 MiB): the limit;
 #   - `artifactfs export` of the run with every pack local (warm), then, with every pack
-#     evicted and no range cache, cold `export`, cold `cat` of the largest file and cold
-#     `verify`, each checked bit-exact;
+#     evicted and no range cache, cold `export`, cold `cat` of one file, cold `verify`, and
+#     (when /dev/fuse and fusermount3 are there) cold `cat` of another file through a mount,
+#     each checked bit-exact;
 # and prints a Markdown table with the ratios push/aws-up and cold-read/aws-down.
 # MB = 10^6 bytes. The bucket is removed at the end.
 #
@@ -115,6 +116,22 @@ cat_bytes=$(stat -c %s "$WORK/cat.out")
 rm -f "$WORK/cat.out"
 timed "$WORK/verify.t" "$AFS" --store "$WORK/store" verify >/dev/null
 
+mount_row=""
+if [[ -e /dev/fuse ]] && command -v fusermount3 >/dev/null; then
+    echo "cold cat through a mount ..." >&2
+    mnt=$WORK/mnt
+    mkdir -p "$mnt"
+    "$AFS" --store "$WORK/store" mount "$mnt" >/dev/null
+    # shellcheck disable=SC2064 # expand now
+    trap "fusermount3 -uz '$mnt' 2>/dev/null || true; cleanup_bucket; cleanup '$WORK'" EXIT
+    timed "$WORK/mcat.t" bash -c "cat '$mnt/bench/run/part-2.bin' >'$WORK/mcat.out'"
+    cmp -s "$WORK/src/part-2.bin" "$WORK/mcat.out" || die "cold cat through the mount differs"
+    mcat_bytes=$(stat -c %s "$WORK/mcat.out")
+    rm -f "$WORK/mcat.out"
+    "$AFS" umount "$mnt"
+    mount_row="| \`cat\` of one file through the mount, cold | $mcat_bytes | $(secs "$WORK/mcat.t") | $(mbps "$mcat_bytes" "$WORK/mcat.t") |"
+fi
+
 push_mbps=$(mbps "$pack_bytes" "$WORK/push.t")
 up_mbps=$(mbps "$pack_bytes" "$WORK/awsup.t")
 down_mbps=$(mbps "$pack_bytes" "$WORK/awsdown.t")
@@ -141,6 +158,7 @@ $(SIM=true print_versions 2>/dev/null | sed 's/, ``;/;/')
 | \`artifactfs export\`, cold (all evicted) | $raw | $(secs "$WORK/cold.t") | $cold_mbps |
 | \`artifactfs cat\` of one file, cold | $cat_bytes | $(secs "$WORK/cat.t") | $cat_mbps |
 | \`artifactfs verify\`, cold | $pack_bytes | $(secs "$WORK/verify.t") | $verify_mbps |
+$mount_row
 
 - push / aws up: $(pct "$push_mbps" "$up_mbps")% (target ≥ 90%)
 - cold export / aws down: $(pct "$cold_mbps" "$down_mbps")%; cold cat / aws down: $(pct "$cat_mbps" "$down_mbps")% (target ≥ 70%)
