@@ -78,42 +78,92 @@ pub fn plan_windows(
     chunks: &[Option<(&str, u64, u64)>],
     limits: CoalesceLimits,
 ) -> (Vec<Window>, Vec<Option<usize>>) {
-    let mut windows: Vec<Window> = Vec::new();
+    // Windows merged into an earlier one are `None` and point at it in `into`.
+    let mut windows: Vec<Option<Window>> = Vec::new();
+    let mut into: Vec<usize> = Vec::new();
     let mut of_chunk = Vec::with_capacity(chunks.len());
+    let fits = |a: &Window, key: &str, offset: u64, end: u64| {
+        let (lo, hi) = (a.offset.min(offset), a.end().max(end));
+        let gap = offset
+            .saturating_sub(a.end())
+            .max(a.offset.saturating_sub(end));
+        a.key == key && gap <= limits.max_gap && hi - lo <= limits.max_window
+    };
+    let recent = |windows: &Vec<Option<Window>>| -> Vec<usize> {
+        (0..windows.len())
+            .rev()
+            .filter(|&i| windows[i].is_some())
+            .take(LOOK_BACK)
+            .collect()
+    };
     for c in chunks {
         let Some((key, offset, len)) = *c else {
             of_chunk.push(None);
             continue;
         };
         let end = offset + len;
-        let from = windows.len().saturating_sub(LOOK_BACK);
-        let joined = (from..windows.len()).rev().find(|&i| {
-            let w = &windows[i];
-            let (lo, hi) = (w.offset.min(offset), w.end().max(end));
-            let gap = offset
-                .saturating_sub(w.end())
-                .max(w.offset.saturating_sub(end));
-            w.key == key && gap <= limits.max_gap && hi - lo <= limits.max_window
+        let joined = recent(&windows).into_iter().find(|&i| {
+            windows[i]
+                .as_ref()
+                .is_some_and(|w| fits(w, key, offset, end))
         });
-        match joined {
-            Some(i) => {
-                let w = &mut windows[i];
-                let hi = w.end().max(end);
-                w.offset = w.offset.min(offset);
-                w.len = hi - w.offset;
-                of_chunk.push(Some(i));
-            }
-            None => {
-                windows.push(Window {
-                    key: key.to_owned(),
-                    offset,
-                    len,
-                });
-                of_chunk.push(Some(windows.len() - 1));
-            }
+        let Some(mut i) = joined else {
+            windows.push(Some(Window {
+                key: key.to_owned(),
+                offset,
+                len,
+            }));
+            into.push(windows.len() - 1);
+            of_chunk.push(Some(windows.len() - 1));
+            continue;
+        };
+        if let Some(w) = windows[i].as_mut() {
+            let hi = w.end().max(end);
+            w.offset = w.offset.min(offset);
+            w.len = hi - w.offset;
+        }
+        // The grown window may now reach another one of the pack: one GET for both, under
+        // the number of the one needed first.
+        loop {
+            let Some(w) = windows[i].clone() else { break };
+            let other = recent(&windows).into_iter().find(|&j| {
+                j != i
+                    && windows[j]
+                        .as_ref()
+                        .is_some_and(|o| fits(o, &w.key, w.offset, w.end()))
+            });
+            let Some(j) = other else { break };
+            let (keep, gone) = (i.min(j), i.max(j));
+            let g = windows[gone].take().expect("a live window");
+            let k = windows[keep].as_mut().expect("a live window");
+            let hi = k.end().max(g.end());
+            k.offset = k.offset.min(g.offset);
+            k.len = hi - k.offset;
+            into[gone] = keep;
+            i = keep;
+        }
+        of_chunk.push(Some(i));
+    }
+    // Number the live windows in order; a chunk's window is where its window went.
+    let root = |mut i: usize| {
+        while into[i] != i {
+            i = into[i];
+        }
+        i
+    };
+    let mut number = vec![usize::MAX; windows.len()];
+    let mut out = Vec::new();
+    for (i, w) in windows.into_iter().enumerate() {
+        if let Some(w) = w {
+            number[i] = out.len();
+            out.push(w);
         }
     }
-    (windows, of_chunk)
+    let of_chunk = of_chunk
+        .into_iter()
+        .map(|w| w.map(|w| number[root(w)]))
+        .collect();
+    (out, of_chunk)
 }
 
 /// Runs `fetch(0..n)` on up to `threads` threads, at most `ahead` items ahead of the consumer,
@@ -402,6 +452,26 @@ mod tests {
             .collect();
         assert_eq!(got, [("p/a", 0, 700), ("p/b", 0, 300)]);
         assert_eq!(of, [Some(0), Some(1), Some(0), Some(0)]);
+    }
+
+    #[test]
+    fn windows_that_grow_into_each_other_merge() {
+        // Pack a's chunk 3 came first in the pack's order; chunks 1 and 2 are far from it
+        // until chunk 2 closes the gap.
+        let c = [
+            Some(("p/a", 1000, 100)),
+            Some(("p/b", 0, 300)),
+            Some(("p/a", 0, 500)),
+            Some(("p/a", 500, 500)),
+            Some(("p/b", 300, 100)),
+        ];
+        let (w, of) = plan_windows(&c, lim(0, 1 << 20));
+        let got: Vec<_> = w
+            .iter()
+            .map(|w| (w.key.as_str(), w.offset, w.len))
+            .collect();
+        assert_eq!(got, [("p/a", 0, 1100), ("p/b", 0, 400)]);
+        assert_eq!(of, [Some(0), Some(1), Some(0), Some(0), Some(1)]);
     }
 
     #[test]
