@@ -97,8 +97,9 @@ pub(crate) const LIFECYCLE_CURSOR: &str = "lifecycle-cursor";
 /// Snapshots kept in the remote tier; older ones are deleted after a new one is checked.
 const SNAPSHOTS_KEPT: usize = 2;
 
-/// Uploads in flight at once during a push.
-const UPLOAD_THREADS: usize = 4;
+/// Uploads in flight at once during a push (each holds one pack in memory, twice while it is
+/// sent).
+const UPLOAD_THREADS: usize = 6;
 
 /// How an upload is checked before the local copy may be evicted.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -116,7 +116,9 @@ pub struct S3Config {
     pub credentials: Option<S3Credentials>,
     /// Storage class of new objects; `None` for the bucket's default (`STANDARD`).
     pub storage_class: Option<String>,
-    /// Objects larger than this are sent as multipart uploads.
+    /// Objects larger than this are sent as multipart uploads (default 32 MiB: a pack of the
+    /// default 16 MiB target, which runs a little over it, goes in one request; the engine
+    /// uploads several packs at once).
     pub multipart_threshold: usize,
     /// Size of each part but the last; at least 5 MiB.
     pub part_size: usize,
@@ -139,7 +141,7 @@ impl Default for S3Config {
             region: None,
             credentials: None,
             storage_class: None,
-            multipart_threshold: 16 * MIB,
+            multipart_threshold: 32 * MIB,
             part_size: 8 * MIB,
             max_attempts: 5,
             connect_timeout: Duration::from_secs(5),
