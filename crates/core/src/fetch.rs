@@ -124,8 +124,7 @@ pub fn plan_windows(
         }
         // The grown window may now reach another one of the pack: one GET for both, under
         // the number of the one needed first.
-        loop {
-            let Some(w) = windows[i].clone() else { break };
+        while let Some(w) = windows[i].clone() {
             let other = recent(&windows).into_iter().find(|&j| {
                 j != i
                     && windows[j]
