@@ -1,7 +1,8 @@
 //! Tiering end to end against the real Ceph RGW on 127.0.0.1:7480 (`tools/ceph-rgw/start.sh`,
 //! idempotent): `init --backend`, `tier push`, eviction, reads of evicted chunks through ranged
 //! GETs (`cat`, `export`), the cache bound, `tier status`, `index rebuild --from` into an
-//! empty store, an unreachable endpoint (a dead port, so the shared gateway is never stopped)
+//! empty store, an unreachable endpoint (a dead port), the gateway killed mid-upload (a private
+//! radosgw on the same cluster, so the shared gateway is never stopped)
 //! and rejected credentials. Each test makes its own bucket and empties it at the end.
 
 mod common;
@@ -12,7 +13,7 @@ use std::process::Command as StdCommand;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use artifactfs_core::objstore::ObjectStore;
-use common::rgw::{Bucket, gateway_env};
+use common::rgw::{Bucket, PrivateGateway, gateway_env};
 use common::{Env, assert_same_tree, bytes};
 
 const MIB: usize = 1 << 20;
@@ -408,6 +409,117 @@ fn a_push_killed_midway_resumes_and_evicts_only_what_was_checked() {
     assert_eq!(s["remote_only_packs"].as_u64(), Some(total), "{s}");
     assert_eq!(b.keys("packs/").len() as u64, total);
     export_matches(&env, &store, "ns/a", &src);
+}
+
+#[test]
+fn the_gateway_killed_mid_upload_loses_nothing_and_the_queue_drains_after_restart() {
+    let env = Env::new();
+    let b = Bucket::new("tier-gwkill");
+    let mut gw = PrivateGateway::start();
+    let genv = gw.env();
+    let at: Vec<(&str, &str)> = genv.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let store = env.store();
+    let mut init = vec![
+        "init",
+        "--pack-size",
+        "1MiB",
+        "--cache-size",
+        "0",
+        "--backend",
+    ];
+    let url = b.url();
+    init.push(&url);
+    ok(&store, &init, &at);
+    let src = source(&env, "src", 70, 24);
+    ok(&store, &["ingest", src.to_str().unwrap(), "ns/a"], &at);
+    let src2 = source(&env, "src2", 71, 1);
+    ok(&store, &["ingest", src2.to_str().unwrap(), "ns/b"], &at);
+    let total = local_packs(&store) as u64;
+    assert!(total >= 20, "{total} packs");
+
+    // Push through the private gateway; kill it once some packs are in the bucket.
+    let mut push = StdCommand::new(assert_cmd::cargo::cargo_bin("artifactfs"));
+    push.env_remove("ARTIFACTFS_STORE")
+        .args(["--store", store.to_str().unwrap(), "tier", "push"]);
+    for (k, v) in &genv {
+        push.env(k, v);
+    }
+    let mut push = push
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut seen = 0;
+    while seen < 3 && push.try_wait().unwrap().is_none() {
+        seen = b.keys("packs/").len();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    gw.kill(); // SIGKILL of radosgw, uploads in flight
+    let out = push.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let in_bucket = b.keys("packs/").len() as u64;
+    eprintln!("gateway killed with {seen} packs in the bucket; {in_bucket} after the push");
+    assert!(
+        in_bucket < total,
+        "the push finished before the gateway was killed; nothing was tested"
+    );
+    assert!(!out.status.success(), "the push must fail: {err}");
+    assert!(
+        err.contains(&format!("127.0.0.1:{}", gw.port)) && err.contains(&b.name),
+        "the error names the endpoint and the bucket: {err}"
+    );
+
+    // Nothing unsafe was evicted: what is not checked remote is still local.
+    let s: serde_json::Value =
+        serde_json::from_str(&ok(&store, &["tier", "status", "--json"], &at)).unwrap();
+    let (pending, both, remote) = (
+        s["pending_packs"].as_u64().unwrap(),
+        s["both_packs"].as_u64().unwrap(),
+        s["remote_only_packs"].as_u64().unwrap(),
+    );
+    eprintln!("after the kill: {pending} pending, {both} both, {remote} remote only");
+    assert!(pending > 0, "{s}");
+    assert_eq!(pending + both + remote, total, "{s}");
+    assert_eq!(
+        local_packs(&store) as u64,
+        pending + both,
+        "every pack not checked remote is still local: {s}"
+    );
+    // Ingest goes on while the gateway is down.
+    let src3 = source(&env, "src3", 72, 1);
+    ok(&store, &["ingest", src3.to_str().unwrap(), "ns/c"], &at);
+    // Every byte is still readable: local packs here, the evicted ones through the shared
+    // gateway of the same cluster.
+    assert!(ok(&store, &["verify"], &[]).contains("ok"));
+    export_matches(&env, &store, "ns/a", &src);
+    export_matches(&env, &store, "ns/b", &src2);
+    export_matches(&env, &store, "ns/c", &src3);
+
+    // The gateway is back on the same port: the queue drains.
+    gw.restart();
+    let r: serde_json::Value =
+        serde_json::from_str(&ok(&store, &["tier", "push", "--json"], &at)).unwrap();
+    assert_eq!(r["still_pending"], 0, "{r}");
+    let s: serde_json::Value =
+        serde_json::from_str(&ok(&store, &["tier", "status", "--json"], &at)).unwrap();
+    assert_eq!(
+        (
+            s["pending_packs"].as_u64(),
+            s["pending_manifests"].as_u64(),
+            s["pending_lifecycle"].as_u64()
+        ),
+        (Some(0), Some(0), Some(0)),
+        "{s}"
+    );
+    assert_eq!(local_packs(&store), 0, "cache size 0: everything evicted");
+    assert!(ok(&store, &["verify"], &at).contains("ok"));
+    // The bucket alone holds everything: a new store rebuilt from it verifies and exports.
+    let fresh = env.path("fresh");
+    ok(&fresh, &["index", "rebuild", "--from", &url], &at);
+    assert!(ok(&fresh, &["verify"], &at).contains("ok"));
+    for (run, src) in [("ns/a", &src), ("ns/b", &src2), ("ns/c", &src3)] {
+        export_matches(&env, &fresh, run, src);
+    }
 }
 
 #[test]

@@ -99,3 +99,140 @@ impl Drop for Bucket {
         let _ = self.store.delete_bucket();
     }
 }
+
+/// A radosgw of its own on a free loopback port, serving the same cluster (and so the same
+/// users, keys and buckets) as the shared gateway, for tests that kill the gateway. The
+/// shared one is never stopped. It runs with the cluster's `ceph.conf` under its own name
+/// (`client.rgw.pPORT`), admin socket and log; `tools/ceph-rgw/stop.sh` stops it too.
+pub struct PrivateGateway {
+    pub port: u16,
+    dir: PathBuf,
+    conf: PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl PrivateGateway {
+    /// Starts one and waits until it answers HTTP.
+    pub fn start() -> Self {
+        gateway_env();
+        let cluster = PathBuf::from(
+            std::env::var("ARTIFACTFS_RGW_DIR").unwrap_or_else(|_| "/tmp/artifactfs-ceph".into()),
+        );
+        let conf = cluster.join("ceph.conf");
+        assert!(conf.is_file(), "{} missing", conf.display());
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let dir = cluster.join(format!("private-{port}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut gw = Self {
+            port,
+            dir,
+            conf,
+            child: None,
+        };
+        gw.restart();
+        gw
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The gateway's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// [`gateway_env`] with this gateway's endpoint.
+    pub fn env(&self) -> Vec<(String, String)> {
+        gateway_env()
+            .iter()
+            .map(|(k, v)| {
+                let v = if k == "AWS_ENDPOINT_URL" {
+                    self.url()
+                } else {
+                    v.clone()
+                };
+                (k.clone(), v)
+            })
+            .collect()
+    }
+
+    /// SIGKILL, and waits for the process to be gone.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it (again) on the same port and waits until it answers.
+    pub fn restart(&mut self) {
+        self.kill();
+        let name = format!("client.rgw.p{}", self.port);
+        let log = std::fs::File::create(self.dir.join("radosgw.out")).unwrap();
+        let child = Command::new("radosgw")
+            .arg("-c")
+            .arg(&self.conf)
+            .args(["-n", &name, "-f"])
+            .arg(format!(
+                "--rgw-frontends=beast endpoint=127.0.0.1:{}",
+                self.port
+            ))
+            .arg(format!("--rgw-data={}", self.dir.display()))
+            .arg(format!(
+                "--admin-socket={}/radosgw.asok",
+                self.dir.display()
+            ))
+            .arg(format!("--log-file={}/radosgw.log", self.dir.display()))
+            .arg("--rgw-thread-pool-size=32")
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start radosgw");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !self.answers() {
+            if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!(
+                    "radosgw on port {} exited ({st}):\n{}",
+                    self.port,
+                    std::fs::read_to_string(self.dir.join("radosgw.out")).unwrap_or_default()
+                );
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "radosgw on port {} did not answer within 60 s",
+                self.port
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
+    /// An HTTP answer of any status to `GET /`.
+    fn answers(&self) -> bool {
+        use std::io::{Read, Write};
+        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(2)));
+        if s.write_all(b"GET / HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            .is_err()
+        {
+            return false;
+        }
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.")
+    }
+}
+
+impl Drop for PrivateGateway {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

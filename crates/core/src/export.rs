@@ -177,14 +177,8 @@ impl Store {
     ) -> Result<u64> {
         let mut pos = 0u64;
         let mut hasher = blake3::Hasher::new();
-        for c in &e.chunks {
-            let data = self.read_chunk(&c.0).map_err(|err| match err {
-                Error::Corrupt { what, reason } => Error::Corrupt {
-                    what: format!("{what} (file {})", e.path),
-                    reason,
-                },
-                other => other,
-            })?;
+        let ids: Vec<_> = e.chunks.iter().map(|c| c.0).collect();
+        self.for_each_chunk(&ids, &mut |_, data| {
             hasher.update(&data);
             if data.iter().all(|b| *b == 0) {
                 f.seek(SeekFrom::Current(data.len() as i64))
@@ -195,7 +189,15 @@ impl Store {
             }
             pos += data.len() as u64;
             progress.inc(data.len() as u64);
-        }
+            Ok(())
+        })
+        .map_err(|err| match err {
+            Error::Corrupt { what, reason } => Error::Corrupt {
+                what: format!("{what} (file {})", e.path),
+                reason,
+            },
+            other => other,
+        })?;
         f.set_len(pos)
             .map_err(|err| Error::io("truncate", p, err))?;
         if let Some(h) = e.blake3

@@ -13,6 +13,7 @@ pub mod clock;
 pub mod codec;
 pub mod error;
 pub mod export;
+pub mod fetch;
 pub mod gc;
 pub mod id;
 pub mod index;

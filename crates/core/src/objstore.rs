@@ -39,6 +39,12 @@ pub trait ObjectStore: Send + Sync {
     fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>>;
     /// Removes an object; removing a missing object is not an error.
     fn delete(&self, key: &str) -> Result<()>;
+    /// Whether a successful `put` means that the backend itself checked the bytes it stored
+    /// against a digest computed here from `data` (S3's `Content-MD5`) and their size, so
+    /// that reading an upload back proves nothing more (`verify = "checksum"` of a tier).
+    fn put_is_checked(&self) -> bool {
+        false
+    }
 }
 
 fn check_key(key: &str) -> Result<()> {

@@ -377,15 +377,15 @@ impl Store {
     pub fn read_file_to(&self, entry: &Entry, out: &mut dyn Write) -> Result<u64> {
         let mut n = 0u64;
         let mut hasher = blake3::Hasher::new();
-        for c in &entry.chunks {
-            let data = self
-                .read_chunk(&c.0)
-                .map_err(|e| with_file(e, &entry.path))?;
+        let ids: Vec<_> = entry.chunks.iter().map(|c| c.0).collect();
+        self.for_each_chunk(&ids, &mut |_, data| {
             hasher.update(&data);
             out.write_all(&data)
                 .map_err(|e| Error::io("write", "output", e))?;
             n += data.len() as u64;
-        }
+            Ok(())
+        })
+        .map_err(|e| with_file(e, &entry.path))?;
         if let Some(h) = entry.blake3
             && crate::id::FileHash::from(hasher.finalize()) != h
         {

@@ -9,8 +9,9 @@
 //! # What is authoritative
 //!
 //! A pack or manifest is durable once it is in the local store (as before tiering); it is
-//! *safely remote* once it has been uploaded, read back and checked (the pack's BLAKE3 is its
-//! id; a manifest's bytes equal the local ones) and the index records that (`tier_packs`,
+//! *safely remote* once it has been uploaded and checked (by default through the backend's
+//! own digest check of the upload, else read back: the pack's BLAKE3 is its id; a manifest's
+//! bytes equal the local ones; ADR 0014) and the index records that (`tier_packs`,
 //! `tier_manifests`, see `crate::index_tier`). Only then may the local copy of a pack be
 //! evicted. The index is never the only record of where bytes are: reads try the local store
 //! first and the remote one on a miss, whatever the index says, so a crash between any two
@@ -33,10 +34,12 @@
 //!
 //! Local pack files plus cached chunk ranges are bounded by `cache_size`; least recently read
 //! goes first. Reads of local packs note the time in memory; eviction saves those times to
-//! the index first. A read of an evicted chunk is one ranged GET of just that chunk's bytes,
-//! kept afterwards as a file under `STORE/cache/ranges/` (written atomically, not fsynced: it
-//! is a cache and every chunk is checked against its id when decoded). Manifests are small
-//! and always stay local.
+//! the index first. A read of an evicted chunk is one ranged GET of just that chunk's bytes;
+//! a reader that knows what comes next (`crate::fetch`, ADR 0014) asks for coalesced windows
+//! of several chunks instead, several at once. Either is kept afterwards as a file under
+//! `STORE/cache/ranges/` (written atomically, not fsynced: it is a cache and every chunk is
+//! checked against its id when decoded), which then serves any range inside it. Manifests
+//! are small and always stay local.
 //!
 //! # Lifecycle records
 //!
@@ -56,7 +59,7 @@
 //! change (`Store::record_lifecycle`) rather than by a push, so that a local rebuild restores
 //! retention and holds too.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
@@ -103,15 +106,20 @@ pub(crate) const LOCAL_LIFECYCLE_CURSOR: &str = "lifecycle-cursor.local";
 /// Snapshots kept in the remote tier; older ones are deleted after a new one is checked.
 const SNAPSHOTS_KEPT: usize = 2;
 
-/// Uploads in flight at once during a push.
-const UPLOAD_THREADS: usize = 4;
+/// Uploads in flight at once during a push (each holds one pack in memory, twice while it is
+/// sent).
+const UPLOAD_THREADS: usize = 6;
 
 /// How an upload is checked before the local copy may be evicted.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum VerifyMode {
-    /// Read the whole object back and check it (BLAKE3 of a pack is its id).
+    /// When the backend's `put` checks the bytes against a digest computed from the local
+    /// copy (S3 `Content-MD5`, then the stored size and `ETag`; ADR 0014), that check;
+    /// otherwise as `Reread`.
     #[default]
+    Checksum,
+    /// Read the whole object back and check it (BLAKE3 of a pack is its id).
     Reread,
     /// Only check the stored size (`HEAD`); the backend's own checks must be trusted.
     Size,
@@ -224,11 +232,56 @@ struct RangeCache {
 struct RangeInner {
     /// File name -> (bytes, last read ns).
     files: HashMap<String, (u64, i64)>,
+    /// Per object (its key as in file names): the cached ranges, offset -> length.
+    spans: HashMap<String, BTreeMap<u64, u64>>,
     bytes: u64,
+}
+
+impl RangeInner {
+    fn add(&mut self, name: &str, len: u64, at: i64) {
+        if let Some((n, _)) = self.files.insert(name.to_owned(), (len, at)) {
+            self.bytes -= n;
+        }
+        self.bytes += len;
+        if let Some((k, off, l)) = parse_range_name(name) {
+            self.spans.entry(k).or_default().insert(off, l);
+        }
+    }
+
+    fn drop_name(&mut self, name: &str) {
+        if let Some((n, _)) = self.files.remove(name) {
+            self.bytes -= n;
+        }
+        if let Some((k, off, _)) = parse_range_name(name)
+            && let Some(m) = self.spans.get_mut(&k)
+        {
+            m.remove(&off);
+            if m.is_empty() {
+                self.spans.remove(&k);
+            }
+        }
+    }
+
+    /// The cached range of `key` that holds `[offset, offset + len)`: (offset, length).
+    fn containing(&self, key: &str, offset: u64, len: u64) -> Option<(u64, u64)> {
+        let m = self.spans.get(&key.replace('/', "_"))?;
+        m.range(..=offset)
+            .rev()
+            .find(|(o, l)| **o + **l >= offset + len)
+            .map(|(o, l)| (*o, *l))
+    }
 }
 
 fn range_name(key: &str, offset: u64, len: u64) -> String {
     format!("{}.{offset}.{len}", key.replace('/', "_"))
+}
+
+/// The object (as in file names), offset and length a range file name says.
+fn parse_range_name(name: &str) -> Option<(String, u64, u64)> {
+    let mut it = name.rsplitn(3, '.');
+    let len = it.next()?.parse().ok()?;
+    let off = it.next()?.parse().ok()?;
+    Some((it.next()?.to_owned(), off, len))
 }
 
 impl RangeCache {
@@ -243,8 +296,7 @@ impl RangeCache {
                     continue;
                 }
                 let at = m.modified().map(to_unix_ns).unwrap_or(0);
-                inner.bytes += m.len();
-                inner.files.insert(name, (m.len(), at));
+                inner.add(&name, m.len(), at);
             }
         }
         Self {
@@ -257,16 +309,35 @@ impl RangeCache {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn get(&self, name: &str, len: u64, now: i64) -> Option<Vec<u8>> {
-        {
+    /// Whether a cached range holds `[offset, offset + len)` of `key`.
+    fn contains(&self, key: &str, offset: u64, len: u64) -> bool {
+        self.lock().containing(key, offset, len).is_some()
+    }
+
+    /// `[offset, offset + len)` of `key`, from a cached range that holds it.
+    fn get(&self, key: &str, offset: u64, len: u64, now: i64) -> Option<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let name = {
             let mut g = self.lock();
-            let e = g.files.get_mut(name)?;
-            e.1 = now;
-        }
-        match fs::read(self.dir.join(name)) {
-            Ok(b) if b.len() as u64 == len => Some(b),
-            _ => {
-                self.remove(name);
+            let (o, l) = g.containing(key, offset, len)?;
+            let name = range_name(key, o, l);
+            g.files.get_mut(&name)?.1 = now;
+            (name, o, l)
+        };
+        let (name, o, l) = name;
+        let read = || -> std::io::Result<Vec<u8>> {
+            let f = fs::File::open(self.dir.join(&name))?;
+            if f.metadata()?.len() != l {
+                return Err(std::io::Error::other("cached range has the wrong size"));
+            }
+            let mut buf = vec![0u8; len as usize];
+            f.read_exact_at(&mut buf, offset - o)?;
+            Ok(buf)
+        };
+        match read() {
+            Ok(b) => Some(b),
+            Err(_) => {
+                self.remove(&name);
                 None
             }
         }
@@ -289,13 +360,7 @@ impl RangeCache {
             res
         };
         match write() {
-            Ok(()) => {
-                let mut g = self.lock();
-                if let Some((n, _)) = g.files.insert(name.to_owned(), (data.len() as u64, now)) {
-                    g.bytes -= n;
-                }
-                g.bytes += data.len() as u64;
-            }
+            Ok(()) => self.lock().add(name, data.len() as u64, now),
             Err(e) => {
                 tracing::warn!(dir = %self.dir.display(), error = %e, "cannot cache a chunk range")
             }
@@ -303,11 +368,7 @@ impl RangeCache {
     }
 
     fn remove(&self, name: &str) {
-        let mut g = self.lock();
-        if let Some((n, _)) = g.files.remove(name) {
-            g.bytes -= n;
-        }
-        drop(g);
+        self.lock().drop_name(name);
         match fs::remove_file(self.dir.join(name)) {
             Ok(()) => {}
             Err(e) if e.kind() == ErrorKind::NotFound => {}
@@ -851,7 +912,13 @@ impl Tier {
             retryable: true,
             message,
         };
-        match self.config.verify {
+        let mode = match self.config.verify {
+            VerifyMode::Checksum if self.remote.put_is_checked() => return Ok(()),
+            VerifyMode::Checksum => VerifyMode::Reread,
+            m => m,
+        };
+        match mode {
+            VerifyMode::Checksum => Ok(()),
             VerifyMode::Size => match self.remote.head(key)? {
                 Some(n) if n == len as u64 => Ok(()),
                 other => Err(bad(format!("stored size {other:?}, sent {len} bytes"))),
@@ -1031,18 +1098,35 @@ impl Tier {
 
     /// A ranged read the local store could not serve: the range cache, else one ranged GET.
     fn remote_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
-        let name = range_name(key, offset, len);
-        let now = self.now();
-        if let Some(b) = self.ranges.get(&name, len, now) {
+        if let Some(b) = self.ranges.get(key, offset, len, self.now()) {
             return Ok(b);
         }
+        self.fetch_range(key, offset, len)
+    }
+
+    /// One ranged GET, checked for its length and kept in the range cache when the bound
+    /// leaves room for it.
+    fn fetch_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
         let data = self.remote.get_range(key, offset, len)?;
+        if data.len() as u64 != len {
+            return Err(Error::Backend {
+                backend: self.remote.describe(),
+                op: "get range",
+                key: key.to_owned(),
+                retryable: true,
+                message: format!(
+                    "short read: {} of {len} bytes at offset {offset}",
+                    data.len()
+                ),
+            });
+        }
         let budget = self
             .config
             .cache_size
             .saturating_sub(self.pack_bytes.load(Ordering::Relaxed));
         if len <= budget {
-            self.ranges.put(&name, &data, now);
+            let name = range_name(key, offset, len);
+            self.ranges.put(&name, &data, self.now());
             // Keep the ranges within what the packs leave of the bound.
             let (mut bytes, _) = self.ranges.bytes();
             if bytes > budget {
@@ -1058,6 +1142,22 @@ impl Tier {
             }
         }
         Ok(data)
+    }
+
+    /// Fetches one window of an evicted pack (see `crate::fetch`).
+    pub(crate) fn fetch_window(&self, w: &crate::fetch::Window) -> Result<Vec<u8>> {
+        self.fetch_range(&w.key, w.offset, w.len)
+            .map_err(|e| missing_both(e, self))
+    }
+
+    /// Whether the local store has the object (a pack not evicted).
+    pub(crate) fn has_local(&self, key: &str) -> bool {
+        matches!(self.local.head(key), Ok(Some(_)))
+    }
+
+    /// Whether the range cache holds `[offset, offset + len)` of `key`.
+    pub(crate) fn range_cached(&self, key: &str, offset: u64, len: u64) -> bool {
+        self.ranges.contains(key, offset, len)
     }
 }
 
@@ -1629,6 +1729,8 @@ mod tests {
         inner: MemoryStore,
         down: AtomicBool,
         range_gets: AtomicU64,
+        /// Ranged GETs return one byte less than asked.
+        short: AtomicBool,
     }
 
     impl Flaky {
@@ -1637,6 +1739,7 @@ mod tests {
                 inner: MemoryStore::default(),
                 down: AtomicBool::new(false),
                 range_gets: AtomicU64::new(0),
+                short: AtomicBool::new(false),
             }
         }
         fn check(&self) -> Result<()> {
@@ -1669,7 +1772,11 @@ mod tests {
         fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
             self.check()?;
             self.range_gets.fetch_add(1, Ordering::SeqCst);
-            self.inner.get_range(key, offset, len)
+            let mut b = self.inner.get_range(key, offset, len)?;
+            if self.short.load(Ordering::SeqCst) {
+                b.pop();
+            }
+            Ok(b)
         }
         fn head(&self, key: &str) -> Result<Option<u64>> {
             self.check()?;
@@ -1765,6 +1872,69 @@ mod tests {
             .unwrap();
         let err = store.read_file_to(&e, &mut Vec::new()).unwrap_err();
         assert!(err.to_string().contains("flaky"), "{err}");
+    }
+
+    #[test]
+    fn a_cold_file_read_is_one_coalesced_get_per_pack_and_cached() {
+        let dir = tempfile::tempdir().unwrap();
+        let remote = Arc::new(Flaky::new());
+        let store = tiered(dir.path(), remote.clone(), 0);
+        let data = ingest(&store, dir.path(), "ns/a", 8, 5 << 20);
+        store.push_pending().unwrap();
+        let e = store
+            .entry(&crate::RunRef::parse("ns/a").unwrap(), "f")
+            .unwrap();
+        let packs_of = |store: &Store| {
+            let mut packs: Vec<PackId> = Vec::new();
+            for c in &e.chunks {
+                let p = store.index().chunk(&c.0).unwrap().unwrap().pack;
+                if !packs.contains(&p) {
+                    packs.push(p);
+                }
+            }
+            packs
+        };
+        let packs = packs_of(&store);
+        assert!(
+            e.chunks.len() > 2 * packs.len(),
+            "{} chunks",
+            e.chunks.len()
+        );
+        assert_eq!(read(&store, "ns/a"), data);
+        assert_eq!(
+            remote.range_gets.load(Ordering::SeqCst),
+            packs.len() as u64,
+            "one window per pack, not one GET per chunk"
+        );
+        // A short answer is an error naming the backend and key, never wrong bytes.
+        remote.short.store(true, Ordering::SeqCst);
+        let err = store.read_file_to(&e, &mut Vec::new()).unwrap_err();
+        assert!(
+            err.to_string().contains("flaky") && err.to_string().contains("short read"),
+            "{err}"
+        );
+        remote.short.store(false, Ordering::SeqCst);
+        // With room in the cache, the windows are kept: a second read makes no request.
+        let dir2 = tempfile::tempdir().unwrap();
+        let remote2 = Arc::new(Flaky::new());
+        let store2 = tiered(dir2.path(), remote2.clone(), 0);
+        ingest(&store2, dir2.path(), "ns/a", 8, 5 << 20);
+        store2.push_pending().unwrap();
+        drop(store2);
+        let mut cfg = fs::read_to_string(dir2.path().join("store/config.toml")).unwrap();
+        cfg = cfg.replace("cache_size = 0", "cache_size = 104857600");
+        fs::write(dir2.path().join("store/config.toml"), cfg).unwrap();
+        let store2 = Store::open_tiered(&dir2.path().join("store"), remote2.clone()).unwrap();
+        assert_eq!(read(&store2, "ns/a"), data);
+        let after_first = remote2.range_gets.load(Ordering::SeqCst);
+        assert_eq!(after_first, packs_of(&store2).len() as u64);
+        assert_eq!(read(&store2, "ns/a"), data);
+        assert_eq!(remote2.range_gets.load(Ordering::SeqCst), after_first);
+        // Single-chunk reads (the mount's path) are served from inside the cached windows.
+        for c in &e.chunks {
+            store2.read_chunk(&c.0).unwrap();
+        }
+        assert_eq!(remote2.range_gets.load(Ordering::SeqCst), after_first);
     }
 
     #[test]

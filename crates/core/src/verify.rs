@@ -111,9 +111,19 @@ impl Store {
         }
         progress.set_total(total);
         report.packs = by_pack.len() as u64;
-        for (pack_id, entries) in &by_pack {
+        // Packs come whole; with a remote tier several are fetched at once, ahead of the
+        // checks, in order (`crate::fetch`).
+        let packs: Vec<(&PackId, &Vec<PackEntry>)> = by_pack.iter().collect();
+        let threads = if self.tier.is_some() {
+            crate::fetch::FETCHES_IN_FLIGHT
+        } else {
+            1
+        };
+        let fetch = |i: usize| self.objects.get(&pack::pack_key(packs[i].0));
+        crate::fetch::pipelined(packs.len(), threads, threads + 1, &fetch, &mut |i, got| {
+            let (pack_id, entries) = packs[i];
             let key = pack::pack_key(pack_id);
-            let bytes = match self.objects.get(&key) {
+            let bytes = match got {
                 Ok(b) => b,
                 Err(e) => {
                     for ent in entries {
@@ -124,7 +134,7 @@ impl Store {
                             affects: affects(&ent.chunk),
                         });
                     }
-                    continue;
+                    return Ok(());
                 }
             };
             let whole_ok = PackId::of(&bytes) == *pack_id;
@@ -166,7 +176,8 @@ impl Store {
                     affects: Vec::new(),
                 });
             }
-        }
+            Ok(())
+        })?;
         if only.is_none() {
             // gc trusts the reference counts: a count below the real one would let it sweep a
             // live chunk, so they are checked against a recount.

@@ -79,6 +79,10 @@ const SCAN_GAP: usize = 8;
 /// How far a scan reads ahead: this many files, or this many bytes of their chunks.
 const SCAN_AHEAD_FILES: usize = 16;
 const SCAN_AHEAD_BYTES: u64 = 4 << 20;
+/// How far ahead of a sequential read of a sealed file chunks are loaded when the store has a
+/// remote tier (at most half the chunk cache): evicted chunks then come in coalesced, parallel
+/// ranged GETs (`crate::fetch`) instead of one request per chunk when the read gets there.
+const TIERED_AHEAD_BYTES: u64 = 24 << 20;
 /// The read-only facts a mount shows (after [`FACTS_PREFIX`]); writing one into an open run is
 /// accepted and ignored.
 const DERIVED_FACTS: [&str; 5] = ["state", "manifest", "sealed_at", "blake3", "retain_until"];
@@ -413,6 +417,9 @@ struct State {
     sealing: HashSet<i64>,
     /// Per sealed-file handle: where the next sequential read starts (for readahead).
     read_pos: HashMap<u64, u64>,
+    /// Per sealed-file handle of a tiered store: the file offset up to which chunks were
+    /// queued for loading ahead.
+    ahead_until: HashMap<u64, u64>,
     /// Per sealed run: the entry opened last, to tell a scan of the run (tar, cp -r, rsync)
     /// from random opens.
     last_open: HashMap<i64, usize>,
@@ -471,6 +478,11 @@ impl ChunkCache {
     /// Reads a chunk into the cache (whether or not it is there).
     fn load(&self, store: &Store, id: &ChunkId) -> Result<Arc<Vec<u8>>> {
         let data = Arc::new(store.read_chunk(id)?);
+        self.insert(id, data.clone());
+        Ok(data)
+    }
+
+    fn insert(&self, id: &ChunkId, data: Arc<Vec<u8>>) {
         let mut c = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         c.tick += 1;
         let t = c.tick;
@@ -485,12 +497,13 @@ impl ChunkCache {
                 c.bytes -= d.len();
             }
         }
-        Ok(data)
     }
 }
 
 enum Ahead {
     Load(ChunkId),
+    /// Chunks a sequential read of a tiered store will need, loaded together.
+    Batch(Vec<ChunkId>),
     /// Answered once everything queued before it is done.
     Sync(crossbeam_channel::Sender<()>),
 }
@@ -522,6 +535,18 @@ impl Readahead {
                                 }
                                 // The read that needs it will load it again and report.
                                 Err(e) => tracing::debug!(chunk = %id, "readahead: {e}"),
+                            }
+                        }
+                        Ahead::Batch(ids) => {
+                            let ids: Vec<ChunkId> =
+                                ids.into_iter().filter(|id| !cache.contains(id)).collect();
+                            let r = store.for_each_chunk(&ids, &mut |i, d| {
+                                cache.insert(&ids[i], Arc::new(d));
+                                count.fetch_add(1, Ordering::Relaxed);
+                                Ok(())
+                            });
+                            if let Err(e) = r {
+                                tracing::debug!(chunks = ids.len(), "readahead: {e}");
                             }
                         }
                         Ahead::Sync(done) => {
@@ -1874,7 +1899,11 @@ impl Vfs {
             R::Sealed(s, idx) => {
                 let data = self.read_sealed(&s, idx, offset, size)?;
                 if sequential {
-                    self.read_ahead(&s, idx, offset + data.len() as u64);
+                    if self.store.tier().is_some() {
+                        self.read_ahead_tiered(fh, &s, idx, offset + data.len() as u64);
+                    } else {
+                        self.read_ahead(&s, idx, offset + data.len() as u64);
+                    }
                 }
                 Ok(data)
             }
@@ -1908,6 +1937,46 @@ impl Vfs {
             if files == SCAN_AHEAD_FILES {
                 return;
             }
+        }
+    }
+
+    /// For a store with a remote tier: queues the chunks of the next [`TIERED_AHEAD_BYTES`]
+    /// (at most half the chunk cache) after `end` of a sealed file as one batch, once half of
+    /// what was queued before has been read.
+    fn read_ahead_tiered(&self, fh: u64, s: &SealedRun, idx: usize, end: u64) {
+        let Some(tx) = self.readahead.as_ref().and_then(|r| r.tx.as_ref()) else {
+            return;
+        };
+        let Ok(e) = s.entry(idx) else { return };
+        let ahead = TIERED_AHEAD_BYTES.min(self.opts.chunk_cache_bytes as u64 / 2);
+        let from = {
+            let mut st = self.lock();
+            let until = st.ahead_until.get(&fh).copied().unwrap_or(0);
+            if until >= e.size || until > end + ahead / 2 {
+                return;
+            }
+            let to = (end + ahead).min(e.size);
+            st.ahead_until.insert(fh, to);
+            until.max(end)
+        };
+        let mut ids = Vec::new();
+        let mut pos = 0u64;
+        for c in &e.chunks {
+            let cs = pos;
+            pos += u64::from(c.1);
+            if pos <= from {
+                continue;
+            }
+            if cs >= end + ahead {
+                break;
+            }
+            if !self.cache.contains(&c.0) {
+                ids.push(c.0);
+            }
+        }
+        if !ids.is_empty() && tx.try_send(Ahead::Batch(ids)).is_err() {
+            // Behind already: forget the mark so that a later read queues them again.
+            self.lock().ahead_until.remove(&fh);
         }
     }
 
@@ -2107,6 +2176,7 @@ impl Vfs {
             return Ok(());
         };
         st.read_pos.remove(&fh);
+        st.ahead_until.remove(&fh);
         let Handle::Staged { run, inode, .. } = h else {
             return Ok(());
         };

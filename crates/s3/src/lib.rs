@@ -3,8 +3,9 @@
 //!
 //! What it owns: turning store keys into S3 object names under one bucket and prefix
 //! (`PREFIX/key`), uploads (one `PutObject` up to [`S3Config::multipart_threshold`], a
-//! multipart upload above it, aborted when any step fails, the stored size checked with
-//! `HeadObject` afterwards), whole and ranged reads, paginated listing, deletes, the storage
+//! multipart upload above it, aborted when any step fails; every request body carries a
+//! `Content-MD5`, which the server checks before it stores anything, and `HeadObject`
+//! afterwards checks the stored size and, when it is an MD5 form, the `ETag`), whole and ranged reads, paginated listing, deletes, the storage
 //! class of new objects, retries and timeouts, and mapping every failure to core's
 //! [`Error`] with the endpoint, bucket, operation and key in it. What it must not do: cache,
 //! decide what to tier or when, or know anything about packs and manifests; that is the
@@ -67,6 +68,9 @@ use aws_sdk_s3::config::{
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, StorageClass};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use md5::{Digest, Md5};
 
 const MIB: usize = 1024 * 1024;
 /// S3's smallest part (all but the last).
@@ -112,7 +116,9 @@ pub struct S3Config {
     pub credentials: Option<S3Credentials>,
     /// Storage class of new objects; `None` for the bucket's default (`STANDARD`).
     pub storage_class: Option<String>,
-    /// Objects larger than this are sent as multipart uploads.
+    /// Objects larger than this are sent as multipart uploads (default 32 MiB: a pack of the
+    /// default 16 MiB target, which runs a little over it, goes in one request; the engine
+    /// uploads several packs at once).
     pub multipart_threshold: usize,
     /// Size of each part but the last; at least 5 MiB.
     pub part_size: usize,
@@ -135,7 +141,7 @@ impl Default for S3Config {
             region: None,
             credentials: None,
             storage_class: None,
-            multipart_threshold: 16 * MIB,
+            multipart_threshold: 32 * MIB,
             part_size: 8 * MIB,
             max_attempts: 5,
             connect_timeout: Duration::from_secs(5),
@@ -544,38 +550,65 @@ impl S3Store {
         }
     }
 
-    /// Checks after an upload that the object is there with `len` bytes.
-    async fn verify_size(&self, key: &str, full: &str, len: usize) -> Result<()> {
-        match self.head_async(key, full).await? {
-            Some(n) if n == len as u64 => Ok(()),
-            got => Err(Error::Backend {
-                backend: self.backend.clone(),
-                op: "verify upload",
-                key: key.to_owned(),
-                retryable: true,
-                message: match got {
-                    Some(n) => format!("stored {n} bytes, sent {len}"),
-                    None => format!("object absent after uploading {len} bytes"),
-                },
-            }),
+    /// Checks after an upload that the object is there with `len` bytes and, when the
+    /// server's `ETag` is an MD5 form (a plain MD5, or `MD5-PARTS` of a multipart upload), that
+    /// it is `etag`.
+    async fn verify_upload(&self, key: &str, full: &str, len: usize, etag: &str) -> Result<()> {
+        let bad = |message: String| Error::Backend {
+            backend: self.backend.clone(),
+            op: "verify upload",
+            key: key.to_owned(),
+            retryable: true,
+            message,
+        };
+        let head = match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(full)
+            .send()
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                let f = Failure::from_sdk(&e);
+                if f.not_found() {
+                    return Err(bad(format!("object absent after uploading {len} bytes")));
+                }
+                return Err(self.error("head", key, f));
+            }
+        };
+        let n = head.content_length().unwrap_or(0).max(0) as u64;
+        if n != len as u64 {
+            return Err(bad(format!("stored {n} bytes, sent {len}")));
         }
+        let got = head.e_tag().unwrap_or("").trim_matches('"');
+        if is_md5_etag(got) && !got.eq_ignore_ascii_case(etag) {
+            return Err(bad(format!("stored ETag {got}, expected {etag}")));
+        }
+        Ok(())
     }
 
-    async fn put_single(&self, key: &str, full: &str, data: &[u8]) -> Result<()> {
+    /// Uploads in one request; returns the `ETag` the object must have (its MD5).
+    async fn put_single(&self, key: &str, full: &str, data: &[u8]) -> Result<String> {
+        let md5 = Md5::digest(data);
         self.client
             .put_object()
             .bucket(&self.bucket)
             .key(full)
             .set_storage_class(self.storage_class.clone())
             .content_length(data.len() as i64)
+            .content_md5(BASE64.encode(md5))
             .body(ByteStream::from(data.to_vec()))
             .send()
             .await
             .map_err(|e| self.sdk_error("put", key, e))?;
-        Ok(())
+        Ok(hex(&md5))
     }
 
-    async fn put_multipart(&self, key: &str, full: &str, data: &[u8]) -> Result<()> {
+    /// Uploads in parts; returns the `ETag` the object must have (MD5 of the parts' MD5s,
+    /// `-`, the number of parts).
+    async fn put_multipart(&self, key: &str, full: &str, data: &[u8]) -> Result<String> {
         let created = self
             .client
             .create_multipart_upload()
@@ -624,8 +657,9 @@ impl S3Store {
         full: &str,
         upload_id: &str,
         data: &[u8],
-    ) -> Result<()> {
+    ) -> Result<String> {
         let mut parts = Vec::new();
+        let mut md5s = Vec::new();
         let mut tasks = tokio::task::JoinSet::new();
         let mut chunks = data.chunks(self.part_size).enumerate().peekable();
         while chunks.peek().is_some() || !tasks.is_empty() {
@@ -634,6 +668,8 @@ impl S3Store {
                     break;
                 };
                 let number = i as i32 + 1;
+                let md5 = Md5::digest(chunk);
+                md5s.extend_from_slice(&md5);
                 let req = self
                     .client
                     .upload_part()
@@ -642,6 +678,7 @@ impl S3Store {
                     .upload_id(upload_id)
                     .part_number(number)
                     .content_length(chunk.len() as i64)
+                    .content_md5(BASE64.encode(md5))
                     .body(ByteStream::from(chunk.to_vec()));
                 tasks.spawn(async move { (number, req.send().await) });
             }
@@ -672,7 +709,7 @@ impl S3Store {
             .send()
             .await
             .map_err(|e| self.sdk_error("complete multipart upload", key, e))?;
-        Ok(())
+        Ok(format!("{}-{}", hex(&Md5::digest(&md5s)), md5s.len() / 16))
     }
 
     /// GETs `full`, whole or one range, and reads the body.
@@ -740,6 +777,23 @@ impl S3Store {
 }
 
 /// `err` and its sources, each once, without the SDK's debug dump.
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A plain MD5 `ETag` (32 hex digits), or a multipart one (`…-N`). Servers that encrypt or
+/// compress objects answer other forms, which say nothing about the bytes.
+fn is_md5_etag(etag: &str) -> bool {
+    let md5 = etag.split_once('-').map_or(etag, |(m, n)| {
+        if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) {
+            m
+        } else {
+            ""
+        }
+    });
+    md5.len() == 32 && md5.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 fn causes(err: &(dyn std::error::Error + 'static)) -> String {
     let mut out: Vec<String> = Vec::new();
     let mut next = Some(err);
@@ -786,13 +840,19 @@ impl ObjectStore for S3Store {
         let full = self.full_key(key)?;
         tracing::debug!(backend = %self.url, key, bytes = data.len(), "put");
         self.run(async {
-            if data.len() > self.multipart_threshold {
-                self.put_multipart(key, &full, data).await?;
+            let etag = if data.len() > self.multipart_threshold {
+                self.put_multipart(key, &full, data).await?
             } else {
-                self.put_single(key, &full, data).await?;
-            }
-            self.verify_size(key, &full, data.len()).await
+                self.put_single(key, &full, data).await?
+            };
+            self.verify_upload(key, &full, data.len(), &etag).await
         })
+    }
+
+    /// The server checks every body against its `Content-MD5` and refuses a mismatch
+    /// (`BadDigest`), and [`S3Store::put`] then checks the stored size and `ETag`.
+    fn put_is_checked(&self) -> bool {
+        true
     }
 
     fn get(&self, key: &str) -> Result<Vec<u8>> {
@@ -916,6 +976,23 @@ mod tests {
             "s3://packs/x?region=eu",
         ] {
             assert!(S3Config::from_url(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn md5_etags_are_told_from_others() {
+        let md5 = hex(&Md5::digest(b"abc"));
+        assert_eq!(md5, "900150983cd24fb0d6963f7d28e17f72");
+        assert!(is_md5_etag(&md5));
+        assert!(is_md5_etag(&format!("{md5}-3")));
+        for other in [
+            "",
+            "abc",
+            &format!("{md5}-"),
+            &format!("{md5}-x"),
+            "z".repeat(32).as_str(),
+        ] {
+            assert!(!is_md5_etag(other), "{other}");
         }
     }
 
