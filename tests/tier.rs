@@ -654,6 +654,83 @@ fn gc_deletes_dead_packs_and_manifests_in_the_bucket() {
     export_matches(&env, &new, "ns/keep", &keep);
 }
 
+/// Compaction on a tiered store whose packs are all evicted: the live chunks of packs that an
+/// expired run left sparse are fetched from the bucket, written into a new pack that is pushed,
+/// and the old packs leave the bucket; the live run stays whole, in the store and in a store
+/// rebuilt from the bucket.
+#[test]
+fn compaction_rewrites_evicted_packs_through_the_bucket() {
+    let env = Env::new();
+    let b = Bucket::new("tier-compact");
+    let store = env.store();
+    let clock = env.path("clock");
+    fs::write(&clock, "2026-12-01T00:00:00Z").unwrap();
+    let at = [("ARTIFACTFS_CLOCK_FILE", clock.to_str().unwrap())];
+    init_tiered(&store, &b, "0");
+    // `gone` holds `keep`'s bytes and more of its own, chunked into the same packs.
+    let keep = env.path("keep");
+    fs::create_dir_all(&keep).unwrap();
+    for i in 0..6u64 {
+        fs::write(keep.join(format!("k{i}.bin")), bytes(300_000, 500 + i)).unwrap();
+    }
+    let gone = env.path("gone");
+    fs::create_dir_all(&gone).unwrap();
+    for i in 0..6u64 {
+        fs::write(gone.join(format!("g{i}.bin")), bytes(300_000, 600 + i)).unwrap();
+        fs::copy(
+            keep.join(format!("k{i}.bin")),
+            gone.join(format!("k{i}.bin")),
+        )
+        .unwrap();
+    }
+    ok(&store, &["ingest", gone.to_str().unwrap(), "ns/gone"], &at);
+    ok(&store, &["ingest", keep.to_str().unwrap(), "ns/keep"], &at);
+    ok(&store, &["retain", "ns/gone", "1d"], &at);
+    ok(&store, &["retain", "ns/keep", "forever"], &at);
+    ok(&store, &["tier", "push"], &at);
+    assert_eq!(local_packs(&store), 0, "every pack is only in the bucket");
+    let before: std::collections::BTreeSet<String> = b.keys("packs/").into_iter().collect();
+
+    fs::write(&clock, "2026-12-03T00:00:00Z").unwrap();
+    let r: serde_json::Value = serde_json::from_str(&ok(
+        &store,
+        &["gc", "--grace", "0s", "--compact-below", "1.0", "--json"],
+        &at,
+    ))
+    .unwrap();
+    assert_eq!(r["runs_expired"], serde_json::json!(["ns/gone"]), "{r}");
+    assert!(r["packs_rewritten"].as_u64().unwrap() >= 1, "{r}");
+    assert!(r["packs_written"].as_u64().unwrap() >= 1, "{r}");
+    // The rewritten packs are gone from the bucket; the new ones go up with the next push.
+    let mid: std::collections::BTreeSet<String> = b.keys("packs/").into_iter().collect();
+    assert!(
+        mid.is_subset(&before),
+        "nothing new in the bucket before a push"
+    );
+    assert!(
+        mid.len() < before.len(),
+        "{} -> {}",
+        before.len(),
+        mid.len()
+    );
+    let p: serde_json::Value =
+        serde_json::from_str(&ok(&store, &["tier", "push", "--json"], &at)).unwrap();
+    assert_eq!(p["still_pending"], 0, "{p}");
+    let after: std::collections::BTreeSet<String> = b.keys("packs/").into_iter().collect();
+    let stats = json(&store, &["stats", "--json"]);
+    assert_eq!(after.len() as u64, stats["packs"].as_u64().unwrap());
+    assert!(
+        after.difference(&before).count() >= 1,
+        "a new pack was pushed"
+    );
+    assert!(ok(&store, &["verify"], &at).contains("ok"));
+    export_matches(&env, &store, "ns/keep", &keep);
+    let new = env.path("rebuilt");
+    ok(&new, &["index", "rebuild", "--from", &b.url()], &[]);
+    assert!(ok(&new, &["verify"], &[]).contains("ok"));
+    export_matches(&env, &new, "ns/keep", &keep);
+}
+
 /// `retain NS/RUN --json` without the fields that depend on when it is asked.
 fn lifecycle_of(store: &Path, run: &str, at: &[(&str, &str)]) -> serde_json::Value {
     let v: serde_json::Value =
