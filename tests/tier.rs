@@ -598,6 +598,17 @@ fn a_mount_reads_evicted_chunks_and_uploads_what_is_pending() {
     assert_eq!(s["pending_packs"], 0, "{s}");
 }
 
+/// Ingests `ns/gone` (retained 1d) and `ns/keep` (forever) and pushes: every pack is then only
+/// in the bucket (cache size 0).
+fn ingest_gone_and_keep(store: &Path, gone: &Path, keep: &Path, at: &[(&str, &str)]) {
+    ok(store, &["ingest", gone.to_str().unwrap(), "ns/gone"], at);
+    ok(store, &["ingest", keep.to_str().unwrap(), "ns/keep"], at);
+    ok(store, &["retain", "ns/gone", "1d"], at);
+    ok(store, &["retain", "ns/keep", "forever"], at);
+    ok(store, &["tier", "push"], at);
+    assert_eq!(local_packs(store), 0, "every pack is only in the bucket");
+}
+
 /// gc on a tiered store deletes an expired run's packs and manifest in the bucket too, so a
 /// store rebuilt from the bucket afterwards holds only the live run.
 #[test]
@@ -611,12 +622,7 @@ fn gc_deletes_dead_packs_and_manifests_in_the_bucket() {
     init_tiered(&store, &b, "0");
     let gone = source(&env, "gone", 7, 2);
     let keep = source(&env, "keep", 8, 2);
-    ok(&store, &["ingest", gone.to_str().unwrap(), "ns/gone"], &at);
-    ok(&store, &["ingest", keep.to_str().unwrap(), "ns/keep"], &at);
-    ok(&store, &["retain", "ns/gone", "1d"], &at);
-    ok(&store, &["retain", "ns/keep", "forever"], &at);
-    ok(&store, &["tier", "push"], &at);
-    assert_eq!(local_packs(&store), 0, "every pack is only in the bucket");
+    ingest_gone_and_keep(&store, &gone, &keep, &at);
     let packs_before = b.keys("packs/").len();
     assert_eq!(b.keys("manifests/").len(), 2);
 
@@ -683,12 +689,7 @@ fn compaction_rewrites_evicted_packs_through_the_bucket() {
         )
         .unwrap();
     }
-    ok(&store, &["ingest", gone.to_str().unwrap(), "ns/gone"], &at);
-    ok(&store, &["ingest", keep.to_str().unwrap(), "ns/keep"], &at);
-    ok(&store, &["retain", "ns/gone", "1d"], &at);
-    ok(&store, &["retain", "ns/keep", "forever"], &at);
-    ok(&store, &["tier", "push"], &at);
-    assert_eq!(local_packs(&store), 0, "every pack is only in the bucket");
+    ingest_gone_and_keep(&store, &gone, &keep, &at);
     let before: std::collections::BTreeSet<String> = b.keys("packs/").into_iter().collect();
 
     fs::write(&clock, "2026-12-03T00:00:00Z").unwrap();

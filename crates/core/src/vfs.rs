@@ -2121,7 +2121,7 @@ impl Vfs {
 
     /// Writes what a file's writes changed to the index: its mtime and, when it is inline, its
     /// content.
-    fn persist_mtime(&self, st: &mut State, inode: i64) -> Result<()> {
+    fn persist_changes(&self, st: &mut State, inode: i64) -> Result<()> {
         let data = st.inline.get(&inode).filter(|i| i.dirty).map(|i| &i.data);
         if data.is_none() && !st.dirty_mtime.contains_key(&inode) {
             return Ok(());
@@ -2148,7 +2148,7 @@ impl Vfs {
         let mut st = self.lock();
         if let Some(Handle::Staged { inode, .. }) = st.handles.get(&fh) {
             let inode = *inode;
-            self.persist_mtime(&mut st, inode)?;
+            self.persist_changes(&mut st, inode)?;
         }
         Ok(())
     }
@@ -2162,7 +2162,7 @@ impl Vfs {
                 file.sync_all()
                     .map_err(|e| Error::io("fsync", self.staging_path(run, inode), e))?;
             }
-            self.persist_mtime(&mut st, inode)?;
+            self.persist_changes(&mut st, inode)?;
             // The file's metadata (size, times, name) is in the index: make that durable too.
             self.store.index().sync()?;
         }
@@ -2180,7 +2180,7 @@ impl Vfs {
         let Handle::Staged { run, inode, .. } = h else {
             return Ok(());
         };
-        let res = self.persist_mtime(&mut st, inode);
+        let res = self.persist_changes(&mut st, inode);
         let left = {
             let c = st.open_count.entry(inode).or_default();
             *c = c.saturating_sub(1);
@@ -2279,24 +2279,20 @@ impl Vfs {
                 ));
             }
             self.preseal.changed(row.run, i);
-            let inline = st.inline.contains_key(&i)
-                || self.store.index().meta(|m| m.inline_len(i))?.is_some();
-            if inline && size <= INLINE_MAX {
-                let mut data = match st.inline.get(&i) {
-                    Some(x) => x.data.clone(),
-                    None => self
-                        .store
-                        .index()
-                        .meta(|m| m.inline_data(i))?
-                        .unwrap_or_default(),
-                };
+            // The content, when it is inline (in memory while open, else in the index).
+            let inline = match st.inline.get(&i) {
+                Some(x) => Some(x.data.clone()),
+                None => self.store.index().meta(|m| m.inline_data(i))?,
+            };
+            let is_inline = inline.is_some();
+            if let Some(mut data) = inline.filter(|_| size <= INLINE_MAX) {
                 data.resize(size as usize, 0);
                 // Written with the inode below; a copy in memory follows.
                 inline_set = Some(data);
             } else {
                 let file = match fh.and_then(|f| st.handles.get(&f)) {
                     Some(Handle::Staged { file: Some(f), .. }) => f.clone(),
-                    _ if inline => self.spill(&mut st, row.run, i)?,
+                    _ if is_inline => self.spill(&mut st, row.run, i)?,
                     _ => self.open_staged(&row)?,
                 };
                 file.set_len(size)
