@@ -10,7 +10,8 @@
 //! in its order, never more than [`WINDOWS_AHEAD`] windows ahead, so memory stays bounded by
 //! about `WINDOWS_AHEAD * MAX_WINDOW`. A fetched window goes into the tier's range cache when
 //! the cache bound leaves room for it (ADR 0009), so a later read of any chunk inside it is
-//! local.
+//! local; when it does not, the chunks read from it are kept one by one, the last read first,
+//! as many as fit.
 //!
 //! Every chunk is still decoded and checked against its id; a GET that fails or returns fewer
 //! bytes than asked is an error naming the backend (endpoint and bucket) and the key, never
@@ -340,7 +341,15 @@ impl Store {
             }
             Ok(())
         };
-        let fetch = |w: usize| tier.fetch_window(&windows[w]);
+        // The chunk ranges each window holds, in reading order (kept chunk by chunk when a
+        // whole window does not fit the cache).
+        let mut pieces: Vec<Vec<(u64, u64)>> = vec![Vec::new(); windows.len()];
+        for (c, w) in wanted.iter().zip(&of_chunk) {
+            if let (Some((_, off, len)), Some(w)) = (c, w) {
+                pieces[*w].push((*off, *len));
+            }
+        }
+        let fetch = |w: usize| tier.fetch_window(&windows[w], &pieces[w]);
         pipelined(
             windows.len(),
             FETCHES_IN_FLIGHT,

@@ -59,7 +59,7 @@
 //! change (`Store::record_lifecycle`) rather than by a push, so that a local rebuild restores
 //! retention and holds too.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
 use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
@@ -1107,6 +1107,12 @@ impl Tier {
     /// One ranged GET, checked for its length and kept in the range cache when the bound
     /// leaves room for it.
     fn fetch_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let data = self.get_range_checked(key, offset, len)?;
+        self.keep_ranges(key, offset, &data, &[(offset, len)]);
+        Ok(data)
+    }
+
+    fn get_range_checked(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
         let data = self.remote.get_range(key, offset, len)?;
         if data.len() as u64 != len {
             return Err(Error::Backend {
@@ -1120,34 +1126,69 @@ impl Tier {
                 ),
             });
         }
+        Ok(data)
+    }
+
+    /// Keeps `data` (the bytes of `key` from `base`) in the range cache within what the
+    /// packs leave of the bound: whole when it fits, else as many of `pieces` (the ranges
+    /// the reader asked for, in its order) as fit, the last read first, so a read of an
+    /// evicted chunk is cached afterwards even when its window is larger than the room.
+    /// Older ranges make way.
+    fn keep_ranges(&self, key: &str, base: u64, data: &[u8], pieces: &[(u64, u64)]) {
         let budget = self
             .config
             .cache_size
             .saturating_sub(self.pack_bytes.load(Ordering::Relaxed));
-        if len <= budget {
-            let name = range_name(key, offset, len);
-            self.ranges.put(&name, &data, self.now());
-            // Keep the ranges within what the packs leave of the bound.
-            let (mut bytes, _) = self.ranges.bytes();
-            if bytes > budget {
-                for (n, b, _) in self.ranges.lru() {
-                    if bytes <= budget {
-                        break;
-                    }
-                    if n != name {
-                        self.ranges.remove(&n);
-                        bytes -= b;
-                    }
+        let whole = [(base, data.len() as u64)];
+        let pieces: &[(u64, u64)] = if data.len() as u64 <= budget {
+            &whole
+        } else {
+            pieces
+        };
+        let mut kept: HashSet<String> = HashSet::new();
+        let mut used = 0u64;
+        // The last read first: what a least-recently-used cache would keep.
+        for &(off, len) in pieces.iter().rev() {
+            let start = off.saturating_sub(base) as usize;
+            let end = start + len as usize;
+            if off < base || end > data.len() || used + len > budget {
+                continue;
+            }
+            let name = range_name(key, off, len);
+            if kept.insert(name.clone()) {
+                self.ranges.put(&name, &data[start..end], self.now());
+                used += len;
+            }
+        }
+        if kept.is_empty() {
+            return;
+        }
+        let (mut bytes, _) = self.ranges.bytes();
+        if bytes > budget {
+            for (n, b, _) in self.ranges.lru() {
+                if bytes <= budget {
+                    break;
+                }
+                if !kept.contains(&n) {
+                    self.ranges.remove(&n);
+                    bytes -= b;
                 }
             }
         }
-        Ok(data)
     }
 
-    /// Fetches one window of an evicted pack (see `crate::fetch`).
-    pub(crate) fn fetch_window(&self, w: &crate::fetch::Window) -> Result<Vec<u8>> {
-        self.fetch_range(&w.key, w.offset, w.len)
-            .map_err(|e| missing_both(e, self))
+    /// Fetches one window of an evicted pack (see `crate::fetch`); `pieces` are the chunk
+    /// ranges (offset, stored length) the reader needs from it.
+    pub(crate) fn fetch_window(
+        &self,
+        w: &crate::fetch::Window,
+        pieces: &[(u64, u64)],
+    ) -> Result<Vec<u8>> {
+        let data = self
+            .get_range_checked(&w.key, w.offset, w.len)
+            .map_err(|e| missing_both(e, self))?;
+        self.keep_ranges(&w.key, w.offset, &data, pieces);
+        Ok(data)
     }
 
     /// Whether the local store has the object (a pack not evicted).
@@ -1989,6 +2030,32 @@ mod tests {
         // Nothing pending: no upload, no event.
         store.push_pending().unwrap();
         assert_eq!(uploaded(&store).len(), 1);
+    }
+
+    #[test]
+    fn chunks_of_a_window_larger_than_the_room_are_cached_one_by_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let remote = Arc::new(Flaky::new());
+        // Packs of about 1 MiB do not fit a 768 KiB bound: every pack is evicted, and a
+        // whole-pack window never fits, but its chunks (256 KiB on average) do.
+        let bound = 768 << 10;
+        let store = tiered(dir.path(), remote.clone(), bound);
+        let data = ingest(&store, dir.path(), "ns/a", 7, 3 << 20);
+        store.push_pending().unwrap();
+        let s = store.tier_status().unwrap();
+        assert_eq!((s.counts.both_packs, s.cache_bytes), (0, 0), "{s:?}");
+        assert_eq!(read(&store, "ns/a"), data);
+        let s = store.tier_status().unwrap();
+        assert!(s.range_cache_entries > 0, "{s:?}");
+        assert!(s.cache_bytes <= bound && s.cache_bytes > 0, "{s:?}");
+        // The chunks read last are the ones kept: reading the file's tail again needs no GET.
+        let gets = remote.range_gets.load(Ordering::SeqCst);
+        let e = store
+            .entry(&crate::RunRef::parse("ns/a").unwrap(), "f")
+            .unwrap();
+        let last = e.chunks.last().unwrap().0;
+        assert!(!store.read_chunk(&last).unwrap().is_empty());
+        assert_eq!(remote.range_gets.load(Ordering::SeqCst), gets);
     }
 
     #[test]
