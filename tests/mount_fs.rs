@@ -517,3 +517,75 @@ fn renameat2_flags_in_an_open_run() {
     assert_eq!(fs::read(sealed.join("dir")).unwrap(), b"I");
     assert_eq!(fs::read(sealed.join("b/inner")).unwrap(), b"A");
 }
+
+/// A POSIX access ACL in the xattr encoding: version 2, then (tag, perm, id) entries.
+fn posix_acl(entries: &[(u16, u16, u32)]) -> Vec<u8> {
+    let mut v = 2u32.to_le_bytes().to_vec();
+    for (tag, perm, id) in entries {
+        v.extend_from_slice(&tag.to_le_bytes());
+        v.extend_from_slice(&perm.to_le_bytes());
+        v.extend_from_slice(&id.to_le_bytes());
+    }
+    v
+}
+
+/// `cp -a`, `rsync -A` and `setfacl` write access ACLs; one that only restates the mode sets
+/// the mode, as on ext4, and nothing else is kept. ACLs with named entries are refused (that
+/// only the owner may set one is checked in the engine's tests: the mount serves its owner).
+#[test]
+fn minimal_acls_set_the_mode_and_others_are_refused() {
+    const ACL: &str = "system.posix_acl_access";
+    const USER_OBJ: u16 = 0x01;
+    const USER: u16 = 0x02;
+    const GROUP_OBJ: u16 = 0x04;
+    const MASK: u16 = 0x10;
+    const OTHER: u16 = 0x20;
+    const EINVAL: i32 = 22;
+    const ENODATA: i32 = 61;
+    const EOPNOTSUPP: i32 = 95;
+    let env = Env::new();
+    let m = Mount::start(&env, &env.path("mnt"), &["--seal-after", "1h"]);
+    fs::create_dir_all(m.p("ns/r")).unwrap();
+    let f = m.p("ns/r/f");
+    fs::write(&f, b"x").unwrap();
+    fs::set_permissions(&f, fs::Permissions::from_mode(0o4600)).unwrap();
+    let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    let minimal = |u, g, o| posix_acl(&[(USER_OBJ, u, !0), (GROUP_OBJ, g, !0), (OTHER, o, !0)]);
+    xattr::set(&f, ACL, &minimal(7, 5, 4)).unwrap();
+    assert_eq!(mode(&f), 0o4754, "the ACL's bits, the set-user-ID bit kept");
+    assert_eq!(xattr::get(&f, ACL).unwrap(), None, "no ACL is kept");
+    assert_eq!(errno(xattr::remove(&f, ACL)), ENODATA);
+    let named = posix_acl(&[
+        (USER_OBJ, 6, !0),
+        (USER, 6, 1000),
+        (GROUP_OBJ, 4, !0),
+        (MASK, 6, !0),
+        (OTHER, 0, !0),
+    ]);
+    assert_eq!(errno(xattr::set(&f, ACL, &named)), EOPNOTSUPP);
+    assert_eq!(errno(xattr::set(&f, ACL, b"\x02\0\0\0garbage!")), EINVAL);
+    assert_eq!(mode(&f), 0o4754, "refused ACLs change nothing");
+    assert_eq!(mode(&f), 0o4754);
+
+    // `cp -a` of a tree keeps its modes, with no refusal logged.
+    let src = env.path("src");
+    fs::create_dir_all(src.join("d")).unwrap();
+    for (name, m) in [("a", 0o640), ("b", 0o755), ("d/c", 0o600)] {
+        fs::write(src.join(name), name).unwrap();
+        fs::set_permissions(src.join(name), fs::Permissions::from_mode(m)).unwrap();
+    }
+    fs::set_permissions(src.join("d"), fs::Permissions::from_mode(0o750)).unwrap();
+    let logged = m.log_text().len();
+    let st = Command::new("cp")
+        .arg("-a")
+        .arg(&src)
+        .arg(m.p("ns/r/copy"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    for (name, want) in [("a", 0o640), ("b", 0o755), ("d/c", 0o600), ("d", 0o750)] {
+        assert_eq!(mode(&m.p(&format!("ns/r/copy/{name}"))), want, "{name}");
+    }
+    let log = m.log_text();
+    assert!(!log[logged..].contains("refused"), "{log}");
+}

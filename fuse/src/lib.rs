@@ -438,7 +438,7 @@ impl Filesystem for ArtifactFs {
 
     fn setxattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         name: &OsStr,
         value: &[u8],
@@ -446,12 +446,14 @@ impl Filesystem for ArtifactFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        Self::empty(
-            self.vfs.setxattr(ino.0, name, value, flags),
-            "setxattr",
-            ino.0,
-            reply,
-        );
+        // The kernel passes ACL xattrs through unchecked (no FUSE_POSIX_ACL): who sets one
+        // matters, since a minimal ACL is a chmod.
+        let res = if name == "system.posix_acl_access" {
+            self.vfs.set_access_acl(ctx(req), ino.0, value, flags)
+        } else {
+            self.vfs.setxattr(ino.0, name, value, flags)
+        };
+        Self::empty(res, "setxattr", ino.0, reply);
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {

@@ -423,6 +423,9 @@ struct State {
     /// Per sealed run: the entry opened last, to tell a scan of the run (tar, cp -r, rsync)
     /// from random opens.
     last_open: HashMap<i64, usize>,
+    /// xattr names whose refusal was logged as a warning already (later ones log at debug:
+    /// `cp -a` of a tree would otherwise log one line per file).
+    warned_xattrs: HashSet<String>,
 }
 
 /// A bounded LRU of decompressed, verified chunks.
@@ -2695,6 +2698,56 @@ impl Vfs {
         self.change_xattr(&mut st, node, name, Some(value), flags)
     }
 
+    /// `setxattr` of `system.posix_acl_access` by `ctx` (see [`acl`]): a minimal ACL sets the
+    /// permission bits it states, as a `chmod` by its owner (or root) would; an ACL with named
+    /// users or groups is refused (`EOPNOTSUPP`), bytes that are no ACL are invalid. Other
+    /// names go to [`Vfs::setxattr`].
+    pub fn set_access_acl(&self, ctx: Ctx, ino: u64, value: &[u8], flags: i32) -> Result<()> {
+        let (mut st, node) = self.lock_mut(ino)?;
+        let i = match self.writable(node, "setxattr") {
+            Ok(i) => i,
+            // Sealed runs and the control directory answer as for any xattr.
+            Err(_) => return self.change_xattr(&mut st, node, acl::ACCESS, Some(value), flags),
+        };
+        let perms = match acl::minimal_acl_mode(value) {
+            Ok(p) => p,
+            Err(e) => {
+                if st.warned_xattrs.insert(acl::ACCESS.to_owned()) {
+                    tracing::warn!(
+                        "refused: {e} (further refusals of this name log at debug level)"
+                    );
+                } else {
+                    tracing::debug!("refused: {e}");
+                }
+                return Err(e);
+            }
+        };
+        if flags & XATTR_REPLACE != 0 {
+            // There is never a stored ACL to replace.
+            return Err(Error::NoAttr(acl::ACCESS.to_owned()));
+        }
+        let mut row = self.inode(i)?;
+        if ctx.uid != 0 && ctx.uid != row.uid {
+            return Err(Error::NotPermitted(format!(
+                "xattr {}: only the owner of inode {i} changes its permissions",
+                acl::ACCESS
+            )));
+        }
+        let mut mode = (row.mode & 0o7000) | perms;
+        if ctx.uid != 0 && ctx.gid != row.gid {
+            // As chmod: the set-group-ID bit stays only for members of the file's group.
+            mode &= !0o2000;
+        }
+        row.mode = mode;
+        row.ctime_ns = self.now();
+        if let Some(t) = st.dirty_mtime.get(&i) {
+            row.mtime_ns = *t;
+        }
+        self.store.index().meta_write(|m| m.update_inode(&row))?;
+        self.touch(&mut st, row.run);
+        Ok(())
+    }
+
     /// `removexattr`.
     pub fn removexattr(&self, ino: u64, name: &OsStr) -> Result<()> {
         let name = name_str(name)?;
@@ -2742,8 +2795,16 @@ impl Vfs {
             }
         };
         if !name.starts_with("user.") {
+            if acl::is_acl(name) && value.is_none() {
+                // No ACL is stored (a minimal one sets the mode): there is none to remove.
+                return Err(Error::NoAttr(name.to_owned()));
+            }
             let e = Error::Unsupported(format!("xattr {name}: only user.* attributes are stored"));
-            tracing::warn!("refused: {e}");
+            if st.warned_xattrs.insert(name.to_owned()) {
+                tracing::warn!("refused: {e} (further refusals of this name log at debug level)");
+            } else {
+                tracing::debug!("refused: {e}");
+            }
             return Err(e);
         }
         let mut row = self.inode(i)?;
@@ -3338,6 +3399,7 @@ fn exchange_names(
     m.set_times(to, now, now)
 }
 
+mod acl;
 mod preseal;
 #[cfg(test)]
 mod tests;

@@ -562,3 +562,59 @@ fn vfs_closed_files_are_chunked_ahead_of_the_seal() {
     assert_eq!(after.packs, before.packs);
     assert_eq!(v.preseal.pending(), 0);
 }
+
+#[test]
+fn a_minimal_acl_is_a_chmod_by_the_owner_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let v = Vfs::new(new_store(tmp.path()), VfsOptions::default()).unwrap();
+    let run = open_run(&v, "ns", "r");
+    let f = write_file(&v, run, "f", b"x");
+    let user = Ctx {
+        uid: 1000,
+        gid: 1000,
+    };
+    let mine = write_file(&v, run, "mine", b"y");
+    v.setattr(
+        mine,
+        SetAttr {
+            uid: Some(1000),
+            gid: Some(50),
+            mode: Some(0o2640),
+            ..SetAttr::default()
+        },
+        None,
+    )
+    .unwrap();
+    let acl = |u: u16, g: u16, o: u16| {
+        let mut v = 2u32.to_le_bytes().to_vec();
+        for (tag, perm) in [(1u16, u), (4, g), (0x20, o)] {
+            v.extend_from_slice(&tag.to_le_bytes());
+            v.extend_from_slice(&perm.to_le_bytes());
+            v.extend_from_slice(&u32::MAX.to_le_bytes());
+        }
+        v
+    };
+    // Not the owner: refused, nothing changes.
+    assert!(matches!(
+        v.set_access_acl(user, f, &acl(7, 7, 7), 0),
+        Err(Error::NotPermitted(_))
+    ));
+    assert_eq!(v.getattr(f).unwrap().mode, 0o644);
+    // The owner, not in the file's group: the bits, and set-group-ID cleared as by chmod.
+    v.set_access_acl(user, mine, &acl(6, 4, 4), 0).unwrap();
+    assert_eq!(v.getattr(mine).unwrap().mode, 0o644);
+    // Root, for any file; the change is in the index (a new view sees it).
+    v.set_access_acl(CTX, f, &acl(6, 0, 0), 0).unwrap();
+    assert_eq!(v.getattr(f).unwrap().mode, 0o600);
+    assert!(matches!(
+        v.set_access_acl(CTX, f, &acl(6, 0, 0), XATTR_REPLACE),
+        Err(Error::NoAttr(_))
+    ));
+    let store = v.store().root().to_path_buf();
+    drop(v);
+    let v = Vfs::new(Store::open(&store).unwrap(), VfsOptions::default()).unwrap();
+    let run = v
+        .lookup(v.lookup(ROOT_INO, os("ns")).unwrap().ino, os("r"))
+        .unwrap();
+    assert_eq!(v.lookup(run.ino, os("f")).unwrap().mode, 0o600);
+}
