@@ -554,6 +554,9 @@ impl Store {
                 .map_err(|e| Error::Internal(format!("gc report encode: {e}")))?;
             self.index().event(now, "gc.finished", None, &detail)?;
             self.record_lifecycle();
+            if let Err(e) = self.index().reclaim_space() {
+                tracing::warn!("gc finished; the index keeps its free pages: {e}");
+            }
         }
         if !opts.dry_run
             && let Some(t) = &self.tier

@@ -231,6 +231,13 @@ impl Index {
         let err = sql_err(path);
         let conn = Connection::open(path).map_err(&err)?;
         conn.busy_timeout(Duration::from_secs(30)).map_err(&err)?;
+        if create {
+            // Only before the first table and before the switch to WAL, or it does not take
+            // (and on an existing index it changes nothing): free pages go back to the file
+            // system when `reclaim_space` asks.
+            conn.execute_batch("PRAGMA auto_vacuum=INCREMENTAL")
+                .map_err(&err)?;
+        }
         // Reading the mode also proves the file is a database (a truncated or foreign file fails).
         let mode: String = conn
             .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
@@ -244,8 +251,12 @@ impl Index {
         // NORMAL: a commit survives a crash of this process (the WAL is written before COMMIT
         // returns) but only reaches the disk at the next checkpoint. Commits that other
         // durable state depends on (packs, seals) switch to FULL: see `durable`.
-        conn.execute_batch("PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON;")
-            .map_err(&err)?;
+        // The WAL is truncated to 1 MiB when a checkpoint lets it restart, instead of keeping
+        // the largest size it ever reached.
+        conn.execute_batch(
+            "PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON; PRAGMA journal_size_limit=1048576;",
+        )
+        .map_err(&err)?;
         let mut idx = Self {
             conn,
             path: path.to_path_buf(),
@@ -1049,6 +1060,28 @@ impl Index {
     /// Makes every commit so far durable (a checkpoint syncs the WAL, then the database).
     pub fn sync(&mut self) -> Result<()> {
         let path = self.path.clone();
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+            .map_err(sql_err(&path))
+    }
+
+    /// Gives back to the file system what deletions left free in the index: the free pages of
+    /// an index made with `auto_vacuum=INCREMENTAL` (every index created since that setting;
+    /// an older one keeps reusing its free pages), then checkpoints without waiting for
+    /// readers, after which the WAL shrinks to `journal_size_limit`. Called after a seal (an
+    /// open run's inline file contents leave the index) and after gc.
+    pub fn reclaim_space(&mut self) -> Result<()> {
+        let path = self.path.clone();
+        let err = sql_err(&path);
+        // One step frees one page: step to the end.
+        let mut stmt = self
+            .conn
+            .prepare("PRAGMA incremental_vacuum")
+            .map_err(&err)?;
+        let mut rows = stmt.query([]).map_err(&err)?;
+        while rows.next().map_err(&err)?.is_some() {}
+        drop(rows);
+        drop(stmt);
         self.conn
             .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
             .map_err(sql_err(&path))
