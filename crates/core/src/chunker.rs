@@ -20,12 +20,13 @@ pub struct ChunkerParams {
 }
 
 impl Default for ChunkerParams {
-    /// Chosen by the sweep recorded in `docs/adr/0005-chunk-size.md`.
+    /// Chosen by the sweeps recorded in `docs/adr/0005-chunk-size.md` and
+    /// `docs/adr/0017-smaller-chunks.md`.
     fn default() -> Self {
         Self {
-            min_size: 64 * 1024,
-            avg_size: 256 * 1024,
-            max_size: 1024 * 1024,
+            min_size: 16 * 1024,
+            avg_size: 64 * 1024,
+            max_size: 256 * 1024,
         }
     }
 }

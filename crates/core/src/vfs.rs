@@ -105,8 +105,9 @@ pub struct VfsOptions {
     pub seal_marker: Option<String>,
     /// Upper bound of the decompressed-chunk cache, bytes.
     pub chunk_cache_bytes: usize,
-    /// Chunks loaded into the cache ahead of a sequential read of a sealed file (0: none).
-    pub readahead_chunks: usize,
+    /// Bytes of a sealed file's chunks loaded into the cache ahead of a sequential read of it
+    /// (0: none); whole chunks, so at least the next one.
+    pub readahead_bytes: u64,
 }
 
 impl Default for VfsOptions {
@@ -115,7 +116,7 @@ impl Default for VfsOptions {
             seal_after: Duration::from_secs(60),
             seal_marker: None,
             chunk_cache_bytes: 64 << 20,
-            readahead_chunks: 2,
+            readahead_bytes: 1 << 20,
         }
     }
 }
@@ -408,6 +409,10 @@ struct State {
     open_count: HashMap<i64, u32>,
     runs: HashMap<i64, Activity>,
     dirty_mtime: HashMap<i64, i64>,
+    /// chmod, chown and utimens of files that are open, kept until the next flush, fsync or
+    /// release writes them to the index with the file's content: `cp -a` changes each file
+    /// two or three times between its create and its close, and one index commit serves all.
+    dirty_attrs: HashMap<i64, AttrPatch>,
     /// The content of open files small enough to live in the index instead of a staging file
     /// (ADR 0015), while they are open; written to the index on flush, fsync and release.
     inline: HashMap<i64, Inline>,
@@ -426,6 +431,30 @@ struct State {
     /// xattr names whose refusal was logged as a warning already (later ones log at debug:
     /// `cp -a` of a tree would otherwise log one line per file).
     warned_xattrs: HashSet<String>,
+}
+
+/// Attribute changes of an open file not yet in the index (see `State::dirty_attrs`).
+#[derive(Clone, Copy, Debug, Default)]
+struct AttrPatch {
+    mode: Option<u32>,
+    uid: Option<u32>,
+    gid: Option<u32>,
+    /// An explicit mtime (utimens); a write's later mtime is `State::dirty_mtime`.
+    mtime_ns: Option<i64>,
+    ctime_ns: i64,
+}
+
+impl AttrPatch {
+    /// `row` with these changes; the ctime never goes back (another change of the row may
+    /// have been committed since).
+    fn applied(&self, mut row: InodeRow) -> InodeRow {
+        row.mode = self.mode.unwrap_or(row.mode);
+        row.uid = self.uid.unwrap_or(row.uid);
+        row.gid = self.gid.unwrap_or(row.gid);
+        row.mtime_ns = self.mtime_ns.unwrap_or(row.mtime_ns);
+        row.ctime_ns = row.ctime_ns.max(self.ctime_ns);
+        row
+    }
 }
 
 /// A bounded LRU of decompressed, verified chunks.
@@ -685,7 +714,7 @@ impl Vfs {
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
         });
-        let readahead = if opts.readahead_chunks > 0 {
+        let readahead = if opts.readahead_bytes > 0 {
             Some(Readahead::start(store.clone(), cache.clone())?)
         } else {
             None
@@ -853,6 +882,14 @@ impl Vfs {
     }
 
     fn open_attr(&self, st: &State, row: &InodeRow) -> Result<Attr> {
+        let patched;
+        let row = match st.dirty_attrs.get(&row.ino) {
+            Some(p) => {
+                patched = p.applied(row.clone());
+                &patched
+            }
+            None => row,
+        };
         let (size, nlink) = match row.kind {
             Kind::File => (self.file_len(st, row)?, row.nlink),
             Kind::Dir => (0, 2 + self.subdir_count(row.ino)? as u32),
@@ -1990,7 +2027,7 @@ impl Vfs {
         };
         let Ok(e) = s.entry(idx) else { return };
         let mut start = 0u64;
-        let mut queued = 0;
+        let mut queued = 0u64;
         for c in &e.chunks {
             let cs = start;
             start += u64::from(c.1);
@@ -1998,10 +2035,10 @@ impl Vfs {
             if cs < end {
                 continue;
             }
-            if queued == self.opts.readahead_chunks {
+            if queued >= self.opts.readahead_bytes {
                 break;
             }
-            queued += 1;
+            queued += u64::from(c.1);
             if !self.cache.contains(&c.0) && tx.try_send(Ahead::Load(c.0)).is_err() {
                 // A full queue means readahead is behind already; the reads go on without it.
                 break;
@@ -2126,12 +2163,23 @@ impl Vfs {
     /// content.
     fn persist_changes(&self, st: &mut State, inode: i64) -> Result<()> {
         let data = st.inline.get(&inode).filter(|i| i.dirty).map(|i| &i.data);
-        if data.is_none() && !st.dirty_mtime.contains_key(&inode) {
+        let patch = st.dirty_attrs.get(&inode).copied();
+        if data.is_none() && patch.is_none() && !st.dirty_mtime.contains_key(&inode) {
             return Ok(());
         }
         let t = st.dirty_mtime.get(&inode).copied();
         self.store.index().meta_write(|m| {
-            if let Some(t) = t {
+            if let Some(p) = patch {
+                if let Some(row) = m.inode(inode)? {
+                    let mut row = p.applied(row);
+                    if let Some(t) = t {
+                        // A write after the patch's utimens: its time wins, as it would have.
+                        row.mtime_ns = t;
+                        row.ctime_ns = row.ctime_ns.max(t);
+                    }
+                    m.update_inode(&row)?;
+                }
+            } else if let Some(t) = t {
                 m.set_times(inode, t, t)?;
             }
             if let Some(d) = data {
@@ -2140,6 +2188,7 @@ impl Vfs {
             Ok(())
         })?;
         st.dirty_mtime.remove(&inode);
+        st.dirty_attrs.remove(&inode);
         if let Some(i) = st.inline.get_mut(&inode) {
             i.dirty = false;
         }
@@ -2265,6 +2314,25 @@ impl Vfs {
         }
         let i = self.writable(node, "setattr")?;
         let mut row = self.inode(i)?;
+        if set.size.is_none() && row.kind == Kind::File && st.open_count.contains_key(&i) {
+            // chmod, chown, utimens of an open file: written with its next flush.
+            let mut p = st.dirty_attrs.get(&i).copied().unwrap_or_default();
+            p.mode = set.mode.map(|m| m & 0o7777).or(p.mode);
+            p.uid = set.uid.or(p.uid);
+            p.gid = set.gid.or(p.gid);
+            if let Some(t) = set.mtime_ns {
+                p.mtime_ns = Some(t.unwrap_or(now));
+                st.dirty_mtime.remove(&i);
+            }
+            p.ctime_ns = now;
+            st.dirty_attrs.insert(i, p);
+            self.touch(&mut st, row.run);
+            return self.open_attr(&st, &row);
+        }
+        if let Some(p) = st.dirty_attrs.remove(&i) {
+            // Written now, with this change on top.
+            row = p.applied(row);
+        }
         let mut inline_set: Option<Vec<u8>> = None;
         if let Some(m) = set.mode {
             row.mode = m & 0o7777;
@@ -2727,6 +2795,9 @@ impl Vfs {
             return Err(Error::NoAttr(acl::ACCESS.to_owned()));
         }
         let mut row = self.inode(i)?;
+        if let Some(p) = st.dirty_attrs.get(&i) {
+            row = p.applied(row);
+        }
         if ctx.uid != 0 && ctx.uid != row.uid {
             return Err(Error::NotPermitted(format!(
                 "xattr {}: only the owner of inode {i} changes its permissions",
@@ -2738,8 +2809,19 @@ impl Vfs {
             // As chmod: the set-group-ID bit stays only for members of the file's group.
             mode &= !0o2000;
         }
+        let now = self.now();
+        if row.kind == Kind::File && st.open_count.contains_key(&i) {
+            // As a chmod of an open file: written with its next flush.
+            let mut p = st.dirty_attrs.get(&i).copied().unwrap_or_default();
+            p.mode = Some(mode);
+            p.ctime_ns = now;
+            st.dirty_attrs.insert(i, p);
+            self.touch(&mut st, row.run);
+            return Ok(());
+        }
+        st.dirty_attrs.remove(&i);
         row.mode = mode;
-        row.ctime_ns = self.now();
+        row.ctime_ns = now;
         if let Some(t) = st.dirty_mtime.get(&i) {
             row.mtime_ns = *t;
         }
@@ -3082,6 +3164,7 @@ impl Vfs {
                 );
             }
             st.dirty_mtime.remove(ino);
+            st.dirty_attrs.remove(ino);
         }
         drop(st);
         remove_staging(&self.staging, run_id);
@@ -3293,6 +3376,10 @@ fn commit_seal(store: &Store, run_id: i64, b: &BuiltSeal) -> Result<()> {
         .index()
         .seal_open_run(run_id, m, &b.digest, now, detail)?;
     store.record_lifecycle();
+    // The run's inline file contents left the index: give the space back.
+    if let Err(e) = store.index().reclaim_space() {
+        tracing::warn!(run = run_id, "sealed; the index keeps its free pages: {e}");
+    }
     Ok(())
 }
 

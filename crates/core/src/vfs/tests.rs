@@ -92,7 +92,8 @@ fn vfs_readahead_loads_the_next_chunks_of_a_sequential_read() {
     let data = random_bytes(6 << 20, 1);
     let tmp = tempfile::tempdir().unwrap();
     let (v, f) = sealed_file(tmp.path(), VfsOptions::default(), &data);
-    assert!(read_all(&v, f, 128 << 10) == data);
+    // Reads smaller than the smallest chunk: the first touches the first chunk only.
+    assert!(read_all(&v, f, 8 << 10) == data);
     let s = v.cache_stats();
     assert_eq!(s.misses, 1, "only the first chunk is read on demand: {s:?}");
     assert!(s.readahead >= 5, "the other chunks were read ahead: {s:?}");
@@ -100,7 +101,7 @@ fn vfs_readahead_loads_the_next_chunks_of_a_sequential_read() {
     // Without readahead every chunk is a miss.
     let tmp = tempfile::tempdir().unwrap();
     let opts = VfsOptions {
-        readahead_chunks: 0,
+        readahead_bytes: 0,
         ..VfsOptions::default()
     };
     let (v, f) = sealed_file(tmp.path(), opts, &data);
@@ -617,4 +618,81 @@ fn a_minimal_acl_is_a_chmod_by_the_owner_only() {
         .lookup(v.lookup(ROOT_INO, os("ns")).unwrap().ino, os("r"))
         .unwrap();
     assert_eq!(v.lookup(run.ino, os("f")).unwrap().mode, 0o600);
+}
+
+#[test]
+fn attribute_changes_of_an_open_file_are_kept_with_its_next_flush() {
+    let tmp = tempfile::tempdir().unwrap();
+    let v = Vfs::new(new_store(tmp.path()), VfsOptions::default()).unwrap();
+    let run = open_run(&v, "ns", "r");
+    let (a, fh) = v.create(CTX, run, os("f"), 0o644).unwrap();
+    v.write(fh, 0, b"data").unwrap();
+    // cp -a: chown, utimens, chmod while the file is open; a hard link made meanwhile.
+    let set = |s: SetAttr| v.setattr(a.ino, s, Some(fh)).unwrap();
+    set(SetAttr {
+        uid: Some(1000),
+        gid: Some(1000),
+        ..SetAttr::default()
+    });
+    v.link(a.ino, run, os("g")).unwrap();
+    let got = set(SetAttr {
+        mtime_ns: Some(Some(1_000_000_123)),
+        ..SetAttr::default()
+    });
+    assert_eq!(got.mtime_ns, 1_000_000_123);
+    let got = set(SetAttr {
+        mode: Some(0o600),
+        ..SetAttr::default()
+    });
+    assert_eq!((got.mode, got.uid, got.gid), (0o600, 1000, 1000));
+    assert_eq!((got.nlink, got.mtime_ns), (2, 1_000_000_123));
+    assert_eq!(v.getattr(a.ino).unwrap(), got);
+    // A file opened again sees the same; its write moves mtime past the utimens.
+    let (fh2, _) = v.open(a.ino, true).unwrap();
+    v.write(fh2, 4, b"more").unwrap();
+    let written = v.getattr(a.ino).unwrap();
+    assert!(written.mtime_ns > 1_000_000_123);
+    v.release(fh2).unwrap();
+    // A utimens after the write wins again.
+    set(SetAttr {
+        mtime_ns: Some(Some(2_000_000_456)),
+        ..SetAttr::default()
+    });
+    v.flush(fh).unwrap();
+    v.release(fh).unwrap();
+    let store = v.store().root().to_path_buf();
+    drop(v);
+    let v = Vfs::new(Store::open(&store).unwrap(), VfsOptions::default()).unwrap();
+    let run = v
+        .lookup(v.lookup(ROOT_INO, os("ns")).unwrap().ino, os("r"))
+        .unwrap();
+    let f = v.lookup(run.ino, os("f")).unwrap();
+    assert_eq!(
+        (f.mode, f.uid, f.gid, f.nlink, f.mtime_ns, f.size),
+        (0o600, 1000, 1000, 2, 2_000_000_456, 8)
+    );
+    assert_eq!(v.lookup(run.ino, os("g")).unwrap().ino, f.ino);
+}
+
+#[test]
+fn a_seal_gives_the_index_space_of_inline_files_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let v = Vfs::new(new_store(tmp.path()), VfsOptions::default()).unwrap();
+    let run = open_run(&v, "ns", "r");
+    for i in 0..200u64 {
+        write_file(&v, run, &format!("f{i}"), &random_bytes(32 << 10, i));
+    }
+    let index = v.store().root().join("index.sqlite");
+    v.store().index().sync().unwrap();
+    let before = fs::metadata(&index).unwrap().len();
+    assert!(
+        before > 6 << 20,
+        "the files are inline in the index: {before}"
+    );
+    v.seal(&RunRef::parse("ns/r").unwrap()).unwrap();
+    let after = fs::metadata(&index).unwrap().len();
+    assert!(
+        after < before - (5 << 20),
+        "free pages went back: {before} -> {after}"
+    );
 }
