@@ -217,9 +217,18 @@ pub fn forward(store_dir: &Path, cmd: &Command, locked: anyhow::Error) -> Result
 // ------------------------------------------------------------------------------------------
 // Server
 
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
 /// The listening side, in the process that owns the store.
 pub struct Server {
     path: PathBuf,
+    /// The socket file's (device, inode), to remove only our own at shutdown.
+    file_id: Option<(u64, u64)>,
     active: Arc<(Mutex<usize>, Condvar)>,
 }
 
@@ -237,6 +246,7 @@ impl Server {
             .with_context(|| format!("cannot listen on {}", path.display()))?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
             .with_context(|| format!("cannot restrict {} to its owner", path.display()))?;
+        let file_id = file_id(&path);
         let active = Arc::new((Mutex::new(0usize), Condvar::new()));
         let counter = active.clone();
         let seq = Arc::new(AtomicUsize::new(0));
@@ -273,13 +283,23 @@ impl Server {
             })
             .context("cannot start the control socket thread")?;
         tracing::info!(socket = %path.display(), "control socket listening");
-        Ok(Self { path, active })
+        Ok(Self {
+            path,
+            file_id,
+            active,
+        })
     }
 
     /// Stops taking commands (the socket file goes) and waits up to `grace` for running ones.
     pub fn shutdown(self, grace: Duration) {
-        if let Err(e) = std::fs::remove_file(&self.path) {
-            tracing::warn!(socket = %self.path.display(), "cannot remove the control socket: {e}");
+        // A store deleted and made again under a lazily unmounted mount has a new owner by
+        // now, with a socket of its own at the same path: that one stays.
+        if self.file_id.is_some() && file_id(&self.path) == self.file_id {
+            if let Err(e) = std::fs::remove_file(&self.path) {
+                tracing::warn!(socket = %self.path.display(), "cannot remove the control socket: {e}");
+            }
+        } else {
+            tracing::info!(socket = %self.path.display(), "the control socket is no longer ours; left in place");
         }
         let deadline = Instant::now() + grace;
         let (lock, cv) = &*self.active;

@@ -279,3 +279,20 @@ fn other_users_cannot_use_the_control_socket() {
     assert!(m.log_text().contains("refused a command from uid 65534"));
     m.unmount();
 }
+
+/// A store deleted and made again at the same path while its old mount still runs: the old
+/// mount's exit leaves the new mount's control socket alone, and commands reach the new one.
+#[test]
+fn an_old_mount_leaving_keeps_a_new_mounts_socket() {
+    let env = Env::new();
+    let old = Mount::start(&env, &env.path("mnt-old"), &["--seal-after", "1h"]);
+    fs::remove_dir_all(env.store()).unwrap();
+    let new = Mount::start(&env, &env.path("mnt-new"), &["--seal-after", "1h"]);
+    fs::create_dir_all(new.p("ns/r")).unwrap();
+    old.unmount();
+    assert!(env.store().join("control.sock").exists());
+    let runs = env.ok(&["runs"]);
+    assert!(runs.contains("ns/r"), "{runs}");
+    new.unmount();
+    assert!(!env.store().join("control.sock").exists());
+}
