@@ -219,6 +219,9 @@ pub(crate) fn sql_err(path: &Path) -> impl Fn(rusqlite::Error) -> Error + '_ {
     }
 }
 
+/// How long a statement waits for another connection's lock before it fails.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+
 impl Index {
     /// Opens (creating if `create`) and migrates the index at `path`.
     pub fn open(path: &Path, create: bool) -> Result<Self> {
@@ -230,7 +233,7 @@ impl Index {
         }
         let err = sql_err(path);
         let conn = Connection::open(path).map_err(&err)?;
-        conn.busy_timeout(Duration::from_secs(30)).map_err(&err)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(&err)?;
         if create {
             // Only before the first table and before the switch to WAL, or it does not take
             // (and on an existing index it changes nothing): free pages go back to the file
@@ -1067,9 +1070,9 @@ impl Index {
 
     /// Gives back to the file system what deletions left free in the index: the free pages of
     /// an index made with `auto_vacuum=INCREMENTAL` (every index created since that setting;
-    /// an older one keeps reusing its free pages), then checkpoints without waiting for
-    /// readers, after which the WAL shrinks to `journal_size_limit`. Called after a seal (an
-    /// open run's inline file contents leave the index) and after gc.
+    /// an older one keeps reusing its free pages), then checkpoints and truncates the WAL
+    /// (waiting at most 200 ms for readers). Called after a seal (an open run's inline file
+    /// contents leave the index) and after gc.
     pub fn reclaim_space(&mut self) -> Result<()> {
         let path = self.path.clone();
         let err = sql_err(&path);
@@ -1082,9 +1085,17 @@ impl Index {
         while rows.next().map_err(&err)?.is_some() {}
         drop(rows);
         drop(stmt);
+        // Truncating waits for readers to move on; they are short, and if one is not, the
+        // WAL stays as it is until the next time (a busy checkpoint is no error).
         self.conn
-            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
-            .map_err(sql_err(&path))
+            .busy_timeout(Duration::from_millis(200))
+            .map_err(&err)?;
+        let done = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .map_err(&err);
+        self.conn.busy_timeout(BUSY_TIMEOUT).map_err(&err)?;
+        done
     }
 
     /// Runs `f` inside one `BEGIN IMMEDIATE` transaction, committed only if `f` succeeds.
