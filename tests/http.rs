@@ -1200,37 +1200,39 @@ fn a_damaged_chunk_cuts_the_download_instead_of_serving_wrong_bytes() {
     assert!(damaged, "no pack holds the chunk");
     let s = Server::start(&env);
     let path = "/v1/runs/dl/r/files/big.bin";
-    // The whole file: the response starts (200, full Content-Length) and breaks off.
-    let r = client().get(s.url(path)).send().unwrap();
-    assert_eq!(r.status(), 200);
-    let announced: usize = r.headers()["content-length"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert_eq!(announced, data.len());
-    let mut got = Vec::new();
-    let res = BufReader::new(r).read_to_end(&mut got);
-    assert!(
-        res.is_err(),
-        "the body must end in an error, got {} bytes",
-        got.len()
-    );
-    assert!(got.len() < announced);
-    // What did arrive is the file's, and nothing of the damaged chunk or after it.
-    assert!(got.len() as u64 <= starts[2]);
-    assert!(got == data[..got.len()]);
-    // A range wholly inside the damaged chunk fails too; one before it is served.
-    let r = client()
-        .get(s.url(path))
-        .header(
-            "range",
-            format!("bytes={}-{}", starts[2] + 1, starts[2] + 10),
-        )
-        .send()
-        .unwrap();
-    assert_eq!(r.status(), 206);
-    assert!(r.bytes().is_err(), "a damaged range must not complete");
+    // The whole file, and a range wholly inside the damaged chunk: each response breaks
+    // off (or, when nothing was sent yet, the connection closes before the headers).
+    let ranges = [
+        None,
+        Some(format!("bytes={}-{}", starts[2] + 1, starts[2] + 10)),
+    ];
+    for range in ranges {
+        let mut req = client().get(s.url(path));
+        if let Some(h) = &range {
+            req = req.header("range", h);
+        }
+        let Ok(r) = req.send() else { continue };
+        assert_eq!(r.status(), if range.is_some() { 206 } else { 200 });
+        let announced: usize = r.headers()["content-length"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let mut got = Vec::new();
+        let res = BufReader::new(r).read_to_end(&mut got);
+        assert!(
+            res.is_err(),
+            "{range:?}: the body must end in an error, got {} bytes",
+            got.len()
+        );
+        assert!(got.len() < announced);
+        if range.is_none() {
+            assert_eq!(announced, data.len());
+            // What did arrive is the file's, and nothing of the damaged chunk or after it.
+            assert!(got.len() as u64 <= starts[2]);
+            assert!(got == data[..got.len()]);
+        }
+    }
     let (status, _, body) = get_range(&s, path, &format!("bytes=0-{}", starts[2] - 1));
     assert_eq!(status, 206);
     assert!(body == data[..starts[2] as usize]);
