@@ -71,6 +71,9 @@ impl Piece {
     }
 }
 
+/// Hands one verified chunk of the range to the sink.
+type Hand<'a> = dyn FnMut(&Slot, Arc<Vec<u8>>) -> Result<()> + 'a;
+
 /// A chunk of the range: its id, its length and the part of it inside the range.
 struct Slot {
     id: ChunkId,
@@ -154,7 +157,7 @@ impl Store {
             let take = |upto: usize,
                         got: Option<Vec<u8>>,
                         next: &mut usize,
-                        hand: &mut dyn FnMut(&Slot, Arc<Vec<u8>>) -> Result<()>|
+                        hand: &mut Hand<'_>|
              -> Result<()> {
                 while *next < upto {
                     let s = &slots[*next];

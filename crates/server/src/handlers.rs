@@ -626,7 +626,7 @@ pub async fn get_file(State(app): State<App>, req: Request) -> ApiResult {
     let run = p.run.clone();
     enum Found {
         Dir(Vec<fsops::ListEntry>),
-        File(artifactfs_core::vfs::Attr, Option<Entry>),
+        File(artifactfs_core::vfs::Attr, Option<Box<Entry>>),
     }
     let found = blocking(move || {
         let a = fsops::resolve(&vfs, &run, &path)?;
@@ -634,7 +634,7 @@ pub async fn get_file(State(app): State<App>, req: Request) -> ApiResult {
             Kind::Dir => Ok(Found::Dir(fsops::list(&vfs, &a)?)),
             Kind::File => {
                 let sealed = fsops::sealed_entry(&vfs, &run, &path)?;
-                Ok(Found::File(a, sealed))
+                Ok(Found::File(a, sealed.map(Box::new)))
             }
             other => Err(ApiError::new(
                 StatusCode::CONFLICT,
@@ -691,7 +691,7 @@ pub async fn get_file(State(app): State<App>, req: Request) -> ApiResult {
         None => (0, size),
     };
     let body = match sealed {
-        Some(entry) => sealed_body(&app, p.run.clone(), entry, start..end_excl),
+        Some(entry) => sealed_body(&app, p.run.clone(), *entry, start..end_excl),
         None => open_body(&app, attr.ino, start, end_excl).await?,
     };
     let mut resp = Response::new(body);
