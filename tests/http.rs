@@ -1068,3 +1068,180 @@ fn mount_serve_shares_one_engine() {
     );
     m.unmount();
 }
+
+/// A store with one sealed run `dl/r` holding `big.bin` (several chunks, partly compressible)
+/// ingested by the CLI; returns the file's bytes and the file offsets where its chunks start.
+fn sealed_download_setup(env: &Env) -> (Vec<u8>, Vec<u64>) {
+    let mut data = common::bytes(3 << 20, 7);
+    // Every other 4 KiB block zeroed: the codec compresses some chunks.
+    for block in data.chunks_mut(8 << 10) {
+        let n = block.len().min(4 << 10);
+        block[..n].fill(0);
+    }
+    let src = env.path("src-dl");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("big.bin"), &data).unwrap();
+    env.ingest(&src, "dl/r");
+    let store = artifactfs_core::Store::open(&env.store()).unwrap();
+    let r = artifactfs_core::RunRef::parse("dl/r").unwrap();
+    let entry = store.entry(&r, "big.bin").unwrap();
+    let mut starts = Vec::new();
+    let mut pos = 0u64;
+    for c in &entry.chunks {
+        starts.push(pos);
+        pos += u64::from(c.1);
+    }
+    assert!(
+        starts.len() >= 4,
+        "the file spans several chunks: {starts:?}"
+    );
+    (data, starts)
+}
+
+/// GET with a Range header: (status, Content-Range, body).
+fn get_range(s: &Server, path: &str, range: &str) -> (u16, String, Vec<u8>) {
+    let r = client()
+        .get(s.url(path))
+        .header("range", range)
+        .send()
+        .unwrap();
+    let status = r.status().as_u16();
+    let cr = r
+        .headers()
+        .get("content-range")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    (status, cr, r.bytes().unwrap().to_vec())
+}
+
+#[test]
+fn sealed_file_downloads_whole_and_in_ranges_are_bit_exact() {
+    let env = Env::new();
+    let (data, starts) = sealed_download_setup(&env);
+    let s = Server::start(&env);
+    let path = "/v1/runs/dl/r/files/big.bin";
+    let len = data.len() as u64;
+    // Whole, twice: the second may take chunks from the view's cache.
+    for _ in 0..2 {
+        let r = client().get(s.url(path)).send().unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(
+            r.headers()["content-length"].to_str().unwrap(),
+            len.to_string()
+        );
+        assert!(r.headers().contains_key("etag"));
+        assert!(r.bytes().unwrap() == data, "whole download differs");
+    }
+    let b1 = starts[1];
+    let b2 = starts[2];
+    let last = *starts.last().unwrap();
+    let ranges: Vec<(String, u64, u64)> = vec![
+        ("bytes=0-0".into(), 0, 1),
+        ("bytes=0-99".into(), 0, 100),
+        // Across one chunk boundary, and exactly one whole chunk.
+        (format!("bytes={}-{}", b1 - 10, b1 + 9), b1 - 10, b1 + 10),
+        (format!("bytes={b1}-{}", b2 - 1), b1, b2),
+        // From inside the first chunk to inside the last: every chunk in between.
+        (format!("bytes=5-{}", last + 4), 5, last + 5),
+        // Open-ended from the middle of a chunk, and a suffix range.
+        (format!("bytes={}-", b2 + 3), b2 + 3, len),
+        ("bytes=-1000".into(), len - 1000, len),
+        (format!("bytes=-{}", len - last + 1), last - 1, len),
+        (format!("bytes={}-{}", len - 1, len + 50), len - 1, len),
+    ];
+    for (h, from, to) in ranges {
+        let (status, cr, body) = get_range(&s, path, &h);
+        assert_eq!(status, 206, "{h}");
+        assert_eq!(cr, format!("bytes {from}-{}/{len}", to - 1), "{h}");
+        assert!(
+            body == data[from as usize..to as usize],
+            "{h}: {} bytes, not the file's [{from}, {to})",
+            body.len()
+        );
+    }
+    // A range past the end is refused, not served short.
+    let (status, cr, _) = get_range(&s, path, &format!("bytes={len}-"));
+    assert_eq!(status, 416);
+    assert_eq!(cr, format!("bytes */{len}"));
+    s.stop();
+}
+
+#[test]
+fn a_damaged_chunk_cuts_the_download_instead_of_serving_wrong_bytes() {
+    let env = Env::new();
+    let (data, starts) = sealed_download_setup(&env);
+    // Damage the file's third chunk in its pack (found through the packs' own tables).
+    let chunk = {
+        let store = artifactfs_core::Store::open(&env.store()).unwrap();
+        let r = artifactfs_core::RunRef::parse("dl/r").unwrap();
+        store.entry(&r, "big.bin").unwrap().chunks[2].0
+    };
+    let objects = env.store().join("objects");
+    let local = artifactfs_core::objstore::LocalStore::open(objects.clone()).unwrap();
+    let mut damaged = false;
+    for d in std::fs::read_dir(objects.join("packs")).unwrap() {
+        for f in std::fs::read_dir(d.unwrap().path()).unwrap() {
+            let p = f.unwrap().path();
+            let key = p
+                .strip_prefix(&objects)
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .to_owned();
+            let table = artifactfs_core::pack::read_table(&local, &key).unwrap();
+            if let Some(e) = table.iter().find(|e| e.chunk == chunk) {
+                let mut b = std::fs::read(&p).unwrap();
+                b[e.offset as usize + e.stored_len as usize / 2] ^= 0x01;
+                std::fs::write(&p, b).unwrap();
+                damaged = true;
+            }
+        }
+    }
+    assert!(damaged, "no pack holds the chunk");
+    let s = Server::start(&env);
+    let path = "/v1/runs/dl/r/files/big.bin";
+    // The whole file, and a range wholly inside the damaged chunk: each response breaks
+    // off (or, when nothing was sent yet, the connection closes before the headers).
+    let ranges = [
+        None,
+        Some(format!("bytes={}-{}", starts[2] + 1, starts[2] + 10)),
+    ];
+    for range in ranges {
+        let mut req = client().get(s.url(path));
+        if let Some(h) = &range {
+            req = req.header("range", h);
+        }
+        let Ok(r) = req.send() else { continue };
+        assert_eq!(r.status(), if range.is_some() { 206 } else { 200 });
+        let announced: usize = r.headers()["content-length"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let mut got = Vec::new();
+        let res = BufReader::new(r).read_to_end(&mut got);
+        assert!(
+            res.is_err(),
+            "{range:?}: the body must end in an error, got {} bytes",
+            got.len()
+        );
+        assert!(got.len() < announced);
+        if range.is_none() {
+            assert_eq!(announced, data.len());
+            // What did arrive is the file's, and nothing of the damaged chunk or after it.
+            assert!(got.len() as u64 <= starts[2]);
+            assert!(got == data[..got.len()]);
+        }
+    }
+    let (status, _, body) = get_range(&s, path, &format!("bytes=0-{}", starts[2] - 1));
+    assert_eq!(status, 206);
+    assert!(body == data[..starts[2] as usize]);
+    // The server says which run and file.
+    let log = s.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("download cut") && l.contains("dl/r") && l.contains("big.bin")),
+        "the log names the run and the file:\n{log}"
+    );
+    s.stop();
+}

@@ -908,3 +908,75 @@ fn a_run_deleted_by_gc_does_not_get_its_lifecycle_back() {
     assert_eq!(k["holds"][0]["name"], "legal");
     export_matches(&env, &new, "ns/gone", &again);
 }
+
+#[test]
+fn http_downloads_of_evicted_files_are_bit_exact() {
+    let env = Env::new();
+    let b = Bucket::new("tier-http");
+    let store = env.store();
+    init_tiered(&store, &b, "0");
+    let src = source(&env, "src", 70, 3);
+    ingest(&store, &src, "ns/a");
+    json(&store, &["tier", "push", "--json"]);
+    assert_eq!(local_packs(&store), 0, "every pack evicted");
+    let log = env.path("serve.log");
+    let mut c = StdCommand::new(assert_cmd::cargo::cargo_bin("artifactfs"));
+    c.args([
+        "--store",
+        store.to_str().unwrap(),
+        "-v",
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    for (k, v) in gateway_env() {
+        c.env(k, v);
+    }
+    let mut child = c
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let base = line.trim().strip_prefix("listening on ").map(str::to_owned);
+    let client = reqwest::blocking::Client::builder()
+        .timeout(None)
+        .build()
+        .unwrap();
+    let get = |range: Option<String>| {
+        let mut r = client.get(format!(
+            "{}/v1/runs/ns/a/files/big.bin",
+            base.as_deref().unwrap_or_default()
+        ));
+        if let Some(h) = range {
+            r = r.header("range", h);
+        }
+        let r = r.send().unwrap();
+        (r.status().as_u16(), r.bytes().map(|b| b.to_vec()))
+    };
+    let want = fs::read(src.join("big.bin")).unwrap();
+    let whole = base.as_ref().map(|_| get(None));
+    let mid = base
+        .as_ref()
+        .map(|_| get(Some(format!("bytes={}-{}", MIB - 5, 2 * MIB + 5))));
+    let _ = child.kill();
+    let _ = child.wait();
+    let log_text = fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        base.is_some(),
+        "serve did not start ({line:?}):\n{log_text}"
+    );
+    let (status, body) = whole.unwrap();
+    assert_eq!(status, 200, "{log_text}");
+    assert!(body.unwrap() == want, "whole download differs:\n{log_text}");
+    let (status, body) = mid.unwrap();
+    assert_eq!(status, 206, "{log_text}");
+    assert!(body.unwrap() == want[MIB - 5..2 * MIB + 6], "range differs");
+    assert_eq!(local_packs(&store), 0, "reads did not bring packs back");
+}

@@ -100,7 +100,20 @@ pub fn decode(
             Ok(stored.to_vec())
         }
         Codec::Zstd => {
-            let out = zstd::bulk::decompress(stored, raw_len)
+            // One decompression context per thread, reused: making one per chunk costs an
+            // allocation and its initialisation on every read.
+            thread_local! {
+                static DCTX: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+                    const { std::cell::RefCell::new(None) };
+            }
+            let out = DCTX
+                .with(|d| {
+                    let mut d = d.borrow_mut();
+                    if d.is_none() {
+                        *d = Some(zstd::bulk::Decompressor::new()?);
+                    }
+                    d.as_mut().expect("made above").decompress(stored, raw_len)
+                })
                 .map_err(|e| Error::corrupt(what(), format!("zstd: {e}")))?;
             let n = out.len();
             if n != raw_len {

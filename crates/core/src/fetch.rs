@@ -241,6 +241,37 @@ pub(crate) fn pipelined<T: Send>(
 }
 
 impl Store {
+    /// Whether every chunk of `ids` can be read without a remote read: its pack is local, or
+    /// the part of it holding the chunk is in the tier's range cache (always, without a tier).
+    /// A chunk the index does not know counts as local: reading it reports it missing.
+    pub(crate) fn all_local(&self, ids: &[ChunkId]) -> Result<bool> {
+        let Some(tier) = self.tier.as_ref() else {
+            return Ok(true);
+        };
+        let locs = {
+            let idx = self.index();
+            ids.iter()
+                .map(|id| idx.chunk(id))
+                .collect::<Result<Vec<_>>>()?
+        };
+        let mut local: HashMap<String, bool> = HashMap::new();
+        for l in locs.iter().flatten() {
+            let k = pack_key(&l.pack);
+            let is_local = match local.get(&k) {
+                Some(b) => *b,
+                None => {
+                    let b = tier.has_local(&k);
+                    local.insert(k.clone(), b);
+                    b
+                }
+            };
+            if !is_local && !tier.range_cached(&k, l.entry.offset, u64::from(l.entry.stored_len)) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
     /// Reads `ids` in order, each verified against its id, handing each chunk's plaintext to
     /// `f` with its position in `ids`; evicted chunks come in coalesced, parallel ranged GETs
     /// (see the module documentation).

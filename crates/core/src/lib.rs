@@ -27,6 +27,7 @@ pub mod readiness;
 pub mod rebuild;
 pub mod retention;
 pub mod store;
+pub mod stream;
 pub mod tier;
 pub mod verify;
 pub mod vfs;

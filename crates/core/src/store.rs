@@ -408,7 +408,8 @@ impl Store {
     }
 }
 
-fn with_file(e: Error, path: &str) -> Error {
+/// `e` with the file it happened in, for damage and missing objects.
+pub(crate) fn with_file(e: Error, path: &str) -> Error {
     match e {
         Error::Corrupt { what, reason } => Error::Corrupt {
             what: format!("{what} (file {path})"),

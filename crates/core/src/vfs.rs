@@ -787,6 +787,17 @@ impl Vfs {
         &self.store
     }
 
+    /// A chunk's plaintext if the decompressed-chunk cache holds it (verified when loaded),
+    /// counted as a hit; nothing is loaded on a miss.
+    pub fn cached_chunk(&self, id: &ChunkId) -> Option<Arc<Vec<u8>>> {
+        let c = self.cache.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let d = c.map.get(id).map(|(d, _)| d.clone());
+        if d.is_some() {
+            self.cache.hits.fetch_add(1, Ordering::Relaxed);
+        }
+        d
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }

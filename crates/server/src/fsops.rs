@@ -10,9 +10,11 @@
 use std::ffi::OsStr;
 use std::sync::Arc;
 
-use artifactfs_core::manifest::Kind;
+use artifactfs_core::manifest::{Entry, Kind};
+use artifactfs_core::stream::Piece;
 use artifactfs_core::vfs::{Attr, Ctx, ROOT_INO, Vfs};
 use artifactfs_core::{Error, Result, RunRef};
+use axum::body::Bytes;
 
 /// Prefix of the temporary names of files being written.
 pub const TEMP_PREFIX: &str = ".afs-http-";
@@ -266,9 +268,9 @@ pub fn list(vfs: &Vfs, dir: &Attr) -> Result<Vec<ListEntry>> {
     Ok(out)
 }
 
-/// The whole-file BLAKE3 of a sealed run's file (its manifest entry), hex; `None` for an open
+/// A sealed run's file as its manifest entry (a hard link's target entry); `None` for an open
 /// run's file, whose content may still change.
-pub fn sealed_hash(vfs: &Vfs, r: &RunRef, path: &str) -> Result<Option<String>> {
+pub fn sealed_entry(vfs: &Vfs, r: &RunRef, path: &str) -> Result<Option<Entry>> {
     let store = vfs.store();
     if store.run(r)?.state != "sealed" {
         return Ok(None);
@@ -277,5 +279,19 @@ pub fn sealed_hash(vfs: &Vfs, r: &RunRef, path: &str) -> Result<Option<String>> 
     if e.kind == Kind::Hardlink {
         e = store.entry(r, e.target.as_deref().unwrap_or_default())?;
     }
-    Ok(e.blake3.map(|h| h.to_hex()))
+    Ok(Some(e))
+}
+
+/// Bytes of a decoded chunk, shared with the engine (the body holds the chunk, not a copy).
+struct ChunkBytes(Arc<Vec<u8>>);
+
+impl AsRef<[u8]> for ChunkBytes {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// A piece of a streamed file as body bytes, without copying.
+pub fn piece_bytes(p: Piece) -> Bytes {
+    Bytes::from_owner(ChunkBytes(p.chunk)).slice(p.range)
 }

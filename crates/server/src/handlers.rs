@@ -8,7 +8,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use artifactfs_core::id::ManifestDigest;
-use artifactfs_core::manifest::Kind;
+use artifactfs_core::manifest::{Entry, Kind};
+use artifactfs_core::stream::StreamOptions;
 use artifactfs_core::{Error, RunRef};
 use axum::body::{Body, Bytes};
 use axum::extract::{MatchedPath, Request, State};
@@ -625,15 +626,15 @@ pub async fn get_file(State(app): State<App>, req: Request) -> ApiResult {
     let run = p.run.clone();
     enum Found {
         Dir(Vec<fsops::ListEntry>),
-        File(artifactfs_core::vfs::Attr, Option<String>),
+        File(artifactfs_core::vfs::Attr, Option<Box<Entry>>),
     }
     let found = blocking(move || {
         let a = fsops::resolve(&vfs, &run, &path)?;
         match a.kind {
             Kind::Dir => Ok(Found::Dir(fsops::list(&vfs, &a)?)),
             Kind::File => {
-                let hash = fsops::sealed_hash(&vfs, &run, &path)?;
-                Ok(Found::File(a, hash))
+                let sealed = fsops::sealed_entry(&vfs, &run, &path)?;
+                Ok(Found::File(a, sealed.map(Box::new)))
             }
             other => Err(ApiError::new(
                 StatusCode::CONFLICT,
@@ -643,7 +644,7 @@ pub async fn get_file(State(app): State<App>, req: Request) -> ApiResult {
         }
     })
     .await?;
-    let (attr, hash) = match found {
+    let (attr, sealed) = match found {
         Found::Dir(entries) => {
             return Ok(json_response(
                 StatusCode::OK,
@@ -652,7 +653,10 @@ pub async fn get_file(State(app): State<App>, req: Request) -> ApiResult {
         }
         Found::File(a, h) => (a, h),
     };
-    let etag = hash.map(|h| format!("\"{h}\""));
+    let etag = sealed
+        .as_ref()
+        .and_then(|e| e.blake3)
+        .map(|h| format!("\"{}\"", h.to_hex()));
     let headers = req.headers();
     if let (Some(tag), Some(inm)) = (&etag, header_str(headers, "if-none-match")?)
         && etag_matches(inm, tag)
@@ -662,7 +666,7 @@ pub async fn get_file(State(app): State<App>, req: Request) -> ApiResult {
             .insert(header::ETAG, HeaderValue::from_str(tag).expect("hex etag"));
         return Ok(resp);
     }
-    let size = attr.size;
+    let size = sealed.as_ref().map_or(attr.size, |e| e.size);
     let range = match header_str(headers, "range")? {
         None => None,
         Some(h) => match parse_range(h, size) {
@@ -686,27 +690,11 @@ pub async fn get_file(State(app): State<App>, req: Request) -> ApiResult {
         Some((s, e)) => (s, e + 1),
         None => (0, size),
     };
-    let vfs = app.vfs.clone();
-    let reader = Arc::new(blocking(move || Ok(Reader::open(vfs, attr.ino)?)).await?);
-    let stream = futures_util::stream::try_unfold(start, move |pos| {
-        let reader = reader.clone();
-        async move {
-            if pos >= end_excl {
-                return Ok::<_, ApiError>(None);
-            }
-            let want = (end_excl - pos).min(u64::from(READ_PIECE)) as u32;
-            let data = blocking(move || Ok(reader.read(pos, want)?)).await?;
-            if data.is_empty() {
-                return Err(ApiError::internal(format!(
-                    "the file ended at {pos} bytes, before the {end_excl} announced"
-                )));
-            }
-            let next = pos + data.len() as u64;
-            Ok(Some((Bytes::from(data), next)))
-        }
-    })
-    .map(|r| r.map_err(|e| std::io::Error::other(e.message)));
-    let mut resp = Response::new(Body::from_stream(stream));
+    let body = match sealed {
+        Some(entry) => sealed_body(&app, p.run.clone(), *entry, start..end_excl),
+        None => open_body(&app, attr.ino, start, end_excl).await?,
+    };
+    let mut resp = Response::new(body);
     let h = resp.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
@@ -726,6 +714,78 @@ pub async fn get_file(State(app): State<App>, req: Request) -> ApiResult {
         *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
     }
     Ok(resp)
+}
+
+/// Chunks of a sealed file in flight between the engine's producer and the response body.
+const DOWNLOAD_QUEUE: usize = 8;
+
+/// The body of a download of a sealed file: one blocking producer walks the file's chunks in
+/// the engine ([`artifactfs_core::Store::stream_file`]: decoded ahead in parallel, each
+/// verified, shared with the chunk cache) and hands them, uncopied, to the body through a
+/// bounded channel. A chunk that cannot be read or is damaged ends the body with an error, so
+/// the connection is cut before Content-Length is reached; the error is logged with the run
+/// and the path. A client that goes away stops the producer at its next chunk.
+fn sealed_body(app: &App, run: RunRef, entry: Entry, range: std::ops::Range<u64>) -> Body {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(DOWNLOAD_QUEUE);
+    let vfs = app.vfs.clone();
+    tokio::task::spawn_blocking(move || {
+        let cached = |id: &artifactfs_core::id::ChunkId| vfs.cached_chunk(id);
+        let opts = StreamOptions {
+            cached: Some(&cached),
+            ..StreamOptions::default()
+        };
+        let mut gone = false;
+        let res = vfs
+            .store()
+            .stream_file(&entry, range.clone(), &opts, &mut |piece| {
+                if tx.blocking_send(Ok(fsops::piece_bytes(piece))).is_err() {
+                    gone = true;
+                    return Err(Error::State("the client went away".into()));
+                }
+                Ok(())
+            });
+        match res {
+            Ok(n) => tracing::debug!(run = %run, path = %entry.path, bytes = n, "file sent"),
+            Err(_) if gone => {
+                tracing::debug!(run = %run, path = %entry.path, "download ended by the client");
+            }
+            Err(e) => {
+                if e.is_damage() {
+                    tracing::error!(run = %run, path = %entry.path, "download cut: {e}");
+                } else {
+                    tracing::warn!(run = %run, path = %entry.path, "download cut: {e}");
+                }
+                let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
+            }
+        }
+    });
+    Body::from_stream(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)))
+}
+
+/// The body of a download of an open run's file: read through the file-system view (the file
+/// may be written meanwhile), [`READ_PIECE`] bytes per blocking call.
+async fn open_body(app: &App, ino: u64, start: u64, end_excl: u64) -> ApiResult<Body> {
+    let vfs = app.vfs.clone();
+    let reader = Arc::new(blocking(move || Ok(Reader::open(vfs, ino)?)).await?);
+    let stream = futures_util::stream::try_unfold(start, move |pos| {
+        let reader = reader.clone();
+        async move {
+            if pos >= end_excl {
+                return Ok::<_, ApiError>(None);
+            }
+            let want = (end_excl - pos).min(u64::from(READ_PIECE)) as u32;
+            let data = blocking(move || Ok(reader.read(pos, want)?)).await?;
+            if data.is_empty() {
+                return Err(ApiError::internal(format!(
+                    "the file ended at {pos} bytes, before the {end_excl} announced"
+                )));
+            }
+            let next = pos + data.len() as u64;
+            Ok(Some((Bytes::from(data), next)))
+        }
+    })
+    .map(|r| r.map_err(|e| std::io::Error::other(e.message)));
+    Ok(Body::from_stream(stream))
 }
 
 /// Streams `body` into `put` in pieces of [`PIECE`] bytes; returns the put, its BLAKE3 and
