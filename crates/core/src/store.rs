@@ -377,15 +377,29 @@ impl Store {
     pub fn read_file_to(&self, entry: &Entry, out: &mut dyn Write) -> Result<u64> {
         let mut n = 0u64;
         let mut hasher = blake3::Hasher::new();
-        let ids: Vec<_> = entry.chunks.iter().map(|c| c.0).collect();
-        self.for_each_chunk(&ids, &mut |_, data| {
-            hasher.update(&data);
-            out.write_all(&data)
-                .map_err(|e| Error::io("write", "output", e))?;
-            n += data.len() as u64;
-            Ok(())
-        })
-        .map_err(|e| with_file(e, &entry.path))?;
+        if entry.chunks.len() >= PARALLEL_READ_CHUNKS {
+            // Decoded ahead on every core (`crate::stream`); a cold tiered read still goes
+            // through the coalesced GETs.
+            let opts = crate::stream::StreamOptions::default();
+            self.stream_file(entry, 0..entry.size, &opts, &mut |p| {
+                let data = p.bytes();
+                hasher.update(data);
+                out.write_all(data)
+                    .map_err(|e| Error::io("write", "output", e))?;
+                n += data.len() as u64;
+                Ok(())
+            })?;
+        } else {
+            let ids: Vec<_> = entry.chunks.iter().map(|c| c.0).collect();
+            self.for_each_chunk(&ids, &mut |_, data| {
+                hasher.update(&data);
+                out.write_all(&data)
+                    .map_err(|e| Error::io("write", "output", e))?;
+                n += data.len() as u64;
+                Ok(())
+            })
+            .map_err(|e| with_file(e, &entry.path))?;
+        }
         if let Some(h) = entry.blake3
             && crate::id::FileHash::from(hasher.finalize()) != h
         {
@@ -409,6 +423,10 @@ impl Store {
 }
 
 /// `e` with the file it happened in, for damage and missing objects.
+/// Files of at least this many chunks are read with their chunks decoded ahead in parallel;
+/// for fewer, starting the threads costs more than it gains.
+const PARALLEL_READ_CHUNKS: usize = 4;
+
 pub(crate) fn with_file(e: Error, path: &str) -> Error {
     match e {
         Error::Corrupt { what, reason } => Error::Corrupt {

@@ -28,8 +28,9 @@ use crate::id::ChunkId;
 use crate::manifest::{Entry, Kind};
 use crate::store::Store;
 
-/// Chunks decoded ahead of the sink by default (chunks average 256 KiB).
-pub const DEFAULT_AHEAD: usize = 16;
+/// Chunks decoded ahead of the sink by default (2 MiB of chunks of the default 64 KiB
+/// average, ADR 0017; at most 8 MiB of chunks of the largest size).
+pub const DEFAULT_AHEAD: usize = 32;
 
 /// A decoded chunk lookup of the caller's: `Some` for a chunk it holds, already verified.
 pub type CachedChunk<'a> = &'a (dyn Fn(&ChunkId) -> Option<Arc<Vec<u8>>> + Sync);
