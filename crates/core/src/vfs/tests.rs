@@ -52,6 +52,25 @@ impl Vfs {
     }
 }
 
+/// A view of a new store in `dir` with open run `ns/r`: the view and the run's inode.
+fn fresh_run(dir: &Path) -> (Vfs, u64) {
+    let v = Vfs::new(new_store(dir), VfsOptions::default()).unwrap();
+    let run = open_run(&v, "ns", "r");
+    (v, run)
+}
+
+/// `v` dropped and its store opened in a new view (what a remount sees), with the attributes
+/// of open run `ns/run`.
+fn reopen(v: Vfs, ns: &str, run: &str) -> (Vfs, Attr) {
+    let store = v.store().root().to_path_buf();
+    drop(v);
+    let v = Vfs::new(Store::open(&store).unwrap(), VfsOptions::default()).unwrap();
+    let r = v
+        .lookup(v.lookup(ROOT_INO, os(ns)).unwrap().ino, os(run))
+        .unwrap();
+    (v, r)
+}
+
 fn read_all(v: &Vfs, ino: u64, step: u32) -> Vec<u8> {
     let (fh, _) = v.open(ino, false).unwrap();
     let mut out = Vec::new();
@@ -567,8 +586,7 @@ fn vfs_closed_files_are_chunked_ahead_of_the_seal() {
 #[test]
 fn a_minimal_acl_is_a_chmod_by_the_owner_only() {
     let tmp = tempfile::tempdir().unwrap();
-    let v = Vfs::new(new_store(tmp.path()), VfsOptions::default()).unwrap();
-    let run = open_run(&v, "ns", "r");
+    let (v, run) = fresh_run(tmp.path());
     let f = write_file(&v, run, "f", b"x");
     let user = Ctx {
         uid: 1000,
@@ -611,20 +629,14 @@ fn a_minimal_acl_is_a_chmod_by_the_owner_only() {
         v.set_access_acl(CTX, f, &acl(6, 0, 0), XATTR_REPLACE),
         Err(Error::NoAttr(_))
     ));
-    let store = v.store().root().to_path_buf();
-    drop(v);
-    let v = Vfs::new(Store::open(&store).unwrap(), VfsOptions::default()).unwrap();
-    let run = v
-        .lookup(v.lookup(ROOT_INO, os("ns")).unwrap().ino, os("r"))
-        .unwrap();
+    let (v, run) = reopen(v, "ns", "r");
     assert_eq!(v.lookup(run.ino, os("f")).unwrap().mode, 0o600);
 }
 
 #[test]
 fn attribute_changes_of_an_open_file_are_kept_with_its_next_flush() {
     let tmp = tempfile::tempdir().unwrap();
-    let v = Vfs::new(new_store(tmp.path()), VfsOptions::default()).unwrap();
-    let run = open_run(&v, "ns", "r");
+    let (v, run) = fresh_run(tmp.path());
     let (a, fh) = v.create(CTX, run, os("f"), 0o644).unwrap();
     v.write(fh, 0, b"data").unwrap();
     // cp -a: chown, utimens, chmod while the file is open; a hard link made meanwhile.
@@ -660,12 +672,7 @@ fn attribute_changes_of_an_open_file_are_kept_with_its_next_flush() {
     });
     v.flush(fh).unwrap();
     v.release(fh).unwrap();
-    let store = v.store().root().to_path_buf();
-    drop(v);
-    let v = Vfs::new(Store::open(&store).unwrap(), VfsOptions::default()).unwrap();
-    let run = v
-        .lookup(v.lookup(ROOT_INO, os("ns")).unwrap().ino, os("r"))
-        .unwrap();
+    let (v, run) = reopen(v, "ns", "r");
     let f = v.lookup(run.ino, os("f")).unwrap();
     assert_eq!(
         (f.mode, f.uid, f.gid, f.nlink, f.mtime_ns, f.size),
@@ -677,8 +684,7 @@ fn attribute_changes_of_an_open_file_are_kept_with_its_next_flush() {
 #[test]
 fn a_seal_gives_the_index_space_of_inline_files_back() {
     let tmp = tempfile::tempdir().unwrap();
-    let v = Vfs::new(new_store(tmp.path()), VfsOptions::default()).unwrap();
-    let run = open_run(&v, "ns", "r");
+    let (v, run) = fresh_run(tmp.path());
     for i in 0..200u64 {
         write_file(&v, run, &format!("f{i}"), &random_bytes(32 << 10, i));
     }
