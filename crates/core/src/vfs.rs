@@ -637,6 +637,17 @@ pub struct Vfs {
     seal_hook: Mutex<Option<SealHook>>,
 }
 
+/// Logs the refusal `e` of xattr `name`: a warning the first time, at debug level after
+/// (`cp -a` of a tree would otherwise log one line per file). Returns `e`.
+fn refused_xattr(st: &mut State, name: &str, e: Error) -> Error {
+    if st.warned_xattrs.insert(name.to_owned()) {
+        tracing::warn!("refused: {e} (further refusals of this name log at debug level)");
+    } else {
+        tracing::debug!("refused: {e}");
+    }
+    e
+}
+
 fn name_str(name: &OsStr) -> Result<&str> {
     name.to_str().ok_or_else(|| {
         Error::invalid(
@@ -2788,19 +2799,8 @@ impl Vfs {
             // Sealed runs and the control directory answer as for any xattr.
             Err(_) => return self.change_xattr(&mut st, node, acl::ACCESS, Some(value), flags),
         };
-        let perms = match acl::minimal_acl_mode(value) {
-            Ok(p) => p,
-            Err(e) => {
-                if st.warned_xattrs.insert(acl::ACCESS.to_owned()) {
-                    tracing::warn!(
-                        "refused: {e} (further refusals of this name log at debug level)"
-                    );
-                } else {
-                    tracing::debug!("refused: {e}");
-                }
-                return Err(e);
-            }
-        };
+        let perms =
+            acl::minimal_acl_mode(value).map_err(|e| refused_xattr(&mut st, acl::ACCESS, e))?;
         if flags & XATTR_REPLACE != 0 {
             // There is never a stored ACL to replace.
             return Err(Error::NoAttr(acl::ACCESS.to_owned()));
@@ -2820,25 +2820,13 @@ impl Vfs {
             // As chmod: the set-group-ID bit stays only for members of the file's group.
             mode &= !0o2000;
         }
-        let now = self.now();
-        if row.kind == Kind::File && st.open_count.contains_key(&i) {
-            // As a chmod of an open file: written with its next flush.
-            let mut p = st.dirty_attrs.get(&i).copied().unwrap_or_default();
-            p.mode = Some(mode);
-            p.ctime_ns = now;
-            st.dirty_attrs.insert(i, p);
-            self.touch(&mut st, row.run);
-            return Ok(());
-        }
-        st.dirty_attrs.remove(&i);
-        row.mode = mode;
-        row.ctime_ns = now;
-        if let Some(t) = st.dirty_mtime.get(&i) {
-            row.mtime_ns = *t;
-        }
-        self.store.index().meta_write(|m| m.update_inode(&row))?;
-        self.touch(&mut st, row.run);
-        Ok(())
+        // The chmod it is (deferred for an open file like any other).
+        drop(st);
+        let set = SetAttr {
+            mode: Some(mode),
+            ..SetAttr::default()
+        };
+        self.setattr(ino, set, None).map(drop)
     }
 
     /// `removexattr`.
@@ -2893,12 +2881,7 @@ impl Vfs {
                 return Err(Error::NoAttr(name.to_owned()));
             }
             let e = Error::Unsupported(format!("xattr {name}: only user.* attributes are stored"));
-            if st.warned_xattrs.insert(name.to_owned()) {
-                tracing::warn!("refused: {e} (further refusals of this name log at debug level)");
-            } else {
-                tracing::debug!("refused: {e}");
-            }
-            return Err(e);
+            return Err(refused_xattr(st, name, e));
         }
         let mut row = self.inode(i)?;
         if value.is_some()
