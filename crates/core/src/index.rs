@@ -11,6 +11,7 @@
 //! a crash can only leave unreferenced packs and manifests behind, which gc reclaims.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
@@ -210,6 +211,40 @@ pub struct Index {
     pub(crate) path: PathBuf,
     /// The store-wide default retention for new runs (config), when there is one.
     default_retention: Option<DefaultRetention>,
+    /// A write transaction the view left open (`meta_write_deferred`), committed by the next
+    /// `meta_write`, by [`Index::begin`] and by [`SharedIndex::lock`].
+    deferred: bool,
+}
+
+impl Drop for Index {
+    fn drop(&mut self) {
+        self.settle();
+    }
+}
+
+/// The store's index connection, shared by its threads. [`SharedIndex::lock`] commits what the
+/// view deferred before handing the index over, so every other user reads and builds on
+/// committed state only; the view's own calls, which may run inside that transaction, use
+/// [`SharedIndex::lock_deferred`].
+pub struct SharedIndex(Mutex<Index>);
+
+impl SharedIndex {
+    pub fn new(index: Index) -> Self {
+        Self(Mutex::new(index))
+    }
+
+    /// The index, with any deferred view transaction committed.
+    pub fn lock(&self) -> MutexGuard<'_, Index> {
+        let mut idx = self.lock_deferred();
+        idx.settle();
+        idx
+    }
+
+    /// The index as it is, a deferred view transaction still open: only for calls that are
+    /// right inside it (the view's reads, and its writes, which commit it).
+    pub(crate) fn lock_deferred(&self) -> MutexGuard<'_, Index> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 pub(crate) fn sql_err(path: &Path) -> impl Fn(rusqlite::Error) -> Error + '_ {
@@ -255,15 +290,19 @@ impl Index {
         // returns) but only reaches the disk at the next checkpoint. Commits that other
         // durable state depends on (packs, seals) switch to FULL: see `durable`.
         // The WAL is truncated to 1 MiB when a checkpoint lets it restart, instead of keeping
-        // the largest size it ever reached.
+        // the largest size it ever reached. Checkpoints run every 4,096 pages (16 MiB) of WAL
+        // rather than SQLite's 1,000: a mount's many small commits rewrite the same few pages,
+        // and each checkpoint writes a page once and syncs twice, however often it changed.
         conn.execute_batch(
-            "PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON; PRAGMA journal_size_limit=1048576;",
+            "PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON; PRAGMA journal_size_limit=1048576;
+             PRAGMA wal_autocheckpoint=4096;",
         )
         .map_err(&err)?;
         let mut idx = Self {
             conn,
             path: path.to_path_buf(),
             default_retention: None,
+            deferred: false,
         };
         idx.migrate(create)?;
         Ok(idx)
@@ -271,6 +310,38 @@ impl Index {
 
     fn err(&self) -> impl Fn(rusqlite::Error) -> Error + '_ {
         sql_err(&self.path)
+    }
+
+    /// Starts a `BEGIN IMMEDIATE` transaction, after committing a deferred one.
+    pub(crate) fn begin(&mut self) -> Result<rusqlite::Transaction<'_>> {
+        self.commit_deferred()?;
+        let path = self.path.clone();
+        self.conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql_err(&path))
+    }
+
+    /// Commits the view's deferred transaction, if one is open.
+    pub(crate) fn commit_deferred(&mut self) -> Result<()> {
+        if !self.deferred {
+            return Ok(());
+        }
+        let r = self.conn.execute_batch("COMMIT");
+        // A failed COMMIT may have rolled the transaction back (I/O error, full disk) or left
+        // it open (busy): the connection says which.
+        if r.is_ok() || self.conn.is_autocommit() {
+            self.deferred = false;
+        }
+        r.map_err(self.err())
+    }
+
+    /// [`Index::commit_deferred`], for callers that cannot return its error: it is logged. What
+    /// a failed commit loses is only what the view had not promised yet (files created and not
+    /// closed since); their close then fails.
+    pub(crate) fn settle(&mut self) {
+        if let Err(e) = self.commit_deferred() {
+            tracing::error!(error = %e, "committing deferred file creations failed");
+        }
     }
 
     fn migrate(&mut self, create: bool) -> Result<()> {
@@ -308,10 +379,7 @@ impl Index {
             }
         }
         for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-            let tx = self
-                .conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(&err)?;
+            let tx = self.begin()?;
             tx.execute_batch(sql).map_err(&err)?;
             if i == 2 {
                 retention::backfill_refs(&tx, &path)?;
@@ -391,10 +459,7 @@ impl Index {
     ) -> Result<()> {
         let path = self.path.clone();
         let err = sql_err(&path);
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(&err)?;
+        let tx = self.begin()?;
         let pack_row = pack_row(&tx, id, size, entries.len(), now_ns).map_err(&err)?;
         {
             let mut ins = tx
@@ -481,10 +546,8 @@ impl Index {
     ) -> Result<i64> {
         let path = self.path.clone();
         let err = sql_err(&path);
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(&err)?;
+        let default_retention = self.default_retention.clone();
+        let tx = self.begin()?;
         let exists: Option<String> = tx
             .query_row(
                 "SELECT state FROM runs WHERE namespace = ?1 AND name = ?2 AND state <> 'deleted'",
@@ -536,7 +599,7 @@ impl Index {
             &m.namespace,
             &m.run,
             Some(now_ns),
-            self.default_retention.as_ref(),
+            default_retention.as_ref(),
             now_ns,
         )?;
         tx.commit().map_err(&err)?;
@@ -653,6 +716,7 @@ impl Index {
         run: Option<&RunRef>,
         detail: &serde_json::Value,
     ) -> Result<i64> {
+        self.commit_deferred()?;
         let path = self.path.clone();
         append_event(
             &self.conn,
@@ -689,6 +753,7 @@ impl Index {
             conn,
             path: path.to_path_buf(),
             default_retention: None,
+            deferred: false,
         };
         idx.last_event_seq()
     }
@@ -1046,6 +1111,7 @@ impl Index {
     /// it returns. For commits that other durable state depends on (a seal after which staging
     /// files are deleted; packs, so the index never lags what a manifest names).
     pub(crate) fn durable<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+        self.commit_deferred()?;
         let path = self.path.clone();
         self.conn
             .execute_batch("PRAGMA synchronous=FULL")
@@ -1062,6 +1128,7 @@ impl Index {
 
     /// Makes every commit so far durable (a checkpoint syncs the WAL, then the database).
     pub fn sync(&mut self) -> Result<()> {
+        self.commit_deferred()?;
         let path = self.path.clone();
         self.conn
             .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
@@ -1074,6 +1141,7 @@ impl Index {
     /// (waiting at most 200 ms for readers). Called after a seal (an open run's inline file
     /// contents leave the index) and after gc.
     pub fn reclaim_space(&mut self) -> Result<()> {
+        self.commit_deferred()?;
         let path = self.path.clone();
         let err = sql_err(&path);
         // One step frees one page: step to the end.
@@ -1098,21 +1166,65 @@ impl Index {
         done
     }
 
-    /// Runs `f` inside one `BEGIN IMMEDIATE` transaction, committed only if `f` succeeds.
+    /// Runs `f` inside one `BEGIN IMMEDIATE` transaction, committed only if `f` succeeds. A
+    /// deferred view transaction open before it commits with it.
     pub fn meta_write<T>(&mut self, f: impl FnOnce(&Meta<'_>) -> Result<T>) -> Result<T> {
+        let out = self.write_step(f);
+        let committed = self.commit_deferred();
+        let out = out?;
+        committed?;
+        Ok(out)
+    }
+
+    /// [`Index::meta_write`] without the commit: the transaction stays open and commits with
+    /// the next `meta_write`, [`Index::begin`], [`Index::durable`] or [`SharedIndex::lock`].
+    /// For the view's file creations, which the file's close then commits together with its
+    /// content (one commit per copied file, not two). A crash before that loses only files
+    /// that were never closed.
+    pub(crate) fn meta_write_deferred<T>(
+        &mut self,
+        f: impl FnOnce(&Meta<'_>) -> Result<T>,
+    ) -> Result<T> {
+        self.write_step(f)
+    }
+
+    /// Runs `f` as one step of the open write transaction, starting one if none is open; a
+    /// failing step leaves the steps before it in place (a savepoint).
+    fn write_step<T>(&mut self, f: impl FnOnce(&Meta<'_>) -> Result<T>) -> Result<T> {
         let path = self.path.clone();
         let err = sql_err(&path);
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(&err)?;
+        let run = |conn: &Connection, sql: &str| {
+            conn.prepare_cached(sql)
+                .and_then(|mut s| s.execute([]))
+                .map_err(&err)
+        };
+        let fresh = !self.deferred;
+        if fresh {
+            run(&self.conn, "BEGIN IMMEDIATE")?;
+            self.deferred = true;
+        } else {
+            run(&self.conn, "SAVEPOINT step")?;
+        }
         let out = f(&Meta {
-            conn: &tx,
+            conn: &self.conn,
             path: &path,
             default_retention: self.default_retention.as_ref(),
-        })?;
-        tx.commit().map_err(&err)?;
-        Ok(out)
+        });
+        match (&out, fresh) {
+            (Ok(_), true) => {}
+            (Ok(_), false) => {
+                run(&self.conn, "RELEASE step")?;
+            }
+            (Err(_), true) => {
+                run(&self.conn, "ROLLBACK")?;
+                self.deferred = false;
+            }
+            (Err(_), false) => {
+                run(&self.conn, "ROLLBACK TO step")?;
+                run(&self.conn, "RELEASE step")?;
+            }
+        }
+        out
     }
 
     /// Seals an open run in one transaction: the run row becomes `sealed` with its manifest,
@@ -1139,10 +1251,7 @@ impl Index {
     ) -> Result<()> {
         let path = self.path.clone();
         let err = sql_err(&path);
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(&err)?;
+        let tx = self.begin()?;
         let state: Option<String> = tx
             .query_row(
                 "SELECT state FROM runs WHERE id = ?1",

@@ -164,7 +164,7 @@ impl Index {
         }
         let path = self.path.clone();
         let err = crate::index::sql_err(&path);
-        let tx = self.conn.transaction().map_err(&err)?;
+        let tx = self.begin()?;
         {
             let mut up = tx
                 .prepare_cached(
@@ -448,10 +448,7 @@ impl Index {
         let current = self.run_retention(run)?;
         let path = self.path.clone();
         let err = crate::index::sql_err(&path);
-        let tx = self
-            .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .map_err(&err)?;
+        let tx = self.begin()?;
         let event =
             |kind: &str, detail: serde_json::Value| {
                 tx.execute(
@@ -549,10 +546,7 @@ impl Index {
         }
         let path = self.path.clone();
         let err = crate::index::sql_err(&path);
-        let tx = self
-            .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .map_err(&err)?;
+        let tx = self.begin()?;
         tx.execute(
             "UPDATE namespaces SET retain = ?2 WHERE name = ?1",
             params![namespace, spec],

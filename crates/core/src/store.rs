@@ -20,7 +20,7 @@ use crate::chunker::ChunkerParams;
 use crate::clock::{Clock, SystemClock, to_unix_ns};
 use crate::error::{Error, Result};
 use crate::id::ManifestDigest;
-use crate::index::{Index, IndexStats, RunRow};
+use crate::index::{Index, IndexStats, RunRow, SharedIndex};
 use crate::manifest::{self, Entry, Kind, Manifest};
 use crate::names::RunRef;
 use crate::objstore::{LocalStore, ObjectStore};
@@ -88,7 +88,7 @@ impl Progress for NoProgress {}
 pub struct Store {
     root: PathBuf,
     config: StoreConfig,
-    pub(crate) index: Arc<Mutex<Index>>,
+    pub(crate) index: Arc<SharedIndex>,
     pub(crate) objects: Arc<dyn ObjectStore>,
     pub(crate) clock: Arc<dyn Clock>,
     /// Keeps gc's sweep and seals apart (see `gc`).
@@ -233,7 +233,7 @@ impl Store {
         Ok(Self {
             root: root.to_path_buf(),
             config,
-            index: Arc::new(Mutex::new(index)),
+            index: Arc::new(SharedIndex::new(index)),
             objects,
             clock,
             gate: Arc::default(),
@@ -261,7 +261,13 @@ impl Store {
     }
 
     pub(crate) fn index(&self) -> MutexGuard<'_, Index> {
-        self.index.lock().unwrap_or_else(|p| p.into_inner())
+        self.index.lock()
+    }
+
+    /// The index without committing the view's deferred transaction: for the view's reads and
+    /// writes, which belong inside it (see [`SharedIndex`]).
+    pub(crate) fn index_deferred(&self) -> MutexGuard<'_, Index> {
+        self.index.lock_deferred()
     }
 
     /// A write pipeline for new chunks. The caller holds a [`crate::gc::SealGuard`] from now

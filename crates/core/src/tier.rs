@@ -73,7 +73,7 @@ use serde::{Deserialize, Serialize};
 use crate::clock::{Clock, SystemClock, to_unix_ns};
 use crate::error::{Error, Result};
 use crate::id::{ManifestDigest, PackId};
-use crate::index::Index;
+use crate::index::{Index, SharedIndex};
 use crate::index_tier::TierCounts;
 use crate::manifest::manifest_key;
 use crate::objstore::{LocalStore, ObjectMeta, ObjectStore};
@@ -549,7 +549,7 @@ pub struct Tier {
     config: TierConfig,
     clock: Arc<dyn Clock>,
     ranges: RangeCache,
-    index: OnceLock<Arc<Mutex<Index>>>,
+    index: OnceLock<Arc<SharedIndex>>,
     /// Last reads of local packs since the last eviction pass.
     reads: Mutex<HashMap<PackId, i64>>,
     /// Local pack bytes as of the last eviction pass (the read path cannot ask the index).
@@ -599,7 +599,7 @@ impl Tier {
             .index
             .get()
             .ok_or_else(|| Error::Internal("tier used before its index was attached".into()))?;
-        Ok(idx.lock().unwrap_or_else(|p| p.into_inner()))
+        Ok(idx.lock())
     }
 
     fn now(&self) -> i64 {
@@ -1549,7 +1549,7 @@ pub(crate) type ReadBack<'a> = dyn Fn(&str, &[u8]) -> Result<()> + 'a;
 /// the local object store of an untiered one) up to the index, driven by the lifecycle events
 /// after the cursor file (see the module documentation).
 pub(crate) struct LifecycleQueue<'a> {
-    pub index: &'a Mutex<Index>,
+    pub index: &'a SharedIndex,
     pub dest: &'a dyn ObjectStore,
     pub cursor: &'a Path,
     /// Reads a written record back (the bucket); `None`: the put is trusted (local store).
@@ -1558,7 +1558,7 @@ pub(crate) struct LifecycleQueue<'a> {
 
 impl LifecycleQueue<'_> {
     fn index(&self) -> MutexGuard<'_, Index> {
-        self.index.lock().unwrap_or_else(|p| p.into_inner())
+        self.index.lock()
     }
 
     /// The `seq` of the last lifecycle event whose record is in the bucket (0: none yet).

@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 use crate::clock::{rfc3339, to_unix_ns};
 use crate::error::{Error, Result};
 use crate::id::{ChunkId, ManifestDigest};
-use crate::index::{InodeRow, NamespaceRow};
+use crate::index::{InodeRow, Meta, NamespaceRow};
 use crate::ingest::{ingest_stream, producer_metadata};
 use crate::manifest::{self, Entry, Kind, MANIFEST_FORMAT, Manifest, ROOT, XattrValue};
 use crate::names::{NAME_MAX, RunRef, validate_component};
@@ -853,7 +853,7 @@ impl Vfs {
     /// The namespace of this name; `NotFound` names it.
     fn ns_named(&self, name: &str) -> Result<NamespaceRow> {
         self.store
-            .index()
+            .index_deferred()
             .meta(|m| m.namespace(name))?
             .ok_or_else(|| Error::NotFound(name.to_owned()))
     }
@@ -861,14 +861,14 @@ impl Vfs {
     /// The namespace of this row id.
     fn ns_by_id(&self, id: i64) -> Result<NamespaceRow> {
         self.store
-            .index()
+            .index_deferred()
             .meta(|m| m.namespace_by_id(id))?
             .ok_or_else(|| Error::NotFound(format!("namespace {id}")))
     }
 
     fn inode(&self, ino: i64) -> Result<InodeRow> {
         self.store
-            .index()
+            .index_deferred()
             .meta(|m| m.inode(ino))?
             .ok_or_else(|| Error::NotFound(format!("inode {ino}")))
     }
@@ -890,7 +890,7 @@ impl Vfs {
         if let Some(n) = known.get(&dir) {
             return Ok(*n);
         }
-        let (_, n) = self.store.index().meta(|m| m.child_counts(dir))?;
+        let (_, n) = self.store.index_deferred().meta(|m| m.child_counts(dir))?;
         known.insert(dir, n);
         Ok(n)
     }
@@ -953,7 +953,7 @@ impl Vfs {
     }
 
     fn ns_attr(&self, ns: &NamespaceRow) -> Result<Attr> {
-        let runs = self.store.index().meta(|m| m.runs_of(&ns.name))?;
+        let runs = self.store.index_deferred().meta(|m| m.runs_of(&ns.name))?;
         Ok(Attr {
             ino: encode(Node::Namespace(ns.id)),
             kind: Kind::Dir,
@@ -1017,7 +1017,7 @@ impl Vfs {
         let ino = encode(node);
         match node {
             Node::Root => {
-                let n = self.store.index().meta(|m| m.namespaces())?.len() as u32;
+                let n = self.store.index_deferred().meta(|m| m.namespaces())?.len() as u32;
                 let mut a = self.synthetic(ino, Kind::Dir, 0o755, 0, self.started_ns);
                 a.nlink = 3 + n;
                 Ok(a)
@@ -1043,7 +1043,7 @@ impl Vfs {
             Node::Namespace(id) => {
                 let ns = self
                     .store
-                    .index()
+                    .index_deferred()
                     .meta(|m| m.namespace_by_id(id))?
                     .ok_or_else(|| Error::NotFound(format!("namespace {id}")))?;
                 self.ns_attr(&ns)
@@ -1067,13 +1067,13 @@ impl Vfs {
     }
 
     fn run_node(&self, st: &mut State, ns: &str, run: &str) -> Result<Option<(i64, Node)>> {
-        let Some((id, state)) = self.store.index().meta(|m| m.run_of(ns, run))? else {
+        let Some((id, state)) = self.store.index_deferred().meta(|m| m.run_of(ns, run))? else {
             return Ok(None);
         };
         let node = if state == "open" {
             let root = self
                 .store
-                .index()
+                .index_deferred()
                 .meta(|m| m.run_root(id))?
                 .ok_or_else(|| {
                     Error::corrupt(format!("run {ns}/{run}"), "open run without a root inode")
@@ -1095,7 +1095,7 @@ impl Vfs {
                 }
                 let ns = self
                     .store
-                    .index()
+                    .index_deferred()
                     .meta(|m| m.namespace(name))?
                     .ok_or_else(missing)?;
                 Ok(Node::Namespace(ns.id))
@@ -1126,14 +1126,20 @@ impl Vfs {
             Node::CtlRetention => Ok(Node::RetNs(self.ns_named(name)?.id)),
             Node::RetNs(id) => {
                 let ns = self.ns_by_id(id)?;
-                let found = self.store.index().meta(|m| m.run_of(&ns.name, name))?;
+                let found = self
+                    .store
+                    .index_deferred()
+                    .meta(|m| m.run_of(&ns.name, name))?;
                 Ok(Node::RetRun(found.ok_or_else(missing)?.0))
             }
             Node::CtlManifests => Ok(Node::ManNs(self.ns_named(name)?.id)),
             Node::ManNs(id) => {
                 let ns = self.ns_by_id(id)?;
                 let run = name.strip_suffix(".json").ok_or_else(missing)?;
-                let found = self.store.index().meta(|m| m.run_of(&ns.name, run))?;
+                let found = self
+                    .store
+                    .index_deferred()
+                    .meta(|m| m.run_of(&ns.name, run))?;
                 match found {
                     Some((rid, state)) if state == "sealed" => Ok(Node::ManRun(rid)),
                     _ => Err(missing()),
@@ -1142,7 +1148,7 @@ impl Vfs {
             Node::Namespace(id) => {
                 let ns = self
                     .store
-                    .index()
+                    .index_deferred()
                     .meta(|m| m.namespace_by_id(id))?
                     .ok_or_else(missing)?;
                 Ok(self.run_node(st, &ns.name, name)?.ok_or_else(missing)?.1)
@@ -1150,7 +1156,7 @@ impl Vfs {
             Node::Open(dir) => {
                 let ino = self
                     .store
-                    .index()
+                    .index_deferred()
                     .meta(|m| m.lookup(dir, name))?
                     .ok_or_else(missing)?;
                 Ok(Node::Open(ino))
@@ -1221,7 +1227,7 @@ impl Vfs {
         match node {
             Node::Root => {
                 out.push(dir(CTL_DIR, CONTROL_DIR));
-                for ns in self.store.index().meta(|m| m.namespaces())? {
+                for ns in self.store.index_deferred().meta(|m| m.namespaces())? {
                     out.push(dir(encode(Node::Namespace(ns.id)), &ns.name));
                 }
             }
@@ -1247,7 +1253,7 @@ impl Vfs {
                 }
             }
             Node::CtlRetention => {
-                for ns in self.store.index().meta(|m| m.namespaces())? {
+                for ns in self.store.index_deferred().meta(|m| m.namespaces())? {
                     out.push(dir(encode(Node::RetNs(ns.id)), &ns.name));
                 }
             }
@@ -1261,7 +1267,7 @@ impl Vfs {
                 }
             }
             Node::CtlManifests => {
-                for ns in self.store.index().meta(|m| m.namespaces())? {
+                for ns in self.store.index_deferred().meta(|m| m.namespaces())? {
                     out.push(dir(encode(Node::ManNs(ns.id)), &ns.name));
                 }
             }
@@ -1287,7 +1293,7 @@ impl Vfs {
                 if row.kind != Kind::Dir {
                     return Err(Error::NotDir(format!("inode {d}")));
                 }
-                for (name, i, kind) in self.store.index().meta(|m| m.children(d))? {
+                for (name, i, kind) in self.store.index_deferred().meta(|m| m.children(d))? {
                     out.push(DirEntry {
                         ino: encode(Node::Open(i)),
                         kind,
@@ -1365,6 +1371,9 @@ impl Vfs {
         mut row: InodeRow,
         what: &str,
     ) -> Result<InodeRow> {
+        // `create` opens what it makes: the file's close (flush) commits its creation together
+        // with its content and attributes. Whatever else is made commits now.
+        let defer = what == "create" && row.kind == Kind::File;
         let dir_ino = match self.writable(parent, what) {
             Ok(i) => i,
             Err(e @ Error::NotPermitted(_)) => {
@@ -1380,7 +1389,8 @@ impl Vfs {
         }
         row.run = dir.run;
         let now = row.ctime_ns;
-        let ino = self.store.index().meta_write(|m| {
+        let mut idx = self.store.index_deferred();
+        let create = |m: &Meta<'_>| {
             if m.lookup(dir_ino, name)?.is_some() {
                 return Err(Error::AlreadyExists(name.to_owned()));
             }
@@ -1392,7 +1402,13 @@ impl Vfs {
                 m.set_inline_data(ino, &[])?;
             }
             Ok(ino)
-        })?;
+        };
+        let ino = if defer {
+            idx.meta_write_deferred(create)?
+        } else {
+            idx.meta_write(create)?
+        };
+        drop(idx);
         st.dirty_mtime.remove(&dir_ino);
         if row.kind == Kind::Dir {
             self.forget_subdirs(&[dir_ino]);
@@ -1425,7 +1441,7 @@ impl Vfs {
                     gid: ctx.gid,
                     mtime_ns: now,
                 };
-                let id = self.store.index().meta_write(|m| {
+                let id = self.store.index_deferred().meta_write(|m| {
                     if m.namespace(name)?.is_some() {
                         return Err(Error::AlreadyExists(format!("namespace {name}")));
                     }
@@ -1437,14 +1453,14 @@ impl Vfs {
             Node::Namespace(id) => {
                 let mut ns = self
                     .store
-                    .index()
+                    .index_deferred()
                     .meta(|m| m.namespace_by_id(id))?
                     .ok_or_else(|| Error::NotFound(format!("namespace {id}")))?;
                 check_name("run name", name, false)?;
                 let r = RunRef::new(&ns.name, name)?;
                 let root = self.new_inode(ctx, 0, Kind::Dir, mode, now);
                 ns.mtime_ns = now;
-                let (run_id, root_ino) = self.store.index().meta_write(|m| {
+                let (run_id, root_ino) = self.store.index_deferred().meta_write(|m| {
                     let out = m.create_open_run(&r, &root, now)?;
                     m.update_namespace(&ns)?;
                     Ok(out)
@@ -1538,7 +1554,11 @@ impl Vfs {
         if let Some(i) = st.inline.get(&row.ino) {
             return Ok(i.data.len() as u64);
         }
-        if let Some(n) = self.store.index().meta(|m| m.inline_len(row.ino))? {
+        if let Some(n) = self
+            .store
+            .index_deferred()
+            .meta(|m| m.inline_len(row.ino))?
+        {
             return Ok(n);
         }
         let p = self.staging_path(row.run, row.ino);
@@ -1553,7 +1573,11 @@ impl Vfs {
         if st.inline.contains_key(&row.ino) {
             return Ok(None);
         }
-        if let Some(data) = self.store.index().meta(|m| m.inline_data(row.ino))? {
+        if let Some(data) = self
+            .store
+            .index_deferred()
+            .meta(|m| m.inline_data(row.ino))?
+        {
             st.inline_bytes += data.len();
             st.inline.insert(row.ino, Inline { data, dirty: false });
             return Ok(None);
@@ -1571,7 +1595,7 @@ impl Vfs {
             }
             None => self
                 .store
-                .index()
+                .index_deferred()
                 .meta(|m| m.inline_data(inode))?
                 .unwrap_or_default(),
         };
@@ -1589,7 +1613,7 @@ impl Vfs {
             .map_err(|e| Error::io("write", &p, e))?;
         // Until this commit the index's copy counts; after it, the staging file.
         self.store
-            .index()
+            .index_deferred()
             .meta_write(|m| m.drop_inline_data(inode))?;
         let f = Arc::new(f);
         for h in st.handles.values_mut() {
@@ -1881,7 +1905,7 @@ impl Vfs {
             let Some((ns, run)) = r.split_once('/') else {
                 continue;
             };
-            match self.store.index().meta(|m| m.namespace(ns)) {
+            match self.store.index_deferred().meta(|m| m.namespace(ns)) {
                 Ok(Some(row)) => forget(encode(Node::Namespace(row.id)), run),
                 Ok(None) => {}
                 Err(e) => tracing::warn!(run = %r, "cannot tell the kernel the run is gone: {e}"),
@@ -2154,7 +2178,7 @@ impl Vfs {
                         let r = RunRef::parse(line)?;
                         let (id, _) = self
                             .store
-                            .index()
+                            .index_deferred()
                             .meta(|m| m.run_of(&r.namespace, &r.run))?
                             .ok_or_else(|| Error::NotFound(format!("run {r}")))?;
                         self.seal_id(id, "control file")?;
@@ -2187,10 +2211,11 @@ impl Vfs {
         let data = st.inline.get(&inode).filter(|i| i.dirty).map(|i| &i.data);
         let patch = st.dirty_attrs.get(&inode).copied();
         if data.is_none() && patch.is_none() && !st.dirty_mtime.contains_key(&inode) {
-            return Ok(());
+            // Its creation, if that is still deferred, commits all the same.
+            return self.store.index_deferred().commit_deferred();
         }
         let t = st.dirty_mtime.get(&inode).copied();
-        self.store.index().meta_write(|m| {
+        self.store.index_deferred().meta_write(|m| {
             if let Some(p) = patch {
                 if let Some(row) = m.inode(inode)? {
                     let mut row = p.applied(row);
@@ -2273,19 +2298,24 @@ impl Vfs {
             a.last = Instant::now();
         }
         if left == 0 {
-            let row = self.store.index().meta(|m| m.inode(inode))?;
+            let row = self.store.index_deferred().meta(|m| m.inode(inode))?;
             match row {
                 Some(row) if row.nlink == 0 => {
-                    self.store.index().meta_write(|m| m.delete_inode(inode))?;
+                    self.store
+                        .index_deferred()
+                        .meta_write(|m| m.delete_inode(inode))?;
                     self.preseal.forget(inode);
                     let _ = fs::remove_file(self.staging_path(run, inode));
                 }
                 Some(_) => {
                     self.preseal.closed(run, inode);
                     if let Some(marker) = &self.opts.seal_marker {
-                        let root = self.store.index().meta(|m| m.run_root(run))?;
+                        let root = self.store.index_deferred().meta(|m| m.run_root(run))?;
                         let named = match root {
-                            Some(root) => self.store.index().meta(|m| m.lookup(root, marker))?,
+                            Some(root) => self
+                                .store
+                                .index_deferred()
+                                .meta(|m| m.lookup(root, marker))?,
                             None => None,
                         };
                         if named == Some(inode) {
@@ -2309,7 +2339,7 @@ impl Vfs {
         if let Node::Namespace(id) = node {
             let mut ns = self
                 .store
-                .index()
+                .index_deferred()
                 .meta(|m| m.namespace_by_id(id))?
                 .ok_or_else(|| Error::NotFound(format!("namespace {id}")))?;
             if set.size.is_some() {
@@ -2323,7 +2353,9 @@ impl Vfs {
             if let Some(t) = set.mtime_ns {
                 ns.mtime_ns = t.unwrap_or(now);
             }
-            self.store.index().meta_write(|m| m.update_namespace(&ns))?;
+            self.store
+                .index_deferred()
+                .meta_write(|m| m.update_namespace(&ns))?;
             return self.ns_attr(&ns);
         }
         if matches!(node, Node::CtlSeal | Node::CtlGc)
@@ -2375,7 +2407,7 @@ impl Vfs {
             // The content, when it is inline (in memory while open, else in the index).
             let inline = match st.inline.get(&i) {
                 Some(x) => Some(x.data.clone()),
-                None => self.store.index().meta(|m| m.inline_data(i))?,
+                None => self.store.index_deferred().meta(|m| m.inline_data(i))?,
             };
             let is_inline = inline.is_some();
             if let Some(mut data) = inline.filter(|_| size <= INLINE_MAX) {
@@ -2401,7 +2433,7 @@ impl Vfs {
             row.mtime_ns = t;
         }
         row.ctime_ns = now;
-        self.store.index().meta_write(|m| {
+        self.store.index_deferred().meta_write(|m| {
             m.update_inode(&row)?;
             if let Some(d) = &inline_set {
                 m.set_inline_data(i, d)?;
@@ -2447,7 +2479,7 @@ impl Vfs {
         let (mut st, p) = self.lock_mut(parent)?;
         let dir = self.writable(p, "unlink")?;
         let now = self.now();
-        let gone = self.store.index().meta_write(|m| {
+        let gone = self.store.index_deferred().meta_write(|m| {
             let ino = m
                 .lookup(dir, name)?
                 .ok_or_else(|| Error::NotFound(name.to_owned()))?;
@@ -2479,14 +2511,19 @@ impl Vfs {
             Node::Root => {
                 let ns = self
                     .store
-                    .index()
+                    .index_deferred()
                     .meta(|m| m.namespace(name))?
                     .ok_or_else(|| Error::NotFound(name.to_owned()))?;
-                if !self.store.index().meta(|m| m.runs_of(name))?.is_empty() {
+                if !self
+                    .store
+                    .index_deferred()
+                    .meta(|m| m.runs_of(name))?
+                    .is_empty()
+                {
                     return Err(Error::NotEmpty(format!("namespace {name} has runs")));
                 }
                 self.store
-                    .index()
+                    .index_deferred()
                     .meta_write(|m| m.delete_namespace(ns.id))?;
                 tracing::info!(namespace = name, "namespace removed");
                 return Ok(());
@@ -2499,7 +2536,7 @@ impl Vfs {
             _ => {}
         }
         let dir = self.writable(p, "rmdir")?;
-        let run = self.store.index().meta_write(|m| {
+        let run = self.store.index_deferred().meta_write(|m| {
             let ino = m
                 .lookup(dir, name)?
                 .ok_or_else(|| Error::NotFound(name.to_owned()))?;
@@ -2557,14 +2594,14 @@ impl Vfs {
         self.forget_subdirs(&[from, to]);
         if exchange {
             self.store
-                .index()
+                .index_deferred()
                 .meta_write(|m| exchange_names(m, from, name, to, newname, now))?;
             st.dirty_mtime.remove(&from);
             st.dirty_mtime.remove(&to);
             self.touch(&mut st, run_from);
             return Ok(());
         }
-        let gone = self.store.index().meta_write(|m| {
+        let gone = self.store.index_deferred().meta_write(|m| {
             let ino = m
                 .lookup(from, name)?
                 .ok_or_else(|| Error::NotFound(name.to_owned()))?;
@@ -2644,7 +2681,7 @@ impl Vfs {
         if let Some(t) = st.dirty_mtime.get(&i) {
             row.mtime_ns = *t;
         }
-        self.store.index().meta_write(|m| {
+        self.store.index_deferred().meta_write(|m| {
             if m.lookup(to, newname)?.is_some() {
                 return Err(Error::AlreadyExists(newname.to_owned()));
             }
@@ -2681,7 +2718,7 @@ impl Vfs {
                 for (k, v) in &row.xattrs {
                     out.insert(k.clone(), v.to_bytes()?);
                 }
-                if self.store.index().meta(|m| m.run_root(row.run))? == Some(i) {
+                if self.store.index_deferred().meta(|m| m.run_root(row.run))? == Some(i) {
                     out.insert(format!("{FACTS_PREFIX}state"), b"open".to_vec());
                     self.retention_xattrs(row.run, &mut out)?;
                 }
@@ -2777,7 +2814,7 @@ impl Vfs {
             && let Node::Open(i) = node
         {
             let run = self.inode(i)?.run;
-            if self.store.index().meta(|m| m.run_root(run))? == Some(i) {
+            if self.store.index_deferred().meta(|m| m.run_root(run))? == Some(i) {
                 if value != b"1" {
                     return Err(Error::invalid(name, "set it to 1 to seal the run"));
                 }
@@ -2928,7 +2965,9 @@ impl Vfs {
         if let Some(t) = st.dirty_mtime.get(&i) {
             row.mtime_ns = *t;
         }
-        self.store.index().meta_write(|m| m.update_inode(&row))?;
+        self.store
+            .index_deferred()
+            .meta_write(|m| m.update_inode(&row))?;
         self.touch(st, row.run);
         Ok(())
     }
@@ -2939,7 +2978,7 @@ impl Vfs {
         Ok(match node {
             Node::Open(i) => {
                 let row = self.inode(i)?;
-                if self.store.index().meta(|m| m.run_root(row.run))? != Some(i) {
+                if self.store.index_deferred().meta(|m| m.run_root(row.run))? != Some(i) {
                     return Ok(None);
                 }
                 let run = self
@@ -3026,7 +3065,7 @@ impl Vfs {
     pub fn seal(&self, r: &RunRef) -> Result<ManifestDigest> {
         let (id, _) = self
             .store
-            .index()
+            .index_deferred()
             .meta(|m| m.run_of(&r.namespace, &r.run))?
             .ok_or_else(|| Error::NotFound(format!("run {r}")))?;
         self.seal_id(id, "request")

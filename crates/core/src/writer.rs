@@ -38,7 +38,7 @@ use crate::clock::{Clock, to_unix_ns};
 use crate::codec::{self, Codec};
 use crate::error::{Error, Result};
 use crate::id::ChunkId;
-use crate::index::Index;
+use crate::index::{Index, SharedIndex};
 use crate::manifest::ChunkRef;
 use crate::objstore::ObjectStore;
 use crate::pack::{PackBuilder, pack_key};
@@ -159,7 +159,7 @@ struct Shared {
     ids: Mutex<Vec<ChunkId>>,
     /// Results of file pieces, by sequence number.
     pieces: Mutex<Vec<[u8; 32]>>,
-    index: Arc<Mutex<Index>>,
+    index: Arc<SharedIndex>,
 }
 
 /// What the caller hands to the workers.
@@ -205,7 +205,7 @@ impl Shared {
         }
         let indexed = match own {
             Some(index) => index.has_chunk(id)?,
-            None => lock(&self.index).has_chunk(id)?,
+            None => self.index.lock().has_chunk(id)?,
         };
         if indexed {
             return Ok(false);
@@ -217,7 +217,7 @@ impl Shared {
     /// while it commits a pack, which waits for an fsync; in WAL mode another connection reads
     /// meanwhile. `None` (lookups then share the store's connection) if it cannot be opened.
     fn lookup_connection(&self) -> Option<Index> {
-        let path = lock(&self.index).path().to_path_buf();
+        let path = self.index.lock().path().to_path_buf();
         Index::open(&path, false)
             .inspect_err(|e| tracing::debug!(error = %e, "no index connection of the worker's own"))
             .ok()
@@ -288,7 +288,7 @@ pub struct ChunkWriter {
 impl ChunkWriter {
     /// Starts the pipeline's threads.
     pub fn new(
-        index: Arc<Mutex<Index>>,
+        index: Arc<SharedIndex>,
         objects: Arc<dyn ObjectStore>,
         clock: Arc<dyn Clock>,
         config: WriterConfig,
@@ -668,7 +668,7 @@ fn flush_loop(
     rx: Receiver<SealedPack>,
     recycle: Sender<Vec<u8>>,
     objects: &dyn ObjectStore,
-    index: &Mutex<Index>,
+    index: &SharedIndex,
     clock: &dyn Clock,
     shared: &Shared,
 ) {
@@ -679,15 +679,12 @@ fn flush_loop(
         }
         let res = (|| -> Result<()> {
             objects.put(&pack_key(&p.id), &p.bytes)?;
-            index
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert_pack(
-                    &p.id,
-                    p.bytes.len() as u64,
-                    &p.entries,
-                    to_unix_ns(clock.now()),
-                )?;
+            index.lock().insert_pack(
+                &p.id,
+                p.bytes.len() as u64,
+                &p.entries,
+                to_unix_ns(clock.now()),
+            )?;
             tracing::debug!(pack = %p.id, bytes = p.bytes.len(), chunks = p.entries.len(), "pack written");
             let raw: u64 = p.entries.iter().map(|e| u64::from(e.raw_len)).sum();
             let mut s = shared.stats.lock().unwrap_or_else(|e| e.into_inner());

@@ -13,7 +13,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{Index, RunRow, append_event, run_row, sql_err};
 use crate::codec::Codec;
@@ -219,10 +219,7 @@ impl Index {
     ) -> Result<T> {
         let path = self.path.clone();
         let err = sql_err(&path);
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(&err)?;
+        let tx = self.begin()?;
         let out = f(&tx, &path)?;
         tx.commit().map_err(&err)?;
         Ok(out)

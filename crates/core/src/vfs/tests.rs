@@ -702,3 +702,58 @@ fn a_seal_gives_the_index_space_of_inline_files_back() {
         "free pages went back: {before} -> {after}"
     );
 }
+
+/// Whether a connection of its own (another process, or what a crash leaves) finds a directory
+/// entry named `name` in the index of `v`.
+fn committed(v: &Vfs, name: &str) -> bool {
+    let conn = rusqlite::Connection::open(v.store().root().join("index.sqlite")).unwrap();
+    conn.query_row(
+        "SELECT count(*) FROM dentries WHERE name = ?1",
+        [name],
+        |r| r.get::<_, i64>(0),
+    )
+    .unwrap()
+        == 1
+}
+
+#[test]
+fn a_new_file_commits_with_its_close_and_before_anyone_else_reads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (v, run) = fresh_run(tmp.path());
+    // Created and written: the view sees it, the index file not yet.
+    let (a, fh) = v.create(CTX, run, os("a"), 0o644).unwrap();
+    v.write(fh, 0, b"first").unwrap();
+    assert_eq!(v.lookup(run, os("a")).unwrap().ino, a.ino);
+    assert!(!committed(&v, "a"));
+    // A step that fails inside the open transaction undoes only itself.
+    assert!(matches!(
+        v.create(CTX, run, os("a"), 0o644),
+        Err(Error::AlreadyExists(_))
+    ));
+    // The close commits the creation together with the content.
+    v.flush(fh).unwrap();
+    assert!(committed(&v, "a"));
+    v.release(fh).unwrap();
+    // A file closed without a write or an attribute change commits all the same.
+    let (_, fh) = v.create(CTX, run, os("empty"), 0o644).unwrap();
+    v.flush(fh).unwrap();
+    v.release(fh).unwrap();
+    assert!(committed(&v, "empty"));
+    // Any other user of the store reads committed state: taking the index commits first.
+    // (The files closed above are chunked ahead in the background, which takes it too.)
+    v.preseal.wait_idle();
+    let (_, fh) = v.create(CTX, run, os("b"), 0o644).unwrap();
+    assert!(!committed(&v, "b"));
+    v.store().stats().unwrap();
+    assert!(committed(&v, "b"));
+    v.write(fh, 0, b"second").unwrap();
+    v.flush(fh).unwrap();
+    v.release(fh).unwrap();
+    // So does a directory, which no close follows.
+    v.mkdir(CTX, run, os("d"), 0o755).unwrap();
+    assert!(committed(&v, "d"));
+    let (v, run) = reopen(v, "ns", "r");
+    for (name, size) in [("a", 5), ("empty", 0), ("b", 6)] {
+        assert_eq!(v.lookup(run.ino, os(name)).unwrap().size, size, "{name}");
+    }
+}
