@@ -181,9 +181,16 @@ fn sparse_file_of_3_gib_through_the_mount() {
     f.write_all_at(b"boot sector", 0).unwrap();
     f.write_all_at(b"middle", 3 << 29).unwrap();
     drop(f);
+    // Tools size their buffers by st_blksize: a MiB per system call and per FUSE request.
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        fs::metadata(run.join("disk.img")).unwrap().blksize(),
+        1 << 20
+    );
     seal(&run);
     let meta = fs::metadata(run.join("disk.img")).unwrap();
     assert_eq!(meta.len(), 3 << 30);
+    assert_eq!(meta.blksize(), 1 << 20);
     let f = fs::File::open(run.join("disk.img")).unwrap();
     let mut buf = [0u8; 11];
     f.read_exact_at(&mut buf, 0).unwrap();

@@ -25,6 +25,10 @@ pub use fuser::BackgroundSession;
 const TTL_MUTABLE: Duration = Duration::from_secs(1);
 /// … and of sealed runs, which cannot.
 const TTL_SEALED: Duration = Duration::from_secs(60);
+/// The largest read and write the kernel sends in one request, and the block size files
+/// report: `cp`, `cat` and other tools size their buffers by `st_blksize`, so they write and
+/// read a MiB per system call, and a MiB per request, instead of 128 KiB.
+const IO_SIZE: u32 = 1 << 20;
 
 /// The errno for an engine error: one arm per variant.
 pub fn errno(e: &Error) -> Errno {
@@ -100,7 +104,7 @@ fn fattr(a: &Attr) -> FileAttr {
         uid: a.uid,
         gid: a.gid,
         rdev: a.rdev as u32,
-        blksize: 4096,
+        blksize: IO_SIZE,
         flags: 0,
     }
 }
@@ -166,8 +170,12 @@ fn xattr_reply(data: &[u8], size: u32, reply: ReplyXattr) {
 
 impl Filesystem for ArtifactFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        if let Err(max) = config.set_max_write(1 << 20) {
+        if let Err(max) = config.set_max_write(IO_SIZE) {
             let _ = config.set_max_write(max);
+        }
+        // Sequential reads of sealed files: the kernel reads ahead up to this much.
+        if let Err(max) = config.set_max_readahead(IO_SIZE) {
+            let _ = config.set_max_readahead(max);
         }
         Ok(())
     }
