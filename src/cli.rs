@@ -225,6 +225,11 @@ pub enum Command {
         /// Closing a file of this name in a run's directory seals the run (e.g. _SUCCESS).
         #[arg(long, value_name = "NAME")]
         seal_marker: Option<String>,
+        /// Let other users use the mount (FUSE allow_other), with access checked against the
+        /// files' modes and owners. A mount by a user other than root needs user_allow_other
+        /// in /etc/fuse.conf for this.
+        #[arg(long)]
+        allow_other: bool,
         /// Publish the store's events to this NATS server (JetStream stream ARTIFACTFS_EVENTS,
         /// subjects artifactfs.events.NS.KIND; docs/events.md).
         #[arg(long, value_name = "URL")]
@@ -509,6 +514,7 @@ pub fn run() -> Result<ExitCode> {
             foreground,
             seal_after,
             seal_marker,
+            allow_other,
             nats,
             serve,
             detached,
@@ -518,6 +524,7 @@ pub fn run() -> Result<ExitCode> {
                 mountpoint,
                 seal_after,
                 seal_marker,
+                allow_other,
                 nats,
                 serve,
                 verbose: cli.verbose,

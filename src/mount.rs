@@ -22,6 +22,8 @@ pub struct MountArgs {
     pub mountpoint: PathBuf,
     pub seal_after: Duration,
     pub seal_marker: Option<String>,
+    /// Other users may use the mount (FUSE `allow_other`).
+    pub allow_other: bool,
     /// Publish the store's events to this NATS server.
     pub nats: Option<String>,
     /// Also serve the HTTP API on this address.
@@ -149,6 +151,9 @@ pub fn detach(a: &MountArgs) -> Result<()> {
         .arg("--detached")
         .arg("--seal-after")
         .arg(humantime::format_duration(a.seal_after).to_string());
+    if a.allow_other {
+        cmd.arg("--allow-other");
+    }
     if let Some(m) = &a.seal_marker {
         cmd.arg("--seal-marker").arg(m);
     }
@@ -222,6 +227,7 @@ pub fn foreground(a: &MountArgs, detached: bool) -> Result<()> {
         &mp,
         &artifactfs_fuse::MountOptions {
             fsname: fsname_for(&a.store),
+            allow_other: a.allow_other,
             ..artifactfs_fuse::MountOptions::default()
         },
         stop.clone(),

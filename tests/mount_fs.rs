@@ -589,3 +589,66 @@ fn minimal_acls_set_the_mode_and_others_are_refused() {
     let log = m.log_text();
     assert!(!log[logged..].contains("refused"), "{log}");
 }
+
+/// Runs `sh -c SCRIPT` as `nobody` (uid and gid 65534, no groups): its status and stderr.
+fn sh_as_nobody(script: &str) -> (bool, String) {
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .args(["sh", "-c", script])
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn other_users_need_allow_other_and_then_meet_modes_and_owners() {
+    let env = Env::new();
+    // `nobody` must be able to reach the mountpoint.
+    fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let mnt = env.path("mnt");
+    let m = Mount::start(&env, &mnt, &["--seal-after", "1h"]);
+    fs::create_dir_all(m.p("lab/shared")).unwrap();
+    fs::write(m.p("lab/shared/public.txt"), b"for all").unwrap();
+    let q = |p: &str| format!("'{}'", m.p(p).display());
+    // Without allow_other the kernel turns every other user away.
+    let (ok, err) = sh_as_nobody(&format!("cat {}", q("lab/shared/public.txt")));
+    assert!(!ok && err.contains("ermission denied"), "{err}");
+    m.unmount();
+
+    let m = Mount::start(&env, &mnt, &["--seal-after", "1h", "--allow-other"]);
+    let q = |p: &str| format!("'{}'", m.p(p).display());
+    let (ok, err) = sh_as_nobody(&format!("cat {} >/dev/null", q("lab/shared/public.txt")));
+    assert!(ok, "a 0644 file is readable by others: {err}");
+    fs::write(m.p("lab/shared/secret.txt"), b"root only").unwrap();
+    fs::set_permissions(
+        m.p("lab/shared/secret.txt"),
+        fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    let (ok, err) = sh_as_nobody(&format!("cat {}", q("lab/shared/secret.txt")));
+    assert!(!ok && err.contains("ermission denied"), "{err}");
+    // root's 0755 run directory: no new files from others, and nothing is stored.
+    let (ok, err) = sh_as_nobody(&format!("echo x > {}", q("lab/shared/theirs.txt")));
+    assert!(!ok && err.contains("ermission denied"), "{err}");
+    assert!(!m.p("lab/shared/theirs.txt").exists());
+    // A run directory opened to others: their files are theirs.
+    fs::set_permissions(m.p("lab/shared"), fs::Permissions::from_mode(0o1777)).unwrap();
+    let (ok, err) = sh_as_nobody(&format!("echo x > {}", q("lab/shared/theirs.txt")));
+    assert!(ok, "{err}");
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::metadata(m.p("lab/shared/theirs.txt")).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (65534, 65534));
+    // The sticky bit: others cannot remove root's file.
+    let (ok, err) = sh_as_nobody(&format!("rm -f {}", q("lab/shared/public.txt")));
+    assert!(!ok, "{err}");
+    assert!(m.p("lab/shared/public.txt").exists());
+    // Sealed, the run stays readable by others and refuses them as it refuses root.
+    seal(&m.p("lab/shared"));
+    let (ok, err) = sh_as_nobody(&format!("cat {} >/dev/null", q("lab/shared/theirs.txt")));
+    assert!(ok, "{err}");
+    let (ok, err) = sh_as_nobody(&format!("echo y >> {}", q("lab/shared/theirs.txt")));
+    assert!(!ok && err.contains("Read-only file system"), "{err}");
+}

@@ -283,7 +283,7 @@ fn the_mount_helper_takes_fstab_options() {
     assert_eq!(run("ro").status.code(), Some(1));
     assert!(!common::mount::is_mounted(&mnt.canonicalize().unwrap()));
 
-    let out = run("defaults,noauto,_netdev,seal_after=1h,seal_marker=_SUCCESS");
+    let out = run("defaults,noauto,_netdev,seal_after=1h,seal_marker=_SUCCESS,allow_other");
     assert!(
         out.status.success(),
         "{}",
@@ -292,6 +292,13 @@ fn the_mount_helper_takes_fstab_options() {
     let mnt = mnt.canonicalize().unwrap();
     assert!(common::mount::is_mounted(&mnt));
     let guard = UnmountOnDrop(mnt.clone());
+    // allow_other reaches the kernel through the detaching mount.
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
+    let line = mounts
+        .lines()
+        .find(|l| l.split(' ').nth(1) == Some(mnt.to_str().unwrap()))
+        .unwrap();
+    assert!(line.contains("allow_other"), "{line}");
     fs::create_dir_all(mnt.join("ns/r")).unwrap();
     fs::write(mnt.join("ns/r/out"), b"x").unwrap();
     fs::write(mnt.join("ns/r/_SUCCESS"), b"").unwrap();

@@ -524,6 +524,9 @@ pub struct MountOptions {
     pub threads: usize,
     /// The mount's source as `mount` and /proc/self/mountinfo show it (`fsname=`).
     pub fsname: String,
+    /// Let users other than the one who mounted use the mount (`allow_other`); the kernel
+    /// then checks every access against the modes and owners (`default_permissions`).
+    pub allow_other: bool,
 }
 
 impl Default for MountOptions {
@@ -531,6 +534,7 @@ impl Default for MountOptions {
         Self {
             threads: 2,
             fsname: "artifactfs".into(),
+            allow_other: false,
         }
     }
 }
@@ -551,6 +555,9 @@ pub fn spawn_mount(
         fuser::MountOption::DefaultPermissions,
         fuser::MountOption::NoAtime,
     ];
+    if opts.allow_other {
+        config.acl = fuser::SessionACL::All;
+    }
     config.n_threads = Some(opts.threads.max(1));
     let session = fuser::spawn_mount(ArtifactFs::new(vfs.clone()), mountpoint, &config)?;
     let notifier = session.notifier();
