@@ -271,8 +271,10 @@ fn chunk_batch(store: &Store, staging: &Path, shared: &Shared) -> Vec<(Job, Opti
             .join(job.run.to_string())
             .join(job.inode.to_string());
         // A small file's content is in the index (see `Vfs::open_content`), else in its
-        // staging file. (Bound first: the index stays locked while a temporary lives.)
-        let inline = store.index().meta(|m| m.inline_data(job.inode));
+        // staging file. (Bound first: the index stays locked while a temporary lives.) A
+        // closed file's content is committed; reading it does not commit the creations the
+        // view has deferred (ADR 0018), which the next close commits with its content.
+        let inline = store.index_deferred().meta(|m| m.inline_data(job.inode));
         let r = match inline {
             Ok(Some(d)) => ingest_stream(store, &mut writer, &d[..], &NoProgress, &p),
             Ok(None) => File::open(&p)
