@@ -465,7 +465,8 @@ impl Store {
 
     /// Store-wide counts.
     pub fn stats(&self) -> Result<IndexStats> {
-        self.read(|idx| idx.stats())
+        // Through the shared connection: counts include what the view deferred (ADR 0018).
+        self.index().stats()
     }
 
     /// Events after `after`, as committed.
