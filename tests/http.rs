@@ -1245,3 +1245,59 @@ fn a_damaged_chunk_cuts_the_download_instead_of_serving_wrong_bytes() {
     );
     s.stop();
 }
+
+#[test]
+fn run_info_answers_while_the_run_is_written_and_sealed() {
+    // Readers of GET /v1/runs/NS/RUN take read-only index connections (ADR 0019): they run
+    // while files are uploaded and the run is sealed, see only committed states, and a read
+    // after the seal answered sees it.
+    let env = Env::new();
+    let s = Server::start(&env);
+    create_run(&s, "busy", "r", json!({"producer": "readers"}));
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let seen = std::thread::scope(|sc| {
+        let readers: Vec<_> = (0..4)
+            .map(|_| {
+                sc.spawn(|| {
+                    let c = client();
+                    let mut states = Vec::new();
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let v = ok_json(c.get(s.url("/v1/runs/busy/r")).send().unwrap());
+                        states.push((v["state"].as_str().unwrap().to_owned(), v["files"].clone()));
+                    }
+                    states
+                })
+            })
+            .collect();
+        for i in 0..40 {
+            put(
+                &s,
+                "busy/r",
+                &format!("dir/f{i}.txt"),
+                format!("file {i}").into_bytes(),
+            );
+        }
+        let digest = seal(&s, "busy/r");
+        let v = ok_json(client().get(s.url("/v1/runs/busy/r")).send().unwrap());
+        assert_eq!(
+            (v["state"].as_str(), v["digest"].as_str()),
+            (Some("sealed"), Some(digest.as_str()))
+        );
+        assert_eq!(v["files"], 40);
+        assert_eq!(v["metadata"]["producer"], "readers");
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        readers
+            .into_iter()
+            .flat_map(|r| r.join().unwrap())
+            .collect::<Vec<_>>()
+    });
+    assert!(!seen.is_empty());
+    for (state, files) in &seen {
+        match state.as_str() {
+            // A sealed run's counts are its manifest's: all or nothing.
+            "sealed" => assert_eq!(files, 40),
+            "open" => {}
+            other => panic!("state {other}"),
+        }
+    }
+}

@@ -29,7 +29,7 @@ use serde::Serialize;
 use crate::clock::to_unix_ns;
 use crate::error::{Error, Result};
 use crate::id::{ChunkId, ManifestDigest, PackId};
-use crate::index::{HoldRow, RunRow};
+use crate::index::{HoldRow, RunRetention, RunRow};
 use crate::manifest;
 use crate::names::RunRef;
 use crate::pack::{self, PackBuilder};
@@ -145,6 +145,21 @@ impl HoldInfo {
     }
 }
 
+/// What users see of a run's retention row and holds, at `now_ns`.
+pub(crate) fn retention_info(rr: RunRetention, now_ns: i64) -> RetentionInfo {
+    let until = rr.retention.until_ns;
+    RetentionInfo {
+        namespace: rr.run.run.namespace,
+        run: rr.run.run.run,
+        eligible: retention::eligible(&rr.run.state, until, rr.holds.len(), now_ns),
+        state: rr.run.state,
+        retain: rr.retention.spec,
+        retain_until: until.map(format_until),
+        retain_until_ns: until,
+        holds: rr.holds.into_iter().map(HoldInfo::from_row).collect(),
+    }
+}
+
 /// Checks a namespace or store default: a duration from the seal, or `forever`.
 pub fn parse_default_retention(text: &str, now_ns: i64) -> Result<Retention> {
     let r = Retention::parse(text, now_ns)?;
@@ -175,19 +190,8 @@ impl Store {
     }
 
     fn retention_info_of(&self, run: &RunRow) -> Result<RetentionInfo> {
-        let rr = self.index().run_retention(run)?;
-        let now = self.now_ns();
-        let until = rr.retention.until_ns;
-        Ok(RetentionInfo {
-            namespace: run.run.namespace.clone(),
-            run: run.run.run.clone(),
-            state: run.state.clone(),
-            retain: rr.retention.spec.clone(),
-            retain_until: until.map(format_until),
-            retain_until_ns: until,
-            eligible: retention::eligible(&run.state, until, rr.holds.len(), now),
-            holds: rr.holds.into_iter().map(HoldInfo::from_row).collect(),
-        })
+        let rr = self.read(|idx| idx.run_retention(run))?;
+        Ok(retention_info(rr, self.now_ns()))
     }
 
     /// A run's retention, holds and eligibility.
@@ -294,8 +298,7 @@ impl Store {
     pub fn holds(&self, r: &RunRef) -> Result<Vec<HoldInfo>> {
         let run = self.run(r)?;
         Ok(self
-            .index()
-            .holds(run.id)?
+            .read(|idx| idx.holds(run.id))?
             .into_iter()
             .map(HoldInfo::from_row)
             .collect())

@@ -23,7 +23,9 @@ use crate::manifest::{ChunkRef, Entry, Kind, Manifest, XattrValue};
 use crate::names::RunRef;
 use crate::pack::PackEntry;
 
+mod pool;
 mod retention;
+pub use pool::{PooledIndex, ReadPool};
 pub use retention::{DefaultRetention, ExpiredRun, HoldRow, PackUsage, RunRetention, SweepStats};
 
 /// Schema version written by this build.
@@ -257,6 +259,11 @@ pub(crate) fn sql_err(path: &Path) -> impl Fn(rusqlite::Error) -> Error + '_ {
 /// How long a statement waits for another connection's lock before it fails.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Prepared statements a connection keeps (`prepare_cached`). rusqlite keeps 16 by default,
+/// fewer than the statements one upload or one copied file goes through, so they were evicted
+/// and parsed again on every use; this holds every statement of this module.
+const STATEMENT_CACHE: usize = 256;
+
 impl Index {
     /// Opens (creating if `create`) and migrates the index at `path`.
     pub fn open(path: &Path, create: bool) -> Result<Self> {
@@ -269,6 +276,7 @@ impl Index {
         let err = sql_err(path);
         let conn = Connection::open(path).map_err(&err)?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(&err)?;
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         if create {
             // Only before the first table and before the switch to WAL, or it does not take
             // (and on an existing index it changes nothing): free pages go back to the file

@@ -35,4 +35,4 @@ pub mod writer;
 
 pub use error::{Error, Result};
 pub use names::RunRef;
-pub use store::{InitOptions, NoProgress, Progress, Store};
+pub use store::{InitOptions, NoProgress, Progress, RunDetails, Store};

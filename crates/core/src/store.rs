@@ -20,7 +20,7 @@ use crate::chunker::ChunkerParams;
 use crate::clock::{Clock, SystemClock, to_unix_ns};
 use crate::error::{Error, Result};
 use crate::id::ManifestDigest;
-use crate::index::{Index, IndexStats, RunRow, SharedIndex};
+use crate::index::{Index, IndexStats, ReadPool, RunRow, SharedIndex};
 use crate::manifest::{self, Entry, Kind, Manifest};
 use crate::names::RunRef;
 use crate::objstore::{LocalStore, ObjectStore};
@@ -88,6 +88,9 @@ impl Progress for NoProgress {}
 pub struct Store {
     root: PathBuf,
     config: StoreConfig,
+    /// Read-only connections for lookups of committed state (ADR 0019); dropped before the
+    /// read-write connection, which then checkpoints the WAL as the last one closed.
+    pub(crate) reads: Arc<ReadPool>,
     pub(crate) index: Arc<SharedIndex>,
     pub(crate) objects: Arc<dyn ObjectStore>,
     pub(crate) clock: Arc<dyn Clock>,
@@ -220,7 +223,8 @@ impl Store {
         new_index: bool,
     ) -> Result<Self> {
         let config = read_config(root)?;
-        let mut index = Index::open(&root.join("index.sqlite"), new_index)?;
+        let index_path = root.join("index.sqlite");
+        let mut index = Index::open(&index_path, new_index)?;
         if let Some(spec) = &config.default_retention {
             let retention = crate::gc::parse_default_retention(spec, to_unix_ns(clock.now()))
                 .map_err(|e| Error::invalid("default_retention in config.toml", e.to_string()))?;
@@ -233,6 +237,7 @@ impl Store {
         Ok(Self {
             root: root.to_path_buf(),
             config,
+            reads: Arc::new(ReadPool::new(&index_path, read_connections())),
             index: Arc::new(SharedIndex::new(index)),
             objects,
             clock,
@@ -264,6 +269,27 @@ impl Store {
         self.index.lock()
     }
 
+    /// Runs `f` over a read-only connection of the pool (ADR 0019): it sees committed state
+    /// only, never waits for the writer, and is not serialised with other readers. If the pool
+    /// cannot lend a connection, `f` runs over the shared one (the reason is logged once).
+    pub(crate) fn read<T>(&self, f: impl FnOnce(&Index) -> Result<T>) -> Result<T> {
+        match self.reads.get() {
+            Ok(idx) => f(&idx),
+            Err(e) => {
+                static LOGGED: std::sync::Once = std::sync::Once::new();
+                LOGGED.call_once(|| {
+                    tracing::warn!(error = %e, "no read-only index connection; reads share the store's one");
+                });
+                f(&self.index())
+            }
+        }
+    }
+
+    /// The pool of read-only index connections (ADR 0019).
+    pub fn read_pool(&self) -> &ReadPool {
+        &self.reads
+    }
+
     /// The index without committing the view's deferred transaction: for the view's reads and
     /// writes, which belong inside it (see [`SharedIndex`]).
     pub(crate) fn index_deferred(&self) -> MutexGuard<'_, Index> {
@@ -277,6 +303,7 @@ impl Store {
         let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
         ChunkWriter::new(
             self.index.clone(),
+            self.reads.clone(),
             self.objects.clone(),
             self.clock.clone(),
             WriterConfig {
@@ -305,21 +332,40 @@ impl Store {
         Ok((digest, stored))
     }
 
-    /// A run (not deleted) by name.
+    /// A run (not deleted) by name, as committed.
     pub fn run(&self, r: &RunRef) -> Result<RunRow> {
-        self.index()
-            .run(r)?
+        self.read(|idx| idx.run(r))?
             .ok_or_else(|| Error::NotFound(format!("run {r}")))
     }
 
     /// Runs, optionally of one namespace.
     pub fn runs(&self, namespace: Option<&str>) -> Result<Vec<RunRow>> {
-        self.index().runs(namespace)
+        self.read(|idx| idx.runs(namespace))
     }
 
     /// Producer metadata of a run.
     pub fn run_meta(&self, run: &RunRow) -> Result<Vec<(String, String)>> {
-        self.index().run_meta(run.id)
+        self.read(|idx| idx.run_meta(run.id))
+    }
+
+    /// A run with its retention, holds and producer metadata, read in one snapshot of the
+    /// index over a pooled read-only connection: what a frontend shows for one run.
+    pub fn run_details(&self, r: &RunRef) -> Result<RunDetails> {
+        let now = self.now_ns();
+        self.read(|idx| {
+            idx.read_snapshot(|idx| {
+                let row = idx
+                    .run(r)?
+                    .ok_or_else(|| Error::NotFound(format!("run {r}")))?;
+                let retention = crate::gc::retention_info(idx.run_retention(&row)?, now);
+                let meta = idx.run_meta(row.id)?;
+                Ok(RunDetails {
+                    row,
+                    retention,
+                    meta,
+                })
+            })
+        })
     }
 
     /// A sealed run's manifest digest and canonical bytes (checked against the digest).
@@ -348,25 +394,25 @@ impl Store {
         } else {
             path
         };
-        self.index()
-            .file(run.id, p)?
+        self.read(|idx| idx.file(run.id, p))?
             .ok_or_else(|| Error::NotFound(format!("{r}/{path}")))
     }
 
     /// Direct children of a directory in a sealed run.
     pub fn list_dir(&self, r: &RunRef, dir: &str) -> Result<Vec<Entry>> {
         let run = self.run(r)?;
-        self.index().children(run.id, dir)
+        self.read(|idx| idx.children(run.id, dir))
     }
 
     /// Reads one chunk's plaintext, verified against its id. If its pack vanished under the
     /// read (gc rewrote it meanwhile), the chunk's new location is read once more.
     pub fn read_chunk(&self, id: &crate::id::ChunkId) -> Result<Vec<u8>> {
         let locate = || {
-            self.index().chunk(id)?.ok_or_else(|| Error::MissingObject {
-                key: format!("chunk {id}"),
-                backend: "index".into(),
-            })
+            self.read(|idx| idx.chunk(id))?
+                .ok_or_else(|| Error::MissingObject {
+                    key: format!("chunk {id}"),
+                    backend: "index".into(),
+                })
         };
         let loc = locate()?;
         match pack::read_chunk(&*self.objects, &loc.pack, &loc.entry) {
@@ -419,13 +465,27 @@ impl Store {
 
     /// Store-wide counts.
     pub fn stats(&self) -> Result<IndexStats> {
+        // Through the shared connection: counts include what the view deferred (ADR 0018).
         self.index().stats()
     }
 
-    /// Events after `after`.
+    /// Events after `after`, as committed.
     pub fn events(&self, after: i64, limit: usize) -> Result<Vec<crate::index::EventRow>> {
-        self.index().events(after, limit)
+        self.read(|idx| idx.events(after, limit))
     }
+}
+
+/// A run, its retention and its producer metadata ([`Store::run_details`]).
+#[derive(Clone, Debug)]
+pub struct RunDetails {
+    pub row: RunRow,
+    pub retention: crate::gc::RetentionInfo,
+    pub meta: Vec<(String, String)>,
+}
+
+/// Read-only index connections a store keeps: two per core, at least four.
+fn read_connections() -> usize {
+    std::thread::available_parallelism().map_or(4, |n| (2 * n.get()).max(4))
 }
 
 /// `e` with the file it happened in, for damage and missing objects.

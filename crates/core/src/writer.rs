@@ -38,7 +38,7 @@ use crate::clock::{Clock, to_unix_ns};
 use crate::codec::{self, Codec};
 use crate::error::{Error, Result};
 use crate::id::ChunkId;
-use crate::index::{Index, SharedIndex};
+use crate::index::{ReadPool, SharedIndex};
 use crate::manifest::ChunkRef;
 use crate::objstore::ObjectStore;
 use crate::pack::{PackBuilder, pack_key};
@@ -160,6 +160,7 @@ struct Shared {
     /// Results of file pieces, by sequence number.
     pieces: Mutex<Vec<[u8; 32]>>,
     index: Arc<SharedIndex>,
+    reads: Arc<ReadPool>,
 }
 
 /// What the caller hands to the workers.
@@ -197,30 +198,26 @@ fn record<T: Copy>(table: &Mutex<Vec<T>>, seq: u64, value: T, blank: T) {
 }
 
 impl Shared {
-    /// Claims `id` for storing: false if the store or this writer already has it. `own` is the
-    /// calling worker's own index connection, if it has one (see [`Shared::lookup_connection`]).
-    fn claim(&self, id: &ChunkId, own: Option<&Index>) -> Result<bool> {
+    /// Claims `id` for storing: false if the store or this writer already has it. The lookup
+    /// takes a read-only connection of the store's pool (ADR 0019): the flusher holds the
+    /// shared connection while it commits a pack, which waits for an fsync, and in WAL mode
+    /// another connection reads meanwhile. If the pool cannot lend one, the shared connection
+    /// answers.
+    fn claim(&self, id: &ChunkId) -> Result<bool> {
         if lock(&self.pending).contains(id) {
             return Ok(false);
         }
-        let indexed = match own {
-            Some(index) => index.has_chunk(id)?,
-            None => self.index.lock().has_chunk(id)?,
+        let indexed = match self.reads.get() {
+            Ok(index) => index.has_chunk(id)?,
+            Err(e) => {
+                tracing::debug!(error = %e, "no pooled index connection; the shared one answers");
+                self.index.lock().has_chunk(id)?
+            }
         };
         if indexed {
             return Ok(false);
         }
         Ok(lock(&self.pending).insert(*id))
-    }
-
-    /// A connection of a worker's own for dedup lookups. The flusher holds the shared one
-    /// while it commits a pack, which waits for an fsync; in WAL mode another connection reads
-    /// meanwhile. `None` (lookups then share the store's connection) if it cannot be opened.
-    fn lookup_connection(&self) -> Option<Index> {
-        let path = self.index.lock().path().to_path_buf();
-        Index::open(&path, false)
-            .inspect_err(|e| tracing::debug!(error = %e, "no index connection of the worker's own"))
-            .ok()
     }
 
     fn fail(&self, e: Error) {
@@ -289,6 +286,7 @@ impl ChunkWriter {
     /// Starts the pipeline's threads.
     pub fn new(
         index: Arc<SharedIndex>,
+        reads: Arc<ReadPool>,
         objects: Arc<dyn ObjectStore>,
         clock: Arc<dyn Clock>,
         config: WriterConfig,
@@ -305,6 +303,7 @@ impl ChunkWriter {
             ids: Mutex::new(Vec::new()),
             pieces: Mutex::new(Vec::new()),
             index: index.clone(),
+            reads,
         });
         let workers = (0..workers_n)
             .map(|i| {
@@ -377,7 +376,7 @@ impl ChunkWriter {
     /// chunk is new.
     pub fn submit_hashed(&mut self, id: ChunkId, data: &[u8]) -> Result<()> {
         self.submitted += 1;
-        if !self.shared.claim(&id, None)? {
+        if !self.shared.claim(&id)? {
             return Ok(());
         }
         self.send(Work::New(id, data.to_vec()))
@@ -549,7 +548,6 @@ fn compress_loop(
         Ok(e) => e,
         Err(e) => return shared.fail(e),
     };
-    let lookups = shared.lookup_connection();
     for work in rx {
         if shared.failed() {
             continue;
@@ -559,7 +557,7 @@ fn compress_loop(
             Work::Chunk { seq, block, range } => {
                 let id = ChunkId::of(&block[range.clone()]);
                 record(&shared.ids, seq, id, ChunkId([0; 32]));
-                match shared.claim(&id, lookups.as_ref()) {
+                match shared.claim(&id) {
                     // New: compressed from the block, or stored from it if raw.
                     Ok(true) => (id, Stored::InBlock(block, range)),
                     // A duplicate: never copied, the block is released here.

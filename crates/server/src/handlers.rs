@@ -391,15 +391,14 @@ pub async fn run_info(State(app): State<App>, req: Request) -> ApiResult {
     let p = run_path(req.uri().path(), |r| *r == RunResource::Run)?;
     let vfs = app.vfs.clone();
     let v = blocking(move || {
-        let store = vfs.store();
-        let row = store.run(&p.run)?;
-        let ret = store.retention_info(&p.run)?;
-        let meta: serde_json::Map<String, Value> = store
-            .run_meta(&row)?
+        let d = vfs.store().run_details(&p.run)?;
+        let meta: serde_json::Map<String, Value> = d
+            .meta
             .into_iter()
             .map(|(k, v)| (k, Value::String(v)))
             .collect();
-        let mut v = run_summary(&row);
+        let ret = d.retention;
+        let mut v = run_summary(&d.row);
         v["retention"] = json!({
             "retain": ret.retain,
             "retain_until": ret.retain_until,

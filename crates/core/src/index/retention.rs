@@ -230,17 +230,16 @@ impl Index {
         let err = self.err();
         let (spec, for_ns, until_ns) = self
             .conn
-            .query_row(
-                "SELECT retain, retain_for_ns, retain_until FROM runs WHERE id = ?1",
-                params![run.id],
-                |r| {
+            .prepare_cached("SELECT retain, retain_for_ns, retain_until FROM runs WHERE id = ?1")
+            .and_then(|mut s| {
+                s.query_row(params![run.id], |r| {
                     Ok((
                         r.get::<_, Option<String>>(0)?,
                         r.get::<_, Option<i64>>(1)?,
                         r.get::<_, Option<i64>>(2)?,
                     ))
-                },
-            )
+                })
+            })
             .map_err(&err)?;
         Ok(RunRetention {
             run: run.clone(),
