@@ -2590,18 +2590,21 @@ impl Vfs {
                 "{name} -> {newname}: rename across runs"
             )));
         }
-        // Either directory may gain or lose a subdirectory.
-        self.forget_subdirs(&[from, to]);
         if exchange {
             self.store
                 .index_deferred()
                 .meta_write(|m| exchange_names(m, from, name, to, newname, now))?;
+            // Either directory may gain or lose a subdirectory.
+            self.forget_subdirs(&[from, to]);
             st.dirty_mtime.remove(&from);
             st.dirty_mtime.remove(&to);
             self.touch(&mut st, run_from);
             return Ok(());
         }
-        let gone = self.store.index_deferred().meta_write(|m| {
+        // What a replaced file leaves to clean up, and whether a directory moved or went (then
+        // the two directories' subdirectory counts change; a file's rename, as rsync and
+        // uploads do for every file, keeps them).
+        let (gone, dirs) = self.store.index_deferred().meta_write(|m| {
             let ino = m
                 .lookup(from, name)?
                 .ok_or_else(|| Error::NotFound(name.to_owned()))?;
@@ -2609,9 +2612,10 @@ impl Vfs {
                 .inode(ino)?
                 .ok_or_else(|| Error::NotFound(name.to_owned()))?;
             let mut gone = None;
+            let mut dirs = src.kind == Kind::Dir;
             if let Some(old) = m.lookup(to, newname)? {
                 if old == ino {
-                    return Ok(None);
+                    return Ok((None, false));
                 }
                 if noreplace {
                     return Err(Error::AlreadyExists(newname.to_owned()));
@@ -2628,6 +2632,7 @@ impl Vfs {
                     _ => {}
                 }
                 m.remove_dentry(to, newname)?;
+                dirs |= dst.kind == Kind::Dir;
                 gone = if dst.kind == Kind::Dir {
                     m.delete_inode(old)?;
                     None
@@ -2648,8 +2653,11 @@ impl Vfs {
             m.update_inode(&src)?;
             m.set_times(from, now, now)?;
             m.set_times(to, now, now)?;
-            Ok(gone)
+            Ok((gone, dirs))
         })?;
+        if dirs {
+            self.forget_subdirs(&[from, to]);
+        }
         if let Some((run, ino)) = gone {
             self.preseal.forget(ino);
             let _ = fs::remove_file(self.staging_path(run, ino));

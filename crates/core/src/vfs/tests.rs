@@ -373,6 +373,19 @@ fn vfs_directory_link_counts_follow_mkdir_rmdir_and_renames() {
     let e = v.rmdir(run, os("a"));
     assert!(matches!(e, Err(Error::NotEmpty(_))), "{e:?}");
     assert_eq!(nlink(run), 4);
+    // A file's rename (rsync and uploads rename every file into place) keeps the directory's
+    // count: a large directory is not counted again for each file.
+    let raw = match v.node(&v.lock(), run).unwrap() {
+        Node::Open(i) => i,
+        n => panic!("{n:?}"),
+    };
+    v.rename(run, os("f1"), run, os("g1"), false, false)
+        .unwrap();
+    assert!(v.subdirs.lock().unwrap().contains_key(&raw));
+    assert_eq!(nlink(run), 4);
+    v.rename(run, os("a"), run, os("a2"), false, false).unwrap();
+    assert!(!v.subdirs.lock().unwrap().contains_key(&raw));
+    assert_eq!(nlink(run), 4);
 }
 
 /// Opening a sealed run's files one after another reads the next files ahead: after the first
