@@ -273,16 +273,7 @@ impl Store {
     /// only, never waits for the writer, and is not serialised with other readers. If the pool
     /// cannot lend a connection, `f` runs over the shared one (the reason is logged once).
     pub(crate) fn read<T>(&self, f: impl FnOnce(&Index) -> Result<T>) -> Result<T> {
-        match self.reads.get() {
-            Ok(idx) => f(&idx),
-            Err(e) => {
-                static LOGGED: std::sync::Once = std::sync::Once::new();
-                LOGGED.call_once(|| {
-                    tracing::warn!(error = %e, "no read-only index connection; reads share the store's one");
-                });
-                f(&self.index())
-            }
-        }
+        self.reads.read_or(&self.index, f)
     }
 
     /// The pool of read-only index connections (ADR 0019).
@@ -429,28 +420,22 @@ impl Store {
     pub fn read_file_to(&self, entry: &Entry, out: &mut dyn Write) -> Result<u64> {
         let mut n = 0u64;
         let mut hasher = blake3::Hasher::new();
+        let mut take = |data: &[u8]| -> Result<()> {
+            hasher.update(data);
+            out.write_all(data)
+                .map_err(|e| Error::io("write", "output", e))?;
+            n += data.len() as u64;
+            Ok(())
+        };
         if entry.chunks.len() >= PARALLEL_READ_CHUNKS {
             // Decoded ahead on every core (`crate::stream`); a cold tiered read still goes
             // through the coalesced GETs.
             let opts = crate::stream::StreamOptions::default();
-            self.stream_file(entry, 0..entry.size, &opts, &mut |p| {
-                let data = p.bytes();
-                hasher.update(data);
-                out.write_all(data)
-                    .map_err(|e| Error::io("write", "output", e))?;
-                n += data.len() as u64;
-                Ok(())
-            })?;
+            self.stream_file(entry, 0..entry.size, &opts, &mut |p| take(p.bytes()))?;
         } else {
             let ids: Vec<_> = entry.chunks.iter().map(|c| c.0).collect();
-            self.for_each_chunk(&ids, &mut |_, data| {
-                hasher.update(&data);
-                out.write_all(&data)
-                    .map_err(|e| Error::io("write", "output", e))?;
-                n += data.len() as u64;
-                Ok(())
-            })
-            .map_err(|e| with_file(e, &entry.path))?;
+            self.for_each_chunk(&ids, &mut |_, data| take(&data))
+                .map_err(|e| with_file(e, &entry.path))?;
         }
         if let Some(h) = entry.blake3
             && crate::id::FileHash::from(hasher.finalize()) != h
@@ -488,11 +473,11 @@ fn read_connections() -> usize {
     std::thread::available_parallelism().map_or(4, |n| (2 * n.get()).max(4))
 }
 
-/// `e` with the file it happened in, for damage and missing objects.
 /// Files of at least this many chunks are read with their chunks decoded ahead in parallel;
 /// for fewer, starting the threads costs more than it gains.
 const PARALLEL_READ_CHUNKS: usize = 4;
 
+/// `e` with the file it happened in, for damage and missing objects.
 pub(crate) fn with_file(e: Error, path: &str) -> Error {
     match e {
         Error::Corrupt { what, reason } => Error::Corrupt {

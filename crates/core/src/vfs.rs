@@ -852,24 +852,29 @@ impl Vfs {
 
     /// The namespace of this name; `NotFound` names it.
     fn ns_named(&self, name: &str) -> Result<NamespaceRow> {
-        self.store
-            .index_deferred()
-            .meta(|m| m.namespace(name))?
+        self.meta(|m| m.namespace(name))?
             .ok_or_else(|| Error::NotFound(name.to_owned()))
     }
 
     /// The namespace of this row id.
     fn ns_by_id(&self, id: i64) -> Result<NamespaceRow> {
-        self.store
-            .index_deferred()
-            .meta(|m| m.namespace_by_id(id))?
+        self.meta(|m| m.namespace_by_id(id))?
             .ok_or_else(|| Error::NotFound(format!("namespace {id}")))
     }
 
+    /// Reads the index inside the view's own deferred transaction, if one is open (ADR 0018):
+    /// the view sees the files it created and has not committed yet.
+    fn meta<T>(&self, f: impl FnOnce(&Meta<'_>) -> Result<T>) -> Result<T> {
+        self.store.index_deferred().meta(f)
+    }
+
+    /// Writes and commits, together with whatever the view deferred.
+    fn meta_write<T>(&self, f: impl FnOnce(&Meta<'_>) -> Result<T>) -> Result<T> {
+        self.store.index_deferred().meta_write(f)
+    }
+
     fn inode(&self, ino: i64) -> Result<InodeRow> {
-        self.store
-            .index_deferred()
-            .meta(|m| m.inode(ino))?
+        self.meta(|m| m.inode(ino))?
             .ok_or_else(|| Error::NotFound(format!("inode {ino}")))
     }
 
@@ -890,7 +895,7 @@ impl Vfs {
         if let Some(n) = known.get(&dir) {
             return Ok(*n);
         }
-        let (_, n) = self.store.index_deferred().meta(|m| m.child_counts(dir))?;
+        let (_, n) = self.meta(|m| m.child_counts(dir))?;
         known.insert(dir, n);
         Ok(n)
     }
@@ -953,7 +958,7 @@ impl Vfs {
     }
 
     fn ns_attr(&self, ns: &NamespaceRow) -> Result<Attr> {
-        let runs = self.store.index_deferred().meta(|m| m.runs_of(&ns.name))?;
+        let runs = self.meta(|m| m.runs_of(&ns.name))?;
         Ok(Attr {
             ino: encode(Node::Namespace(ns.id)),
             kind: Kind::Dir,
@@ -1017,7 +1022,7 @@ impl Vfs {
         let ino = encode(node);
         match node {
             Node::Root => {
-                let n = self.store.index_deferred().meta(|m| m.namespaces())?.len() as u32;
+                let n = self.meta(|m| m.namespaces())?.len() as u32;
                 let mut a = self.synthetic(ino, Kind::Dir, 0o755, 0, self.started_ns);
                 a.nlink = 3 + n;
                 Ok(a)
@@ -1042,8 +1047,6 @@ impl Vfs {
             }
             Node::Namespace(id) => {
                 let ns = self
-                    .store
-                    .index_deferred()
                     .meta(|m| m.namespace_by_id(id))?
                     .ok_or_else(|| Error::NotFound(format!("namespace {id}")))?;
                 self.ns_attr(&ns)
@@ -1067,17 +1070,13 @@ impl Vfs {
     }
 
     fn run_node(&self, st: &mut State, ns: &str, run: &str) -> Result<Option<(i64, Node)>> {
-        let Some((id, state)) = self.store.index_deferred().meta(|m| m.run_of(ns, run))? else {
+        let Some((id, state)) = self.meta(|m| m.run_of(ns, run))? else {
             return Ok(None);
         };
         let node = if state == "open" {
-            let root = self
-                .store
-                .index_deferred()
-                .meta(|m| m.run_root(id))?
-                .ok_or_else(|| {
-                    Error::corrupt(format!("run {ns}/{run}"), "open run without a root inode")
-                })?;
+            let root = self.meta(|m| m.run_root(id))?.ok_or_else(|| {
+                Error::corrupt(format!("run {ns}/{run}"), "open run without a root inode")
+            })?;
             Node::Open(root)
         } else {
             self.sealed_run(st, id)?;
@@ -1093,11 +1092,7 @@ impl Vfs {
                 if name == CONTROL_DIR {
                     return Ok(Node::CtlDir);
                 }
-                let ns = self
-                    .store
-                    .index_deferred()
-                    .meta(|m| m.namespace(name))?
-                    .ok_or_else(missing)?;
+                let ns = self.meta(|m| m.namespace(name))?.ok_or_else(missing)?;
                 Ok(Node::Namespace(ns.id))
             }
             Node::CtlDir => match name {
@@ -1126,39 +1121,25 @@ impl Vfs {
             Node::CtlRetention => Ok(Node::RetNs(self.ns_named(name)?.id)),
             Node::RetNs(id) => {
                 let ns = self.ns_by_id(id)?;
-                let found = self
-                    .store
-                    .index_deferred()
-                    .meta(|m| m.run_of(&ns.name, name))?;
+                let found = self.meta(|m| m.run_of(&ns.name, name))?;
                 Ok(Node::RetRun(found.ok_or_else(missing)?.0))
             }
             Node::CtlManifests => Ok(Node::ManNs(self.ns_named(name)?.id)),
             Node::ManNs(id) => {
                 let ns = self.ns_by_id(id)?;
                 let run = name.strip_suffix(".json").ok_or_else(missing)?;
-                let found = self
-                    .store
-                    .index_deferred()
-                    .meta(|m| m.run_of(&ns.name, run))?;
+                let found = self.meta(|m| m.run_of(&ns.name, run))?;
                 match found {
                     Some((rid, state)) if state == "sealed" => Ok(Node::ManRun(rid)),
                     _ => Err(missing()),
                 }
             }
             Node::Namespace(id) => {
-                let ns = self
-                    .store
-                    .index_deferred()
-                    .meta(|m| m.namespace_by_id(id))?
-                    .ok_or_else(missing)?;
+                let ns = self.meta(|m| m.namespace_by_id(id))?.ok_or_else(missing)?;
                 Ok(self.run_node(st, &ns.name, name)?.ok_or_else(missing)?.1)
             }
             Node::Open(dir) => {
-                let ino = self
-                    .store
-                    .index_deferred()
-                    .meta(|m| m.lookup(dir, name))?
-                    .ok_or_else(missing)?;
+                let ino = self.meta(|m| m.lookup(dir, name))?.ok_or_else(missing)?;
                 Ok(Node::Open(ino))
             }
             Node::Sealed { run, idx } => {
@@ -1227,7 +1208,7 @@ impl Vfs {
         match node {
             Node::Root => {
                 out.push(dir(CTL_DIR, CONTROL_DIR));
-                for ns in self.store.index_deferred().meta(|m| m.namespaces())? {
+                for ns in self.meta(|m| m.namespaces())? {
                     out.push(dir(encode(Node::Namespace(ns.id)), &ns.name));
                 }
             }
@@ -1253,7 +1234,7 @@ impl Vfs {
                 }
             }
             Node::CtlRetention => {
-                for ns in self.store.index_deferred().meta(|m| m.namespaces())? {
+                for ns in self.meta(|m| m.namespaces())? {
                     out.push(dir(encode(Node::RetNs(ns.id)), &ns.name));
                 }
             }
@@ -1267,7 +1248,7 @@ impl Vfs {
                 }
             }
             Node::CtlManifests => {
-                for ns in self.store.index_deferred().meta(|m| m.namespaces())? {
+                for ns in self.meta(|m| m.namespaces())? {
                     out.push(dir(encode(Node::ManNs(ns.id)), &ns.name));
                 }
             }
@@ -1293,7 +1274,7 @@ impl Vfs {
                 if row.kind != Kind::Dir {
                     return Err(Error::NotDir(format!("inode {d}")));
                 }
-                for (name, i, kind) in self.store.index_deferred().meta(|m| m.children(d))? {
+                for (name, i, kind) in self.meta(|m| m.children(d))? {
                     out.push(DirEntry {
                         ino: encode(Node::Open(i)),
                         kind,
@@ -1441,7 +1422,7 @@ impl Vfs {
                     gid: ctx.gid,
                     mtime_ns: now,
                 };
-                let id = self.store.index_deferred().meta_write(|m| {
+                let id = self.meta_write(|m| {
                     if m.namespace(name)?.is_some() {
                         return Err(Error::AlreadyExists(format!("namespace {name}")));
                     }
@@ -1452,15 +1433,13 @@ impl Vfs {
             }
             Node::Namespace(id) => {
                 let mut ns = self
-                    .store
-                    .index_deferred()
                     .meta(|m| m.namespace_by_id(id))?
                     .ok_or_else(|| Error::NotFound(format!("namespace {id}")))?;
                 check_name("run name", name, false)?;
                 let r = RunRef::new(&ns.name, name)?;
                 let root = self.new_inode(ctx, 0, Kind::Dir, mode, now);
                 ns.mtime_ns = now;
-                let (run_id, root_ino) = self.store.index_deferred().meta_write(|m| {
+                let (run_id, root_ino) = self.meta_write(|m| {
                     let out = m.create_open_run(&r, &root, now)?;
                     m.update_namespace(&ns)?;
                     Ok(out)
@@ -1554,11 +1533,7 @@ impl Vfs {
         if let Some(i) = st.inline.get(&row.ino) {
             return Ok(i.data.len() as u64);
         }
-        if let Some(n) = self
-            .store
-            .index_deferred()
-            .meta(|m| m.inline_len(row.ino))?
-        {
+        if let Some(n) = self.meta(|m| m.inline_len(row.ino))? {
             return Ok(n);
         }
         let p = self.staging_path(row.run, row.ino);
@@ -1573,11 +1548,7 @@ impl Vfs {
         if st.inline.contains_key(&row.ino) {
             return Ok(None);
         }
-        if let Some(data) = self
-            .store
-            .index_deferred()
-            .meta(|m| m.inline_data(row.ino))?
-        {
+        if let Some(data) = self.meta(|m| m.inline_data(row.ino))? {
             st.inline_bytes += data.len();
             st.inline.insert(row.ino, Inline { data, dirty: false });
             return Ok(None);
@@ -1593,11 +1564,7 @@ impl Vfs {
                 st.inline_bytes -= i.data.len();
                 i.data
             }
-            None => self
-                .store
-                .index_deferred()
-                .meta(|m| m.inline_data(inode))?
-                .unwrap_or_default(),
+            None => self.meta(|m| m.inline_data(inode))?.unwrap_or_default(),
         };
         let dir = self.staging.join(run.to_string());
         fs::create_dir_all(&dir).map_err(|e| Error::io("create directory", &dir, e))?;
@@ -1612,9 +1579,7 @@ impl Vfs {
         f.write_all_at(&data, 0)
             .map_err(|e| Error::io("write", &p, e))?;
         // Until this commit the index's copy counts; after it, the staging file.
-        self.store
-            .index_deferred()
-            .meta_write(|m| m.drop_inline_data(inode))?;
+        self.meta_write(|m| m.drop_inline_data(inode))?;
         let f = Arc::new(f);
         for h in st.handles.values_mut() {
             if let Handle::Staged { inode: i, file, .. } = h
@@ -1905,7 +1870,7 @@ impl Vfs {
             let Some((ns, run)) = r.split_once('/') else {
                 continue;
             };
-            match self.store.index_deferred().meta(|m| m.namespace(ns)) {
+            match self.meta(|m| m.namespace(ns)) {
                 Ok(Some(row)) => forget(encode(Node::Namespace(row.id)), run),
                 Ok(None) => {}
                 Err(e) => tracing::warn!(run = %r, "cannot tell the kernel the run is gone: {e}"),
@@ -2177,8 +2142,6 @@ impl Vfs {
                     for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
                         let r = RunRef::parse(line)?;
                         let (id, _) = self
-                            .store
-                            .index_deferred()
                             .meta(|m| m.run_of(&r.namespace, &r.run))?
                             .ok_or_else(|| Error::NotFound(format!("run {r}")))?;
                         self.seal_id(id, "control file")?;
@@ -2215,7 +2178,7 @@ impl Vfs {
             return self.store.index_deferred().commit_deferred();
         }
         let t = st.dirty_mtime.get(&inode).copied();
-        self.store.index_deferred().meta_write(|m| {
+        self.meta_write(|m| {
             if let Some(p) = patch {
                 if let Some(row) = m.inode(inode)? {
                     let mut row = p.applied(row);
@@ -2298,24 +2261,19 @@ impl Vfs {
             a.last = Instant::now();
         }
         if left == 0 {
-            let row = self.store.index_deferred().meta(|m| m.inode(inode))?;
+            let row = self.meta(|m| m.inode(inode))?;
             match row {
                 Some(row) if row.nlink == 0 => {
-                    self.store
-                        .index_deferred()
-                        .meta_write(|m| m.delete_inode(inode))?;
+                    self.meta_write(|m| m.delete_inode(inode))?;
                     self.preseal.forget(inode);
                     let _ = fs::remove_file(self.staging_path(run, inode));
                 }
                 Some(_) => {
                     self.preseal.closed(run, inode);
                     if let Some(marker) = &self.opts.seal_marker {
-                        let root = self.store.index_deferred().meta(|m| m.run_root(run))?;
+                        let root = self.meta(|m| m.run_root(run))?;
                         let named = match root {
-                            Some(root) => self
-                                .store
-                                .index_deferred()
-                                .meta(|m| m.lookup(root, marker))?,
+                            Some(root) => self.meta(|m| m.lookup(root, marker))?,
                             None => None,
                         };
                         if named == Some(inode) {
@@ -2338,8 +2296,6 @@ impl Vfs {
         let now = self.now();
         if let Node::Namespace(id) = node {
             let mut ns = self
-                .store
-                .index_deferred()
                 .meta(|m| m.namespace_by_id(id))?
                 .ok_or_else(|| Error::NotFound(format!("namespace {id}")))?;
             if set.size.is_some() {
@@ -2353,9 +2309,7 @@ impl Vfs {
             if let Some(t) = set.mtime_ns {
                 ns.mtime_ns = t.unwrap_or(now);
             }
-            self.store
-                .index_deferred()
-                .meta_write(|m| m.update_namespace(&ns))?;
+            self.meta_write(|m| m.update_namespace(&ns))?;
             return self.ns_attr(&ns);
         }
         if matches!(node, Node::CtlSeal | Node::CtlGc)
@@ -2407,7 +2361,7 @@ impl Vfs {
             // The content, when it is inline (in memory while open, else in the index).
             let inline = match st.inline.get(&i) {
                 Some(x) => Some(x.data.clone()),
-                None => self.store.index_deferred().meta(|m| m.inline_data(i))?,
+                None => self.meta(|m| m.inline_data(i))?,
             };
             let is_inline = inline.is_some();
             if let Some(mut data) = inline.filter(|_| size <= INLINE_MAX) {
@@ -2433,7 +2387,7 @@ impl Vfs {
             row.mtime_ns = t;
         }
         row.ctime_ns = now;
-        self.store.index_deferred().meta_write(|m| {
+        self.meta_write(|m| {
             m.update_inode(&row)?;
             if let Some(d) = &inline_set {
                 m.set_inline_data(i, d)?;
@@ -2479,7 +2433,7 @@ impl Vfs {
         let (mut st, p) = self.lock_mut(parent)?;
         let dir = self.writable(p, "unlink")?;
         let now = self.now();
-        let gone = self.store.index_deferred().meta_write(|m| {
+        let gone = self.meta_write(|m| {
             let ino = m
                 .lookup(dir, name)?
                 .ok_or_else(|| Error::NotFound(name.to_owned()))?;
@@ -2510,21 +2464,12 @@ impl Vfs {
         match p {
             Node::Root => {
                 let ns = self
-                    .store
-                    .index_deferred()
                     .meta(|m| m.namespace(name))?
                     .ok_or_else(|| Error::NotFound(name.to_owned()))?;
-                if !self
-                    .store
-                    .index_deferred()
-                    .meta(|m| m.runs_of(name))?
-                    .is_empty()
-                {
+                if !self.meta(|m| m.runs_of(name))?.is_empty() {
                     return Err(Error::NotEmpty(format!("namespace {name} has runs")));
                 }
-                self.store
-                    .index_deferred()
-                    .meta_write(|m| m.delete_namespace(ns.id))?;
+                self.meta_write(|m| m.delete_namespace(ns.id))?;
                 tracing::info!(namespace = name, "namespace removed");
                 return Ok(());
             }
@@ -2536,7 +2481,7 @@ impl Vfs {
             _ => {}
         }
         let dir = self.writable(p, "rmdir")?;
-        let run = self.store.index_deferred().meta_write(|m| {
+        let run = self.meta_write(|m| {
             let ino = m
                 .lookup(dir, name)?
                 .ok_or_else(|| Error::NotFound(name.to_owned()))?;
@@ -2591,9 +2536,7 @@ impl Vfs {
             )));
         }
         if exchange {
-            self.store
-                .index_deferred()
-                .meta_write(|m| exchange_names(m, from, name, to, newname, now))?;
+            self.meta_write(|m| exchange_names(m, from, name, to, newname, now))?;
             // Either directory may gain or lose a subdirectory.
             self.forget_subdirs(&[from, to]);
             st.dirty_mtime.remove(&from);
@@ -2604,7 +2547,7 @@ impl Vfs {
         // What a replaced file leaves to clean up, and whether a directory moved or went (then
         // the two directories' subdirectory counts change; a file's rename, as rsync and
         // uploads do for every file, keeps them).
-        let (gone, dirs) = self.store.index_deferred().meta_write(|m| {
+        let (gone, dirs) = self.meta_write(|m| {
             let ino = m
                 .lookup(from, name)?
                 .ok_or_else(|| Error::NotFound(name.to_owned()))?;
@@ -2689,7 +2632,7 @@ impl Vfs {
         if let Some(t) = st.dirty_mtime.get(&i) {
             row.mtime_ns = *t;
         }
-        self.store.index_deferred().meta_write(|m| {
+        self.meta_write(|m| {
             if m.lookup(to, newname)?.is_some() {
                 return Err(Error::AlreadyExists(newname.to_owned()));
             }
@@ -2726,7 +2669,7 @@ impl Vfs {
                 for (k, v) in &row.xattrs {
                     out.insert(k.clone(), v.to_bytes()?);
                 }
-                if self.store.index_deferred().meta(|m| m.run_root(row.run))? == Some(i) {
+                if self.meta(|m| m.run_root(row.run))? == Some(i) {
                     out.insert(format!("{FACTS_PREFIX}state"), b"open".to_vec());
                     self.retention_xattrs(row.run, &mut out)?;
                 }
@@ -2822,7 +2765,7 @@ impl Vfs {
             && let Node::Open(i) = node
         {
             let run = self.inode(i)?.run;
-            if self.store.index_deferred().meta(|m| m.run_root(run))? == Some(i) {
+            if self.meta(|m| m.run_root(run))? == Some(i) {
                 if value != b"1" {
                     return Err(Error::invalid(name, "set it to 1 to seal the run"));
                 }
@@ -2973,9 +2916,7 @@ impl Vfs {
         if let Some(t) = st.dirty_mtime.get(&i) {
             row.mtime_ns = *t;
         }
-        self.store
-            .index_deferred()
-            .meta_write(|m| m.update_inode(&row))?;
+        self.meta_write(|m| m.update_inode(&row))?;
         self.touch(st, row.run);
         Ok(())
     }
@@ -2986,7 +2927,7 @@ impl Vfs {
         Ok(match node {
             Node::Open(i) => {
                 let row = self.inode(i)?;
-                if self.store.index_deferred().meta(|m| m.run_root(row.run))? != Some(i) {
+                if self.meta(|m| m.run_root(row.run))? != Some(i) {
                     return Ok(None);
                 }
                 let run = self
@@ -3072,8 +3013,6 @@ impl Vfs {
     /// Seals run `r` now (explicit request); `Busy` if any of its files is open.
     pub fn seal(&self, r: &RunRef) -> Result<ManifestDigest> {
         let (id, _) = self
-            .store
-            .index_deferred()
             .meta(|m| m.run_of(&r.namespace, &r.run))?
             .ok_or_else(|| Error::NotFound(format!("run {r}")))?;
         self.seal_id(id, "request")

@@ -207,13 +207,7 @@ impl Shared {
         if lock(&self.pending).contains(id) {
             return Ok(false);
         }
-        let indexed = match self.reads.get() {
-            Ok(index) => index.has_chunk(id)?,
-            Err(e) => {
-                tracing::debug!(error = %e, "no pooled index connection; the shared one answers");
-                self.index.lock().has_chunk(id)?
-            }
-        };
+        let indexed = self.reads.read_or(&self.index, |idx| idx.has_chunk(id))?;
         if indexed {
             return Ok(false);
         }

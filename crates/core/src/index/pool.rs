@@ -20,11 +20,12 @@
 //! circle.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex};
 
 use rusqlite::{Connection, OpenFlags};
 
-use super::{BUSY_TIMEOUT, Index, SCHEMA_VERSION, STATEMENT_CACHE, sql_err};
+use super::{BUSY_TIMEOUT, Index, SCHEMA_VERSION, STATEMENT_CACHE, SharedIndex, sql_err};
 use crate::error::{Error, Result};
 
 /// Read-only connections to one index file.
@@ -33,6 +34,8 @@ pub struct ReadPool {
     capacity: usize,
     state: Mutex<PoolState>,
     freed: Condvar,
+    /// Whether [`ReadPool::read_or`] has logged that it fell back to the shared connection.
+    fell_back: AtomicBool,
 }
 
 #[derive(Default)]
@@ -76,6 +79,7 @@ impl ReadPool {
             capacity: capacity.max(1),
             state: Mutex::new(PoolState::default()),
             freed: Condvar::new(),
+            fell_back: AtomicBool::new(false),
         }
     }
 
@@ -123,6 +127,24 @@ impl ReadPool {
                 };
             }
             st = self.freed.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Runs `f` over a lent connection; if the pool cannot lend one, over `shared` (a
+    /// committed-state read is right there too), logging the reason the first time.
+    pub(crate) fn read_or<T>(
+        &self,
+        shared: &SharedIndex,
+        f: impl FnOnce(&Index) -> Result<T>,
+    ) -> Result<T> {
+        match self.get() {
+            Ok(idx) => f(&idx),
+            Err(e) => {
+                if !self.fell_back.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(error = %e, "no read-only index connection; reads share the store's one");
+                }
+                f(&shared.lock())
+            }
         }
     }
 
