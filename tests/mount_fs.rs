@@ -652,3 +652,82 @@ fn other_users_need_allow_other_and_then_meet_modes_and_owners() {
     let (ok, err) = sh_as_nobody(&format!("echo y >> {}", q("lab/shared/theirs.txt")));
     assert!(!ok && err.contains("Read-only file system"), "{err}");
 }
+
+/// Listings: a directory of many entries reads whole through many requests, with each
+/// entry's attributes equal to its own `stat` (the kernel takes them from `readdirplus`), a
+/// rewound listing shows entries created since it was opened, and a sealed directory lists the
+/// same from its kernel cache as at first.
+#[test]
+fn listings_page_rewind_and_carry_attributes() {
+    let env = Env::new();
+    let m = Mount::start(&env, &env.path("mnt"), &[]);
+    let run = m.p("ns/list");
+    fs::create_dir_all(&run).unwrap();
+    for i in 0..1500 {
+        fs::write(
+            run.join(format!("file-{i:05}-with-a-longer-name")),
+            vec![b'x'; i % 97],
+        )
+        .unwrap();
+    }
+    // `ls -l` lists and stats every entry; its sizes must be the files' own.
+    let ls = Command::new("ls").arg("-ln").arg(&run).output().unwrap();
+    assert!(ls.status.success());
+    let listed: Vec<(String, u64)> = String::from_utf8(ls.stdout)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f[8].to_owned(), f[4].parse().unwrap())
+        })
+        .collect();
+    assert_eq!(listed.len(), 1500);
+    for (name, size) in &listed {
+        let i: usize = name[5..10].parse().unwrap();
+        assert_eq!(*size, (i % 97) as u64, "{name}");
+    }
+    // rewinddir re-reads the directory: a file created while it is open shows up.
+    let script = r#"
+        opendir(my $d, $ARGV[0]) or die "opendir: $!";
+        my $before = () = readdir($d);
+        open(my $f, '>', "$ARGV[0]/late") or die "create: $!";
+        close($f);
+        rewinddir($d);
+        my $after = () = readdir($d);
+        print "$before $after\n";
+    "#;
+    let out = Command::new("perl")
+        .args(["-e", script])
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // 1500 files, `.` and `..`; then one more.
+    assert_eq!(String::from_utf8(out.stdout).unwrap().trim(), "1502 1503");
+    seal(&run);
+    let names = |p: &Path| {
+        let mut v: Vec<String> = fs::read_dir(p)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    };
+    let first = names(&run);
+    assert_eq!(first.len(), 1501);
+    assert!(first.contains(&"late".to_owned()));
+    assert_eq!(names(&run), first);
+    for e in fs::read_dir(&run).unwrap().take(50) {
+        let e = e.unwrap();
+        let i: usize = match e.file_name().to_str().unwrap().get(5..10) {
+            Some(n) => n.parse().unwrap(),
+            None => continue,
+        };
+        assert_eq!(e.metadata().unwrap().len(), (i % 97) as u64);
+    }
+}

@@ -3,20 +3,21 @@
 //! view, maps an error with [`errno`] and replies. It owns no storage logic, opens no SQLite and
 //! reads no pack; only this crate imports `fuser`.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use artifactfs_core::Error;
 use artifactfs_core::manifest::Kind;
-use artifactfs_core::vfs::{Attr, Ctx, SetAttr, Vfs};
+use artifactfs_core::vfs::{Attr, Ctx, DirEntry, SetAttr, Vfs};
 use fuser::{
     BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
-    ReplyXattr, Request, TimeOrNow, WriteFlags,
+    INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
 pub use fuser::BackgroundSession;
@@ -127,14 +128,46 @@ fn time_ns(t: TimeOrNow) -> Option<i64> {
     }
 }
 
-/// The FUSE file system: a view plus nothing else.
+/// The FUSE file system: a view, plus the listings of open directory handles.
 pub struct ArtifactFs {
     vfs: Arc<Vfs>,
+    /// Per open directory handle: its listing, taken at `opendir` and again whenever the kernel
+    /// reads from offset 0 (`rewinddir`), so that paging through a directory a few hundred
+    /// entries per request lists it once, not once per request.
+    dirs: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
+    next_dir: AtomicU64,
 }
 
 impl ArtifactFs {
     pub fn new(vfs: Arc<Vfs>) -> Self {
-        Self { vfs }
+        Self {
+            vfs,
+            dirs: Mutex::new(HashMap::new()),
+            next_dir: AtomicU64::new(1),
+        }
+    }
+
+    fn dirs(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Vec<DirEntry>>>> {
+        self.dirs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The listing of directory `ino` for a read at `offset` through handle `fh`.
+    fn listing(
+        &self,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+    ) -> artifactfs_core::Result<Arc<Vec<DirEntry>>> {
+        if offset > 0
+            && let Some(l) = self.dirs().get(&fh)
+        {
+            return Ok(l.clone());
+        }
+        let l = Arc::new(self.vfs.readdir(ino)?);
+        if let Some(slot) = self.dirs().get_mut(&fh) {
+            *slot = l.clone();
+        }
+        Ok(l)
     }
 
     fn entry(
@@ -177,6 +210,11 @@ impl Filesystem for ArtifactFs {
         if let Err(max) = config.set_max_readahead(IO_SIZE) {
             let _ = config.set_max_readahead(max);
         }
+        // Listings carry each entry's attributes (`readdirplus`), when the kernel finds that
+        // they are used (`ls -l`, `find`, `tar`): one request per few hundred names instead of
+        // a `lookup` per name. A kernel without either flag just keeps using `readdir`.
+        let _ = config
+            .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
         Ok(())
     }
 
@@ -326,6 +364,9 @@ impl Filesystem for ArtifactFs {
                 if info.keep_cache {
                     f |= FopenFlags::FOPEN_KEEP_CACHE;
                 }
+                if info.no_flush {
+                    f |= FopenFlags::FOPEN_NOFLUSH;
+                }
                 reply.opened(FileHandle(fh), f);
             }
             Err(e) => reply.error(log_err("open", ino.0, &e)),
@@ -402,15 +443,47 @@ impl Filesystem for ArtifactFs {
         Self::empty(self.vfs.fsync(fh.0), "fsync", ino.0, reply);
     }
 
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let attr = match self.vfs.getattr(ino.0) {
+            Ok(a) => a,
+            Err(e) => return reply.error(log_err("opendir", ino.0, &e)),
+        };
+        let list = match self.vfs.readdir(ino.0) {
+            Ok(l) => Arc::new(l),
+            Err(e) => return reply.error(log_err("opendir", ino.0, &e)),
+        };
+        let fh = self.next_dir.fetch_add(1, Ordering::Relaxed);
+        self.dirs().insert(fh, list);
+        // A sealed directory never changes: the kernel may keep its listing across opens.
+        let f = if attr.immutable {
+            FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE
+        } else {
+            FopenFlags::empty()
+        };
+        reply.opened(FileHandle(fh), f);
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.dirs().remove(&fh.0);
+        reply.ok();
+    }
+
     fn readdir(
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        match self.vfs.readdir(ino.0) {
+        match self.listing(ino.0, fh.0, offset) {
             Ok(list) => {
                 for (i, e) in list.iter().enumerate().skip(offset as usize) {
                     if reply.add(INodeNo(e.ino), (i + 1) as u64, file_type(e.kind), &e.name) {
@@ -421,6 +494,40 @@ impl Filesystem for ArtifactFs {
             }
             Err(e) => reply.error(log_err("readdir", ino.0, &e)),
         }
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let list = match self.listing(ino.0, fh.0, offset) {
+            Ok(l) => l,
+            Err(e) => return reply.error(log_err("readdirplus", ino.0, &e)),
+        };
+        for (i, e) in list.iter().enumerate().skip(offset as usize) {
+            // An entry removed since the listing was taken is skipped, as a fresh listing
+            // would not have it.
+            let a = match self.vfs.getattr(e.ino) {
+                Ok(a) => a,
+                Err(Error::NotFound(_)) => continue,
+                Err(err) => return reply.error(log_err("readdirplus", e.ino, &err)),
+            };
+            if reply.add(
+                INodeNo(e.ino),
+                (i + 1) as u64,
+                &e.name,
+                &ttl(&a),
+                &fattr(&a),
+                Generation(0),
+            ) {
+                break;
+            }
+        }
+        reply.ok();
     }
 
     fn fsyncdir(

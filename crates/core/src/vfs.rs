@@ -172,6 +172,9 @@ pub struct OpenInfo {
     pub direct_io: bool,
     /// Content cannot change: keep the page cache across opens.
     pub keep_cache: bool,
+    /// Closing the handle has nothing to do (it was opened only for reading): the frontend
+    /// need not tell the view of each `close`, only of the handle's release.
+    pub no_flush: bool,
 }
 
 /// File-system statistics of the store's file system.
@@ -1675,6 +1678,7 @@ impl Vfs {
                     OpenInfo {
                         direct_io: false,
                         keep_cache: true,
+                        no_flush: true,
                     },
                 )
             }
@@ -1682,7 +1686,7 @@ impl Vfs {
                 Handle::GcCtl,
                 OpenInfo {
                     direct_io: true,
-                    keep_cache: false,
+                    ..OpenInfo::default()
                 },
             ),
             Node::CtlStatus
@@ -1706,6 +1710,7 @@ impl Vfs {
                     OpenInfo {
                         direct_io: true,
                         keep_cache: false,
+                        no_flush: true,
                     },
                 )
             }
@@ -1719,6 +1724,7 @@ impl Vfs {
                     OpenInfo {
                         direct_io: false,
                         keep_cache: true,
+                        no_flush: true,
                     },
                 )
             }
@@ -1726,7 +1732,7 @@ impl Vfs {
                 Handle::SealCtl,
                 OpenInfo {
                     direct_io: true,
-                    keep_cache: false,
+                    ..OpenInfo::default()
                 },
             ),
             _ => return Err(Error::IsDir(format!("inode {ino}"))),
