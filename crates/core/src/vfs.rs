@@ -165,6 +165,13 @@ pub struct SetAttr {
     pub mtime_ns: Option<Option<i64>>,
 }
 
+/// Whether changes persisted by a step of the view commit at once or with the next commit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Then {
+    Commit,
+    Defer,
+}
+
 /// How an opened file should be cached by the frontend.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct OpenInfo {
@@ -2177,14 +2184,26 @@ impl Vfs {
     /// Writes what a file's writes changed to the index: its mtime and, when it is inline, its
     /// content.
     fn persist_changes(&self, st: &mut State, inode: i64) -> Result<()> {
+        self.persist_changes_then(st, inode, Then::Commit)
+    }
+
+    /// [`Vfs::persist_changes`], committing them or leaving them to the next commit.
+    fn persist_changes_then(&self, st: &mut State, inode: i64, then: Then) -> Result<()> {
         let data = st.inline.get(&inode).filter(|i| i.dirty).map(|i| &i.data);
         let patch = st.dirty_attrs.get(&inode).copied();
         if data.is_none() && patch.is_none() && !st.dirty_mtime.contains_key(&inode) {
             // Its creation, if that is still deferred, commits all the same.
-            return self.store.index_deferred().commit_deferred();
+            return match then {
+                Then::Commit => self.store.index_deferred().commit_deferred(),
+                Then::Defer => Ok(()),
+            };
         }
         let t = st.dirty_mtime.get(&inode).copied();
-        self.meta_write(|m| {
+        let write = |f: &dyn Fn(&Meta<'_>) -> Result<()>| match then {
+            Then::Commit => self.meta_write(f),
+            Then::Defer => self.store.index_deferred().meta_write_deferred(f),
+        };
+        write(&|m| {
             if let Some(p) = patch {
                 if let Some(row) = m.inode(inode)? {
                     let mut row = p.applied(row);
@@ -2239,6 +2258,17 @@ impl Vfs {
 
     /// `release`: the last close of an open file description.
     pub fn release(&self, fh: u64) -> Result<()> {
+        self.release_then(fh, Then::Commit)
+    }
+
+    /// [`Vfs::release`] of a file the caller renames into place next: the file's content and
+    /// attributes then commit with the rename, in one index commit instead of two (ADR 0018).
+    /// Until that commit, a crash loses the file as it would lose one never closed.
+    pub fn release_before_rename(&self, fh: u64) -> Result<()> {
+        self.release_then(fh, Then::Defer)
+    }
+
+    fn release_then(&self, fh: u64, then: Then) -> Result<()> {
         let mut st = self.lock();
         let Some(h) = st.handles.remove(&fh) else {
             return Ok(());
@@ -2248,18 +2278,22 @@ impl Vfs {
         let Handle::Staged { run, inode, .. } = h else {
             return Ok(());
         };
-        let res = self.persist_changes(&mut st, inode);
+        let res = self.persist_changes_then(&mut st, inode, then);
         let left = {
             let c = st.open_count.entry(inode).or_default();
             *c = c.saturating_sub(1);
             *c
         };
+        // A small file's content, as committed (or about to be): handed to the chunking
+        // ahead, which need not read it back from the index.
+        let mut content = None;
         if left == 0 {
             st.open_count.remove(&inode);
             if res.is_ok()
                 && let Some(i) = st.inline.remove(&inode)
             {
                 st.inline_bytes -= i.data.len();
+                content = Some(i.data);
             }
         }
         if let Some(a) = st.runs.get_mut(&run) {
@@ -2275,7 +2309,7 @@ impl Vfs {
                     let _ = fs::remove_file(self.staging_path(run, inode));
                 }
                 Some(_) => {
-                    self.preseal.closed(run, inode);
+                    self.preseal.closed(run, inode, content);
                     if let Some(marker) = &self.opts.seal_marker {
                         let root = self.meta(|m| m.run_root(run))?;
                         let named = match root {

@@ -184,9 +184,10 @@ impl Put {
     /// Closes the file and gives it its final name (replacing a file there).
     pub fn commit(mut self) -> Result<u64> {
         // Released like a file closed in the mount (ADR 0007: its content and attributes are
-        // in the index and the staging file); the seal makes the run durable as a whole.
+        // in the index and the staging file), but committed with its rename: one index commit
+        // per uploaded file (ADR 0018). The seal makes the run durable as a whole.
         if let Some(fh) = self.fh.take() {
-            self.vfs.release(fh)?;
+            self.vfs.release_before_rename(fh)?;
         }
         self.vfs.rename(
             self.parent,

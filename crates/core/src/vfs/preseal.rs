@@ -44,6 +44,9 @@ struct Job {
     run: i64,
     inode: i64,
     version: u64,
+    /// A small file's content, given at its close; else it is read from the index or the
+    /// staging file.
+    content: Option<Vec<u8>>,
 }
 
 #[derive(Default)]
@@ -101,7 +104,8 @@ impl PreSeal {
     }
 
     /// The last handle of `inode` closed: queue it unless its content is chunked already.
-    pub fn closed(&self, run: i64, inode: i64) {
+    /// `content` is the file's content when the view holds it (a small file).
+    pub fn closed(&self, run: i64, inode: i64, content: Option<Vec<u8>>) {
         let mut st = self.shared.lock();
         let Some(&(_, version)) = st.gens.get(&inode) else {
             // Not written since the mount started: the seal reads it.
@@ -120,6 +124,7 @@ impl PreSeal {
             run,
             inode,
             version,
+            content,
         });
         drop(st);
         self.shared.cv.notify_all();
@@ -266,15 +271,19 @@ fn chunk_batch(store: &Store, staging: &Path, shared: &Shared) -> Vec<(Job, Opti
     let mut writer = store.writer(&guard);
     let mut out: Vec<(Job, Option<Done>)> = Vec::new();
     let mut bytes = 0;
-    while let Some(job) = next_job(shared, out.len(), bytes) {
+    while let Some(mut job) = next_job(shared, out.len(), bytes) {
         let p = staging
             .join(job.run.to_string())
             .join(job.inode.to_string());
-        // A small file's content is in the index (see `Vfs::open_content`), else in its
-        // staging file. (Bound first: the index stays locked while a temporary lives.) A
-        // closed file's content is committed; reading it does not commit the creations the
-        // view has deferred (ADR 0018), which the next close commits with its content.
-        let inline = store.index_deferred().meta(|m| m.inline_data(job.inode));
+        // A small file's content came with its close, or is in the index (see
+        // `Vfs::open_content`); a larger one's is in its staging file. (Bound first: the index
+        // stays locked while a temporary lives.) A closed file's content is committed; reading
+        // it does not commit the creations the view has deferred (ADR 0018), which the next
+        // close commits with its content.
+        let inline = match job.content.take() {
+            Some(d) => Ok(Some(d)),
+            None => store.index_deferred().meta(|m| m.inline_data(job.inode)),
+        };
         let r = match inline {
             Ok(Some(d)) => ingest_stream(store, &mut writer, &d[..], &NoProgress, &p),
             Ok(None) => File::open(&p)

@@ -770,3 +770,23 @@ fn a_new_file_commits_with_its_close_and_before_anyone_else_reads() {
         assert_eq!(v.lookup(run.ino, os(name)).unwrap().size, size, "{name}");
     }
 }
+
+#[test]
+fn a_file_released_before_its_rename_commits_with_the_rename() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (v, run) = fresh_run(tmp.path());
+    let (_, fh) = v.create(CTX, run, os(".upload"), 0o644).unwrap();
+    v.write(fh, 0, b"uploaded bytes").unwrap();
+    v.release_before_rename(fh).unwrap();
+    v.rename(run, os(".upload"), run, os("final"), false, false)
+        .unwrap();
+    // The rename's commit carries the file's creation, content and new name.
+    assert!(committed(&v, "final"));
+    assert!(!committed(&v, ".upload"));
+    let (v, run) = reopen(v, "ns", "r");
+    let a = v.lookup(run.ino, os("final")).unwrap();
+    assert_eq!(a.size, 14);
+    let (fh, _) = v.open(a.ino, false).unwrap();
+    assert_eq!(&v.read(fh, 0, 100).unwrap()[..], b"uploaded bytes");
+    v.release(fh).unwrap();
+}
