@@ -1121,8 +1121,20 @@ fn sealed_file_downloads_whole_and_in_ranges_are_bit_exact() {
     let s = Server::start(&env);
     let path = "/v1/runs/dl/r/files/big.bin";
     let len = data.len() as u64;
-    // Whole, twice: the second may take chunks from the view's cache.
+    // Whole, twice: the first decodes every chunk and keeps it in the view's cache, the
+    // second takes every chunk from there.
+    let hits = || -> u64 {
+        let m = String::from_utf8(get_bytes(&s, "/metrics")).unwrap();
+        m.lines()
+            .find_map(|l| l.strip_prefix("artifactfs_chunk_cache_hits_total "))
+            .expect("cache hits in /metrics")
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let mut hit = Vec::new();
     for _ in 0..2 {
+        let before = hits();
         let r = client().get(s.url(path)).send().unwrap();
         assert_eq!(r.status(), 200);
         assert_eq!(
@@ -1131,7 +1143,9 @@ fn sealed_file_downloads_whole_and_in_ranges_are_bit_exact() {
         );
         assert!(r.headers().contains_key("etag"));
         assert!(r.bytes().unwrap() == data, "whole download differs");
+        hit.push(hits() - before);
     }
+    assert_eq!(hit, [0, starts.len() as u64], "cache hits of two downloads");
     let b1 = starts[1];
     let b2 = starts[2];
     let last = *starts.last().unwrap();

@@ -59,6 +59,8 @@ impl Default for StreamOptions<'_> {
 /// One chunk of a streamed range: its whole plaintext and the part of it in the range.
 #[derive(Clone, Debug)]
 pub struct Piece {
+    /// The chunk's id.
+    pub id: ChunkId,
     /// The chunk's plaintext, verified against its id.
     pub chunk: Arc<Vec<u8>>,
     /// The bytes of `chunk` inside the range.
@@ -142,6 +144,7 @@ impl Store {
             }
             sent += s.range.len() as u64;
             sink(Piece {
+                id: s.id,
                 chunk,
                 range: s.range.clone(),
             })

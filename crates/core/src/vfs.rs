@@ -115,7 +115,7 @@ impl Default for VfsOptions {
         Self {
             seal_after: Duration::from_secs(60),
             seal_marker: None,
-            chunk_cache_bytes: 64 << 20,
+            chunk_cache_bytes: 128 << 20,
             readahead_bytes: 1 << 20,
         }
     }
@@ -486,32 +486,42 @@ pub struct CacheStats {
     pub readahead: u64,
 }
 
-#[derive(Default)]
 struct CacheInner {
-    map: HashMap<ChunkId, (Arc<Vec<u8>>, u64)>,
-    tick: u64,
+    map: lru::LruCache<ChunkId, Arc<Vec<u8>>>,
     bytes: usize,
 }
 
+impl Default for CacheInner {
+    fn default() -> Self {
+        Self {
+            // Bounded by bytes, below, not by count.
+            map: lru::LruCache::unbounded(),
+            bytes: 0,
+        }
+    }
+}
+
 impl ChunkCache {
+    fn inner(&self) -> MutexGuard<'_, CacheInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn contains(&self, id: &ChunkId) -> bool {
-        self.inner
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .map
-            .contains_key(id)
+        self.inner().map.contains(id)
+    }
+
+    /// The chunk if it is cached (then it becomes the most recently used).
+    fn cached(&self, id: &ChunkId) -> Option<Arc<Vec<u8>>> {
+        let d = self.inner().map.get(id).cloned();
+        if d.is_some() {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+        }
+        d
     }
 
     fn get(&self, store: &Store, id: &ChunkId) -> Result<Arc<Vec<u8>>> {
-        {
-            let mut c = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-            c.tick += 1;
-            let t = c.tick;
-            if let Some((d, stamp)) = c.map.get_mut(id) {
-                *stamp = t;
-                self.hits.fetch_add(1, Ordering::Relaxed);
-                return Ok(d.clone());
-            }
+        if let Some(d) = self.cached(id) {
+            return Ok(d);
         }
         self.misses.fetch_add(1, Ordering::Relaxed);
         self.load(store, id)
@@ -525,18 +535,19 @@ impl ChunkCache {
     }
 
     fn insert(&self, id: &ChunkId, data: Arc<Vec<u8>>) {
-        let mut c = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        c.tick += 1;
-        let t = c.tick;
-        if c.map.insert(*id, (data.clone(), t)).is_none() {
-            c.bytes += data.len();
+        let mut c = self.inner();
+        let len = data.len();
+        match c.map.push(*id, data) {
+            // Replaced the same chunk: same length.
+            Some((old, d)) if old == *id => c.bytes = c.bytes + len - d.len(),
+            // Cannot happen for an unbounded map; counted all the same.
+            Some((_, d)) => c.bytes = c.bytes + len - d.len(),
+            None => c.bytes += len,
         }
         while c.bytes > self.max_bytes && c.map.len() > 1 {
-            let Some(oldest) = c.map.iter().min_by_key(|(_, (_, s))| *s).map(|(k, _)| *k) else {
-                break;
-            };
-            if let Some((d, _)) = c.map.remove(&oldest) {
-                c.bytes -= d.len();
+            match c.map.pop_lru() {
+                Some((_, d)) => c.bytes -= d.len(),
+                None => break,
             }
         }
     }
@@ -811,12 +822,16 @@ impl Vfs {
     /// A chunk's plaintext if the decompressed-chunk cache holds it (verified when loaded),
     /// counted as a hit; nothing is loaded on a miss.
     pub fn cached_chunk(&self, id: &ChunkId) -> Option<Arc<Vec<u8>>> {
-        let c = self.cache.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let d = c.map.get(id).map(|(d, _)| d.clone());
-        if d.is_some() {
-            self.cache.hits.fetch_add(1, Ordering::Relaxed);
+        self.cache.cached(id)
+    }
+
+    /// Keeps a decoded chunk, verified against `id` by the caller, in the view's chunk cache:
+    /// for frontends that read sealed files past the view (HTTP downloads), so that the next
+    /// read of a warm file decodes nothing.
+    pub fn keep_chunk(&self, id: &ChunkId, data: Arc<Vec<u8>>) {
+        if !self.cache.contains(id) {
+            self.cache.insert(id, data);
         }
-        d
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {

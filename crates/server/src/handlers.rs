@@ -720,7 +720,7 @@ const DOWNLOAD_QUEUE: usize = 8;
 
 /// The body of a download of a sealed file: one blocking producer walks the file's chunks in
 /// the engine ([`artifactfs_core::Store::stream_file`]: decoded ahead in parallel, each
-/// verified, shared with the chunk cache) and hands them, uncopied, to the body through a
+/// verified, shared with the view's chunk cache, both ways) and hands them, uncopied, to the body through a
 /// bounded channel. A chunk that cannot be read or is damaged ends the body with an error, so
 /// the connection is cut before Content-Length is reached; the error is logged with the run
 /// and the path. A client that goes away stops the producer at its next chunk.
@@ -737,6 +737,8 @@ fn sealed_body(app: &App, run: RunRef, entry: Entry, range: std::ops::Range<u64>
         let res = vfs
             .store()
             .stream_file(&entry, range.clone(), &opts, &mut |piece| {
+                // Kept decoded: the next download of a warm file decodes nothing.
+                vfs.keep_chunk(&piece.id, piece.chunk.clone());
                 if tx.blocking_send(Ok(fsops::piece_bytes(piece))).is_err() {
                     gone = true;
                     return Err(Error::State("the client went away".into()));
