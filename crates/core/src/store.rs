@@ -343,20 +343,15 @@ impl Store {
     /// index over a pooled read-only connection: what a frontend shows for one run.
     pub fn run_details(&self, r: &RunRef) -> Result<RunDetails> {
         let now = self.now_ns();
-        self.read(|idx| {
-            idx.read_snapshot(|idx| {
-                let row = idx
-                    .run(r)?
-                    .ok_or_else(|| Error::NotFound(format!("run {r}")))?;
-                let retention = crate::gc::retention_info(idx.run_retention(&row)?, now);
-                let meta = idx.run_meta(row.id)?;
-                Ok(RunDetails {
-                    row,
-                    retention,
-                    meta,
-                })
-            })
-        })
+        self.read(|idx| run_details_of(idx, r, now))
+    }
+
+    /// [`Store::run_details`] if a pooled read connection is idle right now, else `None`
+    /// without waiting for one: for callers that must not block (an async server's worker,
+    /// ADR 0020), which otherwise hand the call to a thread that may.
+    pub fn run_details_now(&self, r: &RunRef) -> Option<Result<RunDetails>> {
+        let idx = self.reads.try_get()?;
+        Some(run_details_of(&idx, r, self.now_ns()))
     }
 
     /// A sealed run's manifest digest and canonical bytes (checked against the digest).
@@ -466,6 +461,22 @@ pub struct RunDetails {
     pub row: RunRow,
     pub retention: crate::gc::RetentionInfo,
     pub meta: Vec<(String, String)>,
+}
+
+/// A run's row, retention (as of `now`) and metadata, in one read transaction.
+fn run_details_of(idx: &Index, r: &RunRef, now: i64) -> Result<RunDetails> {
+    idx.read_snapshot(|idx| {
+        let row = idx
+            .run(r)?
+            .ok_or_else(|| Error::NotFound(format!("run {r}")))?;
+        let retention = crate::gc::retention_info(idx.run_retention(&row)?, now);
+        let meta = idx.run_meta(row.id)?;
+        Ok(RunDetails {
+            row,
+            retention,
+            meta,
+        })
+    })
 }
 
 /// Read-only index connections a store keeps: two per core, at least four.

@@ -389,26 +389,29 @@ fn encode_segment(s: &str) -> String {
 
 pub async fn run_info(State(app): State<App>, req: Request) -> ApiResult {
     let p = run_path(req.uri().path(), |r| *r == RunResource::Run)?;
-    let vfs = app.vfs.clone();
-    let v = blocking(move || {
-        let d = vfs.store().run_details(&p.run)?;
-        let meta: serde_json::Map<String, Value> = d
-            .meta
-            .into_iter()
-            .map(|(k, v)| (k, Value::String(v)))
-            .collect();
-        let ret = d.retention;
-        let mut v = run_summary(&d.row);
-        v["retention"] = json!({
-            "retain": ret.retain,
-            "retain_until": ret.retain_until,
-            "eligible": ret.eligible,
-        });
-        v["holds"] = serde_json::to_value(&ret.holds).unwrap_or_default();
-        v["metadata"] = Value::Object(meta);
-        Ok(v)
-    })
-    .await?;
+    // A short read of committed state: on this worker when a pooled read connection is idle
+    // (no hand-off to a blocking thread, ADR 0020), else on a blocking thread, which may wait.
+    let d = match app.vfs.store().run_details_now(&p.run) {
+        Some(d) => d?,
+        None => {
+            let vfs = app.vfs.clone();
+            blocking(move || Ok(vfs.store().run_details(&p.run)?)).await?
+        }
+    };
+    let meta: serde_json::Map<String, Value> = d
+        .meta
+        .into_iter()
+        .map(|(k, v)| (k, Value::String(v)))
+        .collect();
+    let ret = d.retention;
+    let mut v = run_summary(&d.row);
+    v["retention"] = json!({
+        "retain": ret.retain,
+        "retain_until": ret.retain_until,
+        "eligible": ret.eligible,
+    });
+    v["holds"] = serde_json::to_value(&ret.holds).unwrap_or_default();
+    v["metadata"] = Value::Object(meta);
     Ok(json_response(StatusCode::OK, v))
 }
 

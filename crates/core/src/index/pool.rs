@@ -130,6 +130,15 @@ impl ReadPool {
         }
     }
 
+    /// An idle connection, if one is idle now: never opens one, never waits.
+    pub fn try_get(&self) -> Option<PooledIndex<'_>> {
+        let index = self.lock().idle.pop()?;
+        Some(PooledIndex {
+            pool: self,
+            index: Some(index),
+        })
+    }
+
     /// Runs `f` over a lent connection; if the pool cannot lend one, over `shared` (a
     /// committed-state read is right there too), logging the reason the first time.
     pub(crate) fn read_or<T>(
