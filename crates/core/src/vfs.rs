@@ -825,6 +825,11 @@ impl Vfs {
         self.cache.cached(id)
     }
 
+    /// The most bytes the view's decoded-chunk cache holds.
+    pub fn chunk_cache_capacity(&self) -> u64 {
+        self.cache.max_bytes as u64
+    }
+
     /// Keeps a decoded chunk, verified against `id` by the caller, in the view's chunk cache:
     /// for frontends that read sealed files past the view (HTTP downloads), so that the next
     /// read of a warm file decodes nothing.

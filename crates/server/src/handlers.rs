@@ -736,12 +736,17 @@ fn sealed_body(app: &App, run: RunRef, entry: Entry, range: std::ops::Range<u64>
             cached: Some(&cached),
             ..StreamOptions::default()
         };
+        // A file that fits in the view's cache keeps its decoded chunks there, so the next
+        // download of it decodes nothing (ADR 0021); a larger one would only push out what
+        // the mount reads, and be evicted before it is read again.
+        let keep = entry.size <= vfs.chunk_cache_capacity();
         let mut gone = false;
         let res = vfs
             .store()
             .stream_file(&entry, range.clone(), &opts, &mut |piece| {
-                // Kept decoded: the next download of a warm file decodes nothing.
-                vfs.keep_chunk(&piece.id, piece.chunk.clone());
+                if keep {
+                    vfs.keep_chunk(&piece.id, piece.chunk.clone());
+                }
                 if tx.blocking_send(Ok(fsops::piece_bytes(piece))).is_err() {
                     gone = true;
                     return Err(Error::State("the client went away".into()));
