@@ -297,12 +297,15 @@ impl Index {
         // NORMAL: a commit survives a crash of this process (the WAL is written before COMMIT
         // returns) but only reaches the disk at the next checkpoint. Commits that other
         // durable state depends on (packs, seals) switch to FULL: see `durable`.
-        // The WAL is truncated to 1 MiB when a checkpoint lets it restart, instead of keeping
-        // the largest size it ever reached. Checkpoints run every 4,096 pages (16 MiB) of WAL
-        // rather than SQLite's 1,000: a mount's many small commits rewrite the same few pages,
-        // and each checkpoint writes a page once and syncs twice, however often it changed.
+        // Checkpoints run every 4,096 pages (16 MiB) of WAL rather than SQLite's 1,000: a
+        // mount's many small commits rewrite the same few pages, and each checkpoint writes a
+        // page once and syncs twice, however often it changed. When a checkpoint lets the WAL
+        // restart, it is truncated to 32 MiB, not less: a WAL cut shorter than it grows to
+        // between checkpoints is extended block by block again (new page-cache pages, new
+        // ext4 blocks) by every commit after the restart, 16% of the wall time of copying
+        // 5,000 small files into a mount.
         conn.execute_batch(
-            "PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON; PRAGMA journal_size_limit=1048576;
+            "PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON; PRAGMA journal_size_limit=33554432;
              PRAGMA wal_autocheckpoint=4096;",
         )
         .map_err(&err)?;
