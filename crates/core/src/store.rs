@@ -466,10 +466,11 @@ pub struct RunDetails {
 /// A run's row, retention (as of `now`) and metadata, in one read transaction.
 fn run_details_of(idx: &Index, r: &RunRef, now: i64) -> Result<RunDetails> {
     idx.read_snapshot(|idx| {
-        let row = idx
-            .run(r)?
+        let rr = idx
+            .run_with_retention(r)?
             .ok_or_else(|| Error::NotFound(format!("run {r}")))?;
-        let retention = crate::gc::retention_info(idx.run_retention(&row)?, now);
+        let row = rr.run.clone();
+        let retention = crate::gc::retention_info(rr, now);
         let meta = idx.run_meta(row.id)?;
         Ok(RunDetails {
             row,

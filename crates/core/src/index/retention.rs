@@ -252,6 +252,42 @@ impl Index {
         })
     }
 
+    /// A run (not deleted) with its retention and holds: [`Index::run`] and
+    /// [`Index::run_retention`] with one statement less, for a run's details.
+    pub fn run_with_retention(&self, r: &crate::RunRef) -> Result<Option<RunRetention>> {
+        let found = self
+            .conn
+            .prepare_cached(
+                "SELECT id, namespace, name, state, manifest, created_at, sealed_at, files,
+                        raw_bytes, retain, retain_for_ns, retain_until
+                 FROM runs WHERE namespace = ?1 AND name = ?2 AND state <> 'deleted'",
+            )
+            .and_then(|mut s| {
+                s.query_row(params![r.namespace, r.run], |row| {
+                    Ok((
+                        super::run_row(row)?,
+                        RetentionState {
+                            spec: row.get(9)?,
+                            for_ns: row.get(10)?,
+                            until_ns: row.get(11)?,
+                        },
+                    ))
+                })
+                .optional()
+            })
+            .map_err(self.err())?;
+        let Some((run, retention)) = found else {
+            return Ok(None);
+        };
+        let run = run?;
+        let holds = self.holds(run.id)?;
+        Ok(Some(RunRetention {
+            run,
+            retention,
+            holds,
+        }))
+    }
+
     /// Holds of a run, by name.
     pub fn holds(&self, run_id: i64) -> Result<Vec<HoldRow>> {
         let mut s = self
