@@ -131,10 +131,10 @@ fn time_ns(t: TimeOrNow) -> Option<i64> {
 /// The FUSE file system: a view, plus the listings of open directory handles.
 pub struct ArtifactFs {
     vfs: Arc<Vfs>,
-    /// Per open directory handle: its listing, taken at `opendir` and again whenever the kernel
-    /// reads from offset 0 (`rewinddir`), so that paging through a directory a few hundred
-    /// entries per request lists it once, not once per request.
-    dirs: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
+    /// Per open directory handle: its listing, taken whenever the kernel reads it from offset
+    /// 0 (the first read, and after a `rewinddir`), so that paging through a directory a few
+    /// hundred entries per request lists it once, not once per request.
+    dirs: Mutex<HashMap<u64, Option<Arc<Vec<DirEntry>>>>>,
     next_dir: AtomicU64,
 }
 
@@ -147,7 +147,7 @@ impl ArtifactFs {
         }
     }
 
-    fn dirs(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Vec<DirEntry>>>> {
+    fn dirs(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Option<Arc<Vec<DirEntry>>>>> {
         self.dirs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -159,13 +159,13 @@ impl ArtifactFs {
         offset: u64,
     ) -> artifactfs_core::Result<Arc<Vec<DirEntry>>> {
         if offset > 0
-            && let Some(l) = self.dirs().get(&fh)
+            && let Some(Some(l)) = self.dirs().get(&fh)
         {
             return Ok(l.clone());
         }
         let l = Arc::new(self.vfs.readdir(ino)?);
         if let Some(slot) = self.dirs().get_mut(&fh) {
-            *slot = l.clone();
+            *slot = Some(l.clone());
         }
         Ok(l)
     }
@@ -445,15 +445,13 @@ impl Filesystem for ArtifactFs {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let attr = match self.vfs.getattr(ino.0) {
-            Ok(a) => a,
+            Ok(a) if a.kind == Kind::Dir => a,
+            Ok(_) => return reply.error(Errno::ENOTDIR),
             Err(e) => return reply.error(log_err("opendir", ino.0, &e)),
         };
-        let list = match self.vfs.readdir(ino.0) {
-            Ok(l) => Arc::new(l),
-            Err(e) => return reply.error(log_err("opendir", ino.0, &e)),
-        };
+        // Listed at the first read, from offset 0.
         let fh = self.next_dir.fetch_add(1, Ordering::Relaxed);
-        self.dirs().insert(fh, list);
+        self.dirs().insert(fh, None);
         // A sealed directory never changes: the kernel may keep its listing across opens.
         let f = if attr.immutable {
             FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE
