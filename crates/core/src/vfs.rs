@@ -534,16 +534,14 @@ impl ChunkCache {
         Ok(data)
     }
 
+    /// Caches a chunk; one cached already only becomes the most recently used.
     fn insert(&self, id: &ChunkId, data: Arc<Vec<u8>>) {
         let mut c = self.inner();
-        let len = data.len();
-        match c.map.push(*id, data) {
-            // Replaced the same chunk: same length.
-            Some((old, d)) if old == *id => c.bytes = c.bytes + len - d.len(),
-            // Cannot happen for an unbounded map; counted all the same.
-            Some((_, d)) => c.bytes = c.bytes + len - d.len(),
-            None => c.bytes += len,
+        if c.map.get(id).is_some() {
+            return;
         }
+        c.bytes += data.len();
+        c.map.put(*id, data);
         while c.bytes > self.max_bytes && c.map.len() > 1 {
             match c.map.pop_lru() {
                 Some((_, d)) => c.bytes -= d.len(),
@@ -834,9 +832,7 @@ impl Vfs {
     /// for frontends that read sealed files past the view (HTTP downloads), so that the next
     /// read of a warm file decodes nothing.
     pub fn keep_chunk(&self, id: &ChunkId, data: Arc<Vec<u8>>) {
-        if !self.cache.contains(id) {
-            self.cache.insert(id, data);
-        }
+        self.cache.insert(id, data);
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {

@@ -257,11 +257,10 @@ impl Index {
     pub fn run_with_retention(&self, r: &crate::RunRef) -> Result<Option<RunRetention>> {
         let found = self
             .conn
-            .prepare_cached(
-                "SELECT id, namespace, name, state, manifest, created_at, sealed_at, files,
-                        raw_bytes, retain, retain_for_ns, retain_until
-                 FROM runs WHERE namespace = ?1 AND name = ?2 AND state <> 'deleted'",
-            )
+            .prepare_cached(&format!(
+                "SELECT {RUN_COLS}, retain, retain_for_ns, retain_until
+                 FROM runs WHERE namespace = ?1 AND name = ?2 AND state <> 'deleted'"
+            ))
             .and_then(|mut s| {
                 s.query_row(params![r.namespace, r.run], |row| {
                     Ok((
