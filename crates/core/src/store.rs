@@ -463,20 +463,17 @@ pub struct RunDetails {
     pub meta: Vec<(String, String)>,
 }
 
-/// A run's row, retention (as of `now`) and metadata, in one read transaction.
+/// A run's row, retention (as of `now`) and metadata, in one snapshot of the index.
 fn run_details_of(idx: &Index, r: &RunRef, now: i64) -> Result<RunDetails> {
-    idx.read_snapshot(|idx| {
-        let rr = idx
-            .run_with_retention(r)?
-            .ok_or_else(|| Error::NotFound(format!("run {r}")))?;
-        let row = rr.run.clone();
-        let retention = crate::gc::retention_info(rr, now);
-        let meta = idx.run_meta(row.id)?;
-        Ok(RunDetails {
-            row,
-            retention,
-            meta,
-        })
+    let (rr, meta) = idx
+        .run_with_retention(r)?
+        .ok_or_else(|| Error::NotFound(format!("run {r}")))?;
+    let row = rr.run.clone();
+    let retention = crate::gc::retention_info(rr, now);
+    Ok(RunDetails {
+        row,
+        retention,
+        meta,
     })
 }
 

@@ -286,6 +286,61 @@ mod tests {
     }
 
     #[test]
+    fn run_details_carry_every_hold_and_metadata_value_sorted_and_intact() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        std::fs::write(src.join("a"), b"x").unwrap();
+        let store = Store::init(&tmp.path().join("store"), &InitOptions::default()).unwrap();
+        let r = run_ref();
+        // Values JSON must escape, and keys out of order.
+        let meta = [
+            ("zeta", "quote \" and backslash \\"),
+            ("alpha", "tab\tnewline\nünïcödé"),
+            ("mid", ""),
+        ];
+        let report = store
+            .ingest_dir(
+                &src,
+                &r,
+                meta.iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                &crate::store::NoProgress,
+            )
+            .unwrap();
+        let v = Vfs::new(store, VfsOptions::default()).unwrap();
+        let none = v.store().run_details(&r).unwrap();
+        assert!(none.retention.holds.is_empty());
+        v.store()
+            .place_hold(&r, "zz-last", b"reason \"1\"")
+            .unwrap();
+        v.store()
+            .place_hold(&r, "legal", "caf\u{e9}".as_bytes())
+            .unwrap();
+        let d = v.store().run_details(&r).unwrap();
+        assert_eq!(d.row.manifest.map(|m| m.to_string()), Some(report.manifest));
+        let mut want: Vec<(String, String)> = meta
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        want.sort();
+        assert_eq!(d.meta, want);
+        let holds: Vec<(&str, &str)> = d
+            .retention
+            .holds
+            .iter()
+            .map(|h| (h.name.as_str(), h.reason.as_str()))
+            .collect();
+        assert_eq!(holds, [("legal", "caf\u{e9}"), ("zz-last", "reason \"1\"")]);
+        assert!(d.retention.holds.iter().all(|h| !h.placed_at.is_empty()));
+        assert!(matches!(
+            v.store().run_details(&RunRef::new("ns", "nope").unwrap()),
+            Err(crate::Error::NotFound(_))
+        ));
+    }
+
+    #[test]
     fn a_pooled_reader_never_blocks_a_seal_and_keeps_its_snapshot() {
         let tmp = tempfile::tempdir().unwrap();
         let (v, run) = view(tmp.path());

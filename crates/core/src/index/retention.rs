@@ -203,6 +203,9 @@ pub(super) fn apply_default(
     Ok(())
 }
 
+/// A run's producer metadata: (key, value) by key.
+pub type RunMeta = Vec<(String, String)>;
+
 const RUN_COLS: &str =
     "id, namespace, name, state, manifest, created_at, sealed_at, files, raw_bytes";
 
@@ -252,13 +255,18 @@ impl Index {
         })
     }
 
-    /// A run (not deleted) with its retention and holds: [`Index::run`] and
-    /// [`Index::run_retention`] with one statement less, for a run's details.
-    pub fn run_with_retention(&self, r: &crate::RunRef) -> Result<Option<RunRetention>> {
+    /// A run (not deleted) with its retention, holds and producer metadata (by key), read by
+    /// one statement: one consistent snapshot without a transaction of its own, for a run's
+    /// details, which an API serves far more often than anything changes them.
+    pub fn run_with_retention(&self, r: &crate::RunRef) -> Result<Option<(RunRetention, RunMeta)>> {
         let found = self
             .conn
             .prepare_cached(&format!(
-                "SELECT {RUN_COLS}, retain, retain_for_ns, retain_until
+                "SELECT {RUN_COLS}, retain, retain_for_ns, retain_until,
+                   (SELECT json_group_array(json_array(name, reason, placed_at))
+                      FROM holds WHERE run = runs.id),
+                   (SELECT json_group_array(json_array(key, value))
+                      FROM run_meta WHERE run = runs.id)
                  FROM runs WHERE namespace = ?1 AND name = ?2 AND state <> 'deleted'"
             ))
             .and_then(|mut s| {
@@ -270,21 +278,41 @@ impl Index {
                             for_ns: row.get(10)?,
                             until_ns: row.get(11)?,
                         },
+                        row.get::<_, String>(12)?,
+                        row.get::<_, String>(13)?,
                     ))
                 })
                 .optional()
             })
             .map_err(self.err())?;
-        let Some((run, retention)) = found else {
+        let Some((run, retention, holds, meta)) = found else {
             return Ok(None);
         };
         let run = run?;
-        let holds = self.holds(run.id)?;
-        Ok(Some(RunRetention {
-            run,
-            retention,
-            holds,
-        }))
+        let bad = |what: &str, e: serde_json::Error| Error::Index {
+            path: self.path.clone(),
+            message: format!("{what} of run {r} read back as bad JSON: {e}"),
+        };
+        let mut holds: Vec<HoldRow> = serde_json::from_str::<Vec<(String, String, i64)>>(&holds)
+            .map_err(|e| bad("holds", e))?
+            .into_iter()
+            .map(|(name, reason, placed_at_ns)| HoldRow {
+                name,
+                reason,
+                placed_at_ns,
+            })
+            .collect();
+        holds.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut meta: RunMeta = serde_json::from_str(&meta).map_err(|e| bad("metadata", e))?;
+        meta.sort();
+        Ok(Some((
+            RunRetention {
+                run,
+                retention,
+                holds,
+            },
+            meta,
+        )))
     }
 
     /// Holds of a run, by name.
