@@ -162,6 +162,20 @@ const MIGRATIONS: &[&str] = &[
     "#,
 ];
 
+/// Columns of the rows [`file_row`] reads, as a literal for `concat!`.
+macro_rules! file_cols {
+    () => {
+        "path, kind, mode, uid, gid, size, mtime_ns, blake3, chunks, target, rdev, xattrs"
+    };
+}
+
+/// Columns of the rows [`inode_row`] reads, as a literal for `concat!`.
+macro_rules! inode_cols {
+    () => {
+        "ino, run, kind, mode, uid, gid, size, mtime_ns, ctime_ns, rdev, target, nlink, xattrs"
+    };
+}
+
 /// A run as the index knows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RunRow {
@@ -337,7 +351,11 @@ impl Index {
         if !self.deferred {
             return Ok(());
         }
-        let r = self.conn.execute_batch("COMMIT");
+        let r = self
+            .conn
+            .prepare_cached("COMMIT")
+            .and_then(|mut s| s.execute([]))
+            .map(drop);
         // A failed COMMIT may have rolled the transaction back (I/O error, full disk) or left
         // it open (busy): the connection says which.
         if r.is_ok() || self.conn.is_autocommit() {
@@ -620,8 +638,10 @@ impl Index {
     /// One entry of a run.
     pub fn file(&self, run_id: i64, path: &str) -> Result<Option<Entry>> {
         self.conn
-            .prepare_cached(&format!(
-                "SELECT {FILE_COLS} FROM files WHERE run = ?1 AND path = ?2"
+            .prepare_cached(concat!(
+                "SELECT ",
+                file_cols!(),
+                " FROM files WHERE run = ?1 AND path = ?2"
             ))
             .and_then(|mut s| s.query_row(params![run_id, path], file_row).optional())
             .map_err(self.err())?
@@ -632,8 +652,10 @@ impl Index {
     pub fn files(&self, run_id: i64) -> Result<Vec<Entry>> {
         let mut s = self
             .conn
-            .prepare_cached(&format!(
-                "SELECT {FILE_COLS} FROM files WHERE run = ?1 ORDER BY path"
+            .prepare_cached(concat!(
+                "SELECT ",
+                file_cols!(),
+                " FROM files WHERE run = ?1 ORDER BY path"
             ))
             .map_err(self.err())?;
         let rows = s
@@ -653,8 +675,10 @@ impl Index {
         };
         let mut s = self
             .conn
-            .prepare_cached(&format!(
-                "SELECT {FILE_COLS} FROM files WHERE run = ?1 AND path > ?2 AND path < ?3 ORDER BY path"
+            .prepare_cached(concat!(
+                "SELECT ",
+                file_cols!(),
+                " FROM files WHERE run = ?1 AND path > ?2 AND path < ?3 ORDER BY path"
             ))
             .map_err(self.err())?;
         let rows = s
@@ -842,9 +866,6 @@ impl Index {
         })
     }
 }
-
-const FILE_COLS: &str =
-    "path, kind, mode, uid, gid, size, mtime_ns, blake3, chunks, target, rdev, xattrs";
 
 type FileRowRaw = (
     String,
@@ -1063,9 +1084,6 @@ pub struct Meta<'a> {
     path: &'a Path,
     default_retention: Option<&'a DefaultRetention>,
 }
-
-const INODE_COLS: &str =
-    "ino, run, kind, mode, uid, gid, size, mtime_ns, ctime_ns, rdev, target, nlink, xattrs";
 
 fn inode_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(InodeRow, String, Option<String>)> {
     Ok((
@@ -1517,7 +1535,11 @@ impl Meta<'_> {
     /// One inode.
     pub fn inode(&self, ino: i64) -> Result<Option<InodeRow>> {
         self.conn
-            .prepare_cached(&format!("SELECT {INODE_COLS} FROM inodes WHERE ino = ?1"))
+            .prepare_cached(concat!(
+                "SELECT ",
+                inode_cols!(),
+                " FROM inodes WHERE ino = ?1"
+            ))
             .and_then(|mut s| s.query_row(params![ino], inode_row).optional())
             .map_err(self.err())?
             .map(finish_inode)
@@ -1528,8 +1550,10 @@ impl Meta<'_> {
     pub fn run_inodes(&self, run_id: i64) -> Result<Vec<InodeRow>> {
         let mut s = self
             .conn
-            .prepare_cached(&format!(
-                "SELECT {INODE_COLS} FROM inodes WHERE run = ?1 ORDER BY ino"
+            .prepare_cached(concat!(
+                "SELECT ",
+                inode_cols!(),
+                " FROM inodes WHERE run = ?1 ORDER BY ino"
             ))
             .map_err(self.err())?;
         let rows = s

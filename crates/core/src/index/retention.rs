@@ -206,8 +206,12 @@ pub(super) fn apply_default(
 /// A run's producer metadata: (key, value) by key.
 pub type RunMeta = Vec<(String, String)>;
 
-const RUN_COLS: &str =
-    "id, namespace, name, state, manifest, created_at, sealed_at, files, raw_bytes";
+/// Columns of the rows [`super::run_row`] reads, as a literal for `concat!`.
+macro_rules! run_cols {
+    () => {
+        "id, namespace, name, state, manifest, created_at, sealed_at, files, raw_bytes"
+    };
+}
 
 impl Index {
     /// Sets the store-wide default retention that new runs get (from the store's config).
@@ -261,8 +265,10 @@ impl Index {
     pub fn run_with_retention(&self, r: &crate::RunRef) -> Result<Option<(RunRetention, RunMeta)>> {
         let found = self
             .conn
-            .prepare_cached(&format!(
-                "SELECT {RUN_COLS}, retain, retain_for_ns, retain_until,
+            .prepare_cached(concat!(
+                "SELECT ",
+                run_cols!(),
+                ", retain, retain_for_ns, retain_until,
                    (SELECT json_group_array(json_array(name, reason, placed_at))
                       FROM holds WHERE run = runs.id),
                    (SELECT json_group_array(json_array(key, value))
@@ -499,8 +505,10 @@ impl Index {
     pub fn eligible_runs(&self, now_ns: i64) -> Result<Vec<(RunRow, i64)>> {
         let mut s = self
             .conn
-            .prepare_cached(&format!(
-                "SELECT {RUN_COLS}, retain_until FROM runs r
+            .prepare_cached(concat!(
+                "SELECT ",
+                run_cols!(),
+                ", retain_until FROM runs r
                  WHERE state = 'sealed' AND retain_until <= ?1
                    AND retain_until < 9223372036854775807
                    AND NOT EXISTS (SELECT 1 FROM holds h WHERE h.run = r.id)
@@ -539,8 +547,10 @@ impl Index {
             let err = sql_err(path);
             let row = tx
                 .query_row(
-                    &format!(
-                        "SELECT {RUN_COLS}, retain_until FROM runs r
+                    concat!(
+                        "SELECT ",
+                        run_cols!(),
+                        ", retain_until FROM runs r
                          WHERE id = ?1 AND state = 'sealed' AND retain_until <= ?2
                            AND retain_until < 9223372036854775807
                            AND NOT EXISTS (SELECT 1 FROM holds h WHERE h.run = r.id)"
@@ -958,8 +968,10 @@ impl Index {
     pub fn tombstones(&self, namespace: Option<&str>) -> Result<Vec<(RunRow, i64)>> {
         let mut s = self
             .conn
-            .prepare_cached(&format!(
-                "SELECT {RUN_COLS}, deleted_at FROM runs
+            .prepare_cached(concat!(
+                "SELECT ",
+                run_cols!(),
+                ", deleted_at FROM runs
                  WHERE state = 'deleted' AND (?1 IS NULL OR namespace = ?1)
                  ORDER BY deleted_at DESC, id DESC"
             ))
