@@ -10,6 +10,11 @@
 #   - `tar -cf - . | wc -c` of the sealed run read back through the mount, cold (the mount was
 #     just started: empty chunk cache, empty page cache for its files) and warm (again), against
 #     the same of the source directory;
+#   - the FUSE floor: the same `cp -a` and `tar` (cold, warm) through bindfs, a FUSE
+#     passthrough that stores nothing itself, over a local directory (with kernel_cache and
+#     big_writes, multithreaded). It does no chunking, hashing, compression or indexing, so
+#     its rows are what the kernel's FUSE round trips alone cost on this machine for this
+#     tree. Skipped when bindfs is not installed (apt-get install bindfs).
 # and prints, in Markdown, MB, wall seconds and MB/s of each, the CPU seconds (user+sys, from
 # /proc/PID/stat) the mount process spent on each step, and its peak RSS (VmHWM from
 # /proc/PID/status). MB = 10^6 bytes. The source is read once before timing (warm page cache).
@@ -17,6 +22,7 @@
 # --debug uses the debug binaries (a quick check that the script works; not for figures).
 # Work files go to a fresh directory under $BENCH_DIR (default: a mktemp directory under /tmp),
 # removed on exit unless KEEP=1; any mount in it is unmounted first. Needs /dev/fuse, fusermount3.
+# Dirty pages are written back (sync) before each timed step.
 set -euo pipefail
 
 size=256MiB
@@ -42,7 +48,9 @@ command -v fusermount3 >/dev/null || die "fusermount3 is needed (apt-get install
 make_work mount
 mnt=$WORK/mnt
 # shellcheck disable=SC2064 # expand now
-trap "fusermount3 -uz '$mnt' 2>/dev/null || true; cleanup '$WORK'" EXIT
+bmnt=$WORK/bindfs-mnt
+# shellcheck disable=SC2064 # expand now
+trap "fusermount3 -uz '$mnt' 2>/dev/null || true; fusermount -uz '$bmnt' 2>/dev/null || true; cleanup '$WORK'" EXIT
 if ((debug)); then
     AFS=$REPO/target/debug/artifactfs
     # shellcheck disable=SC2034 # used by generate (common.sh)
@@ -80,6 +88,7 @@ stop_mount() {
 timed() {
     local name=$1
     shift
+    sync
     wait_quiet
     prio "$GNU_TIME" -o "$WORK/t" -f '%e %U %S %M' "$@" >/dev/null
     echo "$name $(cat "$WORK/t")" >>"$WORK/times"
@@ -124,9 +133,34 @@ for pass in cold warm; do
 done
 stop_mount
 
+# 3. The FUSE floor: a passthrough that does no work of its own.
+if command -v bindfs >/dev/null; then
+    mkdir -p "$WORK/bindfs-dir" "$bmnt"
+    bindfs_mount() {
+        bindfs --multithreaded -o kernel_cache,big_writes "$WORK/bindfs-dir" "$bmnt"
+        BPID=$(pgrep -n -f "bindfs .*$bmnt")
+    }
+    bindfs_mount
+    c0=$(mount_cpu "$BPID")
+    timed cp-passthrough cp -a "$src/." "$bmnt/"
+    row cp-passthrough "$(awk -v a="$c0" -v b="$(mount_cpu "$BPID")" 'BEGIN {printf "%.2f", b - a}')" "$(peak_rss "$BPID")"
+    fusermount -u "$bmnt"
+    bindfs_mount
+    for pass in cold warm; do
+        c0=$(mount_cpu "$BPID")
+        # shellcheck disable=SC2016 # expanded by the inner shell
+        timed "tar-passthrough-$pass" bash -c 'tar -cf - -C "$1" . | wc -c' _ "$bmnt"
+        row "tar-passthrough-$pass" "$(awk -v a="$c0" -v b="$(mount_cpu "$BPID")" 'BEGIN {printf "%.2f", b - a}')" "$(peak_rss "$BPID")"
+    done
+    fusermount -u "$bmnt"
+else
+    echo "bindfs is not installed: no FUSE floor rows (apt-get install bindfs)" >&2
+fi
+
 echo "## benches/mount.sh --size $size --seed $seed$( ((debug)) && echo ' --debug (debug binaries: not for figures)')"
 echo
 print_versions
+command -v bindfs >/dev/null && echo "- FUSE floor: $(bindfs --version | head -1) (its rows: bindfs's CPU and RSS in the mount columns)"
 echo
 echo "| step | MB | wall s | MB/s | mount CPU s | mount peak RSS MiB |"
 echo "|---|---|---|---|---|---|"
