@@ -281,8 +281,18 @@ impl Store {
         f: &mut dyn FnMut(usize, Vec<u8>) -> Result<()>,
     ) -> Result<()> {
         let Some(tier) = self.tier.as_ref() else {
-            for (i, id) in ids.iter().enumerate() {
-                f(i, self.read_chunk(id)?)?;
+            // Located together; a chunk whose pack went away since (gc rewrote it) or that
+            // the index lacks takes the single read, which locates it again or says why.
+            let locs = self.read(|idx| idx.chunks(ids))?;
+            for (i, (id, loc)) in ids.iter().zip(locs).enumerate() {
+                let data = match loc {
+                    Some(loc) => match pack::read_chunk(&*self.objects, &loc.pack, &loc.entry) {
+                        Err(Error::MissingObject { .. }) => self.read_chunk(id),
+                        other => other,
+                    },
+                    None => self.read_chunk(id),
+                }?;
+                f(i, data)?;
             }
             return Ok(());
         };

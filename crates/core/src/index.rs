@@ -468,6 +468,28 @@ impl Index {
             .transpose()
     }
 
+    /// Where each of `ids` is stored, looked up in one read transaction (when the connection
+    /// has none open already): a batch pays for the snapshot once, not per chunk.
+    pub fn chunks(&self, ids: &[ChunkId]) -> Result<Vec<Option<ChunkLoc>>> {
+        let own = self.conn.is_autocommit() && ids.len() > 1;
+        let step = |sql: &str| {
+            self.conn
+                .prepare_cached(sql)
+                .and_then(|mut s| s.execute([]))
+                .map(drop)
+                .map_err(self.err())
+        };
+        if own {
+            step("BEGIN")?;
+        }
+        let out = ids.iter().map(|id| self.chunk(id)).collect();
+        if own {
+            // Ending a read transaction either way frees its snapshot.
+            step("COMMIT")?;
+        }
+        out
+    }
+
     /// Records a durable pack and its chunks (chunks already indexed elsewhere are kept there).
     pub fn insert_pack(
         &mut self,

@@ -436,8 +436,8 @@ struct State {
     /// queued for loading ahead.
     ahead_until: HashMap<u64, u64>,
     /// Per sealed run: the entry opened last, to tell a scan of the run (tar, cp -r, rsync)
-    /// from random opens.
-    last_open: HashMap<i64, usize>,
+    /// from random opens, and the entry up to which the scan's files were queued ahead.
+    last_open: HashMap<i64, (usize, usize)>,
     /// xattr names whose refusal was logged as a warning already (later ones log at debug:
     /// `cp -a` of a tree would otherwise log one line per file).
     warned_xattrs: HashSet<String>,
@@ -1692,10 +1692,17 @@ impl Vfs {
                         format!("{} is not a file", s.entries[idx].path),
                     ));
                 }
-                let previous = st.last_open.insert(run, idx);
-                if previous.is_some_and(|p| p < idx && idx - p <= SCAN_GAP) {
-                    self.read_ahead_files(&s, idx);
+                let (previous, queued) = st.last_open.get(&run).copied().unzip();
+                let scan = previous.is_some_and(|p| p < idx && idx - p <= SCAN_GAP);
+                let mut queued = if scan {
+                    queued.unwrap_or(idx).max(idx)
+                } else {
+                    idx
+                };
+                if scan && queued < idx + SCAN_AHEAD_FILES / 2 {
+                    queued = self.read_ahead_files(&s, idx, queued);
                 }
+                st.last_open.insert(run, (idx, queued));
                 (
                     Handle::Sealed { run: s, idx },
                     OpenInfo {
@@ -1994,29 +2001,43 @@ impl Vfs {
     /// of a depth-first walk up to the sorting of names with `.` before `/`), while a scan of
     /// the run opens its files one after another: small files are a chunk each, and reading
     /// them one round trip at a time leaves the disk and the decompressor idle in between.
-    fn read_ahead_files(&self, s: &SealedRun, idx: usize) {
+    /// The window is [`SCAN_AHEAD_FILES`] files or [`SCAN_AHEAD_BYTES`] past `idx`; what lies
+    /// up to entry `queued` was queued before, the rest goes as one batch (located in one
+    /// index read). Returns the entry up to which the window is now queued.
+    fn read_ahead_files(&self, s: &SealedRun, idx: usize, queued: usize) -> usize {
         let Some(tx) = self.readahead.as_ref().and_then(|r| r.tx.as_ref()) else {
-            return;
+            return queued;
         };
         let mut bytes = 0u64;
         let mut files = 0;
-        for e in s.entries.iter().skip(idx + 1) {
+        let mut ids = Vec::new();
+        let mut last = idx;
+        for (i, e) in s.entries.iter().enumerate().skip(idx + 1) {
+            if files == SCAN_AHEAD_FILES || bytes >= SCAN_AHEAD_BYTES {
+                break;
+            }
+            last = i;
             if e.kind != Kind::File {
                 continue;
             }
             files += 1;
             for c in &e.chunks {
                 bytes += u64::from(c.1);
-                if !self.cache.contains(&c.0) && tx.try_send(Ahead::Load(c.0)).is_err() {
-                    return;
+                if i > queued && !self.cache.contains(&c.0) {
+                    ids.push(c.0);
                 }
                 if bytes >= SCAN_AHEAD_BYTES {
-                    return;
+                    break;
                 }
             }
-            if files == SCAN_AHEAD_FILES {
-                return;
-            }
+        }
+        if ids.is_empty() {
+            return last.max(queued);
+        }
+        match tx.try_send(Ahead::Batch(ids)) {
+            Ok(()) => last.max(queued),
+            // Behind already: the reads go on without it, and a later open queues again.
+            Err(_) => queued,
         }
     }
 

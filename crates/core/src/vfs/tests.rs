@@ -131,6 +131,61 @@ fn vfs_readahead_loads_the_next_chunks_of_a_sequential_read() {
 }
 
 #[test]
+fn vfs_a_scan_of_small_files_is_served_from_files_read_ahead() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    let files: Vec<(String, Vec<u8>)> = (0..60)
+        .map(|i| (format!("f{i:03}"), random_bytes(1500 + i, 100 + i as u64)))
+        .collect();
+    for (name, data) in &files {
+        fs::write(src.join(name), data).unwrap();
+    }
+    let store = new_store(tmp.path());
+    store
+        .ingest_dir(
+            &src,
+            &RunRef::parse("ns/run").unwrap(),
+            BTreeMap::new(),
+            &NoProgress,
+        )
+        .unwrap();
+    let v = Vfs::new(store, VfsOptions::default()).unwrap();
+    let ns = v.lookup(ROOT_INO, os("ns")).unwrap().ino;
+    let run = v.lookup(ns, os("run")).unwrap().ino;
+    let ino = |name: &str| v.lookup(run, os(name)).unwrap().ino;
+    // Files opened in order, one after another, as tar does: after the first two, each was
+    // loaded ahead (in batches: a window is queued again only when the scan nears its end).
+    for (name, data) in &files {
+        assert!(read_all(&v, ino(name), 64 << 10) == *data, "{name}");
+        v.wait_readahead();
+    }
+    let s = v.cache_stats();
+    assert_eq!(
+        s.misses, 2,
+        "only the files before the scan showed were read on demand: {s:?}"
+    );
+    assert_eq!(s.readahead, files.len() as u64 - 2, "{s:?}");
+    assert_eq!(s.hits, files.len() as u64 - 2, "{s:?}");
+
+    // Opens out of order are no scan: nothing is read ahead.
+    let v = {
+        let store = v.store().root().to_path_buf();
+        drop(v);
+        Vfs::new(Store::open(&store).unwrap(), VfsOptions::default()).unwrap()
+    };
+    let ns = v.lookup(ROOT_INO, os("ns")).unwrap().ino;
+    let run = v.lookup(ns, os("run")).unwrap().ino;
+    for i in [50, 3, 40, 10, 30] {
+        let (name, data) = &files[i];
+        let f = v.lookup(run, os(name)).unwrap().ino;
+        assert!(read_all(&v, f, 64 << 10) == *data);
+    }
+    v.wait_readahead();
+    assert_eq!(v.cache_stats().readahead, 0);
+}
+
+#[test]
 fn vfs_random_reads_do_not_read_ahead() {
     let data = random_bytes(6 << 20, 2);
     let tmp = tempfile::tempdir().unwrap();
