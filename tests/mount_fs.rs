@@ -590,6 +590,73 @@ fn minimal_acls_set_the_mode_and_others_are_refused() {
     assert!(!log[logged..].contains("refused"), "{log}");
 }
 
+/// Only `user.*` attributes exist in a store: other namespaces are unsupported on every node,
+/// which `ls -l` and `cp -a` take as "stop asking on this mount" (one round trip per file
+/// otherwise), while a missing `user.*` name or ACL is ENODATA as on ext4.
+#[test]
+fn only_user_xattrs_exist_and_other_namespaces_are_unsupported() {
+    const ENODATA: i32 = 61;
+    const EOPNOTSUPP: i32 = 95;
+    let env = Env::new();
+    let m = Mount::start(&env, &env.path("mnt"), &["--seal-after", "1h"]);
+    fs::create_dir_all(m.p("ns/r/d")).unwrap();
+    let f = m.p("ns/r/d/f");
+    fs::write(&f, b"one").unwrap();
+    xattr::set(&f, "user.k", b"v").unwrap();
+    let check = |p: &Path, state: &str| {
+        for name in ["security.selinux", "security.capability", "trusted.x"] {
+            assert_eq!(
+                errno(xattr::get(p, name)),
+                EOPNOTSUPP,
+                "{state} {p:?} {name}"
+            );
+        }
+        assert_eq!(
+            xattr::get(p, "user.missing").unwrap(),
+            None,
+            "{state} {p:?}"
+        );
+        assert_eq!(
+            xattr::get(p, "system.posix_acl_access").unwrap(),
+            None,
+            "{state} {p:?}"
+        );
+    };
+    for p in [&f, &m.p("ns/r/d"), &m.p("ns/r")] {
+        check(p, "open");
+    }
+    assert_eq!(errno(xattr::set(&f, "security.x", b"1")), EOPNOTSUPP);
+    assert_eq!(errno(xattr::remove(&f, "user.missing")), ENODATA);
+    // The kernel's security.capability probe before a write takes the answer as "none".
+    OpenOptions::new()
+        .append(true)
+        .open(&f)
+        .unwrap()
+        .write_all(b" two")
+        .unwrap();
+    let ls = Command::new("ls")
+        .arg("-lR")
+        .arg(m.p("ns"))
+        .output()
+        .unwrap();
+    assert!(
+        ls.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ls.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ls.stdout).contains(" f\n"));
+    seal(&m.p("ns/r"));
+    for p in [&f, &m.p("ns/r/d"), &m.p("ns/r")] {
+        check(p, "sealed");
+    }
+    assert_eq!(fs::read(&f).unwrap(), b"one two");
+    assert_eq!(
+        xattr::get(&f, "user.k").unwrap().as_deref(),
+        Some(&b"v"[..])
+    );
+    assert!(xattr::get(&f, "user.artifactfs.blake3").unwrap().is_some());
+}
+
 /// Runs `sh -c SCRIPT` as `nobody` (uid and gid 65534, no groups): its status and stderr.
 fn sh_as_nobody(script: &str) -> (bool, String) {
     let out = Command::new("setpriv")

@@ -215,6 +215,7 @@ impl Filesystem for ArtifactFs {
         // a `lookup` per name. A kernel without either flag just keeps using `readdir`.
         let _ = config
             .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
+        let _ = config.add_capabilities(InitFlags::FUSE_POSIX_ACL);
         Ok(())
     }
 

@@ -2807,10 +2807,19 @@ impl Vfs {
         let name = name_str(name)?;
         let mut st = self.lock();
         let node = self.node(&st, ino)?;
-        if matches!(node, Node::Open(_)) && !name.starts_with("user.") {
-            // Open runs store only user.* names; the kernel asks for security.capability
-            // before every write.
-            return Err(Error::NoAttr(name.to_owned()));
+        if !name.starts_with("user.") {
+            if acl::is_acl(name) {
+                // No ACL is stored (a minimal one sets the mode): the file has none.
+                return Err(Error::NoAttr(name.to_owned()));
+            }
+            // Only user.* attributes exist in a store: ingest records no others and open runs
+            // refuse them. Saying the namespace is unsupported (not that this one file lacks
+            // the name) lets `ls -l` and `cp -a` stop asking for security labels on the rest
+            // of the mount, one round trip per file; the kernel's security.capability probe
+            // before a write takes it as "none".
+            return Err(Error::Unsupported(format!(
+                "xattr {name}: only user.* attributes are stored"
+            )));
         }
         self.xattrs_of(&mut st, node)?
             .remove(name)
