@@ -10,6 +10,9 @@
 #   - `tar -cf - . | wc -c` of the sealed run read back through the mount, cold (the mount was
 #     just started: empty chunk cache, empty page cache for its files) and warm (again), against
 #     the same of the source directory;
+#   - listings: `ls -lR` of a run of 20,000 small files (100 directories of 200) through the
+#     mount, first after the mount started and again, of the run sealed (`artifactfs ingest`)
+#     and of the same tree copied into an open run (`cp -a`, then a remount);
 #   - the FUSE floor: the same `cp -a` and `tar` (cold, warm) through bindfs, a FUSE
 #     passthrough that stores nothing itself, over a local directory (with kernel_cache and
 #     big_writes, multithreaded). It does no chunking, hashing, compression or indexing, so
@@ -133,7 +136,39 @@ for pass in cold warm; do
 done
 stop_mount
 
-# 3. The FUSE floor: a passthrough that does no work of its own.
+# 3. Listings of a run of 20,000 files, sealed and open.
+many=$WORK/many
+python3 - "$many" <<'PY'
+import os, sys
+for d in range(100):
+    p = os.path.join(sys.argv[1], f"d{d:03}")
+    os.makedirs(p)
+    for f in range(200):
+        with open(os.path.join(p, f"f{f:03}.json"), "w") as fh:
+            fh.write('{"dir": %d, "file": %d}\n' % (d, f))
+PY
+nmany=$(find "$many" -type f | wc -l)
+"$AFS" --store "$WORK/store-mount" ingest "$many" bench/many --json >/dev/null
+start_mount "$WORK/store-mount"
+mkdir -p "$mnt/bench/many-open"
+cp -a "$many/." "$mnt/bench/many-open/"
+stop_mount
+start_mount "$WORK/store-mount"
+lsrows=()
+for run in many many-open; do
+    for pass in first again; do
+        c0=$(mount_cpu "$MPID")
+        # shellcheck disable=SC2016 # expanded by the inner shell
+        timed "ls-lR-$run-$pass" bash -c 'ls -lR "$1" | wc -l' _ "$mnt/bench/$run"
+        wall=$(awk -v n="ls-lR-$run-$pass" '$1 == n {w = $2} END {print w}' "$WORK/times")
+        lsrows+=("| $run ($([[ $run == many ]] && echo sealed || echo open)) | $pass | $nmany | $wall | $(awk -v a="$c0" -v b="$(mount_cpu "$MPID")" 'BEGIN {printf "%.2f", b - a}') |")
+    done
+done
+[[ $(getfattr --only-values -n user.artifactfs.state "$mnt/bench/many-open" 2>/dev/null) == open ]] ||
+    die "the open run of the listing test is not open"
+stop_mount
+
+# 4. The FUSE floor: a passthrough that does no work of its own.
 if command -v bindfs >/dev/null; then
     mkdir -p "$WORK/bindfs-dir" "$bmnt"
     bindfs_mount() {
@@ -165,3 +200,9 @@ echo
 echo "| step | MB | wall s | MB/s | mount CPU s | mount peak RSS MiB |"
 echo "|---|---|---|---|---|---|"
 printf '%s\n' "${rows[@]}"
+echo
+echo "\`ls -lR\` through the mount (target: under 1 s warm for 20,000 files):"
+echo
+echo "| run | pass | files | wall s | mount CPU s |"
+echo "|---|---|---|---|---|"
+printf '%s\n' "${lsrows[@]}"
