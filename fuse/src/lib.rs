@@ -201,6 +201,9 @@ fn xattr_reply(data: &[u8], size: u32, reply: ReplyXattr) {
     }
 }
 
+/// Entries whose attributes `readdirplus` reads at a time: about what fits in one reply.
+const PLUS_GROUP: usize = 32;
+
 impl Filesystem for ArtifactFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         if let Err(max) = config.set_max_write(IO_SIZE) {
@@ -507,23 +510,31 @@ impl Filesystem for ArtifactFs {
             Ok(l) => l,
             Err(e) => return reply.error(log_err("readdirplus", ino.0, &e)),
         };
-        for (i, e) in list.iter().enumerate().skip(offset as usize) {
-            // An entry removed since the listing was taken is skipped, as a fresh listing
-            // would not have it.
-            let a = match self.vfs.getattr(e.ino) {
-                Ok(a) => a,
-                Err(Error::NotFound(_)) => continue,
-                Err(err) => return reply.error(log_err("readdirplus", e.ino, &err)),
-            };
-            if reply.add(
-                INodeNo(e.ino),
-                (i + 1) as u64,
-                &e.name,
-                &ttl(&a),
-                &fattr(&a),
-                Generation(0),
-            ) {
-                break;
+        // Attributes in groups about the size of a reply (a page of entries): the rest of a
+        // group past a full reply is read for nothing, a few entries at most.
+        let start = (offset as usize).min(list.len());
+        for (g, group) in list[start..].chunks(PLUS_GROUP).enumerate() {
+            let inos: Vec<u64> = group.iter().map(|e| e.ino).collect();
+            let attrs = self.vfs.getattrs(&inos);
+            for (k, (e, a)) in group.iter().zip(attrs).enumerate() {
+                // An entry removed since the listing was taken is skipped, as a fresh listing
+                // would not have it.
+                let a = match a {
+                    Ok(a) => a,
+                    Err(Error::NotFound(_)) => continue,
+                    Err(err) => return reply.error(log_err("readdirplus", e.ino, &err)),
+                };
+                let i = start + g * PLUS_GROUP + k;
+                if reply.add(
+                    INodeNo(e.ino),
+                    (i + 1) as u64,
+                    &e.name,
+                    &ttl(&a),
+                    &fattr(&a),
+                    Generation(0),
+                ) {
+                    return reply.ok();
+                }
             }
         }
         reply.ok();

@@ -483,9 +483,10 @@ impl Index {
             step("BEGIN")?;
         }
         let out = ids.iter().map(|id| self.chunk(id)).collect();
-        if own {
-            // Ending a read transaction either way frees its snapshot.
-            step("COMMIT")?;
+        if own && let Err(e) = step("COMMIT") {
+            // A pooled connection must not go back with a snapshot held.
+            let _ = step("ROLLBACK");
+            return Err(e);
         }
         out
     }
@@ -1685,6 +1686,34 @@ impl Meta<'_> {
             .and_then(|mut s| s.query_row(params![ino], |r| r.get::<_, i64>(0)).optional())
             .map(|n| n.map(|n| n as u64))
             .map_err(self.err())
+    }
+
+    /// The inodes of `inos` that exist, each with the length of its inline content if it has
+    /// some: one statement (one read lock) for a listing's worth of attributes.
+    pub fn inodes_with_inline_len(&self, inos: &[i64]) -> Result<Vec<(InodeRow, Option<u64>)>> {
+        let list = serde_json::to_string(inos).map_err(|e| Error::Index {
+            path: self.path.to_path_buf(),
+            message: format!("inode list: {e}"),
+        })?;
+        let mut s = self
+            .conn
+            .prepare_cached(concat!(
+                "SELECT ",
+                inode_cols!(),
+                ", (SELECT length(data) FROM inline_data d WHERE d.ino = inodes.ino)
+                 FROM inodes WHERE ino IN (SELECT value FROM json_each(?1))"
+            ))
+            .map_err(self.err())?;
+        let rows = s
+            .query_map(params![list], |r| {
+                Ok((inode_row(r)?, r.get::<_, Option<i64>>(13)?))
+            })
+            .map_err(self.err())?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(self.err())?;
+        rows.into_iter()
+            .map(|(raw, n)| Ok((finish_inode(raw)?, n.map(|n| n as u64))))
+            .collect()
     }
 
     /// Keeps a file's content in the index.

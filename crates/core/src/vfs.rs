@@ -935,6 +935,16 @@ impl Vfs {
     }
 
     fn open_attr(&self, st: &State, row: &InodeRow) -> Result<Attr> {
+        self.open_attr_known(st, row, None)
+    }
+
+    /// [`Vfs::open_attr`] with the inline length read already (`Some(None)`: not inline).
+    fn open_attr_known(
+        &self,
+        st: &State,
+        row: &InodeRow,
+        inline_len: Option<Option<u64>>,
+    ) -> Result<Attr> {
         let patched;
         let row = match st.dirty_attrs.get(&row.ino) {
             Some(p) => {
@@ -944,7 +954,7 @@ impl Vfs {
             None => row,
         };
         let (size, nlink) = match row.kind {
-            Kind::File => (self.file_len(st, row)?, row.nlink),
+            Kind::File => (self.file_len_known(st, row, inline_len)?, row.nlink),
             Kind::Dir => (0, 2 + self.subdir_count(row.ino)? as u32),
             _ => (row.size, row.nlink.max(1)),
         };
@@ -1093,6 +1103,40 @@ impl Vfs {
         let mut st = self.lock();
         let node = self.node(&st, ino)?;
         self.attr_of(&mut st, node)
+    }
+
+    /// [`Vfs::getattr`] of each of `inos`, for a listing that carries attributes: the inodes
+    /// of open runs among them are read with one statement instead of two each.
+    pub fn getattrs(&self, inos: &[u64]) -> Vec<Result<Attr>> {
+        let mut st = self.lock();
+        let nodes: Vec<Result<Node>> = inos.iter().map(|&i| self.node(&st, i)).collect();
+        let open: Vec<i64> = nodes
+            .iter()
+            .filter_map(|n| match n {
+                Ok(Node::Open(i)) => Some(*i),
+                _ => None,
+            })
+            .collect();
+        let mut rows: HashMap<i64, (InodeRow, Option<u64>)> = HashMap::new();
+        if open.len() > 1 {
+            // On failure each falls back to its own reads below.
+            if let Ok(found) = self.meta(|m| m.inodes_with_inline_len(&open)) {
+                rows = found.into_iter().map(|(r, n)| (r.ino, (r, n))).collect();
+            }
+        }
+        nodes
+            .into_iter()
+            .map(|n| {
+                let node = n?;
+                match node {
+                    Node::Open(i) => match rows.get(&i) {
+                        Some((row, n)) => self.open_attr_known(&st, row, Some(*n)),
+                        None => self.attr_of(&mut st, node),
+                    },
+                    _ => self.attr_of(&mut st, node),
+                }
+            })
+            .collect()
     }
 
     fn run_node(&self, st: &mut State, ns: &str, run: &str) -> Result<Option<(i64, Node)>> {
@@ -1555,11 +1599,22 @@ impl Vfs {
     }
 
     /// The length of an open-run file.
-    fn file_len(&self, st: &State, row: &InodeRow) -> Result<u64> {
+    /// An open-run file's length: its inline content's (`inline_len`, when the caller read it
+    /// already: `Some(None)` is not inline), else its staging file's.
+    fn file_len_known(
+        &self,
+        st: &State,
+        row: &InodeRow,
+        inline_len: Option<Option<u64>>,
+    ) -> Result<u64> {
         if let Some(i) = st.inline.get(&row.ino) {
             return Ok(i.data.len() as u64);
         }
-        if let Some(n) = self.meta(|m| m.inline_len(row.ino))? {
+        let inline_len = match inline_len {
+            Some(n) => n,
+            None => self.meta(|m| m.inline_len(row.ino))?,
+        };
+        if let Some(n) = inline_len {
             return Ok(n);
         }
         let p = self.staging_path(row.run, row.ino);

@@ -186,6 +186,45 @@ fn vfs_a_scan_of_small_files_is_served_from_files_read_ahead() {
 }
 
 #[test]
+fn vfs_attributes_of_a_listing_match_one_by_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (v, run) = fresh_run(tmp.path());
+    let small = write_file(&v, run, "small", b"tiny");
+    let big = write_file(&v, run, "big", &random_bytes(3 << 20, 7));
+    let d = v.mkdir(CTX, run, os("d"), 0o750).unwrap().ino;
+    v.symlink(CTX, run, os("link"), Path::new("small")).unwrap();
+    // Open, written and not closed: its length and times are the view's, not the index's.
+    let (a, fh) = v.create(CTX, run, os("open"), 0o600).unwrap();
+    v.write(fh, 0, b"written, not closed").unwrap();
+    let inos: Vec<u64> = v.readdir(run).unwrap().iter().map(|e| e.ino).collect();
+    let mut asked = inos.clone();
+    asked.push(a.ino + 1_000_000);
+    let batch = v.getattrs(&asked);
+    for (ino, got) in asked.iter().zip(&batch) {
+        match (v.getattr(*ino), got) {
+            (Ok(want), Ok(got)) => assert_eq!(&want, got, "inode {ino}"),
+            (Err(_), Err(_)) => {}
+            (want, got) => panic!("inode {ino}: {want:?} one by one, {got:?} in the listing"),
+        }
+    }
+    let size = |ino: u64| {
+        batch[asked.iter().position(|&i| i == ino).unwrap()]
+            .as_ref()
+            .unwrap()
+            .size
+    };
+    assert_eq!(size(small), 4);
+    assert_eq!(size(big), 3 << 20);
+    assert_eq!(size(a.ino), 19);
+    assert!(
+        batch.last().unwrap().is_err(),
+        "an unknown inode is an error"
+    );
+    assert!(inos.contains(&d));
+    v.release(fh).unwrap();
+}
+
+#[test]
 fn vfs_random_reads_do_not_read_ahead() {
     let data = random_bytes(6 << 20, 2);
     let tmp = tempfile::tempdir().unwrap();
