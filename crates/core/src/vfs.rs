@@ -1598,7 +1598,6 @@ impl Vfs {
         fh
     }
 
-    /// The length of an open-run file.
     /// An open-run file's length: its inline content's (`inline_len`, when the caller read it
     /// already: `Some(None)` is not inline), else its staging file's.
     fn file_len_known(
