@@ -76,6 +76,9 @@ const FACTS_PREFIX: &str = "user.artifactfs.";
 /// Opens of a sealed run's files at most this many entries apart, in increasing order, are a
 /// scan of the run: the files after them are read ahead.
 const SCAN_GAP: usize = 8;
+/// How long an explicit seal waits for the releases of files just closed (the kernel sends a
+/// release after the close returned) before it fails with `Busy`.
+const RELEASE_GRACE: Duration = Duration::from_millis(500);
 /// How far a scan reads ahead: this many files, or this many bytes of their chunks.
 const SCAN_AHEAD_FILES: usize = 16;
 const SCAN_AHEAD_BYTES: u64 = 4 << 20;
@@ -2390,6 +2393,10 @@ impl Vfs {
         if let Some(a) = st.runs.get_mut(&run) {
             a.open = a.open.saturating_sub(1);
             a.last = Instant::now();
+            if a.open == 0 {
+                // A seal may be waiting for this release (see `Vfs::seal_id`).
+                self.sealed_cv.notify_all();
+            }
         }
         if left == 0 {
             let row = self.meta(|m| m.inode(inode))?;
@@ -3215,27 +3222,41 @@ impl Vfs {
     /// the mount goes on; only the index commit and the switch of inode numbers hold it.
     fn seal_id(&self, run_id: i64, why: &str) -> Result<ManifestDigest> {
         let mut st = self.lock();
-        while st.sealing.contains(&run_id) {
-            st = self.sealed_cv.wait(st).unwrap_or_else(|p| p.into_inner());
-        }
-        let row = self
-            .store
-            .index()
-            .run_by_id(run_id)?
-            .ok_or_else(|| Error::NotFound(format!("run {run_id}")))?;
-        let r = row.run.clone();
-        if row.state != "open" {
-            st.runs.remove(&run_id);
-            return Err(Error::ReadOnly(format!("run {r} is already {}", row.state)));
-        }
-        let open = st.runs.get(&run_id).map_or(0, |a| a.open);
-        if open > 0 {
-            let e = Error::Busy(format!(
-                "run {r} has {open} open files; close them before sealing"
-            ));
-            tracing::warn!(run = %r, "seal refused: {e}");
-            return Err(e);
-        }
+        let deadline = Instant::now() + RELEASE_GRACE;
+        let r = loop {
+            while st.sealing.contains(&run_id) {
+                st = self.sealed_cv.wait(st).unwrap_or_else(|p| p.into_inner());
+            }
+            let row = self
+                .store
+                .index()
+                .run_by_id(run_id)?
+                .ok_or_else(|| Error::NotFound(format!("run {run_id}")))?;
+            let r = row.run.clone();
+            if row.state != "open" {
+                st.runs.remove(&run_id);
+                return Err(Error::ReadOnly(format!("run {r} is already {}", row.state)));
+            }
+            let open = st.runs.get(&run_id).map_or(0, |a| a.open);
+            if open == 0 {
+                break r;
+            }
+            // The kernel sends a file's release after its close has returned: a seal right
+            // after the last close may come first. It waits for releases a moment.
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                let e = Error::Busy(format!(
+                    "run {r} has {open} open files; close them before sealing"
+                ));
+                tracing::warn!(run = %r, "seal refused: {e}");
+                return Err(e);
+            }
+            st = self
+                .sealed_cv
+                .wait_timeout(st, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        };
         st.sealing.insert(run_id);
         drop(st);
         // Its files are closed: what is still queued to be chunked ahead, the seal chunks.

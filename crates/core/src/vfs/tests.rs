@@ -225,6 +225,33 @@ fn vfs_attributes_of_a_listing_match_one_by_one() {
 }
 
 #[test]
+fn vfs_a_seal_waits_a_moment_for_releases_in_flight() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (v, run) = fresh_run(tmp.path());
+    let v = Arc::new(v);
+    let (_, fh) = v.create(CTX, run, os("f"), 0o644).unwrap();
+    v.write(fh, 0, b"x").unwrap();
+    v.flush(fh).unwrap();
+    // The kernel's release comes after close returned: here, 100 ms after the seal asks.
+    let late = {
+        let v = v.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            v.release(fh).unwrap();
+        })
+    };
+    v.seal(&RunRef::parse("ns/r").unwrap()).unwrap();
+    late.join().unwrap();
+    // A file held open past the grace: the seal fails, and goes through once it is closed.
+    let run2 = open_run(&v, "ns", "r2");
+    let (_, fh2) = v.create(CTX, run2, os("g"), 0o644).unwrap();
+    let r2 = RunRef::parse("ns/r2").unwrap();
+    assert!(matches!(v.seal(&r2), Err(Error::Busy(_))));
+    v.release(fh2).unwrap();
+    v.seal(&r2).unwrap();
+}
+
+#[test]
 fn vfs_random_reads_do_not_read_ahead() {
     let data = random_bytes(6 << 20, 2);
     let tmp = tempfile::tempdir().unwrap();
