@@ -86,6 +86,24 @@ fn read_all(v: &Vfs, ino: u64, step: u32) -> Vec<u8> {
     out
 }
 
+/// `src` ingested as the sealed run `ns/run` of a new store in `dir`: a view of it and the
+/// run's inode.
+fn sealed_tree(dir: &Path, src: &Path) -> (Vfs, u64) {
+    let store = new_store(dir);
+    store
+        .ingest_dir(
+            src,
+            &RunRef::parse("ns/run").unwrap(),
+            BTreeMap::new(),
+            &NoProgress,
+        )
+        .unwrap();
+    let v = Vfs::new(store, VfsOptions::default()).unwrap();
+    let ns = v.lookup(ROOT_INO, os("ns")).unwrap().ino;
+    let run = v.lookup(ns, os("run")).unwrap().ino;
+    (v, run)
+}
+
 fn sealed_file(dir: &Path, opts: VfsOptions, data: &[u8]) -> (Vfs, u64) {
     let src = dir.join("src");
     fs::create_dir_all(&src).unwrap();
@@ -130,6 +148,8 @@ fn vfs_readahead_loads_the_next_chunks_of_a_sequential_read() {
     assert_eq!(s.readahead, 0);
 }
 
+/// As `vfs_a_scan_of_small_files_reads_the_next_files_ahead`, over several readahead windows
+/// (60 files: a window is queued again as the scan nears the end of the last).
 #[test]
 fn vfs_a_scan_of_small_files_is_served_from_files_read_ahead() {
     let tmp = tempfile::tempdir().unwrap();
@@ -141,18 +161,7 @@ fn vfs_a_scan_of_small_files_is_served_from_files_read_ahead() {
     for (name, data) in &files {
         fs::write(src.join(name), data).unwrap();
     }
-    let store = new_store(tmp.path());
-    store
-        .ingest_dir(
-            &src,
-            &RunRef::parse("ns/run").unwrap(),
-            BTreeMap::new(),
-            &NoProgress,
-        )
-        .unwrap();
-    let v = Vfs::new(store, VfsOptions::default()).unwrap();
-    let ns = v.lookup(ROOT_INO, os("ns")).unwrap().ino;
-    let run = v.lookup(ns, os("run")).unwrap().ino;
+    let (v, run) = sealed_tree(tmp.path(), &src);
     let ino = |name: &str| v.lookup(run, os(name)).unwrap().ino;
     // Files opened in order, one after another, as tar does: after the first two, each was
     // loaded ahead (in batches: a window is queued again only when the scan nears its end).
@@ -522,18 +531,7 @@ fn vfs_a_scan_of_small_files_reads_the_next_files_ahead() {
     for (i, d) in files.iter().enumerate() {
         fs::write(src.join(format!("f{i:02}")), d).unwrap();
     }
-    let store = new_store(tmp.path());
-    store
-        .ingest_dir(
-            &src,
-            &RunRef::parse("ns/run").unwrap(),
-            BTreeMap::new(),
-            &NoProgress,
-        )
-        .unwrap();
-    let v = Vfs::new(store, VfsOptions::default()).unwrap();
-    let ns = v.lookup(ROOT_INO, os("ns")).unwrap().ino;
-    let run = v.lookup(ns, os("run")).unwrap().ino;
+    let (v, run) = sealed_tree(tmp.path(), &src);
     let ino = |i: usize| v.lookup(run, os(&format!("f{i:02}"))).unwrap().ino;
 
     // Out of order: no readahead.
