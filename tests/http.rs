@@ -1315,3 +1315,64 @@ fn run_info_answers_while_the_run_is_written_and_sealed() {
         }
     }
 }
+
+#[test]
+fn run_info_follows_every_change_and_the_clock() {
+    // GET /v1/runs/NS/RUN answers again from what it read while nothing has been committed
+    // (ADR 0022). Every change below is a commit and shows in the next answer; a retention
+    // that runs out shows by the clock alone; a run gc deleted is gone.
+    let env = Env::with_clock("2026-11-30T12:00:00Z");
+    let s = Server::start(&env);
+    let info = || ok_json(client().get(s.url("/v1/runs/chg/r")).send().unwrap());
+    create_run(&s, "chg", "r", json!({"owner": "lab"}));
+    let v = info();
+    assert_eq!(
+        (v["state"].as_str(), v["digest"].as_str()),
+        (Some("open"), None)
+    );
+    assert_eq!(info()["metadata"]["owner"], "lab");
+    put(&s, "chg/r", "a.txt", b"one".to_vec());
+    put(&s, "chg/r", "b.txt", b"two".to_vec());
+    let digest = seal(&s, "chg/r");
+    let v = info();
+    assert_eq!(
+        (
+            v["state"].as_str(),
+            v["digest"].as_str(),
+            v["files"].as_u64()
+        ),
+        (Some("sealed"), Some(digest.as_str()), Some(2))
+    );
+    let hold = |method: reqwest::Method| {
+        client()
+            .request(method, s.url("/v1/runs/chg/r/holds/audit"))
+            .json(&json!({"reason": "check"}))
+            .send()
+            .unwrap()
+            .status()
+    };
+    assert!(hold(reqwest::Method::POST).is_success());
+    assert_eq!(info()["holds"][0]["name"], "audit");
+    assert!(hold(reqwest::Method::DELETE).is_success());
+    assert_eq!(info()["holds"], json!([]));
+    let r = client()
+        .put(s.url("/v1/runs/chg/r/retention"))
+        .json(&json!({"value": "1d"}))
+        .send()
+        .unwrap();
+    assert!(r.status().is_success());
+    let v = info();
+    assert_eq!(v["retention"]["retain"], "1d");
+    assert_eq!(v["retention"]["eligible"], false);
+    // Asked again before the retention runs out: the same answer.
+    assert_eq!(info(), v);
+    assert_eq!(v["retention"]["retain_until"], "2026-12-01T12:00:00Z");
+    env.set_time("2026-12-01T11:59:59Z");
+    assert_eq!(info(), v);
+    env.set_time("2026-12-01T12:00:00Z");
+    assert_eq!(info()["retention"]["eligible"], true);
+    env.ok(&["gc", "--grace", "0s"]);
+    let r = client().get(s.url("/v1/runs/chg/r")).send().unwrap();
+    assert_eq!(r.status(), 404);
+    s.stop();
+}

@@ -185,7 +185,8 @@ impl Store {
         SealGuard(self.gate.clone())
     }
 
-    pub(crate) fn now_ns(&self) -> i64 {
+    /// The store's clock, in nanoseconds since the Unix epoch.
+    pub fn now_ns(&self) -> i64 {
         to_unix_ns(self.clock.now())
     }
 

@@ -461,6 +461,20 @@ pub struct RunDetails {
     pub row: RunRow,
     pub retention: crate::gc::RetentionInfo,
     pub meta: Vec<(String, String)>,
+    /// The store's time the retention was judged at (`retention.eligible`).
+    pub as_of_ns: i64,
+}
+
+impl RunDetails {
+    /// Until when these details stay true if nothing is committed: a sealed run without holds
+    /// becomes eligible for gc when its retention runs out, by the clock alone. `None`: only a
+    /// commit can change them.
+    pub fn valid_until_ns(&self) -> Option<i64> {
+        let r = &self.retention;
+        let waits = !r.eligible && r.state == "sealed" && r.holds.is_empty();
+        r.retain_until_ns
+            .filter(|&u| waits && u != crate::retention::FOREVER_NS)
+    }
 }
 
 /// A run's row, retention (as of `now`) and metadata, in one snapshot of the index.
@@ -474,6 +488,7 @@ fn run_details_of(idx: &Index, r: &RunRef, now: i64) -> Result<RunDetails> {
         row,
         retention,
         meta,
+        as_of_ns: now,
     })
 }
 

@@ -389,15 +389,26 @@ fn encode_segment(s: &str) -> String {
 
 pub async fn run_info(State(app): State<App>, req: Request) -> ApiResult {
     let p = run_path(req.uri().path(), |r| *r == RunResource::Run)?;
+    // Read before the details: an answer kept under it is no older than any commit that had
+    // returned by now (ADR 0022).
+    let generation = artifactfs_core::index::commit_generation();
+    if let Some(body) = app
+        .run_info
+        .get(&p.run, generation, app.vfs.store().now_ns())
+    {
+        return Ok(json_bytes(body));
+    }
     // A short read of committed state: on this worker when a pooled read connection is idle
     // (no hand-off to a blocking thread, ADR 0020), else on a blocking thread, which may wait.
     let d = match app.vfs.store().run_details_now(&p.run) {
         Some(d) => d?,
         None => {
             let vfs = app.vfs.clone();
-            blocking(move || Ok(vfs.store().run_details(&p.run)?)).await?
+            let run = p.run.clone();
+            blocking(move || Ok(vfs.store().run_details(&run)?)).await?
         }
     };
+    let (at_ns, until_ns) = (d.as_of_ns, d.valid_until_ns());
     let meta: serde_json::Map<String, Value> = d
         .meta
         .into_iter()
@@ -412,7 +423,15 @@ pub async fn run_info(State(app): State<App>, req: Request) -> ApiResult {
     });
     v["holds"] = serde_json::to_value(&ret.holds).unwrap_or_default();
     v["metadata"] = Value::Object(meta);
-    Ok(json_response(StatusCode::OK, v))
+    let body = Bytes::from(serde_json::to_vec(&v).map_err(|e| ApiError::internal(e.to_string()))?);
+    app.run_info
+        .put(p.run, generation, at_ns, until_ns, body.clone());
+    Ok(json_bytes(body))
+}
+
+/// A 200 answer of JSON already serialized.
+fn json_bytes(body: Bytes) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 pub async fn run_manifest(State(app): State<App>, req: Request) -> ApiResult {

@@ -12,6 +12,7 @@ pub mod fsops;
 mod handlers;
 pub mod metrics;
 pub mod paths;
+mod run_cache;
 pub mod uploads;
 
 use std::net::SocketAddr;
@@ -92,6 +93,8 @@ pub(crate) struct App {
     /// Uploads a request is appending to or completing now.
     pub busy_uploads: Arc<Mutex<std::collections::HashSet<String>>>,
     pub next_request: Arc<AtomicU64>,
+    /// Answers of `GET /v1/runs/NS/RUN` while nothing is committed (ADR 0022).
+    pub run_info: Arc<run_cache::RunInfoCache>,
 }
 
 /// The router over `vfs`.
@@ -104,6 +107,7 @@ pub fn router(vfs: Arc<Vfs>, opts: ServerOptions) -> Router {
         gc_seen: Arc::default(),
         busy_uploads: Arc::default(),
         next_request: Arc::default(),
+        run_info: Arc::default(),
     };
     Router::new()
         .route("/health", get(h::health))

@@ -341,6 +341,29 @@ mod tests {
     }
 
     #[test]
+    fn an_open_runs_details_carry_its_directory_metadata_as_the_seal_will() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (v, run) = view(tmp.path());
+        let set = |name: &str, value: &[u8]| v.setxattr(run, OsStr::new(name), value, 0).unwrap();
+        set("user.statehub.run_id", b"sh-42");
+        set("user.owner", b"lab");
+        // Not producer metadata: a binary value.
+        set("user.blob", &[0xff, 0xfe]);
+        let open = v.store().run_details(&run_ref()).unwrap();
+        assert_eq!(open.row.state, "open");
+        let want = vec![
+            ("owner".to_string(), "lab".to_string()),
+            ("statehub.run_id".to_string(), "sh-42".to_string()),
+        ];
+        assert_eq!(open.meta, want);
+        put(&v, run, "f", b"x");
+        v.seal(&run_ref()).unwrap();
+        let sealed = v.store().run_details(&run_ref()).unwrap();
+        assert_eq!(sealed.row.state, "sealed");
+        assert_eq!(sealed.meta, want);
+    }
+
+    #[test]
     fn a_pooled_reader_never_blocks_a_seal_and_keeps_its_snapshot() {
         let tmp = tempfile::tempdir().unwrap();
         let (v, run) = view(tmp.path());

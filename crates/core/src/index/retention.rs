@@ -272,7 +272,8 @@ impl Index {
                    (SELECT json_group_array(json_array(name, reason, placed_at))
                       FROM holds WHERE run = runs.id),
                    (SELECT json_group_array(json_array(key, value))
-                      FROM run_meta WHERE run = runs.id)
+                      FROM run_meta WHERE run = runs.id),
+                   (SELECT xattrs FROM inodes WHERE ino = runs.root_ino AND run = runs.id)
                  FROM runs WHERE namespace = ?1 AND name = ?2 AND state <> 'deleted'"
             ))
             .and_then(|mut s| {
@@ -286,12 +287,13 @@ impl Index {
                         },
                         row.get::<_, String>(12)?,
                         row.get::<_, String>(13)?,
+                        row.get::<_, Option<String>>(14)?,
                     ))
                 })
                 .optional()
             })
             .map_err(self.err())?;
-        let Some((run, retention, holds, meta)) = found else {
+        let Some((run, retention, holds, meta, open_xattrs)) = found else {
             return Ok(None);
         };
         let run = run?;
@@ -310,6 +312,15 @@ impl Index {
             .collect();
         holds.sort_by(|a, b| a.name.cmp(&b.name));
         let mut meta: RunMeta = serde_json::from_str(&meta).map_err(|e| bad("metadata", e))?;
+        // An open run's metadata is still its directory's `user.*` xattrs; the seal turns
+        // them into `run_meta` rows by the same rule.
+        if run.state == "open"
+            && let Some(x) = open_xattrs
+        {
+            let xattrs: std::collections::BTreeMap<String, crate::manifest::XattrValue> =
+                serde_json::from_str(&x).map_err(|e| bad("run directory xattrs", e))?;
+            meta.extend(crate::ingest::producer_metadata(&xattrs));
+        }
         meta.sort();
         Ok(Some((
             RunRetention {
