@@ -1562,6 +1562,15 @@ impl Meta<'_> {
         .map_err(self.err())
     }
 
+    /// How many runs (not deleted) a namespace has: its directory's subdirectories. Counted
+    /// in the index of run names, not listed: a namespace's attributes are asked for often.
+    pub fn run_count(&self, namespace: &str) -> Result<u32> {
+        self.conn
+            .prepare_cached("SELECT count(*) FROM runs WHERE namespace = ?1 AND state <> 'deleted'")
+            .and_then(|mut s| s.query_row(params![namespace], |r| r.get(0)))
+            .map_err(self.err())
+    }
+
     /// One run (not deleted) of a namespace: (id, state).
     pub fn run_of(&self, namespace: &str, name: &str) -> Result<Option<(i64, String)>> {
         self.conn

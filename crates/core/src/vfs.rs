@@ -997,12 +997,12 @@ impl Vfs {
     }
 
     fn ns_attr(&self, ns: &NamespaceRow) -> Result<Attr> {
-        let runs = self.meta(|m| m.runs_of(&ns.name))?;
+        let runs = self.meta(|m| m.run_count(&ns.name))?;
         Ok(Attr {
             ino: encode(Node::Namespace(ns.id)),
             kind: Kind::Dir,
             mode: ns.mode & 0o7777,
-            nlink: 2 + runs.len() as u32,
+            nlink: 2 + runs,
             uid: ns.uid,
             gid: ns.gid,
             size: 0,
@@ -2604,7 +2604,7 @@ impl Vfs {
                 let ns = self
                     .meta(|m| m.namespace(name))?
                     .ok_or_else(|| Error::NotFound(name.to_owned()))?;
-                if !self.meta(|m| m.runs_of(name))?.is_empty() {
+                if self.meta(|m| m.run_count(name))? > 0 {
                     return Err(Error::NotEmpty(format!("namespace {name} has runs")));
                 }
                 self.meta_write(|m| m.delete_namespace(ns.id))?;

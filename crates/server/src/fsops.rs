@@ -94,10 +94,21 @@ pub fn create_run(vfs: &Vfs, r: &RunRef, meta: &[(String, String)]) -> Result<()
     Ok(())
 }
 
-/// Makes every directory of `dir` (a validated path inside the run) and returns the last.
+/// Makes every directory of `dir` (a validated path inside the run) and returns the last; the
+/// run must exist and be open.
 fn mkdir_p(vfs: &Vfs, r: &RunRef, dir: &str) -> Result<Attr> {
     let ctx = owner(vfs);
-    let mut a = run_root(vfs, r)?;
+    // The run's directory tells whether it is open (its attributes are immutable once
+    // sealed): no separate read of the run's row.
+    let mut a = run_root(vfs, r).map_err(|e| match e {
+        Error::NotFound(_) => Error::NotFound(format!("run {r}")),
+        e => e,
+    })?;
+    if a.immutable {
+        return Err(Error::ReadOnly(format!(
+            "run {r} is sealed; only open runs take files"
+        )));
+    }
     for comp in dir.split('/').filter(|c| !c.is_empty()) {
         a = match vfs.lookup(a.ino, OsStr::new(comp)) {
             Ok(c) if c.kind == Kind::Dir => c,
@@ -132,7 +143,6 @@ pub struct Put {
 impl Put {
     /// Starts writing `path` in open run `r`, making its parent directories.
     pub fn begin(vfs: Arc<Vfs>, r: &RunRef, path: &str) -> Result<Put> {
-        require_open(&vfs, r)?;
         let (dir, name) = match path.rsplit_once('/') {
             Some((d, n)) => (d, n),
             None => ("", path),

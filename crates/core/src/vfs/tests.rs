@@ -467,6 +467,31 @@ fn vfs_seal_runs_without_the_state_lock_and_freezes_its_run() {
     assert_eq!(read_all(&v, g, 4096), b"b");
 }
 
+/// A namespace's link count is 2 + its runs (counted, not listed), open or sealed; one with
+/// runs cannot be removed.
+#[test]
+fn vfs_namespace_link_counts_are_its_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let v = Vfs::new(new_store(tmp.path()), VfsOptions::default()).unwrap();
+    let ns_nlink = |name: &str| v.lookup(ROOT_INO, os(name)).unwrap().nlink;
+    for i in 0..3 {
+        let run = open_run(&v, "ns", &format!("r{i}"));
+        write_file(&v, run, "f", b"x");
+    }
+    assert_eq!(ns_nlink("ns"), 5);
+    v.seal(&RunRef::new("ns", "r0").unwrap()).unwrap();
+    open_run(&v, "ns", "r3");
+    assert_eq!(ns_nlink("ns"), 6);
+    let empty = v.mkdir(CTX, ROOT_INO, os("empty"), 0o755).unwrap();
+    assert_eq!((empty.nlink, ns_nlink("empty")), (2, 2));
+    assert!(matches!(
+        v.rmdir(ROOT_INO, os("ns")),
+        Err(Error::NotEmpty(_))
+    ));
+    v.rmdir(ROOT_INO, os("empty")).unwrap();
+    assert_eq!(ns_nlink("ns"), 6);
+}
+
 /// A directory's link count is 2 + its subdirectories, through every change that adds, removes
 /// or moves one (the counts are remembered between `getattr`s).
 #[test]
