@@ -2036,14 +2036,16 @@ mod tests {
     fn chunks_of_a_window_larger_than_the_room_are_cached_one_by_one() {
         let dir = tempfile::tempdir().unwrap();
         let remote = Arc::new(Flaky::new());
-        // Packs of about 1 MiB do not fit a 768 KiB bound: every pack is evicted, and a
-        // whole-pack window never fits, but its chunks (at most 256 KiB) do.
+        // Packs of about 1 MiB do not fit a 768 KiB bound: they are evicted, and a whole-pack
+        // window never fits, but its chunks (at most 256 KiB) do. The last pack holds what is
+        // left over and may be small enough to stay.
         let bound = 768 << 10;
         let store = tiered(dir.path(), remote.clone(), bound);
         let data = ingest(&store, dir.path(), "ns/a", 7, 3 << 20);
         store.push_pending().unwrap();
         let s = store.tier_status().unwrap();
-        assert_eq!((s.counts.both_packs, s.cache_bytes), (0, 0), "{s:?}");
+        assert!(s.counts.remote_only_packs >= 2, "{s:?}");
+        assert!(s.counts.both_packs <= 1 && s.cache_bytes <= bound, "{s:?}");
         assert_eq!(read(&store, "ns/a"), data);
         let s = store.tier_status().unwrap();
         assert!(s.range_cache_entries > 0, "{s:?}");
