@@ -34,6 +34,8 @@ pub const EXIT_LOCKED: u8 = 5;
 pub const EXIT_BUSY: u8 = 9;
 /// Exit status of a change the retention rules refuse (shortening a retention).
 pub const EXIT_REFUSED: u8 = 10;
+/// Exit status when the store's disk is full: nothing stored was lost, retry with room.
+pub const EXIT_DISK_FULL: u8 = 11;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -438,6 +440,7 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
         Some(Error::NotAStore { .. }) => 8,
         Some(Error::Busy(_)) => EXIT_BUSY,
         Some(Error::NotPermitted(_)) => EXIT_REFUSED,
+        Some(err) if err.is_disk_full() => EXIT_DISK_FULL,
         _ => 1,
     }
 }

@@ -1419,3 +1419,52 @@ fn uploads_either_side_of_the_whole_body_size_store_exact_bytes() {
     );
     s.stop();
 }
+
+#[test]
+fn an_upload_onto_a_full_disk_gets_507_and_stores_nothing() {
+    let env = Env::new();
+    let disk = common::SmallDisk::mount(&env.store(), "32m");
+    env.ok(&["init"]);
+    let s = Server::start(&env);
+    create_run(&s, "lab", "r1", json!({}));
+    let kept = common::bytes(300_000, 3);
+    put(&s, "lab/r1", "kept.bin", kept.clone());
+    let before = ok_json(
+        client()
+            .get(s.url("/v1/runs/lab/r1/files/"))
+            .send()
+            .unwrap(),
+    );
+
+    // A body larger than the disk, streamed: 507 with a JSON error naming the cause.
+    let r = client()
+        .put(s.url("/v1/runs/lab/r1/files/big.bin"))
+        .body(common::bytes(48 << 20, 4))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 507);
+    let v = json_of(r);
+    assert_eq!(v["code"], "disk_full", "{v}");
+    assert!(
+        v["message"].as_str().unwrap().contains("No space left"),
+        "{v}"
+    );
+    // The run is as it was: the unfinished upload left no file, the kept one reads back.
+    let after = ok_json(
+        client()
+            .get(s.url("/v1/runs/lab/r1/files/"))
+            .send()
+            .unwrap(),
+    );
+    assert_eq!(before, after);
+    assert_eq!(get_bytes(&s, "/v1/runs/lab/r1/files/kept.bin"), kept);
+
+    // With room, the same upload succeeds and the run seals and verifies.
+    disk.resize("160m");
+    let big = common::bytes(48 << 20, 4);
+    put(&s, "lab/r1", "big.bin", big.clone());
+    seal(&s, "lab/r1");
+    assert_eq!(get_bytes(&s, "/v1/runs/lab/r1/files/big.bin"), big);
+    s.stop();
+    env.ok(&["verify"]);
+}

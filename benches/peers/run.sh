@@ -18,7 +18,8 @@
 # Each command runs under GNU time (wall, user+sys CPU, peak RSS); for the mount, the mount process's
 # CPU (/proc/PID/stat, before and after) is added to that of cp and seal, and its VmHWM is the peak RSS.
 # Every source run is read once before each tool stores it (warm page cache for the source).
-# After the last run: the bytes each repository takes (`du -sb`), then, cold (page cache dropped with
+# After the last run: the bytes each repository takes (`du -sb`; for artifactfs without the
+# store's fixed 8 MiB `reserve`, room kept for deletions on a full disk, ADR 0023), then, cold (page cache dropped with
 # /proc/sys/vm/drop_caches before each), the restore of the last run (artifactfs export, restic
 # restore, borg extract, casync extract, each checked with `diff -r` against the source) and
 # `tar -cf - . | wc -c` of the last run read through each one's FUSE mount (artifactfs mount,
@@ -225,8 +226,8 @@ bytes=$(tree_bytes "$src")
 "$AFS" umount "$WORK/mnt-afs"
 wait_gone "$MPID"
 {
-    echo "artifactfs-mount $(du -sb "$A_MOUNT" | cut -f1)"
-    echo "artifactfs-ingest $(du -sb "$A_INGEST" | cut -f1)"
+    echo "artifactfs-mount $(du -sb --exclude=reserve "$A_MOUNT" | cut -f1)"
+    echo "artifactfs-ingest $(du -sb --exclude=reserve "$A_INGEST" | cut -f1)"
     echo "restic $(du -sb "$R_RESTIC" | cut -f1)"
     echo "borg $(du -sb "$R_BORG" | cut -f1)"
     echo "casync $(du -sb "$R_CASYNC" | cut -f1)"

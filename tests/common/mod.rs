@@ -312,3 +312,66 @@ pub fn terminate(child: &mut std::process::Child) -> std::process::ExitStatus {
     .expect("SIGTERM");
     child.wait().expect("wait for the child")
 }
+
+/// A tmpfs of a fixed size mounted over a directory (the tests run as root): a disk that
+/// fills up. Unmounted (lazily, if something still holds it) on drop.
+pub struct SmallDisk {
+    dir: PathBuf,
+}
+
+impl SmallDisk {
+    /// Mounts a tmpfs of `size` (`mount -o size=`, e.g. `24m`) at `dir`, made if missing.
+    pub fn mount(dir: &Path, size: &str) -> SmallDisk {
+        fs::create_dir_all(dir).unwrap();
+        let st = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0755"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .status()
+            .expect("run mount");
+        assert!(st.success(), "mount -t tmpfs on {}: {st}", dir.display());
+        SmallDisk {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// Gives the disk a new size, keeping what is on it.
+    pub fn resize(&self, size: &str) {
+        let st = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.dir)
+            .status()
+            .expect("run mount");
+        assert!(
+            st.success(),
+            "remount {} to {size}: {st}",
+            self.dir.display()
+        );
+    }
+
+    /// Bytes in use on the disk.
+    pub fn used(&self) -> u64 {
+        let s = nix::sys::statvfs::statvfs(&self.dir).expect("statvfs");
+        (s.blocks() - s.blocks_free()) * s.fragment_size()
+    }
+
+    /// Bytes still free on the disk.
+    pub fn free(&self) -> u64 {
+        let s = nix::sys::statvfs::statvfs(&self.dir).expect("statvfs");
+        s.blocks_available() * s.fragment_size()
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.dir)
+            .status();
+    }
+}

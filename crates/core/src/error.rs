@@ -130,4 +130,12 @@ impl Error {
     pub fn is_damage(&self) -> bool {
         matches!(self, Error::Corrupt { .. } | Error::MissingObject { .. })
     }
+
+    /// True when the store's disk (or a quota on it) refused a write: ENOSPC or EDQUOT, from a
+    /// pack, a staging file or the index. Nothing was lost; the work can be retried once there
+    /// is room.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, Error::Io { source, .. }
+            if matches!(source.raw_os_error(), Some(nix::libc::ENOSPC | nix::libc::EDQUOT)))
+    }
 }

@@ -384,8 +384,14 @@ pub struct GcReport {
 }
 
 impl Store {
-    /// Runs a gc; see the module documentation for the phases and their order.
+    /// Runs a gc; see the module documentation for the phases and their order. On a full
+    /// disk, a gc that cannot commit its deletions runs again with the store's reserve given
+    /// back (`crate::reserve`).
     pub fn gc(&self, opts: &GcOptions<'_>, progress: &dyn Progress) -> Result<GcReport> {
+        self.freeing("gc", || self.gc_once(opts, progress))
+    }
+
+    fn gc_once(&self, opts: &GcOptions<'_>, progress: &dyn Progress) -> Result<GcReport> {
         let _one = self.gc_lock.lock().unwrap_or_else(|p| p.into_inner());
         let fault = |p: &str| {
             if let Some(f) = opts.fault {

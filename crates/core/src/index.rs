@@ -265,9 +265,20 @@ impl SharedIndex {
 }
 
 pub(crate) fn sql_err(path: &Path) -> impl Fn(rusqlite::Error) -> Error + '_ {
-    move |e| Error::Index {
-        path: path.to_path_buf(),
-        message: e.to_string(),
+    move |e| {
+        // SQLite answers SQLITE_FULL when the disk (or a quota) refused a write: that is the
+        // caller's ENOSPC, so a producer sees "no space", not a generic I/O error.
+        if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull) {
+            return Error::Io {
+                op: "write the index",
+                path: path.to_path_buf(),
+                source: std::io::Error::from_raw_os_error(nix::libc::ENOSPC),
+            };
+        }
+        Error::Index {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        }
     }
 }
 
@@ -1643,13 +1654,14 @@ impl Meta<'_> {
             .map_err(self.err())
     }
 
-    /// Inserts an inode (its `ino` is ignored); returns the new number.
+    /// Inserts an inode under its `ino`, or under a new number when that is 0; returns the
+    /// number.
     pub fn insert_inode(&self, i: &InodeRow) -> Result<i64> {
         self.conn
             .prepare_cached(
-                "INSERT INTO inodes (run, kind, mode, uid, gid, size, mtime_ns, ctime_ns, rdev,
-                                     target, nlink, xattrs)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                "INSERT INTO inodes (ino, run, kind, mode, uid, gid, size, mtime_ns, ctime_ns,
+                                     rdev, target, nlink, xattrs)
+                 VALUES (?13, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
             )
             .and_then(|mut s| {
                 s.execute(params![
@@ -1669,10 +1681,25 @@ impl Meta<'_> {
                             e.to_string(),
                         )))
                     })?,
+                    // The caller's number, or (0) the next after the highest ever used.
+                    (i.ino != 0).then_some(i.ino),
                 ])
             })
             .map_err(self.err())?;
         Ok(self.conn.last_insert_rowid())
+    }
+
+    /// The next inode number [`Meta::insert_inode`] would give (one past the highest ever
+    /// committed, removed ones included).
+    pub fn next_inode_number(&self) -> Result<i64> {
+        self.conn
+            .query_row(
+                "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'inodes'), 0),
+                            coalesce((SELECT max(ino) FROM inodes), 0)) + 1",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(self.err())
     }
 
     /// Rewrites an inode's attributes.

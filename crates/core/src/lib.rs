@@ -25,6 +25,7 @@ pub mod objstore;
 pub mod pack;
 pub mod readiness;
 pub mod rebuild;
+pub mod reserve;
 pub mod retention;
 pub mod store;
 pub mod stream;

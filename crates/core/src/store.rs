@@ -7,6 +7,7 @@
 //! STORE/lock             flock()ed by the owner; holds its pid for messages
 //! STORE/index.sqlite     the index (WAL)
 //! STORE/objects/         the local object store: packs/…, manifests/…
+//! STORE/reserve          allocated room given back when deletions hit a full disk
 //! ```
 
 use std::fs::{self, File, OpenOptions};
@@ -101,6 +102,8 @@ pub struct Store {
     /// One writer of an untiered store's local lifecycle records at a time.
     pub(crate) lifecycle_lock: Mutex<()>,
     pub(crate) tier: Option<Arc<crate::tier::Tier>>,
+    /// Room kept so that deletions commit on a full disk (`crate::reserve`).
+    pub(crate) reserve: crate::reserve::Reserve,
     _lock: File,
 }
 
@@ -234,6 +237,8 @@ impl Store {
             }));
         }
         crate::objstore::remove_stale_temp_files(&root.join("objects"));
+        let reserve = crate::reserve::Reserve::new(root);
+        reserve.ensure();
         Ok(Self {
             root: root.to_path_buf(),
             config,
@@ -245,12 +250,33 @@ impl Store {
             gc_lock: Mutex::new(()),
             lifecycle_lock: Mutex::new(()),
             tier: None,
+            reserve,
             _lock: lock,
         })
     }
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Runs `f`, a change that frees space (a deletion); if it fails because the disk is full,
+    /// gives back the store's reserve and runs it once more (`crate::reserve`).
+    pub fn freeing<T>(&self, what: &str, mut f: impl FnMut() -> Result<T>) -> Result<T> {
+        match f() {
+            Err(e) if e.is_disk_full() && self.reserve.release() => {
+                tracing::warn!(
+                    "the store's disk is full ({e}): released its reserve of {} MiB so that {what} can go on; free space or remove runs (`artifactfs gc`)",
+                    crate::reserve::RESERVE_BYTES >> 20
+                );
+                f()
+            }
+            r => r,
+        }
+    }
+
+    /// Makes the store's reserve again once the disk has room for it (call now and then).
+    pub fn keep_reserve(&self) {
+        self.reserve.ensure();
     }
 
     pub fn config(&self) -> &StoreConfig {

@@ -444,6 +444,9 @@ struct State {
     /// xattr names whose refusal was logged as a warning already (later ones log at debug:
     /// `cp -a` of a tree would otherwise log one line per file).
     warned_xattrs: HashSet<String>,
+    /// Open files whose creation a failed commit rolled back (a full disk): their handles
+    /// answer ENOENT until they are closed.
+    lost: HashSet<i64>,
 }
 
 /// Attribute changes of an open file not yet in the index (see `State::dirty_attrs`).
@@ -654,6 +657,10 @@ pub struct Vfs {
     forget_entry: Mutex<Option<EntryInvalidator>>,
     /// Chunks closed files of open runs ahead of their seal.
     preseal: preseal::PreSeal,
+    /// The number of the next inode made: never one handed out before in this process, even
+    /// if the commit of its creation failed and SQLite would give it again, so a handle of a
+    /// file whose creation was rolled back never reaches a newer file.
+    next_ino: std::sync::atomic::AtomicI64,
     /// Called by a seal after it froze the run and let go of the state lock.
     #[cfg(test)]
     seal_hook: Mutex<Option<SealHook>>,
@@ -668,6 +675,13 @@ fn refused_xattr(st: &mut State, name: &str, e: Error) -> Error {
         tracing::debug!("refused: {e}");
     }
     e
+}
+
+/// The error of a handle whose file's creation was rolled back (see `State::lost`).
+fn lost_file(inode: i64) -> Error {
+    Error::NotFound(format!(
+        "inode {inode}: the file's creation was not committed (the disk was full?); create it again"
+    ))
 }
 
 fn name_str(name: &OsStr) -> Result<&str> {
@@ -710,11 +724,13 @@ impl Vfs {
         let started_ns = to_unix_ns(store.clock().now());
         let orphans = store.index().meta(|m| m.orphan_inodes())?;
         if !orphans.is_empty() {
-            store.index().meta_write(|m| {
-                for (_, ino) in &orphans {
-                    m.delete_inode(*ino)?;
-                }
-                Ok(())
+            store.freeing("removing unlinked inodes", || {
+                store.index().meta_write(|m| {
+                    for (_, ino) in &orphans {
+                        m.delete_inode(*ino)?;
+                    }
+                    Ok(())
+                })
             })?;
             for (run, ino) in &orphans {
                 let _ = fs::remove_file(staging.join(run.to_string()).join(ino.to_string()));
@@ -725,6 +741,7 @@ impl Vfs {
             );
         }
         let open_runs = store.index().meta(|m| m.open_runs())?;
+        let next_ino = store.index().meta(|m| m.next_inode_number())?;
         let mut st = State {
             next_fh: 1,
             ..Default::default()
@@ -765,6 +782,7 @@ impl Vfs {
             subdirs: Mutex::new(HashMap::new()),
             forget_entry: Mutex::new(None),
             preseal,
+            next_ino: std::sync::atomic::AtomicI64::new(next_ino),
             #[cfg(test)]
             seal_hook: Mutex::new(None),
         })
@@ -1400,7 +1418,7 @@ impl Vfs {
 
     fn new_inode(&self, ctx: Ctx, run: i64, kind: Kind, mode: u32, now: i64) -> InodeRow {
         InodeRow {
-            ino: 0,
+            ino: self.next_ino.fetch_add(1, Ordering::Relaxed),
             run,
             kind,
             mode: mode & 0o7777,
@@ -2215,6 +2233,9 @@ impl Vfs {
                 None => W::Missing,
             };
             match w {
+                W::Staged(_, _, inode) if st.lost.contains(&inode) => {
+                    return Err(lost_file(inode));
+                }
                 W::Staged(file, run, inode) => {
                     let now = self.now();
                     st.dirty_mtime.insert(inode, now);
@@ -2283,6 +2304,31 @@ impl Vfs {
 
     /// [`Vfs::persist_changes`], committing them or leaving them to the next commit.
     fn persist_changes_then(&self, st: &mut State, inode: i64, then: Then) -> Result<()> {
+        if st.lost.contains(&inode) {
+            return Err(lost_file(inode));
+        }
+        let res = self.persist_changes_now(st, inode, then);
+        if let Err(e) = &res
+            && matches!(self.meta(|m| m.inode(inode)), Ok(None))
+        {
+            // The failed commit rolled back the creations the view had deferred (ADR 0018),
+            // this file's among them: it is gone, and so is what was kept of it here.
+            tracing::warn!(
+                inode,
+                "a file's creation was rolled back by a failed commit: {e}"
+            );
+            if let Some(i) = st.inline.remove(&inode) {
+                st.inline_bytes -= i.data.len();
+            }
+            st.dirty_mtime.remove(&inode);
+            st.dirty_attrs.remove(&inode);
+            st.lost.insert(inode);
+            self.preseal.forget(inode);
+        }
+        res
+    }
+
+    fn persist_changes_now(&self, st: &mut State, inode: i64, then: Then) -> Result<()> {
         let data = st.inline.get(&inode).filter(|i| i.dirty).map(|i| &i.data);
         let patch = st.dirty_attrs.get(&inode).copied();
         if data.is_none() && patch.is_none() && !st.dirty_mtime.contains_key(&inode) {
@@ -2381,13 +2427,21 @@ impl Vfs {
         // A small file's content, as committed (or about to be): handed to the chunking
         // ahead, which need not read it back from the index.
         let mut content = None;
+        let lost = left == 0 && st.lost.remove(&inode);
+        if lost {
+            let _ = fs::remove_file(self.staging_path(run, inode));
+        }
         if left == 0 {
             st.open_count.remove(&inode);
-            if res.is_ok()
-                && let Some(i) = st.inline.remove(&inode)
-            {
+            if let Some(i) = st.inline.remove(&inode) {
                 st.inline_bytes -= i.data.len();
-                content = Some(i.data);
+                content = res.is_ok().then_some(i.data);
+            }
+            if res.is_err() {
+                // The last close failed to commit (a full disk): the file is what the index
+                // holds, and the changes kept for it here go with the error.
+                st.dirty_mtime.remove(&inode);
+                st.dirty_attrs.remove(&inode);
             }
         }
         if let Some(a) = st.runs.get_mut(&run) {
@@ -2398,7 +2452,7 @@ impl Vfs {
                 self.sealed_cv.notify_all();
             }
         }
-        if left == 0 {
+        if left == 0 && !lost {
             let row = self.meta(|m| m.inode(inode))?;
             match row {
                 Some(row) if row.nlink == 0 => {
@@ -2571,19 +2625,21 @@ impl Vfs {
         let (mut st, p) = self.lock_mut(parent)?;
         let dir = self.writable(p, "unlink")?;
         let now = self.now();
-        let gone = self.meta_write(|m| {
-            let ino = m
-                .lookup(dir, name)?
-                .ok_or_else(|| Error::NotFound(name.to_owned()))?;
-            let row = m
-                .inode(ino)?
-                .ok_or_else(|| Error::NotFound(name.to_owned()))?;
-            if row.kind == Kind::Dir {
-                return Err(Error::IsDir(name.to_owned()));
-            }
-            m.remove_dentry(dir, name)?;
-            m.set_times(dir, now, now)?;
-            self.drop_name(&st, m, ino, now)
+        let gone = self.store.freeing("unlink", || {
+            self.meta_write(|m| {
+                let ino = m
+                    .lookup(dir, name)?
+                    .ok_or_else(|| Error::NotFound(name.to_owned()))?;
+                let row = m
+                    .inode(ino)?
+                    .ok_or_else(|| Error::NotFound(name.to_owned()))?;
+                if row.kind == Kind::Dir {
+                    return Err(Error::IsDir(name.to_owned()));
+                }
+                m.remove_dentry(dir, name)?;
+                m.set_times(dir, now, now)?;
+                self.drop_name(&st, m, ino, now)
+            })
         })?;
         if let Some((run, ino)) = gone {
             self.preseal.forget(ino);
@@ -2619,23 +2675,25 @@ impl Vfs {
             _ => {}
         }
         let dir = self.writable(p, "rmdir")?;
-        let run = self.meta_write(|m| {
-            let ino = m
-                .lookup(dir, name)?
-                .ok_or_else(|| Error::NotFound(name.to_owned()))?;
-            let row = m
-                .inode(ino)?
-                .ok_or_else(|| Error::NotFound(name.to_owned()))?;
-            if row.kind != Kind::Dir {
-                return Err(Error::NotDir(name.to_owned()));
-            }
-            if m.has_children(ino)? {
-                return Err(Error::NotEmpty(name.to_owned()));
-            }
-            m.remove_dentry(dir, name)?;
-            m.delete_inode(ino)?;
-            m.set_times(dir, now, now)?;
-            Ok(row.run)
+        let run = self.store.freeing("rmdir", || {
+            self.meta_write(|m| {
+                let ino = m
+                    .lookup(dir, name)?
+                    .ok_or_else(|| Error::NotFound(name.to_owned()))?;
+                let row = m
+                    .inode(ino)?
+                    .ok_or_else(|| Error::NotFound(name.to_owned()))?;
+                if row.kind != Kind::Dir {
+                    return Err(Error::NotDir(name.to_owned()));
+                }
+                if m.has_children(ino)? {
+                    return Err(Error::NotEmpty(name.to_owned()));
+                }
+                m.remove_dentry(dir, name)?;
+                m.delete_inode(ino)?;
+                m.set_times(dir, now, now)?;
+                Ok(row.run)
+            })
         })?;
         self.forget_subdirs(&[dir]);
         self.touch(&mut st, run);
@@ -3168,6 +3226,7 @@ impl Vfs {
     /// Seals the open runs that are due: quiet for `seal_after`, or whose marker was closed,
     /// with no file open. Call about once a second.
     pub fn tick(&self) {
+        self.store.keep_reserve();
         let due: Vec<(i64, &str)> = {
             let st = self.lock();
             st.runs

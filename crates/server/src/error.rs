@@ -65,7 +65,7 @@ pub fn classify(e: &Error) -> (StatusCode, &'static str) {
         }
         Error::NotPermitted(_) => (S::FORBIDDEN, "refused"),
         Error::Corrupt { .. } | Error::MissingObject { .. } => (S::INTERNAL_SERVER_ERROR, "damage"),
-        Error::Io { source, .. } if disk_full(source) => (S::INSUFFICIENT_STORAGE, "disk_full"),
+        e if e.is_disk_full() => (S::INSUFFICIENT_STORAGE, "disk_full"),
         Error::Backend { .. } => (S::SERVICE_UNAVAILABLE, "backend"),
         Error::Locked { .. } => (S::SERVICE_UNAVAILABLE, "locked"),
         Error::Unsupported(_) => (S::BAD_REQUEST, "unsupported"),

@@ -1,0 +1,184 @@
+//! A full disk gets a clear error and loses nothing: the store sits on a small tmpfs that an
+//! ingest or a copy into the mount fills up. What was stored before stays readable and
+//! verifies, the failed work leaves no sealed run, and once there is room the same work
+//! succeeds.
+
+mod common;
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::Path;
+
+use common::mount::{Mount, errno};
+use common::{Env, SmallDisk, assert_same_tree, bytes};
+
+/// Exit status of a command that ran out of space on the store's disk.
+const EXIT_DISK_FULL: i32 = 11;
+const ENOSPC: i32 = 28;
+const ENOENT: i32 = 2;
+
+/// A tree of `big` MiB of incompressible bytes in four files, and some small text files.
+fn tree(dir: &Path, big: usize, seed: u64) {
+    fs::create_dir_all(dir.join("logs")).unwrap();
+    for i in 0..4u64 {
+        fs::write(
+            dir.join(format!("blob-{i}.bin")),
+            bytes(big << 20 >> 2, seed + i),
+        )
+        .unwrap();
+    }
+    for i in 0..40 {
+        fs::write(
+            dir.join(format!("logs/{i:02}.log")),
+            format!("line {i} of run {seed}\n").repeat(50),
+        )
+        .unwrap();
+    }
+}
+
+fn sealed_runs(env: &Env) -> Vec<String> {
+    let runs: serde_json::Value = serde_json::from_str(&env.ok(&["runs", "--json"])).unwrap();
+    runs.as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["state"] == "sealed")
+        .map(|r| {
+            format!(
+                "{}/{}",
+                r["namespace"].as_str().unwrap(),
+                r["run"].as_str().unwrap()
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn ingest_onto_a_full_disk_fails_clearly_and_the_store_stays_whole() {
+    let env = Env::new();
+    let disk = SmallDisk::mount(&env.store(), "24m");
+    env.ok(&["init"]);
+    let small = env.path("small");
+    tree(&small, 1, 1);
+    env.ingest(&small, "lab/small");
+
+    let big = env.path("big");
+    tree(&big, 48, 100);
+    let out = env.run(&["ingest", big.to_str().unwrap(), "lab/big"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(EXIT_DISK_FULL), "{err}");
+    assert!(err.contains("No space left on device"), "{err}");
+    assert!(
+        err.contains(env.store().to_str().unwrap()),
+        "the error names the store's file: {err}"
+    );
+
+    // Still on a full disk: what was stored reads and verifies; the failed run is not sealed.
+    assert_eq!(sealed_runs(&env), ["lab/small"]);
+    env.ok(&["verify"]);
+    let out_dir = env.path("out-small");
+    env.ok(&["export", "lab/small", out_dir.to_str().unwrap()]);
+    assert_same_tree(&small, &out_dir);
+
+    // With room, the same ingest succeeds and exports bit-exact.
+    disk.resize("160m");
+    env.ingest(&big, "lab/big");
+    env.ok(&["verify"]);
+    let out_big = env.path("out-big");
+    env.ok(&["export", "lab/big", out_big.to_str().unwrap()]);
+    assert_same_tree(&big, &out_big);
+    assert_eq!(sealed_runs(&env), ["lab/big", "lab/small"]);
+}
+
+/// Writes `data` to a new file, syncs and closes it; the first error, as an errno. A close
+/// after a failed sync must not fail with EIO either.
+fn write_synced(p: &Path, data: &[u8]) -> Result<(), i32> {
+    use std::os::fd::IntoRawFd;
+    let mut f = File::create(p).map_err(|e| e.raw_os_error().unwrap_or(-1))?;
+    let r = f.write_all(data).and_then(|()| f.sync_all());
+    let closed = nix::unistd::close(f.into_raw_fd());
+    if let Err(e) = closed {
+        assert_ne!(e, nix::errno::Errno::EIO, "close of {}", p.display());
+    }
+    r.map_err(|e| e.raw_os_error().unwrap_or(-1))?;
+    closed.map_err(|e| e as i32)
+}
+
+#[test]
+fn a_copy_into_the_mount_that_fills_the_disk_gets_enospc_and_loses_nothing() {
+    let env = Env::new();
+    let disk = SmallDisk::mount(&env.store(), "32m");
+    env.ok(&["init"]);
+    let m = Mount::start(&env, &env.path("mnt"), &[]);
+    let run = m.p("lab/run-1");
+    fs::create_dir_all(&run).unwrap();
+    let kept = bytes(200_000, 7);
+    write_synced(&run.join("kept.bin"), &kept).unwrap();
+    fs::write(run.join("note.txt"), "written before the disk filled\n").unwrap();
+
+    // A file larger than the disk: the producer sees ENOSPC, not EIO.
+    let big = bytes(48 << 20, 8);
+    assert_eq!(write_synced(&run.join("big.bin"), &big), Err(ENOSPC));
+    // Small files while the disk is full: their content goes to the index, which cannot grow
+    // either; each one fails with ENOSPC and leaves no name behind, or succeeds whole.
+    let mut made = vec![
+        "big.bin".to_owned(),
+        "kept.bin".to_owned(),
+        "note.txt".to_owned(),
+    ];
+    let mut refused = 0;
+    for i in 0..64 {
+        let name = format!("s{i:02}.txt");
+        let body = format!("small file {i}\n").repeat(40);
+        match write_synced(&run.join(&name), body.as_bytes()) {
+            Ok(()) => {
+                assert_eq!(fs::read(run.join(&name)).unwrap(), body.as_bytes());
+                made.push(name);
+            }
+            Err(e) => {
+                assert_eq!(e, ENOSPC, "small file {i}");
+                assert_eq!(errno(fs::metadata(run.join(&name))), ENOENT, "{name}");
+                refused += 1;
+            }
+        }
+    }
+    assert!(refused > 0, "the disk did not fill up");
+    made.sort();
+    let mut listed: Vec<String> = fs::read_dir(&run)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    listed.sort();
+    assert_eq!(listed, made);
+
+    // The mount still serves what was written, and the run can be cleaned up and sealed.
+    assert_eq!(fs::read(run.join("kept.bin")).unwrap(), kept);
+    // Removing a file works on the full disk (the store's reserve lets the deletion commit).
+    assert!(disk.free() < 1 << 20);
+    let reserve = env.store().join("reserve");
+    assert!(reserve.exists());
+    fs::remove_file(run.join("big.bin")).unwrap();
+    assert!(!reserve.exists(), "the deletion used the reserve");
+    // An open run's large file takes its size twice until the seal: its staging file and the
+    // packs it is chunked into ahead of the seal.
+    disk.resize("256m");
+    // With room again, the mount makes its reserve again.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while fs::metadata(&reserve).map_or(0, |m| m.len()) < 8 << 20 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no reserve after the disk grew"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(errno(fs::metadata(run.join("big.bin"))), ENOENT);
+    write_synced(&run.join("big.bin"), &big).unwrap();
+    common::mount::seal(&run);
+    assert_eq!(fs::read(run.join("big.bin")).unwrap(), big);
+    assert_eq!(fs::read(run.join("kept.bin")).unwrap(), kept);
+    m.unmount();
+    env.ok(&["verify"]);
+    let out = env.path("out");
+    env.ok(&["export", "lab/run-1", out.to_str().unwrap()]);
+    assert_eq!(fs::read(out.join("big.bin")).unwrap(), big);
+    assert_eq!(fs::read(out.join("kept.bin")).unwrap(), kept);
+}
