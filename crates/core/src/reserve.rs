@@ -106,3 +106,26 @@ impl Reserve {
         self.held.load(Ordering::Acquire)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reserve_is_made_given_back_once_and_made_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Reserve::new(dir.path());
+        assert!(!r.held());
+        r.ensure();
+        assert!(r.held());
+        let path = dir.path().join("reserve");
+        assert_eq!(fs::metadata(&path).unwrap().len(), RESERVE_BYTES);
+        // A file of that size found at open counts as the reserve.
+        assert!(Reserve::new(dir.path()).held());
+        assert!(r.release());
+        assert!(!path.exists());
+        assert!(!r.release(), "given back once");
+        r.ensure();
+        assert!(r.held() && path.exists());
+    }
+}
