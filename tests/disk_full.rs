@@ -135,7 +135,7 @@ fn a_copy_into_the_mount_that_fills_the_disk_gets_enospc_and_loses_nothing() {
                 made.push(name);
             }
             Err(e) => {
-                assert_eq!(e, ENOSPC, "small file {i}");
+                assert_eq!(e, ENOSPC, "small file {i}:\n{}", m.log_text());
                 assert_eq!(errno(fs::metadata(run.join(&name))), ENOENT, "{name}");
                 refused += 1;
             }

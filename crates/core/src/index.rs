@@ -231,6 +231,9 @@ pub struct Index {
     /// A write transaction the view left open (`meta_write_deferred`), committed by the next
     /// `meta_write`, by [`Index::begin`] and by [`SharedIndex::lock`].
     deferred: bool,
+    /// Whether the last write transaction that SQLite rolled back on an error (deferred
+    /// changes with it) failed because the disk was full.
+    rolled_back_full: bool,
 }
 
 impl Drop for Index {
@@ -371,6 +374,7 @@ impl Index {
             path: path.to_path_buf(),
             default_retention: None,
             deferred: false,
+            rolled_back_full: false,
         };
         idx.migrate(create)?;
         Ok(idx)
@@ -401,10 +405,22 @@ impl Index {
             .map(drop);
         // A failed COMMIT may have rolled the transaction back (I/O error, full disk) or left
         // it open (busy): the connection says which.
+        let r = r.map_err(self.err());
         if r.is_ok() || self.conn.is_autocommit() {
             self.deferred = false;
         }
-        r.map_err(self.err())
+        if let Err(e) = &r
+            && self.conn.is_autocommit()
+        {
+            self.rolled_back_full = e.is_disk_full();
+        }
+        r
+    }
+
+    /// Whether the last transaction SQLite rolled back on an error (with what the view had
+    /// deferred in it) failed because the disk was full.
+    pub(crate) fn last_rollback_was_disk_full(&self) -> bool {
+        self.rolled_back_full
     }
 
     /// [`Index::commit_deferred`], for callers that cannot return its error: it is logged. What
@@ -855,6 +871,7 @@ impl Index {
             path: path.to_path_buf(),
             default_retention: None,
             deferred: false,
+            rolled_back_full: false,
         };
         idx.last_event_seq()
     }
@@ -1309,6 +1326,12 @@ impl Index {
             (Ok(_), true) => {}
             (Ok(_), false) => {
                 run(&self.conn, "RELEASE step")?;
+            }
+            (Err(e), _) if self.conn.is_autocommit() => {
+                // SQLite rolled the whole transaction back itself (a full disk while spilling
+                // pages to the WAL): the deferred changes before this step are gone too.
+                self.deferred = false;
+                self.rolled_back_full = e.is_disk_full();
             }
             (Err(_), true) => {
                 run(&self.conn, "ROLLBACK")?;

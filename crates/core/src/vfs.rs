@@ -444,9 +444,9 @@ struct State {
     /// xattr names whose refusal was logged as a warning already (later ones log at debug:
     /// `cp -a` of a tree would otherwise log one line per file).
     warned_xattrs: HashSet<String>,
-    /// Open files whose creation a failed commit rolled back (a full disk): their handles
-    /// answer ENOENT until they are closed.
-    lost: HashSet<i64>,
+    /// Open files whose creation a failed commit rolled back, and whether that commit failed
+    /// for a full disk: their handles answer ENOSPC (or ENOENT) until they are closed.
+    lost: HashMap<i64, bool>,
 }
 
 /// Attribute changes of an open file not yet in the index (see `State::dirty_attrs`).
@@ -675,13 +675,6 @@ fn refused_xattr(st: &mut State, name: &str, e: Error) -> Error {
         tracing::debug!("refused: {e}");
     }
     e
-}
-
-/// The error of a handle whose file's creation was rolled back (see `State::lost`).
-fn lost_file(inode: i64) -> Error {
-    Error::NotFound(format!(
-        "inode {inode}: the file's creation was not committed (the disk was full?); create it again"
-    ))
 }
 
 fn name_str(name: &OsStr) -> Result<&str> {
@@ -1714,13 +1707,21 @@ impl Vfs {
         let (mut st, p) = self.lock_mut(parent)?;
         let row = self.new_inode(ctx, 0, Kind::File, mode, self.now());
         let row = self.create_in(&mut st, p, name, row, "create")?;
-        let file = self.open_content(&mut st, &row)?;
+        // New, so empty and inline: nothing to read back from the index (where a failed
+        // commit elsewhere may already have rolled the creation back: its close says so).
+        st.inline.insert(
+            row.ino,
+            Inline {
+                data: Vec::new(),
+                dirty: false,
+            },
+        );
         let fh = self.new_handle(
             &mut st,
             Handle::Staged {
                 run: row.run,
                 inode: row.ino,
-                file,
+                file: None,
             },
         );
         Ok((self.open_attr(&st, &row)?, fh))
@@ -2233,8 +2234,9 @@ impl Vfs {
                 None => W::Missing,
             };
             match w {
-                W::Staged(_, _, inode) if st.lost.contains(&inode) => {
-                    return Err(lost_file(inode));
+                W::Staged(_, _, inode) if st.lost.contains_key(&inode) => {
+                    let full = st.lost[&inode];
+                    return Err(self.lost_file(inode, full));
                 }
                 W::Staged(file, run, inode) => {
                     let now = self.now();
@@ -2304,15 +2306,18 @@ impl Vfs {
 
     /// [`Vfs::persist_changes`], committing them or leaving them to the next commit.
     fn persist_changes_then(&self, st: &mut State, inode: i64, then: Then) -> Result<()> {
-        if st.lost.contains(&inode) {
-            return Err(lost_file(inode));
+        if let Some(&full) = st.lost.get(&inode) {
+            return Err(self.lost_file(inode, full));
         }
         let res = self.persist_changes_now(st, inode, then);
         if let Err(e) = &res
             && matches!(self.meta(|m| m.inode(inode)), Ok(None))
         {
-            // The failed commit rolled back the creations the view had deferred (ADR 0018),
-            // this file's among them: it is gone, and so is what was kept of it here.
+            // A failed commit (this one, or another since the file was created) rolled back
+            // the creations the view had deferred (ADR 0018), this file's among them: it is
+            // gone, and so is what was kept of it here.
+            let full =
+                e.is_disk_full() || self.store.index_deferred().last_rollback_was_disk_full();
             tracing::warn!(
                 inode,
                 "a file's creation was rolled back by a failed commit: {e}"
@@ -2322,10 +2327,29 @@ impl Vfs {
             }
             st.dirty_mtime.remove(&inode);
             st.dirty_attrs.remove(&inode);
-            st.lost.insert(inode);
+            st.lost.insert(inode, full);
             self.preseal.forget(inode);
+            if !e.is_disk_full() {
+                return Err(self.lost_file(inode, full));
+            }
         }
         res
+    }
+
+    /// The error of a handle whose file's creation was rolled back (see `State::lost`): ENOSPC
+    /// when the commit that lost it failed for a full disk.
+    fn lost_file(&self, inode: i64, full: bool) -> Error {
+        if full {
+            Error::Io {
+                op: "commit a new file's creation (rolled back) to",
+                path: self.store.root().join("index.sqlite"),
+                source: std::io::Error::from_raw_os_error(nix::libc::ENOSPC),
+            }
+        } else {
+            Error::NotFound(format!(
+                "inode {inode}: the file's creation was not committed; create it again"
+            ))
+        }
     }
 
     fn persist_changes_now(&self, st: &mut State, inode: i64, then: Then) -> Result<()> {
@@ -2427,7 +2451,7 @@ impl Vfs {
         // A small file's content, as committed (or about to be): handed to the chunking
         // ahead, which need not read it back from the index.
         let mut content = None;
-        let lost = left == 0 && st.lost.remove(&inode);
+        let lost = left == 0 && st.lost.remove(&inode).is_some();
         if lost {
             let _ = fs::remove_file(self.staging_path(run, inode));
         }

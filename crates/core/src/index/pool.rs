@@ -219,6 +219,7 @@ impl Index {
             path: path.to_path_buf(),
             default_retention: None,
             deferred: false,
+            rolled_back_full: false,
         })
     }
 
