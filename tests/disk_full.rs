@@ -152,6 +152,14 @@ fn a_copy_into_the_mount_that_fills_the_disk_gets_enospc_and_loses_nothing() {
 
     // The mount still serves what was written, and the run can be cleaned up and sealed.
     assert_eq!(fs::read(run.join("kept.bin")).unwrap(), kept);
+    // A seal needs room for the run's packs and manifest: on the full disk it fails with the
+    // disk-full status, and the run stays open with its files.
+    let out = env.run(&["seal", "lab/run-1"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(EXIT_DISK_FULL), "{err}");
+    assert!(err.contains("No space left on device"), "{err}");
+    assert_eq!(common::mount::state(&run), "open");
+    assert_eq!(fs::read(run.join("kept.bin")).unwrap(), kept);
     // Removing a file works on the full disk (the store's reserve lets the deletion commit).
     assert!(disk.free() < 1 << 20);
     let reserve = env.store().join("reserve");
