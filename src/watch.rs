@@ -514,6 +514,16 @@ impl Watch<'_> {
                     tracing::error!(run = %r, "a run of this name exists already; this directory is not ingested");
                     RunState::Done
                 }
+                // Waiting can cure a full disk (gc, an operator freeing space): tried again
+                // after each quiet period, not only after the run's next change.
+                Some(err) if err.is_disk_full() => {
+                    tracing::error!(run = %r, "seal failed, the store's disk is full: {e:#}; tried again after the quiet period");
+                    RunState::Pending(Pending {
+                        last: Instant::now(),
+                        marker: false,
+                        failed: None,
+                    })
+                }
                 _ if !dir.exists() => {
                     tracing::warn!(run = %r, "the run directory went away before its seal");
                     self.runs.remove(name);

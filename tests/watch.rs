@@ -248,3 +248,43 @@ fn kill_9_then_restart_neither_duplicates_nor_loses() {
     );
     assert!(!restarted.contains("exists already"), "{restarted}");
 }
+
+/// A run larger than the store's disk fails to seal with the disk full; the watcher keeps it
+/// pending and seals it, bit-exact, once there is room, without any change to the run.
+#[test]
+fn a_run_that_fills_the_disk_seals_once_there_is_room() {
+    let env = Env::new();
+    let disk = common::SmallDisk::mount(&env.store(), "24m");
+    env.ok(&["init"]);
+    let spool = env.path("spool");
+    let run = spool.join("run-a");
+    std::fs::create_dir_all(run.join("logs")).unwrap();
+    for i in 0..4u64 {
+        std::fs::write(
+            run.join(format!("blob-{i}.bin")),
+            common::bytes(12 << 20, 40 + i),
+        )
+        .unwrap();
+    }
+    for i in 0..20 {
+        std::fs::write(run.join(format!("logs/{i}.log")), format!("line {i}\n")).unwrap();
+    }
+    let w = Watcher::start(&env, &spool, &[], "watch.log");
+    let deadline = Instant::now() + DEADLINE;
+    while !w.log().contains("No space left on device") {
+        assert!(
+            Instant::now() < deadline,
+            "no disk-full failure:\n{}",
+            w.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    disk.resize("200m");
+    let (name, _) = w.next_sealed();
+    assert!(name.ends_with("/run-a"), "{name}");
+    w.stop();
+    env.ok(&["verify"]);
+    let out = env.path("out");
+    env.ok(&["export", &name, out.to_str().unwrap()]);
+    common::assert_same_tree(&run, &out);
+}
