@@ -1435,6 +1435,7 @@ fn an_upload_onto_a_full_disk_gets_507_and_stores_nothing() {
             .send()
             .unwrap(),
     );
+    let used = disk.used();
 
     // A body larger than the disk, streamed: 507 with a JSON error naming the cause.
     let r = client()
@@ -1458,6 +1459,45 @@ fn an_upload_onto_a_full_disk_gets_507_and_stores_nothing() {
     );
     assert_eq!(before, after);
     assert_eq!(get_bytes(&s, "/v1/runs/lab/r1/files/kept.bin"), kept);
+    // Nor did it leave space taken: its staging file is gone, and it was not chunked ahead.
+    assert!(
+        disk.used() <= used + (1 << 20),
+        "{} bytes more in use after the failed upload",
+        disk.used().saturating_sub(used)
+    );
+
+    // A disk filled by something else: not ready (503), and the metrics say how little is
+    // left; ready again once the space is back.
+    let filler = env.store().join("filler");
+    {
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let mb = vec![0u8; 1 << 20];
+        while f.write_all(&mb).is_ok() {}
+    }
+    let r = client().get(s.url("/ready")).send().unwrap();
+    assert_eq!(r.status(), 503);
+    let v = json_of(r);
+    assert_eq!(v["code"], "not_ready", "{v}");
+    assert!(
+        v["message"].as_str().unwrap().contains("No space left"),
+        "{v}"
+    );
+    let metrics = client()
+        .get(s.url("/metrics"))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    let free: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("artifactfs_disk_free_bytes "))
+        .expect("artifactfs_disk_free_bytes")
+        .parse()
+        .unwrap();
+    assert!(free < 8 << 20, "{free}");
+    assert!(metrics.contains("artifactfs_reserve_held 1"), "{metrics}");
+    std::fs::remove_file(&filler).unwrap();
+    assert_eq!(client().get(s.url("/ready")).send().unwrap().status(), 200);
 
     // With room, the same upload succeeds and the run seals and verifies.
     disk.resize("160m");

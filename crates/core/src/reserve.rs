@@ -46,8 +46,8 @@ impl Reserve {
             return;
         }
         let dir = self.path.parent().unwrap_or(Path::new("."));
-        let free = match nix::sys::statvfs::statvfs(dir) {
-            Ok(s) => s.blocks_available() * s.fragment_size(),
+        let free = match free_bytes(dir) {
+            Ok(n) => n,
             Err(e) => {
                 tracing::debug!(dir = %dir.display(), "cannot read free space: {e}");
                 return;
@@ -101,10 +101,16 @@ impl Reserve {
         }
     }
 
-    #[cfg(test)]
+    /// Whether the reserve is in place (not given back).
     pub(crate) fn held(&self) -> bool {
         self.held.load(Ordering::Acquire)
     }
+}
+
+/// The bytes an unprivileged writer may still use on the file system of `dir`.
+pub(crate) fn free_bytes(dir: &Path) -> std::io::Result<u64> {
+    let s = nix::sys::statvfs::statvfs(dir).map_err(std::io::Error::from)?;
+    Ok(s.blocks_available() * s.fragment_size())
 }
 
 #[cfg(test)]

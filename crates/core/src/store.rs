@@ -85,6 +85,16 @@ pub trait Progress: Sync {
 pub struct NoProgress;
 impl Progress for NoProgress {}
 
+/// Free space on a store's disk (see [`Store::disk_space`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DiskSpace {
+    /// Bytes still free for the store's writes.
+    pub free_bytes: u64,
+    /// Whether `STORE/reserve` is in place; false after a deletion on a full disk used it, until
+    /// there is room to make it again (ADR 0023).
+    pub reserve_held: bool,
+}
+
 /// An open store.
 pub struct Store {
     root: PathBuf,
@@ -277,6 +287,16 @@ impl Store {
     /// Makes the store's reserve again once the disk has room for it (call now and then).
     pub fn keep_reserve(&self) {
         self.reserve.ensure();
+    }
+
+    /// Free space on the store's disk, and whether its reserve is in place.
+    pub fn disk_space(&self) -> Result<DiskSpace> {
+        let free_bytes = crate::reserve::free_bytes(&self.root)
+            .map_err(|e| Error::io("read the free space of", &self.root, e))?;
+        Ok(DiskSpace {
+            free_bytes,
+            reserve_held: self.reserve.held(),
+        })
     }
 
     pub fn config(&self) -> &StoreConfig {

@@ -215,13 +215,15 @@ impl Put {
 
 impl Drop for Put {
     fn drop(&mut self) {
-        if let Some(fh) = self.fh.take() {
-            let _ = self.vfs.release(fh);
-        }
+        // Unlinked before its release, so the unfinished file is dropped at the release instead
+        // of being chunked ahead of the seal like a closed file (packs nothing refers to).
         if !self.temp.is_empty()
             && let Err(e) = self.vfs.unlink(self.parent, OsStr::new(&self.temp))
         {
             tracing::warn!(file = %self.what, "cannot remove an unfinished upload's file: {e}");
+        }
+        if let Some(fh) = self.fh.take() {
+            let _ = self.vfs.release(fh);
         }
     }
 }

@@ -245,6 +245,7 @@ pub async fn metrics(State(app): State<App>) -> ApiResult {
             }
             seen.1
         };
+        let space = store.disk_space()?;
         Ok(crate::metrics::StoreFigures {
             logical_bytes: stats.raw_bytes,
             unique_bytes: stats.chunk_raw_bytes,
@@ -255,6 +256,8 @@ pub async fn metrics(State(app): State<App>) -> ApiResult {
             cache_misses: cache.misses,
             tier_pending,
             gc_runs,
+            disk_free_bytes: space.free_bytes,
+            reserve_held: space.reserve_held,
         })
     })
     .await?;

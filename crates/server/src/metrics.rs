@@ -78,6 +78,8 @@ pub struct StoreFigures {
     pub cache_misses: u64,
     pub tier_pending: Option<u64>,
     pub gc_runs: u64,
+    pub disk_free_bytes: u64,
+    pub reserve_held: bool,
 }
 
 fn escape(v: &str) -> String {
@@ -191,6 +193,20 @@ impl Metrics {
         }
         gauge(
             o,
+            "artifactfs_disk_free_bytes",
+            "Bytes still free on the store's disk.",
+            "gauge",
+            f.disk_free_bytes.to_string(),
+        );
+        gauge(
+            o,
+            "artifactfs_reserve_held",
+            "1 while the store's reserve for deletions on a full disk is in place, 0 after a deletion used it.",
+            "gauge",
+            u8::from(f.reserve_held).to_string(),
+        );
+        gauge(
+            o,
             "artifactfs_gc_runs_total",
             "Garbage collections recorded in the events log.",
             "counter",
@@ -265,6 +281,8 @@ mod tests {
             cache_misses: 4,
             tier_pending: None,
             gc_runs: 0,
+            disk_free_bytes: 1 << 30,
+            reserve_held: false,
         });
         assert!(text.contains(
             "artifactfs_http_requests_total{method=\"GET\",route=\"/health\",status=\"200\"} 2"
@@ -277,5 +295,7 @@ mod tests {
         assert!(text.contains("artifactfs_http_request_seconds_count{route=\"/health\"} 2"));
         assert!(text.contains("artifactfs_seal_seconds_count 1"));
         assert!(text.contains("artifactfs_dedup_ratio 2"));
+        assert!(text.contains("artifactfs_disk_free_bytes 1073741824"));
+        assert!(text.contains("artifactfs_reserve_held 0"));
     }
 }
