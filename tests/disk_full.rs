@@ -166,6 +166,10 @@ fn a_copy_into_the_mount_that_fills_the_disk_gets_enospc_and_loses_nothing() {
     assert!(reserve.exists());
     fs::remove_file(run.join("big.bin")).unwrap();
     assert!(!reserve.exists(), "the deletion used the reserve");
+    let status = |m: &Mount| -> serde_json::Value {
+        serde_json::from_slice(&fs::read(m.p(".artifactfs/status")).unwrap()).unwrap()
+    };
+    assert_eq!(status(&m)["reserve_held"], false);
     // An open run's large file takes its size twice until the seal: its staging file and the
     // packs it is chunked into ahead of the seal.
     disk.resize("256m");
@@ -178,6 +182,9 @@ fn a_copy_into_the_mount_that_fills_the_disk_gets_enospc_and_loses_nothing() {
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+    let st = status(&m);
+    assert_eq!(st["reserve_held"], true);
+    assert!(st["disk_free_bytes"].as_u64().unwrap() > 100 << 20, "{st}");
     assert_eq!(errno(fs::metadata(run.join("big.bin"))), ENOENT);
     write_synced(&run.join("big.bin"), &big).unwrap();
     common::mount::seal(&run);

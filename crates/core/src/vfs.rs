@@ -1853,12 +1853,15 @@ impl Vfs {
         } else {
             s.raw_bytes as f64 / s.chunk_raw_bytes as f64
         };
+        let space = self.store.disk_space()?;
         let v = serde_json::json!({
             "store": self.store.root(),
             "runs": { "open": s.runs_open, "sealed": s.runs_sealed },
             "raw_bytes": s.raw_bytes,
             "stored_bytes": s.pack_bytes,
             "dedup_ratio": dedup,
+            "disk_free_bytes": space.free_bytes,
+            "reserve_held": space.reserve_held,
         });
         let mut b = serde_json::to_vec_pretty(&v).map_err(|e| Error::Internal(e.to_string()))?;
         b.push(b'\n');
