@@ -197,3 +197,50 @@ fn a_copy_into_the_mount_that_fills_the_disk_gets_enospc_and_loses_nothing() {
     assert_eq!(fs::read(out.join("big.bin")).unwrap(), big);
     assert_eq!(fs::read(out.join("kept.bin")).unwrap(), kept);
 }
+
+/// Fills the disk under `dir` with one file of zeros; returns its path.
+fn fill(dir: &Path) -> std::path::PathBuf {
+    let p = dir.join("filler");
+    let mut f = File::create(&p).unwrap();
+    let mb = vec![0u8; 1 << 20];
+    while f.write_all(&mb).is_ok() {}
+    let _ = f.sync_all();
+    p
+}
+
+#[test]
+fn gc_on_a_full_disk_deletes_expired_runs_and_gives_the_space_back() {
+    let env = Env::with_clock("2026-11-01T00:00:00Z");
+    let disk = SmallDisk::mount(&env.store(), "48m");
+    env.ok(&["init"]);
+    let old = env.path("old");
+    tree(&old, 12, 300);
+    env.ingest(&old, "lab/old");
+    env.ok(&["retain", "lab/old", "1d"]);
+    let kept = env.path("kept");
+    tree(&kept, 1, 400);
+    env.ingest(&kept, "lab/kept");
+
+    // Something else fills the disk; the expired run's space is what gc can give back.
+    let filler = fill(&env.store());
+    assert!(disk.free() < 1 << 20);
+    // Reading still works on the full disk (opening the index needs room: the reserve's).
+    env.ok(&["verify"]);
+    let out = env.path("out-full");
+    env.ok(&["export", "lab/kept", out.to_str().unwrap()]);
+    assert_same_tree(&kept, &out);
+    env.set_time("2026-11-03T00:00:00Z");
+    let report: serde_json::Value =
+        serde_json::from_str(&env.ok(&["gc", "--grace", "0s", "--json"])).unwrap();
+    assert_eq!(report["runs_expired"], serde_json::json!(["lab/old"]));
+    assert!(disk.free() > 10 << 20, "gc gave back {} bytes", disk.free());
+    assert_eq!(sealed_runs(&env), ["lab/kept"]);
+    fs::remove_file(filler).unwrap();
+    env.ok(&["verify"]);
+    let out = env.path("out");
+    env.ok(&["export", "lab/kept", out.to_str().unwrap()]);
+    assert_same_tree(&kept, &out);
+    // With room again, the next command makes the reserve again.
+    env.ok(&["stats"]);
+    assert!(env.store().join("reserve").exists());
+}

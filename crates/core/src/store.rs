@@ -117,6 +117,39 @@ pub struct Store {
     _lock: File,
 }
 
+/// Opens the index. SQLite needs room on the disk to open it (its WAL index, `-shm`, is made
+/// and sized at open): on a full disk the open fails, and then the store's reserve is given
+/// back and the open tried once more, so that reads, exports and the deletions that make room
+/// (`gc`) still work; without a reserve to give, the failure is ENOSPC (ADR 0023).
+fn open_index(
+    root: &Path,
+    path: &Path,
+    create: bool,
+    reserve: &crate::reserve::Reserve,
+) -> Result<Index> {
+    let e = match Index::open(path, create) {
+        Ok(index) => return Ok(index),
+        Err(e) => e,
+    };
+    let full =
+        crate::reserve::free_bytes(root).is_ok_and(|free| free < crate::reserve::RESERVE_BYTES);
+    if !full {
+        return Err(e);
+    }
+    if reserve.release() {
+        tracing::warn!(
+            "the store's disk is full ({e}): released its reserve of {} MiB to open the index; free space or remove runs (`artifactfs gc`)",
+            crate::reserve::RESERVE_BYTES >> 20
+        );
+        return Index::open(path, create);
+    }
+    Err(Error::Io {
+        op: "open the index (the disk is full)",
+        path: path.to_path_buf(),
+        source: std::io::Error::from_raw_os_error(nix::libc::ENOSPC),
+    })
+}
+
 fn config_path(root: &Path) -> PathBuf {
     root.join("config.toml")
 }
@@ -237,7 +270,8 @@ impl Store {
     ) -> Result<Self> {
         let config = read_config(root)?;
         let index_path = root.join("index.sqlite");
-        let mut index = Index::open(&index_path, new_index)?;
+        let reserve = crate::reserve::Reserve::new(root);
+        let mut index = open_index(root, &index_path, new_index, &reserve)?;
         if let Some(spec) = &config.default_retention {
             let retention = crate::gc::parse_default_retention(spec, to_unix_ns(clock.now()))
                 .map_err(|e| Error::invalid("default_retention in config.toml", e.to_string()))?;
@@ -247,7 +281,6 @@ impl Store {
             }));
         }
         crate::objstore::remove_stale_temp_files(&root.join("objects"));
-        let reserve = crate::reserve::Reserve::new(root);
         reserve.ensure();
         Ok(Self {
             root: root.to_path_buf(),
