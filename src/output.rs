@@ -242,11 +242,14 @@ pub fn stats(out: &mut dyn Write, store: &Store, s: &IndexStats, json: bool) -> 
     } else {
         s.raw_bytes as f64 / s.pack_bytes as f64
     };
+    let space = store.disk_space()?;
     if json {
         return print_json(
             out,
             &json!({
                 "store": store.root(),
+                "disk_free_bytes": space.free_bytes,
+                "reserve_held": space.reserve_held,
                 "runs": s.runs_sealed + s.runs_open,
                 "runs_sealed": s.runs_sealed,
                 "runs_open": s.runs_open,
@@ -275,6 +278,12 @@ pub fn stats(out: &mut dyn Write, store: &Store, s: &IndexStats, json: bool) -> 
     writeln!(out, "packs         {}", s.packs)?;
     writeln!(out, "dedup_ratio   {dedup:.2}")?;
     writeln!(out, "reduction     {reduction:.2}")?;
+    let reserve = if space.reserve_held {
+        ""
+    } else {
+        " (reserve given back: the disk is or was full, ADR 0023)"
+    };
+    writeln!(out, "disk_free     {}{reserve}", space.free_bytes)?;
     Ok(())
 }
 

@@ -241,6 +241,11 @@ fn gc_on_a_full_disk_deletes_expired_runs_and_gives_the_space_back() {
     env.ok(&["export", "lab/kept", out.to_str().unwrap()]);
     assert_same_tree(&kept, &out);
     // With room again, the next command makes the reserve again.
-    env.ok(&["stats"]);
+    let stats = env.stats();
+    assert_eq!(stats["reserve_held"], true, "{stats}");
+    assert!(
+        stats["disk_free_bytes"].as_u64().unwrap() > 20 << 20,
+        "{stats}"
+    );
     assert!(env.store().join("reserve").exists());
 }
