@@ -2036,16 +2036,17 @@ mod tests {
     fn chunks_of_a_window_larger_than_the_room_are_cached_one_by_one() {
         let dir = tempfile::tempdir().unwrap();
         let remote = Arc::new(Flaky::new());
-        // Packs of about 1 MiB do not fit a 768 KiB bound: they are evicted, and a whole-pack
-        // window never fits, but its chunks (at most 256 KiB) do. The last pack holds what is
-        // left over and may be small enough to stay.
-        let bound = 768 << 10;
+        // 2 MiB of random bytes in packs of a 1 MiB target: the first pack closes at 1 to
+        // 1.25 MiB (chunks are at most 256 KiB), so the second holds at least 0.75 MiB.
+        // Neither fits a 512 KiB bound: both are evicted, and a whole-pack window never fits,
+        // but its chunks do.
+        let bound = 512 << 10;
         let store = tiered(dir.path(), remote.clone(), bound);
-        let data = ingest(&store, dir.path(), "ns/a", 7, 3 << 20);
+        let data = ingest(&store, dir.path(), "ns/a", 7, 2 << 20);
         store.push_pending().unwrap();
         let s = store.tier_status().unwrap();
-        assert!(s.counts.remote_only_packs >= 2, "{s:?}");
-        assert!(s.counts.both_packs <= 1 && s.cache_bytes <= bound, "{s:?}");
+        assert_eq!((s.counts.both_packs, s.cache_bytes), (0, 0), "{s:?}");
+        assert_eq!(s.counts.remote_only_packs, 2, "{s:?}");
         assert_eq!(read(&store, "ns/a"), data);
         let s = store.tier_status().unwrap();
         assert!(s.range_cache_entries > 0, "{s:?}");
