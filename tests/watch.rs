@@ -89,6 +89,16 @@ impl Watcher {
     }
 }
 
+impl Drop for Watcher {
+    /// A test that fails leaves no watcher running (and owning its store) behind.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 fn producer(out: &Path, first: u32, runs: u32, pace_ms: u64) -> ProduceOptions {
     ProduceOptions {
         out: out.to_path_buf(),
