@@ -135,7 +135,24 @@ impl Error {
     /// pack, a staging file or the index. Nothing was lost; the work can be retried once there
     /// is room.
     pub fn is_disk_full(&self) -> bool {
-        matches!(self, Error::Io { source, .. }
-            if matches!(source.raw_os_error(), Some(nix::libc::ENOSPC | nix::libc::EDQUOT)))
+        matches!(self, Error::Io { source, .. } if io_disk_full(source))
     }
+
+    /// An ENOSPC error of `op` on `path`, for a full disk seen other than as a failed system
+    /// call (SQLite's SQLITE_FULL, too little free space measured).
+    pub(crate) fn disk_full(op: &'static str, path: impl Into<PathBuf>) -> Self {
+        Error::Io {
+            op,
+            path: path.into(),
+            source: std::io::Error::from_raw_os_error(nix::libc::ENOSPC),
+        }
+    }
+}
+
+/// Whether an I/O error says the disk (or a quota on it) is full: ENOSPC or EDQUOT.
+pub fn io_disk_full(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(nix::libc::ENOSPC | nix::libc::EDQUOT)
+    )
 }

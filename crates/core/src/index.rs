@@ -272,11 +272,7 @@ pub(crate) fn sql_err(path: &Path) -> impl Fn(rusqlite::Error) -> Error + '_ {
         // SQLite answers SQLITE_FULL when the disk (or a quota) refused a write: that is the
         // caller's ENOSPC, so a producer sees "no space", not a generic I/O error.
         if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull) {
-            return Error::Io {
-                op: "write the index",
-                path: path.to_path_buf(),
-                source: std::io::Error::from_raw_os_error(nix::libc::ENOSPC),
-            };
+            return Error::disk_full("write the index", path);
         }
         Error::Index {
             path: path.to_path_buf(),

@@ -17,11 +17,10 @@ impl Store {
         self.objects().head(PROBE_KEY)?;
         let space = self.disk_space()?;
         if space.free_bytes < RESERVE_BYTES {
-            return Err(Error::Io {
-                op: "find room (under 8 MiB free) on the disk of",
-                path: self.root().to_path_buf(),
-                source: std::io::Error::from_raw_os_error(nix::libc::ENOSPC),
-            });
+            return Err(Error::disk_full(
+                "find room (under 8 MiB free) on the disk of",
+                self.root(),
+            ));
         }
         Ok(())
     }

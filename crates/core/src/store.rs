@@ -143,11 +143,7 @@ fn open_index(
         );
         return Index::open(path, create);
     }
-    Err(Error::Io {
-        op: "open the index (the disk is full)",
-        path: path.to_path_buf(),
-        source: std::io::Error::from_raw_os_error(nix::libc::ENOSPC),
-    })
+    Err(Error::disk_full("open the index (the disk is full)", path))
 }
 
 fn config_path(root: &Path) -> PathBuf {

@@ -2343,11 +2343,10 @@ impl Vfs {
     /// when the commit that lost it failed for a full disk.
     fn lost_file(&self, inode: i64, full: bool) -> Error {
         if full {
-            Error::Io {
-                op: "commit a new file's creation (rolled back) to",
-                path: self.store.root().join("index.sqlite"),
-                source: std::io::Error::from_raw_os_error(nix::libc::ENOSPC),
-            }
+            Error::disk_full(
+                "commit a new file's creation (rolled back) to",
+                self.store.root().join("index.sqlite"),
+            )
         } else {
             Error::NotFound(format!(
                 "inode {inode}: the file's creation was not committed; create it again"

@@ -46,11 +46,6 @@ impl ApiError {
     }
 }
 
-/// ENOSPC and EDQUOT: the store's disk is full.
-fn disk_full(e: &std::io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(28 | 122))
-}
-
 /// The status and code of every engine error kind.
 pub fn classify(e: &Error) -> (StatusCode, &'static str) {
     use StatusCode as S;
@@ -82,7 +77,7 @@ impl From<Error> for ApiError {
 
 impl From<std::io::Error> for ApiError {
     fn from(e: std::io::Error) -> Self {
-        if disk_full(&e) {
+        if artifactfs_core::error::io_disk_full(&e) {
             Self::new(StatusCode::INSUFFICIENT_STORAGE, "disk_full", e.to_string())
         } else {
             Self::internal(e.to_string())
