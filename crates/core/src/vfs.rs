@@ -677,6 +677,17 @@ fn refused_xattr(st: &mut State, name: &str, e: Error) -> Error {
     e
 }
 
+/// The inode named `name` in directory `dir`, with its number; `NotFound` names it.
+fn named(m: &Meta<'_>, dir: i64, name: &str) -> Result<(i64, InodeRow)> {
+    let ino = m
+        .lookup(dir, name)?
+        .ok_or_else(|| Error::NotFound(name.to_owned()))?;
+    let row = m
+        .inode(ino)?
+        .ok_or_else(|| Error::NotFound(name.to_owned()))?;
+    Ok((ino, row))
+}
+
 fn name_str(name: &OsStr) -> Result<&str> {
     name.to_str().ok_or_else(|| {
         Error::invalid(
@@ -911,6 +922,12 @@ impl Vfs {
     /// Writes and commits, together with whatever the view deferred.
     fn meta_write<T>(&self, f: impl FnOnce(&Meta<'_>) -> Result<T>) -> Result<T> {
         self.store.index_deferred().meta_write(f)
+    }
+
+    /// [`Vfs::meta_write`] of a deletion: on a full disk it runs again with the store's
+    /// reserve given back (`Store::freeing`).
+    fn meta_write_freeing<T>(&self, what: &str, f: impl Fn(&Meta<'_>) -> Result<T>) -> Result<T> {
+        self.store.freeing(what, || self.meta_write(&f))
     }
 
     fn inode(&self, ino: i64) -> Result<InodeRow> {
@@ -2651,21 +2668,14 @@ impl Vfs {
         let (mut st, p) = self.lock_mut(parent)?;
         let dir = self.writable(p, "unlink")?;
         let now = self.now();
-        let gone = self.store.freeing("unlink", || {
-            self.meta_write(|m| {
-                let ino = m
-                    .lookup(dir, name)?
-                    .ok_or_else(|| Error::NotFound(name.to_owned()))?;
-                let row = m
-                    .inode(ino)?
-                    .ok_or_else(|| Error::NotFound(name.to_owned()))?;
-                if row.kind == Kind::Dir {
-                    return Err(Error::IsDir(name.to_owned()));
-                }
-                m.remove_dentry(dir, name)?;
-                m.set_times(dir, now, now)?;
-                self.drop_name(&st, m, ino, now)
-            })
+        let gone = self.meta_write_freeing("unlink", |m| {
+            let (ino, row) = named(m, dir, name)?;
+            if row.kind == Kind::Dir {
+                return Err(Error::IsDir(name.to_owned()));
+            }
+            m.remove_dentry(dir, name)?;
+            m.set_times(dir, now, now)?;
+            self.drop_name(&st, m, ino, now)
         })?;
         if let Some((run, ino)) = gone {
             self.preseal.forget(ino);
@@ -2701,25 +2711,18 @@ impl Vfs {
             _ => {}
         }
         let dir = self.writable(p, "rmdir")?;
-        let run = self.store.freeing("rmdir", || {
-            self.meta_write(|m| {
-                let ino = m
-                    .lookup(dir, name)?
-                    .ok_or_else(|| Error::NotFound(name.to_owned()))?;
-                let row = m
-                    .inode(ino)?
-                    .ok_or_else(|| Error::NotFound(name.to_owned()))?;
-                if row.kind != Kind::Dir {
-                    return Err(Error::NotDir(name.to_owned()));
-                }
-                if m.has_children(ino)? {
-                    return Err(Error::NotEmpty(name.to_owned()));
-                }
-                m.remove_dentry(dir, name)?;
-                m.delete_inode(ino)?;
-                m.set_times(dir, now, now)?;
-                Ok(row.run)
-            })
+        let run = self.meta_write_freeing("rmdir", |m| {
+            let (ino, row) = named(m, dir, name)?;
+            if row.kind != Kind::Dir {
+                return Err(Error::NotDir(name.to_owned()));
+            }
+            if m.has_children(ino)? {
+                return Err(Error::NotEmpty(name.to_owned()));
+            }
+            m.remove_dentry(dir, name)?;
+            m.delete_inode(ino)?;
+            m.set_times(dir, now, now)?;
+            Ok(row.run)
         })?;
         self.forget_subdirs(&[dir]);
         self.touch(&mut st, run);
