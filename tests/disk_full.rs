@@ -198,16 +198,6 @@ fn a_copy_into_the_mount_that_fills_the_disk_gets_enospc_and_loses_nothing() {
     assert_eq!(fs::read(out.join("kept.bin")).unwrap(), kept);
 }
 
-/// Fills the disk under `dir` with one file of zeros; returns its path.
-fn fill(dir: &Path) -> std::path::PathBuf {
-    let p = dir.join("filler");
-    let mut f = File::create(&p).unwrap();
-    let mb = vec![0u8; 1 << 20];
-    while f.write_all(&mb).is_ok() {}
-    let _ = f.sync_all();
-    p
-}
-
 #[test]
 fn gc_on_a_full_disk_deletes_expired_runs_and_gives_the_space_back() {
     let env = Env::with_clock("2026-11-01T00:00:00Z");
@@ -222,7 +212,7 @@ fn gc_on_a_full_disk_deletes_expired_runs_and_gives_the_space_back() {
     env.ingest(&kept, "lab/kept");
 
     // Something else fills the disk; the expired run's space is what gc can give back.
-    let filler = fill(&env.store());
+    let filler = disk.fill();
     assert!(disk.free() < 1 << 20);
     // Reading still works on the full disk (opening the index needs room: the reserve's).
     env.ok(&["verify"]);

@@ -1468,12 +1468,7 @@ fn an_upload_onto_a_full_disk_gets_507_and_stores_nothing() {
 
     // A disk filled by something else: not ready (503), and the metrics say how little is
     // left; ready again once the space is back.
-    let filler = env.store().join("filler");
-    {
-        let mut f = std::fs::File::create(&filler).unwrap();
-        let mb = vec![0u8; 1 << 20];
-        while f.write_all(&mb).is_ok() {}
-    }
+    let filler = disk.fill();
     let r = client().get(s.url("/ready")).send().unwrap();
     assert_eq!(r.status(), 503);
     let v = json_of(r);

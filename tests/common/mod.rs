@@ -360,6 +360,18 @@ impl SmallDisk {
         (s.blocks() - s.blocks_free()) * s.fragment_size()
     }
 
+    /// Fills what is left of the disk with one file of zeros, `filler` in its top directory;
+    /// returns its path.
+    pub fn fill(&self) -> PathBuf {
+        use std::io::Write;
+        let p = self.dir.join("filler");
+        let mut f = fs::File::create(&p).unwrap();
+        let mb = vec![0u8; 1 << 20];
+        while f.write_all(&mb).is_ok() {}
+        let _ = f.sync_all();
+        p
+    }
+
     /// Bytes still free on the disk.
     pub fn free(&self) -> u64 {
         let s = nix::sys::statvfs::statvfs(&self.dir).expect("statvfs");
