@@ -9,10 +9,11 @@
 #   - `aws s3 cp --recursive` of the same pack files up to the same gateway and back down
 #     (awscli's defaults: 10 requests at once, multipart above 8 MiB): the limit;
 #   - `artifactfs export` of the run with every pack local (warm), then, with every pack
-#     evicted and no range cache, cold `export`, cold `cat` of one file, cold `verify`, and
-#     (when /dev/fuse and fusermount3 are there) cold `cat` of another file through a mount,
-#     each checked bit-exact;
-# and prints a Markdown table with the ratios push/aws-up and cold-read/aws-down.
+#     evicted and no range cache, cold `export`, cold `cat` of one file, cold `verify`;
+#   - when /dev/fuse and fusermount3 are there, `cat` of another file through a fresh mount,
+#     page cache dropped, once with every pack local (warm) and once evicted (cold);
+# each read checked bit-exact; and prints a Markdown table with the ratios push/aws-up,
+# cold-read/aws-down and, through the mount, cold/warm.
 # MB = 10^6 bytes. The bucket is removed at the end.
 #
 # --debug uses the debug binary (a quick check that the script works; not for figures).
@@ -70,6 +71,26 @@ timed() {
 mbps() { echo "scale=1; $1 / 1000000 / $(cat "$2")" | bc -l; }
 secs() { printf '%.2f' "$(cat "$1")"; }
 
+# mount_cat LABEL FILE: `cat` of FILE of the run through a fresh mount of the store (page cache
+# dropped first, as root), timed and checked; appends its table row to $WORK/mount-rows.
+# Without /dev/fuse and fusermount3, does nothing.
+mount_cat() {
+    local label=$1 file=$2 mnt=$WORK/mnt bytes
+    [[ -e /dev/fuse ]] && command -v fusermount3 >/dev/null || return 0
+    mkdir -p "$mnt"
+    "$AFS" --store "$WORK/store" mount "$mnt" >/dev/null
+    # shellcheck disable=SC2064 # expand now
+    trap "fusermount3 -uz '$mnt' 2>/dev/null || true; cleanup_bucket; cleanup '$WORK'" EXIT
+    sync
+    [[ -w /proc/sys/vm/drop_caches ]] && echo 3 >/proc/sys/vm/drop_caches
+    timed "$WORK/mcat-$label.t" bash -c "cat '$mnt/bench/run/$file' >'$WORK/mcat.out'"
+    cmp -s "$WORK/src/$file" "$WORK/mcat.out" || die "$label cat through the mount differs"
+    bytes=$(stat -c %s "$WORK/mcat.out")
+    rm -f "$WORK/mcat.out"
+    "$AFS" umount "$mnt"
+    echo "| \`cat\` of one file through the mount, $label | $bytes | $(secs "$WORK/mcat-$label.t") | $(mbps "$bytes" "$WORK/mcat-$label.t") |" >>"$WORK/mount-rows"
+}
+
 echo "writing $mib MiB of random bytes ..." >&2
 mkdir -p "$WORK/src"
 quarter=$((mib / 4))
@@ -92,6 +113,8 @@ echo "warm export ..." >&2
 timed "$WORK/warm.t" "$AFS" --store "$WORK/store" export bench/run "$WORK/warm"
 cmp -s "$WORK/src/part-0.bin" "$WORK/warm/part-0.bin" || die "warm export differs"
 rm -rf "$WORK/warm"
+echo "warm cat through a mount ..." >&2
+mount_cat warm part-2.bin
 
 echo "aws s3 cp up and down ..." >&2
 timed "$WORK/awsup.t" aws --endpoint-url "$AWS_ENDPOINT_URL" s3 cp --recursive --only-show-errors "$packs_dir" "s3://$bucket/awscp/"
@@ -116,21 +139,8 @@ cat_bytes=$(stat -c %s "$WORK/cat.out")
 rm -f "$WORK/cat.out"
 timed "$WORK/verify.t" "$AFS" --store "$WORK/store" verify >/dev/null
 
-mount_row=""
-if [[ -e /dev/fuse ]] && command -v fusermount3 >/dev/null; then
-    echo "cold cat through a mount ..." >&2
-    mnt=$WORK/mnt
-    mkdir -p "$mnt"
-    "$AFS" --store "$WORK/store" mount "$mnt" >/dev/null
-    # shellcheck disable=SC2064 # expand now
-    trap "fusermount3 -uz '$mnt' 2>/dev/null || true; cleanup_bucket; cleanup '$WORK'" EXIT
-    timed "$WORK/mcat.t" bash -c "cat '$mnt/bench/run/part-2.bin' >'$WORK/mcat.out'"
-    cmp -s "$WORK/src/part-2.bin" "$WORK/mcat.out" || die "cold cat through the mount differs"
-    mcat_bytes=$(stat -c %s "$WORK/mcat.out")
-    rm -f "$WORK/mcat.out"
-    "$AFS" umount "$mnt"
-    mount_row="| \`cat\` of one file through the mount, cold | $mcat_bytes | $(secs "$WORK/mcat.t") | $(mbps "$mcat_bytes" "$WORK/mcat.t") |"
-fi
+echo "cold cat through a mount ..." >&2
+mount_cat cold part-2.bin
 
 push_mbps=$(mbps "$pack_bytes" "$WORK/push.t")
 up_mbps=$(mbps "$pack_bytes" "$WORK/awsup.t")
@@ -158,8 +168,13 @@ $(SIM=true print_versions 2>/dev/null | sed 's/, ``;/;/')
 | \`artifactfs export\`, cold (all evicted) | $raw | $(secs "$WORK/cold.t") | $cold_mbps |
 | \`artifactfs cat\` of one file, cold | $cat_bytes | $(secs "$WORK/cat.t") | $cat_mbps |
 | \`artifactfs verify\`, cold | $pack_bytes | $(secs "$WORK/verify.t") | $verify_mbps |
-$mount_row
+$(cat "$WORK/mount-rows" 2>/dev/null)
 
 - push / aws up: $(pct "$push_mbps" "$up_mbps")% (target ≥ 90%)
 - cold export / aws down: $(pct "$cold_mbps" "$down_mbps")%; cold cat / aws down: $(pct "$cat_mbps" "$down_mbps")% (target ≥ 70%)
 EOF
+if [[ -e $WORK/mcat-cold.t ]]; then
+    mcat_bytes=$(stat -c %s "$WORK/src/part-2.bin")
+    mcold=$(mbps "$mcat_bytes" "$WORK/mcat-cold.t")
+    echo "- through the mount: cold (evicted) / warm (packs local): $(pct "$mcold" "$(mbps "$mcat_bytes" "$WORK/mcat-warm.t")")%; cold / aws down: $(pct "$mcold" "$down_mbps")%"
+fi
