@@ -47,14 +47,22 @@ else
     (cd "$REPO" && cargo build --release --quiet -p artifactfs) >&2
 fi
 
-bash "$REPO/tools/ceph-rgw/start.sh" >&2
+# A gateway this script starts is stopped at the end (it holds GiBs of RAM and a core's share).
+rgw_log=$(bash "$REPO/tools/ceph-rgw/start.sh" 2>&1 >/dev/null) || die "$rgw_log"
+echo "$rgw_log" >&2
+grep -q "already running" <<<"$rgw_log" && stop_rgw=0 || stop_rgw=1
 eval "$(bash "$REPO/tools/ceph-rgw/env.sh")"
 make_work s3
 bucket=afs-bench-$$-$RANDOM
+mnt=$WORK/mnt
 s3() { aws --endpoint-url "$AWS_ENDPOINT_URL" s3 "$@"; }
-cleanup_bucket() { s3 rb --force "s3://$bucket" >/dev/null 2>&1 || true; }
-# shellcheck disable=SC2064 # expand WORK now
-trap "cleanup_bucket; cleanup '$WORK'" EXIT
+on_exit() {
+    fusermount3 -uz "$mnt" 2>/dev/null || true
+    s3 rb --force "s3://$bucket" >/dev/null 2>&1 || true
+    cleanup "$WORK"
+    if [[ $stop_rgw == 1 ]]; then bash "$REPO/tools/ceph-rgw/stop.sh" >&2 || true; fi
+}
+trap on_exit EXIT
 s3 mb "s3://$bucket" >/dev/null
 
 afs() { "$AFS" --store "$WORK/store" "$@"; }
@@ -75,12 +83,10 @@ secs() { printf '%.2f' "$(cat "$1")"; }
 # dropped first, as root), timed and checked; appends its table row to $WORK/mount-rows.
 # Without /dev/fuse and fusermount3, does nothing.
 mount_cat() {
-    local label=$1 file=$2 mnt=$WORK/mnt bytes
+    local label=$1 file=$2 bytes
     [[ -e /dev/fuse ]] && command -v fusermount3 >/dev/null || return 0
     mkdir -p "$mnt"
     "$AFS" --store "$WORK/store" mount "$mnt" >/dev/null
-    # shellcheck disable=SC2064 # expand now
-    trap "fusermount3 -uz '$mnt' 2>/dev/null || true; cleanup_bucket; cleanup '$WORK'" EXIT
     sync
     [[ -w /proc/sys/vm/drop_caches ]] && echo 3 >/proc/sys/vm/drop_caches
     timed "$WORK/mcat-$label.t" bash -c "cat '$mnt/bench/run/$file' >'$WORK/mcat.out'"
