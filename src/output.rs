@@ -379,5 +379,13 @@ pub fn rebuild(
     for s in &r.skipped {
         eprintln!("artifactfs: skipped {s}");
     }
+    for q in &r.quarantined {
+        eprintln!("artifactfs: a pack that cannot be read was moved to {q}");
+    }
+    for d in &r.damaged_runs {
+        eprintln!(
+            "artifactfs: run {d}: restored, but some of its files cannot be read (`artifactfs verify` names them; ingesting the same bytes again repairs them)"
+        );
+    }
     Ok(())
 }

@@ -1,5 +1,7 @@
 //! Damage is found and reported, never served: a flipped byte in a pack, a deleted pack, a
-//! damaged manifest and a truncated index each give a clear error naming what is affected.
+//! damaged manifest and a truncated index each give a clear error naming what is affected; a
+//! truncated index is rebuilt from the packs, and a rebuild over a truncated pack keeps every
+//! run and names what it lost.
 
 mod common;
 
@@ -10,7 +12,11 @@ use common::{Env, bytes};
 
 /// A store with two runs sharing nothing: `lab/a` (file `data/a.bin`) and `lab/b`.
 fn setup() -> Env {
-    let env = Env::new();
+    with_two_runs(Env::new())
+}
+
+/// `lab/a` and `lab/b` of [`setup`] ingested into `env`, from `src-a` and `src-b`.
+fn with_two_runs(env: Env) -> Env {
     for (run, seed) in [("a", 1u64), ("b", 2)] {
         let src = env.path(&format!("src-{run}"));
         fs::create_dir_all(src.join("data")).unwrap();
@@ -171,20 +177,86 @@ fn truncated_index_is_a_clear_error_not_a_panic() {
             assert!(!err.contains("panicked"), "{err}");
             assert!(err.contains("index"), "error should name the index: {err}");
         }
+        // The index is rebuilt from the packs and manifests, the damaged one kept beside it.
+        let out = env.run(&["index", "rebuild"]);
+        assert!(
+            out.status.success(),
+            "index rebuild over a truncated index (keep {keep}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let runs = env.ok(&["runs"]);
+        assert!(
+            runs.contains("lab/a\tsealed") && runs.contains("lab/b\tsealed"),
+            "{runs}"
+        );
+        env.ok(&["verify"]);
+        assert_eq!(env.ok(&["cat", "lab/a/notes.txt"]), "run a\n");
+        assert!(
+            fs::read_dir(env.store()).unwrap().any(|e| e
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("index.sqlite.old-")),
+            "the damaged index is kept"
+        );
     }
 }
 
 #[test]
-fn a_second_process_cannot_open_a_store_in_use() {
-    let env = setup();
-    let held = artifactfs_core::Store::open(&env.store()).unwrap();
-    let out = env.run(&["runs"]);
-    assert_eq!(out.status.code(), Some(5));
+fn a_rebuild_over_a_truncated_pack_keeps_every_run_and_names_the_damage() {
+    let env = with_two_runs(Env::with_clock("2026-12-01T00:00:00Z"));
+    let (pack, _) = chunk_in_pack(&env, "lab/b/data/b.bin");
+    let len = fs::metadata(&pack).unwrap().len();
+    let f = fs::OpenOptions::new().write(true).open(&pack).unwrap();
+    f.set_len(len / 2).unwrap();
+    drop(f);
+    let out = env.run(&["index", "rebuild"]);
+    // Rebuilt, with damage: the status says so, as verify's does.
+    assert_eq!(out.status.code(), Some(4));
     let err = String::from_utf8_lossy(&out.stderr);
+    let name = pack.file_name().unwrap().to_str().unwrap();
     assert!(
-        err.contains("in use") && err.contains(&std::process::id().to_string()),
-        "{err}"
+        err.contains("skipped") && err.contains(name) && err.contains("lab/b"),
+        "the rebuild names the pack it could not read and the run it damaged: {err}"
     );
-    drop(held);
-    assert!(env.run(&["runs"]).status.success());
+    // The damaged pack is kept aside, where gc does not delete it as an orphan.
+    assert!(!pack.exists());
+    let kept = env
+        .store()
+        .join("quarantine")
+        .join(pack.strip_prefix(env.store().join("objects")).unwrap());
+    assert_eq!(fs::metadata(&kept).unwrap().len(), len / 2);
+    // Both runs are back: the manifests are whole, only some chunks are gone.
+    let runs = env.ok(&["runs"]);
+    assert!(
+        runs.contains("lab/a\tsealed") && runs.contains("lab/b\tsealed"),
+        "{runs}"
+    );
+    assert_damage_named(&env, "lab/b", "data/b.bin");
+    let out = env.run(&["cat", "lab/b/data/b.bin"]);
+    assert_eq!(out.status.code(), Some(4));
+    assert_eq!(
+        env.run(&["cat", "lab/a/data/a.bin"]).stdout,
+        bytes(3 << 20, 1)
+    );
+
+    // The same bytes stored again (by another run) repair the damaged run; deleting that run
+    // later keeps them, since the damaged run's references were kept while its chunks were lost.
+    env.ingest(&env.path("src-b"), "lab/b-again");
+    env.ok(&["retain", "lab/b-again", "1d"]);
+    assert!(env.ok(&["verify"]).contains("ok"));
+    assert_eq!(
+        env.run(&["cat", "lab/b/data/b.bin"]).stdout,
+        bytes(3 << 20, 2)
+    );
+    env.set_time("2026-12-03T00:00:00Z");
+    env.ok(&["gc"]);
+    assert!(env.run_info("lab/b-again").is_none());
+    assert!(env.ok(&["verify"]).contains("ok"));
+    assert_eq!(
+        env.run(&["cat", "lab/b/data/b.bin"]).stdout,
+        bytes(3 << 20, 2)
+    );
+    env.ok(&["gc"]);
+    env.ok(&["verify"]);
 }

@@ -327,6 +327,19 @@ fn an_unreachable_endpoint_keeps_uploads_pending_and_evicts_nothing() {
     assert_eq!(s["pending_packs"].as_u64(), Some(packs as u64), "{s}");
     assert_eq!(s["remote_only_packs"], 0);
     assert!(b.keys("packs/").is_empty());
+    // An index rebuild cannot list the bucket: it fails naming it, and the store keeps the
+    // index it had.
+    let before = ok(&store, &["runs"], &dead);
+    let out = cmd(&store, &["index", "rebuild"], &dead);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("127.0.0.1:9") && err.contains(&b.name),
+        "{err}"
+    );
+    assert_eq!(ok(&store, &["runs"], &dead), before);
+    let out = cmd(&store, &["cat", "ns/a/big.bin"], &dead);
+    assert_eq!(out.stdout, fs::read(src.join("big.bin")).unwrap());
     // The gateway is back: the queue drains, then eviction.
     let r = json(&store, &["tier", "push", "--json"]);
     assert_eq!(r["packs"].as_u64(), Some(packs as u64), "{r}");

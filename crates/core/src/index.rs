@@ -30,7 +30,7 @@ pub use pool::{PooledIndex, ReadPool};
 pub use retention::{DefaultRetention, ExpiredRun, HoldRow, PackUsage, RunRetention, SweepStats};
 
 /// Schema version written by this build.
-pub const SCHEMA_VERSION: i64 = 5;
+pub const SCHEMA_VERSION: i64 = 6;
 
 const MIGRATIONS: &[&str] = &[
     // 0 -> 1
@@ -160,6 +160,14 @@ const MIGRATIONS: &[&str] = &[
         ino         INTEGER PRIMARY KEY REFERENCES inodes(ino) ON DELETE CASCADE,
         data        BLOB NOT NULL
     );
+    "#,
+    // 5 -> 6: chunks that sealed runs reference but no readable pack holds (a rebuild found
+    // them lost), with their reference counts; a pack that stores one again takes them over.
+    r#"
+    CREATE TABLE lost_chunks (
+        hash        BLOB PRIMARY KEY,
+        refs        INTEGER NOT NULL
+    ) WITHOUT ROWID;
     "#,
 ];
 
@@ -446,7 +454,7 @@ impl Index {
         if version == 0 && !create {
             return Err(Error::Index {
                 path: path.clone(),
-                message: "index is empty or truncated; the store's index must be rebuilt".into(),
+                message: "index is empty or truncated; rebuild it from the packs and manifests with `artifactfs index rebuild`".into(),
             });
         }
         if version == 0 {
@@ -466,7 +474,7 @@ impl Index {
             let tx = self.begin()?;
             tx.execute_batch(sql).map_err(&err)?;
             if i == 2 {
-                retention::backfill_refs(&tx, &path)?;
+                retention::backfill_refs(&tx, &path, false)?;
             }
             tx.pragma_update(None, "user_version", (i + 1) as i64)
                 .map_err(&err)?;
@@ -587,6 +595,7 @@ impl Index {
                 .map_err(&err)?;
             }
         }
+        retention::take_over_lost_refs(&tx, &path)?;
         tx.commit().map_err(&err)
     }
 
@@ -641,7 +650,22 @@ impl Index {
         now_ns: i64,
         event_detail: serde_json::Value,
     ) -> Result<i64> {
-        self.durable(|s| s.insert_sealed_run_tx(m, digest, now_ns, event_detail))
+        self.durable(|s| s.insert_sealed_run_tx(m, digest, now_ns, event_detail, false))
+            .map(|(id, _)| id)
+    }
+
+    /// [`Index::insert_sealed_run`] for a run a rebuild found: chunks that no readable pack
+    /// holds do not refuse it but are recorded as lost (`lost_chunks`), so that the run is
+    /// listed, `verify` names what it lost, and storing those chunks again repairs it. Returns
+    /// the run's id and how many distinct chunks it names that are lost.
+    pub fn insert_rebuilt_run(
+        &mut self,
+        m: &Manifest,
+        digest: &ManifestDigest,
+        now_ns: i64,
+        event_detail: serde_json::Value,
+    ) -> Result<(i64, u64)> {
+        self.durable(|s| s.insert_sealed_run_tx(m, digest, now_ns, event_detail, true))
     }
 
     fn insert_sealed_run_tx(
@@ -650,7 +674,8 @@ impl Index {
         digest: &ManifestDigest,
         now_ns: i64,
         event_detail: serde_json::Value,
-    ) -> Result<i64> {
+        lost_ok: bool,
+    ) -> Result<(i64, u64)> {
         let path = self.path.clone();
         let err = sql_err(&path);
         let default_retention = self.default_retention.clone();
@@ -686,7 +711,7 @@ impl Index {
         .map_err(&err)?;
         let run_id = tx.last_insert_rowid();
         insert_run_entries(&tx, run_id, m).map_err(&err)?;
-        retention::add_refs(&tx, &path, m)?;
+        let lost = retention::add_refs(&tx, &path, m, lost_ok)?;
         let run_name = Some(m.run.as_str());
         let ns = Some(m.namespace.as_str());
         append_event(
@@ -710,7 +735,7 @@ impl Index {
             now_ns,
         )?;
         tx.commit().map_err(&err)?;
-        Ok(run_id)
+        Ok((run_id, lost))
     }
 
     /// One entry of a run.
@@ -1396,7 +1421,7 @@ impl Index {
         )
         .map_err(&err)?;
         insert_run_entries(&tx, run_id, m).map_err(&err)?;
-        retention::add_refs(&tx, &path, m)?;
+        retention::add_refs(&tx, &path, m, false)?;
         retention::fix_until_at_seal(&tx, &path, run_id, now_ns)?;
         tx.execute(
             "DELETE FROM dentries WHERE ino IN (SELECT ino FROM inodes WHERE run = ?1)",

@@ -27,7 +27,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::Serialize;
@@ -45,6 +45,9 @@ use crate::tier::{
     LIFECYCLE_PREFIX, LifecycleRecord, REMOTE_CONFIG_KEY, TierConfig, parse_lifecycle_key,
 };
 
+/// Where a rebuild moves local objects it cannot read, relative to the store's root.
+pub const QUARANTINE: &str = "quarantine";
+
 /// What a rebuild found.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct RebuildReport {
@@ -56,6 +59,13 @@ pub struct RebuildReport {
     /// Objects that could not be used, one line each (damaged packs, manifests of a run
     /// already restored from a newer manifest, …).
     pub skipped: Vec<String>,
+    /// Runs restored whole from their manifests that name chunks no readable pack holds
+    /// (`NS/RUN: N chunks lost`): `verify` names their damaged files; storing the same bytes
+    /// again (any ingest of them) repairs them.
+    pub damaged_runs: Vec<String>,
+    /// Local packs that could not be read, moved from `objects/packs/` to `quarantine/packs/`
+    /// so that gc does not delete them as orphans (their intact bytes may still be salvaged).
+    pub quarantined: Vec<String>,
     /// Where the previous index was moved, when there was one.
     pub old_index: Option<String>,
     /// The index snapshot the rebuild started from, when it used one.
@@ -68,6 +78,24 @@ pub struct RebuildReport {
     /// The highest event `seq` the replaced log gave out or a reader of it recorded; the new
     /// log is numbered after it (its first event, `index.rebuilt`, is `events_after + 1`).
     pub events_after: i64,
+}
+
+/// Replaces the index files at `root` with the ones a rebuild moved to `old` (logged, since
+/// the rebuild's own error is what the caller reports).
+fn put_back_index(root: &Path, old: &Path) {
+    let index = root.join("index.sqlite");
+    for ext in ["", "-wal", "-shm"] {
+        let new = root.join(format!("index.sqlite{ext}"));
+        let kept = PathBuf::from(format!("{}{ext}", old.display()));
+        let _ = fs::remove_file(&new);
+        if kept.exists()
+            && let Err(e) = fs::rename(&kept, &new)
+        {
+            tracing::error!(from = %kept.display(), to = %new.display(), error = %e, "cannot put the previous index back");
+            return;
+        }
+    }
+    tracing::warn!(index = %index.display(), "the rebuild failed; the previous index is back in place");
 }
 
 impl Store {
@@ -112,52 +140,65 @@ impl Store {
                 Err(e) => return Err(Error::io("remove", &cursor, e)),
             }
         }
-        let store = match (config.tier.is_some(), remote) {
-            (true, Some(r)) => {
-                Self::assemble_tiered(root, r, Some(lock), Arc::new(crate::clock::SystemClock))?
-            }
-            (true, None) => {
-                let r = crate::tier::Unconnected::new(
-                    config
-                        .tier
-                        .as_ref()
-                        .map(|t| t.backend.clone())
-                        .unwrap_or_default(),
-                    "no client for the remote tier",
-                );
-                Self::assemble_tiered(
+        // Built under the store's lock; if anything fails, the new index goes and the old one
+        // comes back, so a failed rebuild leaves the store as it was.
+        let built = (|| -> Result<Self> {
+            let store = match (config.tier.is_some(), remote) {
+                (true, Some(r)) => {
+                    Self::assemble_tiered(root, r, Some(lock), Arc::new(crate::clock::SystemClock))?
+                }
+                (true, None) => {
+                    let r = crate::tier::Unconnected::new(
+                        config
+                            .tier
+                            .as_ref()
+                            .map(|t| t.backend.clone())
+                            .unwrap_or_default(),
+                        "no client for the remote tier",
+                    );
+                    Self::assemble_tiered(
+                        root,
+                        Arc::new(r),
+                        Some(lock),
+                        Arc::new(crate::clock::SystemClock),
+                    )?
+                }
+                (false, _) => Self::open_locked(
                     root,
-                    Arc::new(r),
-                    Some(lock),
+                    lock,
+                    Arc::new(LocalStore::open(root.join("objects"))?),
                     Arc::new(crate::clock::SystemClock),
-                )?
+                    true,
+                )?,
+            };
+            // The new log continues the numbering of the old one, so that readers holding a
+            // `seq` of it (the NATS publisher's cursor and its message ids, long-polling
+            // clients) see every new event as new (ADR 0012).
+            {
+                let mut idx = store.index();
+                idx.continue_events_after(report.events_after)?;
+                idx.event(
+                    to_unix_ns(store.clock.now()),
+                    "index.rebuilt",
+                    None,
+                    &serde_json::json!({
+                        "after": report.events_after,
+                        "old_index": report.old_index,
+                    }),
+                )?;
             }
-            (false, _) => Self::open_locked(
-                root,
-                lock,
-                Arc::new(LocalStore::open(root.join("objects"))?),
-                Arc::new(crate::clock::SystemClock),
-                true,
-            )?,
-        };
-        // The new log continues the numbering of the old one, so that readers holding a
-        // `seq` of it (the NATS publisher's cursor and its message ids, long-polling
-        // clients) see every new event as new (ADR 0012).
-        {
-            let mut idx = store.index();
-            idx.continue_events_after(report.events_after)?;
-            idx.event(
-                to_unix_ns(store.clock.now()),
-                "index.rebuilt",
-                None,
-                &serde_json::json!({
-                    "after": report.events_after,
-                    "old_index": report.old_index,
-                }),
-            )?;
+            store.reindex(&mut report)?;
+            Ok(store)
+        })();
+        match built {
+            Ok(store) => Ok((store, report)),
+            Err(e) => {
+                if let Some(old) = &report.old_index {
+                    put_back_index(root, Path::new(old));
+                }
+                Err(e)
+            }
         }
-        store.reindex(&mut report)?;
-        Ok((store, report))
     }
 
     /// Creates a store at `root` (missing or empty) from a bucket alone: its settings from the
@@ -345,8 +386,16 @@ impl Store {
                 "raw_bytes": m.raw_bytes(),
                 "rebuilt": true,
             });
-            match self.index().insert_sealed_run(&m, &d, at, detail) {
-                Ok(_) => report.runs += 1,
+            match self.index().insert_rebuilt_run(&m, &d, at, detail) {
+                Ok((_, lost)) => {
+                    report.runs += 1;
+                    if lost > 0 {
+                        tracing::warn!(run = %format!("{}/{}", m.namespace, m.run), lost, "run restored with chunks no readable pack holds");
+                        report
+                            .damaged_runs
+                            .push(format!("{}/{}: {lost} chunks lost", m.namespace, m.run));
+                    }
+                }
                 Err(Error::AlreadyExists(what)) => report.skipped.push(format!(
                     "manifest {d}: {what} was restored from a newer manifest"
                 )),
@@ -354,6 +403,29 @@ impl Store {
             }
         }
         Ok(())
+    }
+
+    /// Moves a local object that cannot be read from `objects/KEY` to `quarantine/KEY`, where
+    /// neither the index nor gc looks; a failure to move it is reported, not fatal.
+    fn quarantine(&self, key: &str, report: &mut RebuildReport) {
+        let from = self.root().join("objects").join(key);
+        let to = self.root().join(QUARANTINE).join(key);
+        let moved = to
+            .parent()
+            .map_or(Ok(()), fs::create_dir_all)
+            .and_then(|()| fs::rename(&from, &to));
+        match moved {
+            Ok(()) => {
+                tracing::warn!(from = %from.display(), to = %to.display(), "damaged object moved aside");
+                report.quarantined.push(format!("{QUARANTINE}/{key}"));
+            }
+            Err(e) => {
+                tracing::error!(path = %from.display(), error = %e, "cannot move a damaged object aside");
+                report
+                    .skipped
+                    .push(format!("{key}: cannot move it to {QUARANTINE}/: {e}"));
+            }
+        }
     }
 
     /// Fills the (new, empty) index from the objects.
@@ -384,18 +456,42 @@ impl Store {
                 report.skipped.push(format!("{key}: not a pack name"));
                 continue;
             };
-            let local_size = local_packs.get(key);
-            let (src, size) = match (local_size, remote) {
-                (Some(n), _) => (local, *n),
+            let mut local_size = local_packs.get(key).copied();
+            let remote_copy = remote.filter(|_| remote_packs.contains_key(key));
+            let (src, mut size) = match (local_size, remote_copy) {
+                (Some(n), _) => (local, n),
                 (None, Some(r)) => (r, remote_packs[key]),
                 (None, None) => continue,
             };
             let entries = match read_table(src, key) {
                 Ok(e) => e,
                 Err(e) => {
-                    tracing::warn!(key, error = %e, "pack skipped");
-                    report.skipped.push(format!("{key}: {e}"));
-                    continue;
+                    tracing::warn!(key, error = %e, "pack cannot be read");
+                    // A damaged local copy is kept aside, never left for gc to delete as an
+                    // orphan; the bucket's copy, if it has a good one, is used instead.
+                    let was_local = local_size.take().is_some();
+                    if was_local {
+                        self.quarantine(key, report);
+                    }
+                    match remote_copy
+                        .filter(|_| was_local)
+                        .map(|r| read_table(r, key))
+                    {
+                        Some(Ok(e)) => {
+                            size = remote_packs[key];
+                            e
+                        }
+                        Some(Err(re)) => {
+                            report
+                                .skipped
+                                .push(format!("{key}: {e}; the bucket's copy: {re}"));
+                            continue;
+                        }
+                        None => {
+                            report.skipped.push(format!("{key}: {e}"));
+                            continue;
+                        }
+                    }
                 }
             };
             let mut idx = self.index();
@@ -694,6 +790,71 @@ mod tests {
         assert_eq!(read(&store, "ns/a"), a);
         assert_eq!(read(&store, "ns/b"), b);
         assert_eq!(store.stats().unwrap().chunks, stats.chunks);
+        assert!(store.verify(None, &crate::NoProgress).unwrap().ok());
+    }
+
+    #[test]
+    fn a_failed_rebuild_puts_the_previous_index_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        let remote: Arc<MemoryStore> = Arc::new(MemoryStore::default());
+        let opts = crate::InitOptions {
+            tier: Some(TierConfig::new("s3://b/p")),
+            ..Default::default()
+        };
+        let store = Store::init_tiered(&root, &opts, remote).unwrap();
+        let a = ingest(&store, dir.path(), "ns/a", 1);
+        drop(store);
+        // A tiered store rebuilt without its remote fails when it lists the bucket, after
+        // the old index was moved aside.
+        assert!(Store::rebuild_index(&root, None).is_err());
+        let names: Vec<String> = fs::read_dir(&root)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("index.sqlite"))
+            .collect();
+        assert!(
+            names.iter().all(|n| !n.contains(".old-")),
+            "the previous index is back in place: {names:?}"
+        );
+        let store = Store::open(&root).unwrap();
+        assert_eq!(read(&store, "ns/a"), a);
+        assert_eq!(store.stats().unwrap().runs_sealed, 1);
+    }
+
+    #[test]
+    fn a_damaged_local_pack_is_set_aside_and_the_buckets_copy_indexed() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        let remote: Arc<MemoryStore> = Arc::new(MemoryStore::default());
+        let opts = crate::InitOptions {
+            tier: Some(TierConfig::new("s3://b/p")),
+            ..Default::default()
+        };
+        let store = Store::init_tiered(&root, &opts, remote.clone()).unwrap();
+        let a = ingest(&store, dir.path(), "ns/a", 5);
+        store.push_pending().unwrap();
+        let key = store.objects.list("packs/").unwrap()[0].key.clone();
+        drop(store);
+        let local = root.join("objects").join(&key);
+        let len = fs::metadata(&local).unwrap().len();
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&local)
+            .unwrap()
+            .set_len(len / 2)
+            .unwrap();
+        let (store, report) = Store::rebuild_index(&root, Some(remote)).unwrap();
+        assert_eq!(report.quarantined, vec![format!("{QUARANTINE}/{key}")]);
+        assert!(report.damaged_runs.is_empty(), "{report:?}");
+        assert!(!local.exists());
+        assert_eq!(
+            fs::metadata(root.join(QUARANTINE).join(&key))
+                .unwrap()
+                .len(),
+            len / 2
+        );
+        assert_eq!(read(&store, "ns/a"), a);
         assert!(store.verify(None, &crate::NoProgress).unwrap().ok());
     }
 

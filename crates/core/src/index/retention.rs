@@ -84,35 +84,86 @@ fn blob_refs(b: &[u8], counts: &mut HashMap<ChunkId, i64>) -> Result<()> {
     Ok(())
 }
 
-/// Sets `chunks.refs` from the files of every sealed run (migration 2 → 3).
-pub(super) fn backfill_refs(tx: &Connection, path: &Path) -> Result<()> {
+/// How many times the files of the sealed runs name each chunk.
+fn live_ref_counts(conn: &Connection, path: &Path) -> Result<HashMap<ChunkId, i64>> {
     let err = sql_err(path);
     let mut counts: HashMap<ChunkId, i64> = HashMap::new();
-    {
-        let mut s = tx
-            .prepare(
-                "SELECT f.chunks FROM files f JOIN runs r ON r.id = f.run
-                 WHERE r.state = 'sealed' AND f.chunks IS NOT NULL",
-            )
-            .map_err(&err)?;
-        let mut rows = s.query([]).map_err(&err)?;
-        while let Some(row) = rows.next().map_err(&err)? {
-            let b: Vec<u8> = row.get(0).map_err(&err)?;
-            blob_refs(&b, &mut counts)?;
-        }
+    let mut s = conn
+        .prepare(
+            "SELECT f.chunks FROM files f JOIN runs r ON r.id = f.run
+             WHERE r.state = 'sealed' AND f.chunks IS NOT NULL",
+        )
+        .map_err(&err)?;
+    let mut rows = s.query([]).map_err(&err)?;
+    while let Some(row) = rows.next().map_err(&err)? {
+        let b: Vec<u8> = row.get(0).map_err(&err)?;
+        blob_refs(&b, &mut counts)?;
     }
+    Ok(counts)
+}
+
+/// Sets `chunks.refs` from the files of every sealed run (migration 2 → 3, and a recount).
+/// With `record_lost` (schema 6 on), the counts of chunks without a row go to `lost_chunks`,
+/// which is emptied first.
+pub(super) fn backfill_refs(tx: &Connection, path: &Path, record_lost: bool) -> Result<()> {
+    let err = sql_err(path);
+    let counts = live_ref_counts(tx, path)?;
     let mut up = tx
         .prepare("UPDATE chunks SET refs = ?2 WHERE hash = ?1")
         .map_err(&err)?;
+    let mut lost = if record_lost {
+        tx.execute("DELETE FROM lost_chunks", []).map_err(&err)?;
+        Some(
+            tx.prepare("INSERT INTO lost_chunks (hash, refs) VALUES (?1, ?2)")
+                .map_err(&err)?,
+        )
+    } else {
+        None
+    };
     for (id, n) in counts {
-        up.execute(params![id.as_bytes(), n]).map_err(&err)?;
+        if up.execute(params![id.as_bytes(), n]).map_err(&err)? == 0
+            && let Some(lost) = lost.as_mut()
+        {
+            lost.execute(params![id.as_bytes(), n]).map_err(&err)?;
+        }
     }
     Ok(())
 }
 
-/// Adds one reference per chunk occurrence of a sealed run's files. Fails (and so fails the
-/// seal) if a chunk has no row: the index must never refer to bytes that are not stored.
-pub(super) fn add_refs(tx: &Connection, path: &Path, m: &Manifest) -> Result<()> {
+/// A pack just indexed may hold chunks recorded as lost: their rows take over the lost
+/// references, so the runs that name them are whole again and gc counts them.
+pub(super) fn take_over_lost_refs(tx: &Connection, path: &Path) -> Result<()> {
+    let err = sql_err(path);
+    let any: bool = tx
+        .prepare_cached("SELECT EXISTS (SELECT 1 FROM lost_chunks)")
+        .and_then(|mut s| s.query_row([], |r| r.get(0)))
+        .map_err(&err)?;
+    if !any {
+        return Ok(());
+    }
+    let found = tx
+        .execute(
+            "UPDATE chunks SET refs = chunks.refs + l.refs FROM lost_chunks l
+             WHERE l.hash = chunks.hash",
+            [],
+        )
+        .map_err(&err)?;
+    if found > 0 {
+        tx.execute(
+            "DELETE FROM lost_chunks WHERE EXISTS (SELECT 1 FROM chunks c WHERE c.hash = lost_chunks.hash)",
+            [],
+        )
+        .map_err(&err)?;
+        tracing::info!(chunks = found, "chunks recorded as lost are stored again");
+    }
+    Ok(())
+}
+
+/// Adds one reference per chunk occurrence of a sealed run's files. A chunk without a row
+/// fails it (and so the seal: the index must never refer to bytes that are not stored), unless
+/// `lost_ok` (a run a rebuild found): then its references go to `lost_chunks`. Returns how
+/// many distinct chunks were lost.
+pub(super) fn add_refs(tx: &Connection, path: &Path, m: &Manifest, lost_ok: bool) -> Result<u64> {
     let err = sql_err(path);
     let mut counts: HashMap<ChunkId, i64> = HashMap::new();
     for e in &m.entries {
@@ -123,8 +174,19 @@ pub(super) fn add_refs(tx: &Connection, path: &Path, m: &Manifest) -> Result<()>
     let mut up = tx
         .prepare_cached("UPDATE chunks SET refs = refs + ?2 WHERE hash = ?1")
         .map_err(&err)?;
+    let mut lost = 0;
     for (id, n) in counts {
         if up.execute(params![id.as_bytes(), n]).map_err(&err)? != 1 {
+            if lost_ok {
+                tx.prepare_cached(
+                    "INSERT INTO lost_chunks (hash, refs) VALUES (?1, ?2)
+                     ON CONFLICT (hash) DO UPDATE SET refs = refs + excluded.refs",
+                )
+                .and_then(|mut s| s.execute(params![id.as_bytes(), n]))
+                .map_err(&err)?;
+                lost += 1;
+                continue;
+            }
             return Err(Error::MissingObject {
                 key: format!("chunk {id}"),
                 backend: format!(
@@ -134,7 +196,7 @@ pub(super) fn add_refs(tx: &Connection, path: &Path, m: &Manifest) -> Result<()>
             });
         }
     }
-    Ok(())
+    Ok(lost)
 }
 
 /// Sets `retain_until` of a run that seals now from its duration, if it has one.
@@ -611,10 +673,33 @@ impl Index {
                         Some(0) => zero += 1,
                         Some(_) => {}
                         None => {
-                            return Err(Error::corrupt(
-                                format!("run {}", run.run),
-                                format!("names chunk {id}, which the index does not hold"),
-                            ));
+                            // A chunk a rebuild found lost: its references are kept there.
+                            let left: Option<i64> = tx
+                                .prepare_cached(
+                                    "UPDATE lost_chunks SET refs = refs - ?2 WHERE hash = ?1
+                                     RETURNING refs",
+                                )
+                                .and_then(|mut s| {
+                                    s.query_row(params![id.as_bytes(), n], |r| r.get(0))
+                                        .optional()
+                                })
+                                .map_err(&err)?;
+                            match left {
+                                Some(l) if l <= 0 => {
+                                    tx.execute(
+                                        "DELETE FROM lost_chunks WHERE hash = ?1",
+                                        params![id.as_bytes()],
+                                    )
+                                    .map_err(&err)?;
+                                }
+                                Some(_) => {}
+                                None => {
+                                    return Err(Error::corrupt(
+                                        format!("run {}", run.run),
+                                        format!("names chunk {id}, which the index does not hold"),
+                                    ));
+                                }
+                            }
                         }
                     }
                     dropped += *n as u64;
@@ -892,40 +977,30 @@ impl Index {
         rows.iter().map(|b| ManifestDigest::from_slice(b)).collect()
     }
 
-    /// Chunks whose stored reference count differs from a recount over the live runs' files:
-    /// (chunk, stored count, counted). Empty when the counts are right.
+    /// Chunks whose stored reference count (in `chunks`, or in `lost_chunks` for chunks a
+    /// rebuild found lost) differs from a recount over the live runs' files: (chunk, stored
+    /// count, counted). Empty when the counts are right.
     pub fn refcount_mismatches(&self) -> Result<Vec<(ChunkId, i64, i64)>> {
-        let mut counts: HashMap<ChunkId, i64> = HashMap::new();
-        {
+        let mut counts = live_ref_counts(&self.conn, &self.path)?;
+        let mut out = Vec::new();
+        for table in ["chunks", "lost_chunks"] {
             let mut s = self
                 .conn
-                .prepare(
-                    "SELECT f.chunks FROM files f JOIN runs r ON r.id = f.run
-                     WHERE r.state = 'sealed' AND f.chunks IS NOT NULL",
-                )
+                .prepare(&format!("SELECT hash, refs FROM {table}"))
                 .map_err(self.err())?;
             let mut rows = s.query([]).map_err(self.err())?;
             while let Some(row) = rows.next().map_err(self.err())? {
-                let b: Vec<u8> = row.get(0).map_err(self.err())?;
-                blob_refs(&b, &mut counts)?;
+                let h: Vec<u8> = row.get(0).map_err(self.err())?;
+                let refs: i64 = row.get(1).map_err(self.err())?;
+                let id = ChunkId::from_slice(&h)?;
+                let counted = counts.remove(&id).unwrap_or(0);
+                if counted != refs {
+                    out.push((id, refs, counted));
+                }
             }
         }
-        let mut out = Vec::new();
-        let mut s = self
-            .conn
-            .prepare("SELECT hash, refs FROM chunks")
-            .map_err(self.err())?;
-        let mut rows = s.query([]).map_err(self.err())?;
-        while let Some(row) = rows.next().map_err(self.err())? {
-            let h: Vec<u8> = row.get(0).map_err(self.err())?;
-            let refs: i64 = row.get(1).map_err(self.err())?;
-            let id = ChunkId::from_slice(&h)?;
-            let counted = counts.remove(&id).unwrap_or(0);
-            if counted != refs {
-                out.push((id, refs, counted));
-            }
-        }
-        // Chunks referenced but without a row are reported by verify's chunk check.
+        // Chunks referenced but neither stored nor recorded as lost are reported by verify's
+        // chunk check.
         Ok(out)
     }
 
@@ -971,7 +1046,7 @@ impl Index {
         self.write_tx(|tx, path| {
             tx.execute("UPDATE chunks SET refs = 0", [])
                 .map_err(sql_err(path))?;
-            backfill_refs(tx, path)
+            backfill_refs(tx, path, true)
         })
     }
 
