@@ -1185,33 +1185,8 @@ fn a_damaged_chunk_cuts_the_download_instead_of_serving_wrong_bytes() {
     let env = Env::new();
     let (data, starts) = sealed_download_setup(&env);
     // Damage the file's third chunk in its pack (found through the packs' own tables).
-    let chunk = {
-        let store = artifactfs_core::Store::open(&env.store()).unwrap();
-        let r = artifactfs_core::RunRef::parse("dl/r").unwrap();
-        store.entry(&r, "big.bin").unwrap().chunks[2].0
-    };
-    let objects = env.store().join("objects");
-    let local = artifactfs_core::objstore::LocalStore::open(objects.clone()).unwrap();
-    let mut damaged = false;
-    for d in std::fs::read_dir(objects.join("packs")).unwrap() {
-        for f in std::fs::read_dir(d.unwrap().path()).unwrap() {
-            let p = f.unwrap().path();
-            let key = p
-                .strip_prefix(&objects)
-                .unwrap()
-                .to_str()
-                .unwrap()
-                .to_owned();
-            let table = artifactfs_core::pack::read_table(&local, &key).unwrap();
-            if let Some(e) = table.iter().find(|e| e.chunk == chunk) {
-                let mut b = std::fs::read(&p).unwrap();
-                b[e.offset as usize + e.stored_len as usize / 2] ^= 0x01;
-                std::fs::write(&p, b).unwrap();
-                damaged = true;
-            }
-        }
-    }
-    assert!(damaged, "no pack holds the chunk");
+    let (pack, offset) = common::chunk_in_pack(&env, "dl/r/big.bin", 2);
+    common::flip_byte(&pack, offset + 92);
     let s = Server::start(&env);
     let path = "/v1/runs/dl/r/files/big.bin";
     // The whole file, and a range wholly inside the damaged chunk: each response breaks

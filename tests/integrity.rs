@@ -6,9 +6,8 @@
 mod common;
 
 use std::fs;
-use std::path::{Path, PathBuf};
 
-use common::{Env, bytes};
+use common::{Env, bytes, chunk_in_pack, flip_byte};
 
 /// A store with two runs sharing nothing: `lab/a` (file `data/a.bin`) and `lab/b`.
 fn setup() -> Env {
@@ -25,49 +24,6 @@ fn with_two_runs(env: Env) -> Env {
         env.ingest(&src, &format!("lab/{run}"));
     }
     env
-}
-
-fn packs(env: &Env) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for d in fs::read_dir(env.store().join("objects/packs")).unwrap() {
-        for f in fs::read_dir(d.unwrap().path()).unwrap() {
-            out.push(f.unwrap().path());
-        }
-    }
-    out.sort();
-    out
-}
-
-/// The pack holding a file's first chunk and where that chunk's stored bytes start in it,
-/// found through the packs' own chunk tables (chunks reach a pack in the order the writer's
-/// workers finish them, not necessarily the file's order).
-fn chunk_in_pack(env: &Env, path_in_store: &str) -> (PathBuf, usize) {
-    let store = artifactfs_core::Store::open(&env.store()).unwrap();
-    let (r, p) = artifactfs_core::RunRef::parse_with_path(path_in_store).unwrap();
-    let entry = store.entry(&r, &p).unwrap();
-    let chunk = entry.chunks[0].0;
-    drop(store);
-    // Every pack's table names its chunks; find the one that holds this chunk.
-    let objects = artifactfs_core::objstore::LocalStore::open(env.store().join("objects")).unwrap();
-    for p in packs(env) {
-        let key = p
-            .strip_prefix(env.store().join("objects"))
-            .unwrap()
-            .to_str()
-            .unwrap()
-            .to_owned();
-        let table = artifactfs_core::pack::read_table(&objects, &key).unwrap();
-        if let Some(e) = table.iter().find(|e| e.chunk == chunk) {
-            return (p, e.offset as usize);
-        }
-    }
-    panic!("no pack holds {path_in_store}");
-}
-
-fn flip_byte(p: &Path, at: usize) {
-    let mut b = fs::read(p).unwrap();
-    b[at] ^= 0x01;
-    fs::write(p, b).unwrap();
 }
 
 fn assert_damage_named(env: &Env, run: &str, file: &str) {
@@ -91,7 +47,7 @@ fn assert_damage_named(env: &Env, run: &str, file: &str) {
 #[test]
 fn flipped_byte_in_a_pack_is_reported_and_never_served() {
     let env = setup();
-    let (pack, offset) = chunk_in_pack(&env, "lab/a/data/a.bin");
+    let (pack, offset) = chunk_in_pack(&env, "lab/a/data/a.bin", 0);
     // Inside the first chunk's stored bytes.
     flip_byte(&pack, offset + 92);
     assert_damage_named(&env, "lab/a", "data/a.bin");
@@ -115,9 +71,47 @@ fn flipped_byte_in_a_pack_is_reported_and_never_served() {
 }
 
 #[test]
+fn a_damaged_chunk_read_through_the_mount_is_eio_never_wrong_bytes() {
+    use std::io::Read;
+
+    let env = setup();
+    // The second chunk: a reader gets the first one, then the error.
+    let (pack, offset) = chunk_in_pack(&env, "lab/a/data/a.bin", 1);
+    flip_byte(&pack, offset + 92);
+    let m = common::mount::Mount::start(&env, &env.path("mnt"), &[]);
+    let want = bytes(3 << 20, 1);
+    let mut f = fs::File::open(m.p("lab/a/data/a.bin")).unwrap();
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 128 << 10];
+    let err = loop {
+        match f.read(&mut buf) {
+            Ok(0) => panic!("read the whole damaged file ({} bytes)", got.len()),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(err.raw_os_error(), Some(5), "{err}");
+    assert!(
+        got.len() < want.len() && got[..] == want[..got.len()],
+        "what was read before the error ({} bytes) is the file's own prefix",
+        got.len()
+    );
+    // Every other file reads; the log says which file and chunk failed.
+    assert_eq!(
+        fs::read(m.p("lab/b/data/b.bin")).unwrap(),
+        bytes(3 << 20, 2)
+    );
+    assert_eq!(fs::read(m.p("lab/a/notes.txt")).unwrap(), b"run a\n");
+    assert!(env.run(&["verify", "lab/b"]).status.success());
+    assert_eq!(env.run(&["verify", "lab/a"]).status.code(), Some(4));
+    drop(f);
+    m.unmount();
+}
+
+#[test]
 fn deleted_pack_is_reported() {
     let env = setup();
-    let (pack, _) = chunk_in_pack(&env, "lab/b/data/b.bin");
+    let (pack, _) = chunk_in_pack(&env, "lab/b/data/b.bin", 0);
     fs::remove_file(&pack).unwrap();
     assert_damage_named(&env, "lab/b", "data/b.bin");
     let out = env.run(&["cat", "lab/b/data/b.bin"]);
@@ -205,7 +199,7 @@ fn truncated_index_is_a_clear_error_not_a_panic() {
 #[test]
 fn a_rebuild_over_a_truncated_pack_keeps_every_run_and_names_the_damage() {
     let env = with_two_runs(Env::with_clock("2026-12-01T00:00:00Z"));
-    let (pack, _) = chunk_in_pack(&env, "lab/b/data/b.bin");
+    let (pack, _) = chunk_in_pack(&env, "lab/b/data/b.bin", 0);
     let len = fs::metadata(&pack).unwrap().len();
     let f = fs::OpenOptions::new().write(true).open(&pack).unwrap();
     f.set_len(len / 2).unwrap();
@@ -259,4 +253,19 @@ fn a_rebuild_over_a_truncated_pack_keeps_every_run_and_names_the_damage() {
     );
     env.ok(&["gc"]);
     env.ok(&["verify"]);
+}
+
+#[test]
+fn a_second_process_cannot_open_a_store_in_use() {
+    let env = setup();
+    let held = artifactfs_core::Store::open(&env.store()).unwrap();
+    let out = env.run(&["runs"]);
+    assert_eq!(out.status.code(), Some(5));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("in use") && err.contains(&std::process::id().to_string()),
+        "{err}"
+    );
+    drop(held);
+    assert!(env.run(&["runs"]).status.success());
 }

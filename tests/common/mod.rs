@@ -387,3 +387,48 @@ impl Drop for SmallDisk {
             .status();
     }
 }
+
+/// The store's local pack files, sorted.
+pub fn packs(env: &Env) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for d in fs::read_dir(env.store().join("objects/packs")).unwrap() {
+        for f in fs::read_dir(d.unwrap().path()).unwrap() {
+            out.push(f.unwrap().path());
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The pack holding chunk number `n` of a sealed file (`NS/RUN/PATH`) and where that chunk's
+/// stored bytes start in it, found through the packs' own chunk tables (chunks reach a pack in
+/// the order the writer's workers finish them, not necessarily the file's order). The store
+/// must not be in use.
+pub fn chunk_in_pack(env: &Env, path_in_store: &str, n: usize) -> (PathBuf, usize) {
+    let store = artifactfs_core::Store::open(&env.store()).unwrap();
+    let (r, p) = artifactfs_core::RunRef::parse_with_path(path_in_store).unwrap();
+    let entry = store.entry(&r, &p).unwrap();
+    let chunk = entry.chunks[n].0;
+    drop(store);
+    let objects = artifactfs_core::objstore::LocalStore::open(env.store().join("objects")).unwrap();
+    for p in packs(env) {
+        let key = p
+            .strip_prefix(env.store().join("objects"))
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let table = artifactfs_core::pack::read_table(&objects, &key).unwrap();
+        if let Some(e) = table.iter().find(|e| e.chunk == chunk) {
+            return (p, e.offset as usize);
+        }
+    }
+    panic!("no pack holds chunk {n} of {path_in_store}");
+}
+
+/// Flips the lowest bit of the byte at `at` of a file.
+pub fn flip_byte(p: &Path, at: usize) {
+    let mut b = fs::read(p).unwrap();
+    b[at] ^= 0x01;
+    fs::write(p, b).unwrap();
+}
