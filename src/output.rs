@@ -380,7 +380,7 @@ pub fn rebuild(
         eprintln!("artifactfs: skipped {s}");
     }
     for q in &r.quarantined {
-        eprintln!("artifactfs: a pack that cannot be read was moved to {q}");
+        eprintln!("artifactfs: an object that cannot be read was moved to {q}");
     }
     for d in &r.damaged_runs {
         eprintln!(

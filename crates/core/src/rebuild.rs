@@ -63,8 +63,9 @@ pub struct RebuildReport {
     /// (`NS/RUN: N chunks lost`): `verify` names their damaged files; storing the same bytes
     /// again (any ingest of them) repairs them.
     pub damaged_runs: Vec<String>,
-    /// Local packs that could not be read, moved from `objects/packs/` to `quarantine/packs/`
-    /// so that gc does not delete them as orphans (their intact bytes may still be salvaged).
+    /// Local packs and manifests that could not be read, moved from `objects/` to
+    /// `quarantine/` so that gc does not delete them as orphans (their intact bytes may still
+    /// be salvaged); a tiered store uses the bucket's copy instead when it is good.
     pub quarantined: Vec<String>,
     /// Where the previous index was moved, when there was one.
     pub old_index: Option<String>,
@@ -526,15 +527,31 @@ impl Store {
                 report.skipped.push(format!("{key}: not a manifest name"));
                 continue;
             }
-            let loaded = if local_m.contains_key(key) {
-                manifest::load_manifest_bytes(local, &d)
-            } else {
-                let r = remote.expect("listed remotely");
+            let bucket = remote.filter(|_| remote_m.contains_key(key));
+            // Manifests are always kept locally: one read from the bucket is copied down.
+            let from_bucket = |r: &dyn ObjectStore| {
                 manifest::load_manifest_bytes(r, &d).and_then(|b| {
-                    // Manifests are always kept locally.
                     local.put(key, &r.get(key)?)?;
                     Ok(b)
                 })
+            };
+            let loaded = match (local_m.contains_key(key), bucket) {
+                (false, Some(r)) => from_bucket(r),
+                (false, None) => continue,
+                (true, bucket) => match manifest::load_manifest_bytes(local, &d) {
+                    Ok(b) => Ok(b),
+                    // A damaged local copy is set aside; the bucket's, if good, replaces it.
+                    Err(e) => {
+                        tracing::warn!(key, error = %e, "manifest cannot be read");
+                        self.quarantine(key, report);
+                        match bucket {
+                            Some(r) => from_bucket(r).map_err(|re| {
+                                Error::corrupt(key, format!("{e}; the bucket's copy: {re}"))
+                            }),
+                            None => Err(e),
+                        }
+                    }
+                },
             };
             let parsed = loaded.and_then(|b| Manifest::from_bytes(&b, &format!("manifest {d}")));
             let m = match parsed {
@@ -793,16 +810,22 @@ mod tests {
         assert!(store.verify(None, &crate::NoProgress).unwrap().ok());
     }
 
-    #[test]
-    fn a_failed_rebuild_puts_the_previous_index_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("store");
+    /// A new store at `root` tiered to an in-memory bucket.
+    fn tiered(root: &Path) -> (Store, Arc<MemoryStore>) {
         let remote: Arc<MemoryStore> = Arc::new(MemoryStore::default());
         let opts = crate::InitOptions {
             tier: Some(TierConfig::new("s3://b/p")),
             ..Default::default()
         };
-        let store = Store::init_tiered(&root, &opts, remote).unwrap();
+        let store = Store::init_tiered(root, &opts, remote.clone()).unwrap();
+        (store, remote)
+    }
+
+    #[test]
+    fn a_failed_rebuild_puts_the_previous_index_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        let (store, _) = tiered(&root);
         let a = ingest(&store, dir.path(), "ns/a", 1);
         drop(store);
         // A tiered store rebuilt without its remote fails when it lists the bucket, after
@@ -823,18 +846,14 @@ mod tests {
     }
 
     #[test]
-    fn a_damaged_local_pack_is_set_aside_and_the_buckets_copy_indexed() {
+    fn a_damaged_local_pack_and_manifest_are_set_aside_and_the_buckets_copies_used() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("store");
-        let remote: Arc<MemoryStore> = Arc::new(MemoryStore::default());
-        let opts = crate::InitOptions {
-            tier: Some(TierConfig::new("s3://b/p")),
-            ..Default::default()
-        };
-        let store = Store::init_tiered(&root, &opts, remote.clone()).unwrap();
+        let (store, remote) = tiered(&root);
         let a = ingest(&store, dir.path(), "ns/a", 5);
         store.push_pending().unwrap();
         let key = store.objects.list("packs/").unwrap()[0].key.clone();
+        let manifest = store.objects.list("manifests/").unwrap()[0].key.clone();
         drop(store);
         let local = root.join("objects").join(&key);
         let len = fs::metadata(&local).unwrap().len();
@@ -844,8 +863,21 @@ mod tests {
             .unwrap()
             .set_len(len / 2)
             .unwrap();
+        // The manifest too: one byte changed.
+        let m = root.join("objects").join(&manifest);
+        let mut b = fs::read(&m).unwrap();
+        let at = b.len() / 2;
+        b[at] ^= 1;
+        fs::write(&m, b).unwrap();
         let (store, report) = Store::rebuild_index(&root, Some(remote)).unwrap();
-        assert_eq!(report.quarantined, vec![format!("{QUARANTINE}/{key}")]);
+        assert_eq!(
+            report.quarantined,
+            vec![
+                format!("{QUARANTINE}/{key}"),
+                format!("{QUARANTINE}/{manifest}")
+            ]
+        );
+        assert_eq!(report.runs, 1, "{report:?}");
         assert!(report.damaged_runs.is_empty(), "{report:?}");
         assert!(!local.exists());
         assert_eq!(
