@@ -256,6 +256,24 @@ fn a_rebuild_over_a_truncated_pack_keeps_every_run_and_names_the_damage() {
 }
 
 #[test]
+fn a_damaged_run_expires_and_gc_leaves_a_clean_store() {
+    let env = with_two_runs(Env::with_clock("2026-12-01T00:00:00Z"));
+    let (pack, _) = chunk_in_pack(&env, "lab/b/data/b.bin", 0);
+    fs::remove_file(&pack).unwrap();
+    assert_eq!(env.run(&["index", "rebuild"]).status.code(), Some(4));
+    env.ok(&["retain", "lab/b", "1d"]);
+    env.set_time("2026-12-03T00:00:00Z");
+    // Expiring the damaged run drops the references its lost chunks kept.
+    env.ok(&["gc"]);
+    assert!(env.run_info("lab/b").is_none());
+    assert!(env.ok(&["verify"]).contains("ok"));
+    assert_eq!(
+        env.run(&["cat", "lab/a/data/a.bin"]).stdout,
+        bytes(3 << 20, 1)
+    );
+}
+
+#[test]
 fn a_second_process_cannot_open_a_store_in_use() {
     let env = setup();
     let held = artifactfs_core::Store::open(&env.store()).unwrap();
