@@ -1,6 +1,7 @@
 //! How the CLI prints: human-readable text by default, JSON with `--json` for scripts, and a
 //! progress bar on standard error only when standard output is a terminal.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 
 use anyhow::Result;
@@ -215,11 +216,22 @@ pub fn verify(out: &mut dyn Write, r: &VerifyReport, json: bool) -> Result<()> {
         writeln!(out, "ok")?;
         return Ok(());
     }
+    let mut by_file: BTreeMap<&str, usize> = BTreeMap::new();
     for d in &r.damage {
         writeln!(out, "DAMAGED {} {}: {}", d.object, d.id, d.problem)?;
         for a in &d.affects {
             writeln!(out, "  affects {a}")?;
+            *by_file.entry(a).or_default() += 1;
         }
+    }
+    // One line per damaged file (or run, for a manifest): what an operator restores.
+    writeln!(out, "affected ({}):", by_file.len())?;
+    for (a, n) in &by_file {
+        writeln!(
+            out,
+            "  {a}: {n} damaged object{}",
+            if *n == 1 { "" } else { "s" }
+        )?;
     }
     let runs = artifactfs_core::verify::affected_runs(r);
     writeln!(

@@ -34,6 +34,12 @@ fn assert_damage_named(env: &Env, run: &str, file: &str) {
         text.contains(&format!("{run}/{file}")),
         "verify output names the file:\n{text}"
     );
+    // And sums the damage up by file.
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with(&format!("  {run}/{file}: ")) && l.contains("damaged object")),
+        "verify sums the damage up by file:\n{text}"
+    );
     assert!(text.contains(run), "{text}");
     // The undamaged run still verifies on its own.
     let other = if run == "lab/a" { "lab/b" } else { "lab/a" };
