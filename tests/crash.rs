@@ -91,6 +91,60 @@ fn kill_9_during_ingest_loses_nothing_committed() {
     assert!(env.ok(&["verify"]).contains("ok"));
 }
 
+#[test]
+fn kill_9_during_an_index_rebuild_never_leaves_a_partial_index_in_use() {
+    let env = Env::new();
+    let runs_dir = env.path("runs");
+    generate(
+        &Options {
+            out: runs_dir.clone(),
+            seed: 9,
+            runs: 1,
+            size: 48 << 20,
+            small_files: Some(300),
+            first_run: 0,
+        },
+        |_| {},
+    )
+    .unwrap();
+    let src = runs_dir.join("run-0000");
+    for i in 0..6 {
+        env.ingest(&src, &format!("lab/r{i}"));
+    }
+    let listed = env.ok(&["runs"]);
+    let t = Instant::now();
+    env.ok(&["index", "rebuild"]);
+    let full = t.elapsed();
+    let mut interrupted = 0;
+    for f in [0.1, 0.5, 0.3, 0.8, 0.05, 0.65] {
+        let mut child = env
+            .std_cmd(&["index", "rebuild"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(full.mul_f64(f));
+        let finished = child.try_wait().unwrap().is_some();
+        let _ = child.kill();
+        child.wait().unwrap();
+        // Either the store is whole, or it refuses to open and says what to do.
+        let out = env.run(&["runs"]);
+        if out.status.success() {
+            assert_eq!(String::from_utf8_lossy(&out.stdout), listed, "kill at {f}");
+        } else {
+            assert!(!finished, "a finished rebuild left the store closed");
+            interrupted += 1;
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(err.contains("artifactfs index rebuild"), "{err}");
+            env.ok(&["index", "rebuild"]);
+            assert_eq!(env.ok(&["runs"]), listed);
+        }
+        env.ok(&["verify"]);
+    }
+    eprintln!("{interrupted} of 6 rebuilds interrupted");
+    assert!(interrupted > 0, "no rebuild was ever interrupted");
+}
+
 /// A file a producer wrote through the mount and closed without an error: (path in the run,
 /// size, seed of its bytes).
 type Closed = (String, usize, u64);

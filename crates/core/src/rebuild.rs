@@ -81,9 +81,36 @@ pub struct RebuildReport {
     pub events_after: i64,
 }
 
-/// Replaces the index files at `root` with the ones a rebuild moved to `old` (logged, since
-/// the rebuild's own error is what the caller reports).
-fn put_back_index(root: &Path, old: &Path) {
+/// A file at the store's root while a rebuild runs: a store that has it opens only for a
+/// rebuild, so a rebuild killed midway never leaves a partial index in use (ADR 0024).
+pub const REBUILDING: &str = "rebuilding";
+
+fn mark_rebuilding(root: &Path) -> Result<()> {
+    let marker = root.join(REBUILDING);
+    let write = || -> std::io::Result<()> {
+        let mut f = fs::File::create(&marker)?;
+        std::io::Write::write_all(
+            &mut f,
+            b"an index rebuild is running or was interrupted; run `artifactfs index rebuild`\n",
+        )?;
+        f.sync_all()
+    };
+    write().map_err(|e| Error::io("write", &marker, e))?;
+    crate::objstore::sync_dir(root)
+}
+
+fn unmark_rebuilding(root: &Path) -> Result<()> {
+    let marker = root.join(REBUILDING);
+    match fs::remove_file(&marker) {
+        Ok(()) => crate::objstore::sync_dir(root),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io("remove", &marker, e)),
+    }
+}
+
+/// Replaces the index files at `root` with the ones a rebuild moved to `old`; false (and
+/// logged, since the rebuild's own error is what the caller reports) if that failed.
+fn put_back_index(root: &Path, old: &Path) -> bool {
     let index = root.join("index.sqlite");
     for ext in ["", "-wal", "-shm"] {
         let new = root.join(format!("index.sqlite{ext}"));
@@ -93,10 +120,11 @@ fn put_back_index(root: &Path, old: &Path) {
             && let Err(e) = fs::rename(&kept, &new)
         {
             tracing::error!(from = %kept.display(), to = %new.display(), error = %e, "cannot put the previous index back");
-            return;
+            return false;
         }
     }
     tracing::warn!(index = %index.display(), "the rebuild failed; the previous index is back in place");
+    true
 }
 
 impl Store {
@@ -112,6 +140,7 @@ impl Store {
         let mut report = RebuildReport::default();
         let index = root.join("index.sqlite");
         report.events_after = published_events_floor(root);
+        mark_rebuilding(root)?;
         if index.exists() {
             let old = root.join(format!(
                 "index.sqlite.old-{}",
@@ -192,10 +221,17 @@ impl Store {
             Ok(store)
         })();
         match built {
-            Ok(store) => Ok((store, report)),
+            Ok(store) => {
+                unmark_rebuilding(root)?;
+                Ok((store, report))
+            }
             Err(e) => {
-                if let Some(old) = &report.old_index {
-                    put_back_index(root, Path::new(old));
+                // With the previous index back, the store opens as before; without one, it
+                // keeps refusing to open until a rebuild finishes.
+                if let Some(old) = &report.old_index
+                    && put_back_index(root, Path::new(old))
+                {
+                    unmark_rebuilding(root)?;
                 }
                 Err(e)
             }
@@ -238,15 +274,24 @@ impl Store {
             Err(e) => return Err(e),
         }
         drop(Self::init(root, &opts)?);
+        // Until the index is whole, nothing else opens the new store.
+        mark_rebuilding(root)?;
         match crate::tier::newest_snapshot(&*remote)? {
             Some((key, _)) => match restore_snapshot(root, &*remote, &key) {
                 Ok(()) => {
-                    let store = Self::open_tiered(root, remote)?;
+                    let lock = crate::store::take_lock(root)?;
+                    let store = Self::assemble_tiered(
+                        root,
+                        remote,
+                        Some(lock),
+                        Arc::new(crate::clock::SystemClock),
+                    )?;
                     let mut report = RebuildReport {
                         snapshot: Some(key),
                         ..Default::default()
                     };
                     store.replay_after_snapshot(&mut report)?;
+                    unmark_rebuilding(root)?;
                     return Ok((store, report));
                 }
                 Err(e) => {
@@ -888,6 +933,26 @@ mod tests {
         );
         assert_eq!(read(&store, "ns/a"), a);
         assert!(store.verify(None, &crate::NoProgress).unwrap().ok());
+    }
+
+    #[test]
+    fn an_interrupted_rebuild_keeps_the_store_closed_until_one_finishes() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        let store = Store::init(&root, &crate::InitOptions::default()).unwrap();
+        let a = ingest(&store, dir.path(), "ns/a", 6);
+        drop(store);
+        // What a rebuild killed after its start leaves: the marker (and perhaps a partial index).
+        mark_rebuilding(&root).unwrap();
+        let e = Store::open(&root)
+            .err()
+            .expect("a store mid-rebuild does not open");
+        assert!(e.to_string().contains("artifactfs index rebuild"), "{e}");
+        let (store, _) = Store::rebuild_index(&root, None).unwrap();
+        assert!(!root.join(REBUILDING).exists());
+        drop(store);
+        let store = Store::open(&root).unwrap();
+        assert_eq!(read(&store, "ns/a"), a);
     }
 
     #[test]

@@ -266,6 +266,12 @@ impl Store {
     ) -> Result<Self> {
         let config = read_config(root)?;
         let index_path = root.join("index.sqlite");
+        if !new_index && root.join(crate::rebuild::REBUILDING).exists() {
+            return Err(Error::Index {
+                path: index_path,
+                message: "an index rebuild was interrupted and the index may be partial; run `artifactfs index rebuild`".into(),
+            });
+        }
         let reserve = crate::reserve::Reserve::new(root);
         let mut index = open_index(root, &index_path, new_index, &reserve)?;
         if let Some(spec) = &config.default_retention {
