@@ -140,39 +140,40 @@ impl Store {
         let mut report = RebuildReport::default();
         let index = root.join("index.sqlite");
         report.events_after = published_events_floor(root);
+        let had_index = index.exists();
         mark_rebuilding(root)?;
-        if index.exists() {
-            let old = root.join(format!(
-                "index.sqlite.old-{}",
-                to_unix_ns(std::time::SystemTime::now())
-            ));
-            fs::rename(&index, &old).map_err(|e| Error::io("rename", &index, e))?;
-            for ext in ["-wal", "-shm"] {
-                let side = root.join(format!("index.sqlite{ext}"));
-                if side.exists() {
-                    let to = root.join(format!("{}{ext}", old.display()));
-                    fs::rename(&side, &to).map_err(|e| Error::io("rename", &side, e))?;
-                }
-            }
-            crate::objstore::sync_dir(root)?;
-            report.old_index = Some(old.display().to_string());
-        }
-        // The new log is new to the lifecycle queue: upload every lifecycle record again (a
-        // record is never replaced by an older version).
-        for name in [
-            crate::tier::LIFECYCLE_CURSOR,
-            crate::tier::LOCAL_LIFECYCLE_CURSOR,
-        ] {
-            let cursor = root.join(name);
-            match fs::remove_file(&cursor) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(Error::io("remove", &cursor, e)),
-            }
-        }
         // Built under the store's lock; if anything fails, the new index goes and the old one
         // comes back, so a failed rebuild leaves the store as it was.
         let built = (|| -> Result<Self> {
+            if index.exists() {
+                let old = root.join(format!(
+                    "index.sqlite.old-{}",
+                    to_unix_ns(std::time::SystemTime::now())
+                ));
+                fs::rename(&index, &old).map_err(|e| Error::io("rename", &index, e))?;
+                report.old_index = Some(old.display().to_string());
+                for ext in ["-wal", "-shm"] {
+                    let side = root.join(format!("index.sqlite{ext}"));
+                    if side.exists() {
+                        let to = root.join(format!("{}{ext}", old.display()));
+                        fs::rename(&side, &to).map_err(|e| Error::io("rename", &side, e))?;
+                    }
+                }
+                crate::objstore::sync_dir(root)?;
+            }
+            // The new log is new to the lifecycle queue: upload every lifecycle record again (a
+            // record is never replaced by an older version).
+            for name in [
+                crate::tier::LIFECYCLE_CURSOR,
+                crate::tier::LOCAL_LIFECYCLE_CURSOR,
+            ] {
+                let cursor = root.join(name);
+                match fs::remove_file(&cursor) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(Error::io("remove", &cursor, e)),
+                }
+            }
             let store = match (config.tier.is_some(), remote) {
                 (true, Some(r)) => {
                     Self::assemble_tiered(root, r, Some(lock), Arc::new(crate::clock::SystemClock))?
@@ -226,11 +227,13 @@ impl Store {
                 Ok((store, report))
             }
             Err(e) => {
-                // With the previous index back, the store opens as before; without one, it
-                // keeps refusing to open until a rebuild finishes.
-                if let Some(old) = &report.old_index
-                    && put_back_index(root, Path::new(old))
-                {
+                // With the previous index back (or never moved), the store opens as before;
+                // without one, it keeps refusing to open until a rebuild finishes.
+                let intact = match &report.old_index {
+                    Some(old) => put_back_index(root, Path::new(old)),
+                    None => had_index,
+                };
+                if intact {
                     unmark_rebuilding(root)?;
                 }
                 Err(e)
@@ -302,7 +305,13 @@ impl Store {
                 tracing::info!(backend = %remote.describe(), "no index snapshot in the bucket; reading every pack")
             }
         }
-        Self::rebuild_index(root, Some(remote))
+        // A failed rebuild puts back the index it replaced, here the empty one of the new
+        // store: that store must still not open as if it were whole.
+        Self::rebuild_index(root, Some(remote)).inspect_err(|_| {
+            if let Err(e) = mark_rebuilding(root) {
+                tracing::error!(error = %e, "cannot mark the new store as not rebuilt");
+            }
+        })
     }
 
     /// Brings an index restored from a snapshot up to the bucket: nothing is local on this
