@@ -272,6 +272,7 @@ pub fn stats(out: &mut dyn Write, store: &Store, s: &IndexStats, json: bool) -> 
                 "chunk_raw_bytes": s.chunk_raw_bytes,
                 "chunk_stored_bytes": s.chunk_stored_bytes,
                 "packs": s.packs,
+                "lost_chunks": s.lost_chunks,
                 "dedup_ratio": dedup,
                 "reduction": reduction,
             }),
@@ -288,6 +289,13 @@ pub fn stats(out: &mut dyn Write, store: &Store, s: &IndexStats, json: bool) -> 
     writeln!(out, "stored_bytes  {}", s.pack_bytes)?;
     writeln!(out, "chunks        {}", s.chunks)?;
     writeln!(out, "packs         {}", s.packs)?;
+    if s.lost_chunks > 0 {
+        writeln!(
+            out,
+            "lost_chunks   {} (named by runs, held by no readable pack: `artifactfs verify`)",
+            s.lost_chunks
+        )?;
+    }
     writeln!(out, "dedup_ratio   {dedup:.2}")?;
     writeln!(out, "reduction     {reduction:.2}")?;
     let reserve = if space.reserve_held {

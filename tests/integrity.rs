@@ -233,6 +233,13 @@ fn a_rebuild_over_a_truncated_pack_keeps_every_run_and_names_the_damage() {
         "{runs}"
     );
     assert_damage_named(&env, "lab/b", "data/b.bin");
+    let lost = env.stats()["lost_chunks"].as_u64().unwrap();
+    assert!(lost > 0, "stats count the lost chunks");
+    let m = common::mount::Mount::start(&env, &env.path("mnt"), &[]);
+    let status: serde_json::Value =
+        serde_json::from_slice(&fs::read(m.p(".artifactfs/status")).unwrap()).unwrap();
+    assert_eq!(status["lost_chunks"].as_u64(), Some(lost));
+    m.unmount();
     let out = env.run(&["cat", "lab/b/data/b.bin"]);
     assert_eq!(out.status.code(), Some(4));
     assert_eq!(
@@ -245,6 +252,7 @@ fn a_rebuild_over_a_truncated_pack_keeps_every_run_and_names_the_damage() {
     env.ingest(&env.path("src-b"), "lab/b-again");
     env.ok(&["retain", "lab/b-again", "1d"]);
     assert!(env.ok(&["verify"]).contains("ok"));
+    assert_eq!(env.stats()["lost_chunks"], 0);
     assert_eq!(
         env.run(&["cat", "lab/b/data/b.bin"]).stdout,
         bytes(3 << 20, 2)

@@ -221,6 +221,9 @@ pub struct IndexStats {
     pub chunk_stored_bytes: u64,
     pub packs: u64,
     pub pack_bytes: u64,
+    /// Chunks sealed runs name that no readable pack holds (found by a rebuild, ADR 0024):
+    /// 0 in an undamaged store.
+    pub lost_chunks: u64,
 }
 
 /// A chunk's location.
@@ -967,6 +970,7 @@ impl Index {
             chunk_stored_bytes: q("SELECT sum(stored_len) FROM chunks")? as u64,
             packs: q("SELECT count(*) FROM packs")? as u64,
             pack_bytes: q("SELECT sum(size) FROM packs")? as u64,
+            lost_chunks: q("SELECT count(*) FROM lost_chunks")? as u64,
         })
     }
 }

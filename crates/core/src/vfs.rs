@@ -1879,6 +1879,7 @@ impl Vfs {
             "dedup_ratio": dedup,
             "disk_free_bytes": space.free_bytes,
             "reserve_held": space.reserve_held,
+            "lost_chunks": s.lost_chunks,
         });
         let mut b = serde_json::to_vec_pretty(&v).map_err(|e| Error::Internal(e.to_string()))?;
         b.push(b'\n');

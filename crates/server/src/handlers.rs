@@ -258,6 +258,7 @@ pub async fn metrics(State(app): State<App>) -> ApiResult {
             gc_runs,
             disk_free_bytes: space.free_bytes,
             reserve_held: space.reserve_held,
+            lost_chunks: stats.lost_chunks,
         })
     })
     .await?;

@@ -80,6 +80,7 @@ pub struct StoreFigures {
     pub gc_runs: u64,
     pub disk_free_bytes: u64,
     pub reserve_held: bool,
+    pub lost_chunks: u64,
 }
 
 fn escape(v: &str) -> String {
@@ -207,6 +208,13 @@ impl Metrics {
         );
         gauge(
             o,
+            "artifactfs_lost_chunks",
+            "Chunks sealed runs name that no readable pack holds (after a rebuild over damage); 0 when whole.",
+            "gauge",
+            f.lost_chunks.to_string(),
+        );
+        gauge(
+            o,
             "artifactfs_gc_runs_total",
             "Garbage collections recorded in the events log.",
             "counter",
@@ -283,6 +291,7 @@ mod tests {
             gc_runs: 0,
             disk_free_bytes: 1 << 30,
             reserve_held: false,
+            lost_chunks: 3,
         });
         assert!(text.contains(
             "artifactfs_http_requests_total{method=\"GET\",route=\"/health\",status=\"200\"} 2"
@@ -297,5 +306,6 @@ mod tests {
         assert!(text.contains("artifactfs_dedup_ratio 2"));
         assert!(text.contains("artifactfs_disk_free_bytes 1073741824"));
         assert!(text.contains("artifactfs_reserve_held 0"));
+        assert!(text.contains("artifactfs_lost_chunks 3"));
     }
 }
