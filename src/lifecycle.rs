@@ -329,6 +329,15 @@ fn print_gc(out: &mut dyn Write, r: &GcReport) -> Result<()> {
         r.packs_rewritten,
         r.orphan_objects_deleted,
     )?;
+    if r.unknown_manifests_kept > 0 {
+        writeln!(
+            out,
+            "kept {} manifests no run in the index has had, and the packs it does not know: an \
+             interrupted seal's, or the index is older than the objects (`artifactfs index \
+             rebuild` restores their runs)",
+            r.unknown_manifests_kept
+        )?;
+    }
     const SHOWN: usize = 20;
     for run in r.runs_expired.iter().take(SHOWN) {
         writeln!(out, "  {would}expired {run}")?;

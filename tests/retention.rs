@@ -256,6 +256,42 @@ fn walk(dir: &Path) -> Vec<String> {
 }
 
 #[test]
+fn gc_over_an_index_older_than_the_objects_deletes_none_of_them() {
+    let env = Env::with_clock(T0);
+    write_tree(&env.path("a"), &[("data", &random(21, 500_000))]);
+    write_tree(&env.path("b"), &[("data", &random(22, 500_000))]);
+    env.ingest(&env.path("a"), "ns/a");
+    // A copy of the index as it is now (the WAL folded in first) ...
+    drop(artifactfs_core::Store::open(&env.store()).unwrap());
+    let index = env.store().join("index.sqlite");
+    fs::copy(&index, env.path("index.backup")).unwrap();
+    // ... restored after another run was sealed.
+    env.ingest(&env.path("b"), "ns/b");
+    drop(artifactfs_core::Store::open(&env.store()).unwrap());
+    fs::copy(env.path("index.backup"), &index).unwrap();
+    assert!(!env.ok(&["runs"]).contains("ns/b"));
+    // gc must not take the objects the index does not know for garbage: ns/b's manifest and
+    // packs are kept, and the report says why.
+    let r = json(&env.ok(&["gc", "--json"]));
+    assert_eq!(r["unknown_manifests_kept"], 1, "{r}");
+    assert_eq!(r["orphan_objects_deleted"], 0, "{r}");
+    let text = env.ok(&["gc"]);
+    assert!(text.contains("index rebuild"), "{text}");
+    // A rebuild brings ns/b back whole; the next gc has nothing unknown left.
+    env.ok(&["index", "rebuild"]);
+    env.ok(&["verify"]);
+    env.ok(&["export", "ns/b", env.path("out").to_str().unwrap()]);
+    assert_eq!(
+        fs::read(env.path("out/data")).unwrap(),
+        fs::read(env.path("b/data")).unwrap()
+    );
+    assert_eq!(
+        json(&env.ok(&["gc", "--json"]))["unknown_manifests_kept"],
+        0
+    );
+}
+
+#[test]
 fn retention_holds_and_gc_through_the_mount() {
     let env = Env::with_clock(T0);
     let m = Mount::start(&env, &env.path("mnt"), &["--seal-after", "1h"]);

@@ -378,6 +378,9 @@ pub struct GcReport {
     pub packs_written: u64,
     pub live_bytes_copied: u64,
     pub orphan_objects_deleted: u64,
+    /// Manifests no run in the index has ever had, kept (and, while there are any, packs the
+    /// index does not know): see `remove_orphans`.
+    pub unknown_manifests_kept: u64,
     pub pack_bytes_before: u64,
     pub pack_bytes_after: u64,
     pub bytes_reclaimed: u64,
@@ -496,7 +499,8 @@ impl Store {
             // Under the gate no seal is between storing its manifest and committing its run,
             // so the live set read now is complete.
             let live_now = self.index().live_manifests()?;
-            rep.orphan_objects_deleted = self.remove_orphans(opts.dry_run, &live_now)?;
+            (rep.orphan_objects_deleted, rep.unknown_manifests_kept) =
+                self.remove_orphans(opts.dry_run, &live_now)?;
             fault("sweep:after-orphans");
         }
         rep.chunks_in_grace = if opts.dry_run {
@@ -667,11 +671,50 @@ impl Store {
         Ok(())
     }
 
-    /// Deletes objects the index does not refer to: packs left by a crash between a pack's
-    /// write and its index commit, and manifests of no live run. Caller holds the sweep gate.
-    fn remove_orphans(&self, dry_run: bool, live: &HashSet<ManifestDigest>) -> Result<u64> {
-        let packs: HashSet<PackId> = self.index().packs()?.into_iter().map(|p| p.0).collect();
+    /// Deletes objects the index does not refer to: manifests of deleted runs (a crash kept
+    /// their deletion from finishing) and packs left by a crash between a pack's write and its
+    /// index commit. Caller holds the sweep gate, so no seal is between storing its manifest
+    /// and committing its run. A manifest no run in the index has ever had is kept: it is an
+    /// interrupted seal's, or the index is older than the objects (restored from an older
+    /// copy), whose runs `index rebuild` would recover; while there is one, packs the index
+    /// does not know are kept too. Returns (objects deleted, unknown manifests kept).
+    fn remove_orphans(&self, dry_run: bool, live: &HashSet<ManifestDigest>) -> Result<(u64, u64)> {
+        let recorded = self.index().recorded_manifests()?;
         let mut n = 0;
+        let mut unknown = 0;
+        for o in self.objects.list("manifests/")? {
+            let d = o
+                .key
+                .rsplit('/')
+                .next()
+                .and_then(|h| h.parse::<ManifestDigest>().ok());
+            match d {
+                Some(d) if live.contains(&d) => {}
+                Some(d) if recorded.contains(&d) => {
+                    n += 1;
+                    if !dry_run {
+                        tracing::info!(key = %o.key, "deleting the manifest of a deleted run");
+                        self.objects.delete(&o.key)?;
+                    }
+                }
+                Some(_) => {
+                    unknown += 1;
+                    tracing::warn!(
+                        key = %o.key,
+                        "kept a manifest no run in the index has had: an interrupted seal's, or the index is older than the objects (`artifactfs index rebuild` restores its run)"
+                    );
+                }
+                None => tracing::warn!(key = %o.key, "unexpected object under manifests/; kept"),
+            }
+        }
+        if unknown > 0 {
+            tracing::warn!(
+                unknown,
+                "packs the index does not know are kept while there are manifests it never recorded"
+            );
+            return Ok((n, unknown));
+        }
+        let packs: HashSet<PackId> = self.index().packs()?.into_iter().map(|p| p.0).collect();
         for o in self.objects.list("packs/")? {
             match pack::pack_id_from_key(&o.key) {
                 Some(id) if packs.contains(&id) => {}
@@ -685,25 +728,7 @@ impl Store {
                 None => tracing::warn!(key = %o.key, "unexpected object under packs/; kept"),
             }
         }
-        for o in self.objects.list("manifests/")? {
-            let d = o
-                .key
-                .rsplit('/')
-                .next()
-                .and_then(|h| h.parse::<ManifestDigest>().ok());
-            match d {
-                Some(d) if live.contains(&d) => {}
-                Some(_) => {
-                    n += 1;
-                    if !dry_run {
-                        tracing::info!(key = %o.key, "deleting a manifest of no live run");
-                        self.objects.delete(&o.key)?;
-                    }
-                }
-                None => tracing::warn!(key = %o.key, "unexpected object under manifests/; kept"),
-            }
-        }
-        Ok(n)
+        Ok((n, 0))
     }
 
     fn save_gc_report(&self, rep: &GcReport) {

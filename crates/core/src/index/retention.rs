@@ -963,14 +963,24 @@ impl Index {
 
     /// Digests of the manifests of runs that are not deleted.
     pub fn live_manifests(&self) -> Result<HashSet<ManifestDigest>> {
+        self.manifests_of_runs(false)
+    }
+
+    /// The manifest of every run the index has recorded, deleted runs (tombstones) included.
+    pub fn recorded_manifests(&self) -> Result<HashSet<ManifestDigest>> {
+        self.manifests_of_runs(true)
+    }
+
+    fn manifests_of_runs(&self, with_deleted: bool) -> Result<HashSet<ManifestDigest>> {
         let mut s = self
             .conn
             .prepare_cached(
-                "SELECT manifest FROM runs WHERE state <> 'deleted' AND manifest IS NOT NULL",
+                "SELECT manifest FROM runs
+                 WHERE (?1 OR state <> 'deleted') AND manifest IS NOT NULL",
             )
             .map_err(self.err())?;
         let rows = s
-            .query_map([], |r| r.get::<_, Vec<u8>>(0))
+            .query_map([with_deleted], |r| r.get::<_, Vec<u8>>(0))
             .map_err(self.err())?
             .collect::<rusqlite::Result<Vec<_>>>()
             .map_err(self.err())?;
