@@ -483,6 +483,26 @@ impl Store {
         }
     }
 
+    /// After the local copy of `key` failed to read with `e`: sets it aside (never left for gc
+    /// to delete as an orphan) and reads the bucket's copy instead, when there is one.
+    fn read_bucket_copy_instead<T>(
+        &self,
+        key: &str,
+        e: Error,
+        bucket: Option<&dyn ObjectStore>,
+        read: impl FnOnce(&dyn ObjectStore) -> Result<T>,
+        report: &mut RebuildReport,
+    ) -> Result<T> {
+        tracing::warn!(key, error = %e, "local copy cannot be read");
+        self.quarantine(key, report);
+        match bucket {
+            Some(r) => read(r).map_err(|re| {
+                Error::corrupt(key.to_owned(), format!("{e}; the bucket's copy: {re}"))
+            }),
+            None => Err(e),
+        }
+    }
+
     /// Fills the (new, empty) index from the objects.
     fn reindex(&self, report: &mut RebuildReport) -> Result<()> {
         let now = to_unix_ns(self.clock.now());
@@ -518,35 +538,21 @@ impl Store {
                 (None, Some(r)) => (r, remote_packs[key]),
                 (None, None) => continue,
             };
-            let entries = match read_table(src, key) {
+            let read = match read_table(src, key) {
+                Err(e) if local_size.is_some() => self
+                    .read_bucket_copy_instead(key, e, remote_copy, |r| read_table(r, key), report)
+                    .inspect(|_| {
+                        local_size = None;
+                        size = remote_packs[key];
+                    }),
+                read => read,
+            };
+            let entries = match read {
                 Ok(e) => e,
                 Err(e) => {
-                    tracing::warn!(key, error = %e, "pack cannot be read");
-                    // A damaged local copy is kept aside, never left for gc to delete as an
-                    // orphan; the bucket's copy, if it has a good one, is used instead.
-                    let was_local = local_size.take().is_some();
-                    if was_local {
-                        self.quarantine(key, report);
-                    }
-                    match remote_copy
-                        .filter(|_| was_local)
-                        .map(|r| read_table(r, key))
-                    {
-                        Some(Ok(e)) => {
-                            size = remote_packs[key];
-                            e
-                        }
-                        Some(Err(re)) => {
-                            report
-                                .skipped
-                                .push(format!("{key}: {e}; the bucket's copy: {re}"));
-                            continue;
-                        }
-                        None => {
-                            report.skipped.push(format!("{key}: {e}"));
-                            continue;
-                        }
-                    }
+                    tracing::warn!(key, error = %e, "pack skipped");
+                    report.skipped.push(format!("{key}: {e}"));
+                    continue;
                 }
             };
             let mut idx = self.index();
@@ -592,20 +598,9 @@ impl Store {
             let loaded = match (local_m.contains_key(key), bucket) {
                 (false, Some(r)) => from_bucket(r),
                 (false, None) => continue,
-                (true, bucket) => match manifest::load_manifest_bytes(local, &d) {
-                    Ok(b) => Ok(b),
-                    // A damaged local copy is set aside; the bucket's, if good, replaces it.
-                    Err(e) => {
-                        tracing::warn!(key, error = %e, "manifest cannot be read");
-                        self.quarantine(key, report);
-                        match bucket {
-                            Some(r) => from_bucket(r).map_err(|re| {
-                                Error::corrupt(key, format!("{e}; the bucket's copy: {re}"))
-                            }),
-                            None => Err(e),
-                        }
-                    }
-                },
+                (true, bucket) => manifest::load_manifest_bytes(local, &d).or_else(|e| {
+                    self.read_bucket_copy_instead(key, e, bucket, from_bucket, report)
+                }),
             };
             let parsed = loaded.and_then(|b| Manifest::from_bytes(&b, &format!("manifest {d}")));
             let m = match parsed {
