@@ -4,27 +4,53 @@
 
 mod common;
 
-use std::time::Instant;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use common::{Env, assert_same_tree};
 use guide_board_sim::generate::{Options, generate};
 
-#[test]
-fn kill_9_during_ingest_loses_nothing_committed() {
-    let env = Env::new();
-    let runs_dir = env.path("runs");
+/// Generates `runs` guide-board-sim runs of `size` bytes and `small_files` small files under
+/// `ENV/runs`; returns that directory.
+fn generated(env: &Env, seed: u64, runs: u32, size: u64, small_files: u64) -> PathBuf {
+    let out = env.path("runs");
     generate(
         &Options {
-            out: runs_dir.clone(),
-            seed: 7,
-            runs: 2,
-            size: 96 << 20,
-            small_files: Some(2000),
+            out: out.clone(),
+            seed,
+            runs,
+            size,
+            small_files: Some(small_files),
             first_run: 0,
         },
         |_| {},
     )
     .unwrap();
+    out
+}
+
+/// Runs `artifactfs ARGS` and kill -9s it `after` its start; whether it had exited by then,
+/// and how it ended.
+fn killed_after(env: &Env, args: &[&str], after: Duration) -> (bool, ExitStatus) {
+    let mut child = env
+        .std_cmd(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(after);
+    let finished = child.try_wait().unwrap().is_some();
+    let _ = child.kill(); // SIGKILL
+    (finished, child.wait().unwrap())
+}
+
+#[test]
+fn kill_9_during_ingest_loses_nothing_committed() {
+    let env = Env::new();
+    let runs_dir = generated(&env, 7, 2, 96 << 20, 2000);
     let src0 = runs_dir.join("run-0000");
     let src1 = runs_dir.join("run-0001");
     env.ingest(&src0, "lab/base");
@@ -39,16 +65,11 @@ fn kill_9_during_ingest_loses_nothing_committed() {
     let mut sealed_by_race = 0;
     for (i, f) in fractions.iter().enumerate() {
         let name = format!("lab/crash-{i}");
-        let mut child = env
-            .std_cmd(&["ingest", src1.to_str().unwrap(), &name])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(full.mul_f64(*f));
-        let finished_before_kill = child.try_wait().unwrap().is_some();
-        let _ = child.kill(); // SIGKILL
-        let status = child.wait().unwrap();
+        let (finished_before_kill, status) = killed_after(
+            &env,
+            &["ingest", src1.to_str().unwrap(), &name],
+            full.mul_f64(*f),
+        );
 
         let visible = env.run_info(&name).is_some();
         if finished_before_kill && status.success() {
@@ -94,20 +115,7 @@ fn kill_9_during_ingest_loses_nothing_committed() {
 #[test]
 fn kill_9_during_an_index_rebuild_never_leaves_a_partial_index_in_use() {
     let env = Env::new();
-    let runs_dir = env.path("runs");
-    generate(
-        &Options {
-            out: runs_dir.clone(),
-            seed: 9,
-            runs: 1,
-            size: 48 << 20,
-            small_files: Some(300),
-            first_run: 0,
-        },
-        |_| {},
-    )
-    .unwrap();
-    let src = runs_dir.join("run-0000");
+    let src = generated(&env, 9, 1, 48 << 20, 300).join("run-0000");
     for i in 0..6 {
         env.ingest(&src, &format!("lab/r{i}"));
     }
@@ -117,16 +125,7 @@ fn kill_9_during_an_index_rebuild_never_leaves_a_partial_index_in_use() {
     let full = t.elapsed();
     let mut interrupted = 0;
     for f in [0.1, 0.5, 0.3, 0.8, 0.05, 0.65] {
-        let mut child = env
-            .std_cmd(&["index", "rebuild"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(full.mul_f64(f));
-        let finished = child.try_wait().unwrap().is_some();
-        let _ = child.kill();
-        child.wait().unwrap();
+        let (finished, _) = killed_after(&env, &["index", "rebuild"], full.mul_f64(f));
         // Either the store is whole, or it refuses to open and says what to do.
         let out = env.run(&["runs"]);
         if out.status.success() {
@@ -154,15 +153,15 @@ type Closed = (String, usize, u64);
 /// file is pushed to `closed` only once its `close` returned 0. Sizes mix inline small files
 /// with files large enough to be chunked ahead into packs; every fifth file is fsynced first.
 fn produce(
-    run: std::path::PathBuf,
+    run: PathBuf,
     first: usize,
-    closed: std::sync::Arc<std::sync::Mutex<Vec<Closed>>>,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    closed: Arc<Mutex<Vec<Closed>>>,
+    stop: Arc<AtomicBool>,
 ) -> usize {
     use std::io::Write;
     use std::os::fd::IntoRawFd;
     for i in first.. {
-        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+        if stop.load(Ordering::Relaxed) {
             return i;
         }
         let rel = format!("d{}/f{i}", i % 7);
@@ -195,7 +194,7 @@ fn produce(
 }
 
 /// Every file the producers closed is in `run` with its bytes.
-fn assert_closed_files_kept(run: &std::path::Path, closed: &[Closed], when: &str) {
+fn assert_closed_files_kept(run: &Path, closed: &[Closed], when: &str) {
     for (rel, size, seed) in closed {
         let got = std::fs::read(run.join(rel))
             .unwrap_or_else(|e| panic!("{when}: closed file {rel} is gone: {e}"));
@@ -209,10 +208,6 @@ fn assert_closed_files_kept(run: &std::path::Path, closed: &[Closed], when: &str
 
 #[test]
 fn kill_9_of_the_mount_mid_write_and_mid_seal_loses_nothing_closed() {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::{Arc, Mutex};
-    use std::time::Duration;
-
     use common::mount::{Mount, seal, state};
 
     let env = Env::new();
