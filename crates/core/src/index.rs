@@ -30,7 +30,7 @@ pub use pool::{PooledIndex, ReadPool};
 pub use retention::{DefaultRetention, ExpiredRun, HoldRow, PackUsage, RunRetention, SweepStats};
 
 /// Schema version written by this build.
-pub const SCHEMA_VERSION: i64 = 6;
+pub const SCHEMA_VERSION: i64 = 7;
 
 const MIGRATIONS: &[&str] = &[
     // 0 -> 1
@@ -168,6 +168,31 @@ const MIGRATIONS: &[&str] = &[
         hash        BLOB PRIMARY KEY,
         refs        INTEGER NOT NULL
     ) WITHOUT ROWID;
+    "#,
+    // 6 -> 7: files of open runs whose content is a list of stored chunks, chunked as they
+    // were written (ADR 0025). Each listed chunk holds a reference, kept by the triggers
+    // through every insert and delete (a deleted inode cascades to its rows).
+    r#"
+    CREATE TABLE chunked_files (
+        ino         INTEGER PRIMARY KEY REFERENCES inodes(ino) ON DELETE CASCADE,
+        size        INTEGER NOT NULL,
+        blake3      BLOB NOT NULL
+    );
+    CREATE TABLE chunked_chunks (
+        ino         INTEGER NOT NULL REFERENCES chunked_files(ino) ON DELETE CASCADE,
+        seq         INTEGER NOT NULL,
+        hash        BLOB NOT NULL,
+        len         INTEGER NOT NULL,
+        PRIMARY KEY (ino, seq)
+    ) WITHOUT ROWID;
+    CREATE TRIGGER chunked_chunks_ref AFTER INSERT ON chunked_chunks BEGIN
+        SELECT RAISE(ABORT, 'a chunked file names a chunk the store does not hold')
+        WHERE NOT EXISTS (SELECT 1 FROM chunks WHERE hash = NEW.hash);
+        UPDATE chunks SET refs = refs + 1 WHERE hash = NEW.hash;
+    END;
+    CREATE TRIGGER chunked_chunks_unref AFTER DELETE ON chunked_chunks BEGIN
+        UPDATE chunks SET refs = refs - 1 WHERE hash = OLD.hash;
+    END;
     "#,
 ];
 
@@ -1165,6 +1190,14 @@ pub struct NamespaceRow {
     pub mtime_ns: i64,
 }
 
+/// The content of an open-run file kept as a list of stored chunks (ADR 0025).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChunkedContent {
+    pub size: u64,
+    pub hash: FileHash,
+    pub chunks: Vec<ChunkRef>,
+}
+
 /// One inode of an open run. A regular file's content is its staging file, whose length is
 /// authoritative; `size` is meaningful for symlinks only.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -1795,17 +1828,21 @@ impl Meta<'_> {
             .map_err(self.err())
     }
 
-    /// The length of a file kept in the index (`None`: it is in its staging file).
+    /// The length of a file whose content the index holds, inline or as a chunk list (`None`:
+    /// it is in its staging file).
     pub fn inline_len(&self, ino: i64) -> Result<Option<u64>> {
         self.conn
-            .prepare_cached("SELECT length(data) FROM inline_data WHERE ino = ?1")
+            .prepare_cached(
+                "SELECT length(data) FROM inline_data WHERE ino = ?1
+                 UNION ALL SELECT size FROM chunked_files WHERE ino = ?1",
+            )
             .and_then(|mut s| s.query_row(params![ino], |r| r.get::<_, i64>(0)).optional())
             .map(|n| n.map(|n| n as u64))
             .map_err(self.err())
     }
 
-    /// The inodes of `inos` that exist, each with the length of its inline content if it has
-    /// some: one statement (one read lock) for a listing's worth of attributes.
+    /// The inodes of `inos` that exist, each with the length of its content if the index
+    /// holds it (inline or chunked): one statement (one read lock) for a listing's worth of attributes.
     pub fn inodes_with_inline_len(&self, inos: &[i64]) -> Result<Vec<(InodeRow, Option<u64>)>> {
         let list = serde_json::to_string(inos).map_err(|e| Error::Index {
             path: self.path.to_path_buf(),
@@ -1816,7 +1853,8 @@ impl Meta<'_> {
             .prepare_cached(concat!(
                 "SELECT ",
                 inode_cols!(),
-                ", (SELECT length(data) FROM inline_data d WHERE d.ino = inodes.ino)
+                ", coalesce((SELECT length(data) FROM inline_data d WHERE d.ino = inodes.ino),
+                            (SELECT size FROM chunked_files c WHERE c.ino = inodes.ino))
                  FROM inodes WHERE ino IN (SELECT value FROM json_each(?1))"
             ))
             .map_err(self.err())?;
@@ -1845,6 +1883,72 @@ impl Meta<'_> {
     pub fn drop_inline_data(&self, ino: i64) -> Result<()> {
         self.conn
             .prepare_cached("DELETE FROM inline_data WHERE ino = ?1")
+            .and_then(|mut s| s.execute(params![ino]))
+            .map_err(self.err())
+            .map(drop)
+    }
+
+    /// A file's content as a chunk list, if it is one (ADR 0025).
+    pub fn chunked(&self, ino: i64) -> Result<Option<ChunkedContent>> {
+        let head: Option<(i64, Vec<u8>)> = self
+            .conn
+            .prepare_cached("SELECT size, blake3 FROM chunked_files WHERE ino = ?1")
+            .and_then(|mut s| {
+                s.query_row(params![ino], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()
+            })
+            .map_err(self.err())?;
+        let Some((size, hash)) = head else {
+            return Ok(None);
+        };
+        let mut s = self
+            .conn
+            .prepare_cached("SELECT hash, len FROM chunked_chunks WHERE ino = ?1 ORDER BY seq")
+            .map_err(self.err())?;
+        let rows = s
+            .query_map(params![ino], |r| {
+                Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?))
+            })
+            .map_err(self.err())?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(self.err())?;
+        let chunks = rows
+            .into_iter()
+            .map(|(h, n)| Ok(ChunkRef(ChunkId::from_slice(&h)?, n as u32)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Some(ChunkedContent {
+            size: size as u64,
+            hash: FileHash::from_slice(&hash)?,
+            chunks,
+        }))
+    }
+
+    /// Makes a file's content the chunk list `c` (replacing inline content or an earlier
+    /// list); every chunk must be stored (the trigger refuses one that is not).
+    pub fn set_chunked(&self, ino: i64, c: &ChunkedContent) -> Result<()> {
+        self.drop_inline_data(ino)?;
+        self.drop_chunked(ino)?;
+        self.conn
+            .prepare_cached("INSERT INTO chunked_files (ino, size, blake3) VALUES (?1, ?2, ?3)")
+            .and_then(|mut s| s.execute(params![ino, c.size as i64, c.hash.0.as_slice()]))
+            .map_err(self.err())?;
+        let mut s = self
+            .conn
+            .prepare_cached(
+                "INSERT INTO chunked_chunks (ino, seq, hash, len) VALUES (?1, ?2, ?3, ?4)",
+            )
+            .map_err(self.err())?;
+        for (i, r) in c.chunks.iter().enumerate() {
+            s.execute(params![ino, i as i64, r.0.as_bytes(), r.1])
+                .map_err(self.err())?;
+        }
+        Ok(())
+    }
+
+    /// Drops a file's chunk list and its references (it moved to its staging file).
+    pub fn drop_chunked(&self, ino: i64) -> Result<()> {
+        self.conn
+            .prepare_cached("DELETE FROM chunked_files WHERE ino = ?1")
             .and_then(|mut s| s.execute(params![ino]))
             .map_err(self.err())
             .map(drop)

@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 use crate::clock::{rfc3339, to_unix_ns};
 use crate::error::{Error, Result};
 use crate::id::{ChunkId, ManifestDigest};
-use crate::index::{InodeRow, Meta, NamespaceRow};
+use crate::index::{ChunkedContent, InodeRow, Meta, NamespaceRow};
 use crate::ingest::{ingest_stream, producer_metadata};
 use crate::manifest::{self, Entry, Kind, MANIFEST_FORMAT, Manifest, ROOT, XattrValue};
 use crate::names::{NAME_MAX, RunRef, validate_component};
@@ -447,6 +447,21 @@ struct State {
     /// Open files whose creation a failed commit rolled back, and whether that commit failed
     /// for a full disk: their handles answer ENOSPC (or ENOENT) until they are closed.
     lost: HashMap<i64, bool>,
+    /// Staged files written only by appends since they left the index: the next offset.
+    appending: HashMap<i64, u64>,
+    /// Files being chunked as they are written (ADR 0025).
+    streams: HashMap<i64, Arc<stream::Stream>>,
+    /// Files written back from chunks to their staging files: they do not stream again.
+    unstreamed: HashSet<i64>,
+    /// Writes to staging files under way, per inode (a stream starts with none).
+    writing: HashMap<i64, u32>,
+    /// The content of open files kept as chunk lists (ADR 0025), while they are open.
+    chunked: HashMap<i64, Arc<ChunkedContent>>,
+    /// No stream starts while gc runs.
+    streams_paused: bool,
+    /// Files whose stream failed, with the error (and whether the disk was full): their
+    /// writes, flushes and fsyncs fail until they are closed.
+    broken: HashMap<i64, (String, bool)>,
 }
 
 /// Attribute changes of an open file not yet in the index (see `State::dirty_attrs`).
@@ -1640,6 +1655,9 @@ impl Vfs {
         if let Some(i) = st.inline.get(&row.ino) {
             return Ok(i.data.len() as u64);
         }
+        if let Some(s) = st.streams.get(&row.ino) {
+            return Ok(s.len());
+        }
         let inline_len = match inline_len {
             Some(n) => n,
             None => self.meta(|m| m.inline_len(row.ino))?,
@@ -1662,6 +1680,13 @@ impl Vfs {
         if let Some(data) = self.meta(|m| m.inline_data(row.ino))? {
             st.inline_bytes += data.len();
             st.inline.insert(row.ino, Inline { data, dirty: false });
+            return Ok(None);
+        }
+        if st.chunked.contains_key(&row.ino) {
+            return Ok(None);
+        }
+        if let Some(c) = self.meta(|m| m.chunked(row.ino))? {
+            st.chunked.insert(row.ino, Arc::new(c));
             return Ok(None);
         }
         self.open_staged(row).map(Some)
@@ -1691,6 +1716,7 @@ impl Vfs {
             .map_err(|e| Error::io("write", &p, e))?;
         // Until this commit the index's copy counts; after it, the staging file.
         self.meta_write(|m| m.drop_inline_data(inode))?;
+        st.appending.insert(inode, data.len() as u64);
         let f = Arc::new(f);
         for h in st.handles.values_mut() {
             if let Handle::Staged { inode: i, file, .. } = h
@@ -1970,7 +1996,22 @@ impl Vfs {
         opts: &crate::gc::GcOptions<'_>,
         progress: &dyn crate::store::Progress,
     ) -> Result<crate::gc::GcReport> {
-        let rep = self.store.gc(opts, progress)?;
+        {
+            // A stream holds the seal gate until its file is closed, which may be long: the
+            // files being chunked as they are written go back to their staging files, and no
+            // new one starts until gc is done.
+            let mut st = self.lock();
+            st.streams_paused = true;
+            let streaming: Vec<i64> = st.streams.keys().copied().collect();
+            for inode in streaming {
+                if let Err(e) = self.materialize(&mut st, inode) {
+                    tracing::warn!(inode, "before gc: {e}");
+                }
+            }
+        }
+        let rep = self.store.gc(opts, progress);
+        self.lock().streams_paused = false;
+        let rep = rep?;
         if !rep.runs_expired.is_empty() {
             self.forget_deleted_runs(&rep.runs_expired);
             let mut st = self.lock();
@@ -2017,11 +2058,23 @@ impl Vfs {
             File(Arc<File>, PathBuf),
             Sealed(Arc<SealedRun>, usize),
             Buf(Arc<Vec<u8>>),
+            Chunked(Arc<ChunkedContent>),
         }
         let mut sequential = false;
         let r = {
             let mut st = self.lock();
             match st.handles.get(&fh) {
+                Some(Handle::Staged { inode, .. }) if st.streams.contains_key(inode) => {
+                    // A read of a file being chunked as it is written: it goes back to its
+                    // staging file (ADR 0025).
+                    let inode = *inode;
+                    self.materialize(&mut st, inode)?;
+                    drop(st);
+                    return self.read(fh, offset, size);
+                }
+                Some(Handle::Staged { inode, .. }) if st.chunked.contains_key(inode) => {
+                    R::Chunked(st.chunked[inode].clone())
+                }
                 Some(Handle::Staged {
                     run,
                     inode,
@@ -2080,6 +2133,9 @@ impl Vfs {
                 let end = start.saturating_add(size as usize).min(b.len());
                 Ok(b[start..end].to_vec())
             }
+            R::Chunked(c) => self.read_chunks(&c.chunks, c.size, offset, size, &|| {
+                format!("file handle {fh} of an open run")
+            }),
             R::Sealed(s, idx) => {
                 let data = self.read_sealed(&s, idx, offset, size)?;
                 if sequential {
@@ -2206,10 +2262,25 @@ impl Vfs {
 
     fn read_sealed(&self, s: &SealedRun, idx: usize, offset: u64, size: u32) -> Result<Vec<u8>> {
         let e = s.entry(idx)?;
-        let end = offset.saturating_add(u64::from(size)).min(e.size);
+        self.read_chunks(&e.chunks, e.size, offset, size, &|| {
+            format!("file {}/{}", s.r, e.path)
+        })
+    }
+
+    /// Bytes `offset..offset + size` of a file of `len` bytes made of `chunks`, each verified
+    /// (through the decompressed-chunk cache); a damaged chunk's error names `what()`.
+    fn read_chunks(
+        &self,
+        chunks: &[crate::manifest::ChunkRef],
+        len: u64,
+        offset: u64,
+        size: u32,
+        what: &dyn Fn() -> String,
+    ) -> Result<Vec<u8>> {
+        let end = offset.saturating_add(u64::from(size)).min(len);
         let mut out = Vec::with_capacity(end.saturating_sub(offset) as usize);
         let mut pos = 0u64;
-        for c in &e.chunks {
+        for c in chunks {
             let len = u64::from(c.1);
             let (cs, ce) = (pos, pos + len);
             pos = ce;
@@ -2220,10 +2291,14 @@ impl Vfs {
                 break;
             }
             let data = self.cache.get(&self.store, &c.0).map_err(|err| match err {
-                Error::Corrupt { what, reason } => {
-                    tracing::error!(run = %s.r, path = %e.path, "damaged chunk: {what}: {reason}");
+                Error::Corrupt {
+                    what: chunk,
+                    reason,
+                } => {
+                    let file = what();
+                    tracing::error!(%file, "damaged chunk: {chunk}: {reason}");
                     Error::Corrupt {
-                        what: format!("{what} (file {}/{})", s.r, e.path),
+                        what: format!("{chunk} ({file})"),
                         reason,
                     }
                 }
@@ -2245,7 +2320,12 @@ impl Vfs {
             Other,
             Missing,
         }
-        let (file, run, inode) = {
+        enum Target {
+            File(Arc<File>),
+            Stream(Arc<stream::Stream>),
+            Chunked,
+        }
+        let (target, run, inode) = {
             let mut st = self.lock();
             let w = match st.handles.get(&fh) {
                 Some(Handle::Staged { run, inode, file }) => W::Staged(file.clone(), *run, *inode),
@@ -2259,32 +2339,63 @@ impl Vfs {
                     let full = st.lost[&inode];
                     return Err(self.lost_file(inode, full));
                 }
+                W::Staged(_, _, inode) if st.broken.contains_key(&inode) => {
+                    return Err(self.broken_file(&st, inode));
+                }
                 W::Staged(file, run, inode) => {
                     let now = self.now();
                     st.dirty_mtime.insert(inode, now);
                     self.touch(&mut st, run);
                     self.preseal.changed(run, inode);
-                    let file = match file {
-                        Some(f) => f,
-                        None => {
-                            let end = offset.saturating_add(data.len() as u64);
-                            let st = &mut *st;
-                            if let Some(i) = st.inline.get_mut(&inode) {
-                                let grow = (end as usize).saturating_sub(i.data.len());
-                                if end <= INLINE_MAX && st.inline_bytes + grow <= INLINE_MEM_MAX {
-                                    if i.data.len() < end as usize {
-                                        i.data.resize(end as usize, 0);
+                    if let Some(s) = st.streams.get(&inode) {
+                        (Target::Stream(s.clone()), run, inode)
+                    } else if st.chunked.contains_key(&inode) {
+                        (Target::Chunked, run, inode)
+                    } else {
+                        let file = match file {
+                            Some(f) => f,
+                            None => {
+                                let end = offset.saturating_add(data.len() as u64);
+                                let st = &mut *st;
+                                if let Some(i) = st.inline.get_mut(&inode) {
+                                    let grow = (end as usize).saturating_sub(i.data.len());
+                                    if end <= INLINE_MAX && st.inline_bytes + grow <= INLINE_MEM_MAX
+                                    {
+                                        if i.data.len() < end as usize {
+                                            i.data.resize(end as usize, 0);
+                                        }
+                                        i.data[offset as usize..end as usize].copy_from_slice(data);
+                                        i.dirty = true;
+                                        st.inline_bytes += grow;
+                                        return Ok(data.len() as u32);
                                     }
-                                    i.data[offset as usize..end as usize].copy_from_slice(data);
-                                    i.dirty = true;
-                                    st.inline_bytes += grow;
-                                    return Ok(data.len() as u32);
                                 }
+                                self.spill(st, run, inode)?
                             }
-                            self.spill(st, run, inode)?
+                        };
+                        let st = &mut *st;
+                        let end = offset.saturating_add(data.len() as u64);
+                        let next = st.appending.remove(&inode);
+                        if next == Some(offset)
+                            && end >= stream::STREAM_AT
+                            && self.may_stream(st, inode)
+                        {
+                            let s = Arc::new(stream::Stream::start(
+                                self.store.clone(),
+                                self.staging_path(run, inode),
+                                offset,
+                            )?);
+                            tracing::debug!(run, inode, offset, "file streams into the chunker");
+                            st.streams.insert(inode, s.clone());
+                            (Target::Stream(s), run, inode)
+                        } else {
+                            if next == Some(offset) {
+                                st.appending.insert(inode, end);
+                            }
+                            *st.writing.entry(inode).or_default() += 1;
+                            (Target::File(file), run, inode)
                         }
-                    };
-                    (file, run, inode)
+                    }
                 }
                 W::Seal => {
                     drop(st);
@@ -2313,10 +2424,156 @@ impl Vfs {
                 }
             }
         };
+        match target {
+            Target::File(file) => {
+                let p = self.staging_path(run, inode);
+                let r = file.write_all_at(data, offset);
+                {
+                    let mut st = self.lock();
+                    if let Some(n) = st.writing.get_mut(&inode) {
+                        *n -= 1;
+                        if *n == 0 {
+                            st.writing.remove(&inode);
+                        }
+                    }
+                }
+                r.map_err(|e| Error::io("write", &p, e))?;
+                Ok(data.len() as u32)
+            }
+            Target::Stream(s) => match s.append(offset, data) {
+                Ok(true) => Ok(data.len() as u32),
+                Ok(false) => {
+                    // Not an append: the file goes back to its staging file first.
+                    self.materialize(&mut self.lock(), inode)?;
+                    self.write(fh, offset, data)
+                }
+                Err(e) => {
+                    let mut st = self.lock();
+                    st.streams.remove(&inode);
+                    Err(self.stream_failed(&mut st, inode, e))
+                }
+            },
+            Target::Chunked => {
+                self.materialize(&mut self.lock(), inode)?;
+                self.write(fh, offset, data)
+            }
+        }
+    }
+
+    /// Whether a file being appended to may start streaming now (ADR 0025).
+    fn may_stream(&self, st: &State, inode: i64) -> bool {
+        !st.streams_paused
+            && st.streams.len() < stream::MAX_STREAMS
+            && !st.unstreamed.contains(&inode)
+            && !st.writing.contains_key(&inode)
+            && st.open_count.get(&inode) == Some(&1)
+    }
+
+    /// Records that `inode`'s stream failed with `e`: what it held since its staging prefix
+    /// is lost, and the file's writes, flushes and fsyncs say so until it is closed.
+    fn stream_failed(&self, st: &mut State, inode: i64, e: Error) -> Error {
+        tracing::error!(inode, "a file being chunked as it was written failed: {e}");
+        st.unstreamed.insert(inode);
+        st.broken.insert(inode, (e.to_string(), e.is_disk_full()));
+        e
+    }
+
+    /// The error of a handle whose file's stream failed (see `State::broken`).
+    fn broken_file(&self, st: &State, inode: i64) -> Error {
+        let (why, full) = st.broken.get(&inode).cloned().unwrap_or_default();
+        let p = self.staging.join(format!("inode {inode}"));
+        if full {
+            return Error::disk_full("store the file being written (write it again) to", p);
+        }
+        Error::io(
+            "store the file being written (write it again)",
+            p,
+            std::io::Error::other(why),
+        )
+    }
+
+    /// Ends `inode`'s stream, if it has one, and commits the file's content as its chunk list
+    /// (a close or fsync: the content becomes durable).
+    fn close_stream(&self, st: &mut State, inode: i64) -> Result<()> {
+        if st.broken.contains_key(&inode) {
+            return Err(self.broken_file(st, inode));
+        }
+        let Some(s) = st.streams.remove(&inode) else {
+            return Ok(());
+        };
+        let ended = match s.end() {
+            Ok(e) => e,
+            Err(e) => return Err(self.stream_failed(st, inode, e)),
+        };
+        if let Err(e) = self.meta_write(|m| m.set_chunked(inode, &ended.content)) {
+            return Err(self.stream_failed(st, inode, e));
+        }
+        drop(ended.guard);
+        // The chunk list is the content now; the staging file held a prefix of it.
+        let run = self.inode(inode)?.run;
+        let _ = fs::remove_file(self.staging_path(run, inode));
+        st.chunked.insert(inode, Arc::new(ended.content));
+        Ok(())
+    }
+
+    /// Writes a streaming or chunked file's content back to its staging file (something other
+    /// than an append came): from then on it is a staged file like any other.
+    fn materialize(&self, st: &mut State, inode: i64) -> Result<()> {
+        if st.broken.contains_key(&inode) {
+            return Err(self.broken_file(st, inode));
+        }
+        let (content, guard) = if let Some(s) = st.streams.remove(&inode) {
+            match s.end() {
+                Ok(e) => (e.content, Some(e.guard)),
+                Err(e) => return Err(self.stream_failed(st, inode, e)),
+            }
+        } else if let Some(c) = st.chunked.get(&inode) {
+            ((**c).clone(), None)
+        } else if let Some(c) = self.meta(|m| m.chunked(inode))? {
+            (c, None)
+        } else {
+            return Ok(());
+        };
+        st.unstreamed.insert(inode);
+        let run = self.inode(inode)?.run;
+        let dir = self.staging.join(run.to_string());
+        fs::create_dir_all(&dir).map_err(|e| Error::io("create directory", &dir, e))?;
         let p = self.staging_path(run, inode);
-        file.write_all_at(data, offset)
-            .map_err(|e| Error::io("write", &p, e))?;
-        Ok(data.len() as u32)
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&p)
+            .map_err(|e| Error::io("create", &p, e))?;
+        let mut pos = 0u64;
+        for c in &content.chunks {
+            let data = self.store.read_chunk(&c.0)?;
+            f.write_all_at(&data, pos)
+                .map_err(|e| Error::io("write", &p, e))?;
+            pos += data.len() as u64;
+        }
+        f.set_len(content.size)
+            .map_err(|e| Error::io("truncate", &p, e))?;
+        // Until this commit the chunk list counts; after it, the staging file.
+        self.meta_write(|m| m.drop_chunked(inode))?;
+        drop(guard);
+        st.chunked.remove(&inode);
+        let f = Arc::new(f);
+        for h in st.handles.values_mut() {
+            if let Handle::Staged { inode: i, file, .. } = h
+                && *i == inode
+            {
+                *file = Some(f.clone());
+            }
+        }
+        tracing::debug!(
+            run,
+            inode,
+            bytes = content.size,
+            "chunked file moved to staging"
+        );
+        Ok(())
     }
 
     /// Writes what a file's writes changed to the index: its mtime and, when it is inline, its
@@ -2419,7 +2676,9 @@ impl Vfs {
         let mut st = self.lock();
         if let Some(Handle::Staged { inode, .. }) = st.handles.get(&fh) {
             let inode = *inode;
+            let streamed = self.close_stream(&mut st, inode);
             self.persist_changes(&mut st, inode)?;
+            streamed?;
         }
         Ok(())
     }
@@ -2429,7 +2688,8 @@ impl Vfs {
         let mut st = self.lock();
         if let Some(Handle::Staged { run, inode, file }) = st.handles.get(&fh) {
             let (run, inode, file) = (*run, *inode, file.clone());
-            if let Some(file) = file {
+            self.close_stream(&mut st, inode)?;
+            if let Some(file) = file.filter(|_| !st.chunked.contains_key(&inode)) {
                 file.sync_all()
                     .map_err(|e| Error::io("fsync", self.staging_path(run, inode), e))?;
             }
@@ -2462,7 +2722,11 @@ impl Vfs {
         let Handle::Staged { run, inode, .. } = h else {
             return Ok(());
         };
-        let res = self.persist_changes_then(&mut st, inode, then);
+        let streamed = self.close_stream(&mut st, inode);
+        let res = self
+            .persist_changes_then(&mut st, inode, then)
+            .and(streamed);
+        let chunked = st.chunked.contains_key(&inode);
         let left = {
             let c = st.open_count.entry(inode).or_default();
             *c = c.saturating_sub(1);
@@ -2477,6 +2741,10 @@ impl Vfs {
         }
         if left == 0 {
             st.open_count.remove(&inode);
+            st.chunked.remove(&inode);
+            st.appending.remove(&inode);
+            st.unstreamed.remove(&inode);
+            st.broken.remove(&inode);
             if let Some(i) = st.inline.remove(&inode) {
                 st.inline_bytes -= i.data.len();
                 content = res.is_ok().then_some(i.data);
@@ -2505,7 +2773,10 @@ impl Vfs {
                     let _ = fs::remove_file(self.staging_path(run, inode));
                 }
                 Some(_) => {
-                    self.preseal.closed(run, inode, content);
+                    // A file kept as a chunk list needs no chunking ahead of its seal.
+                    if !chunked {
+                        self.preseal.closed(run, inode, content);
+                    }
                     if let Some(marker) = &self.opts.seal_marker {
                         let root = self.meta(|m| m.run_root(run))?;
                         let named = match root {
@@ -2594,6 +2865,8 @@ impl Vfs {
                 ));
             }
             self.preseal.changed(row.run, i);
+            // A file kept as chunks is truncated in its staging file.
+            self.materialize(&mut st, i)?;
             // The content, when it is inline (in memory while open, else in the index).
             let inline = match st.inline.get(&i) {
                 Some(x) => Some(x.data.clone()),
@@ -3522,13 +3795,17 @@ fn build_seal(
                     }
                     first_name.insert(*ino, path.clone());
                 }
+                // Kept as a chunk list (ADR 0025), whose rows hold its chunks' references; else
+                // chunked ahead (ADR 0015) and still stored; else chunked now.
+                let chunked = store.index().meta(|m| m.chunked(*ino))?;
                 let ahead = match pre.and_then(|p| p.result(*ino)) {
-                    Some(d) if chunks_present(store, &d.chunks)? => Some(d),
+                    Some(d) if chunked.is_none() && chunks_present(store, &d.chunks)? => Some(d),
                     _ => None,
                 };
-                let (size, hash, chunks) = match ahead {
-                    Some(d) => (d.size, d.hash, d.chunks),
-                    None => {
+                let (size, hash, chunks) = match (chunked, ahead) {
+                    (Some(c), _) => (c.size, c.hash, c.chunks),
+                    (None, Some(d)) => (d.size, d.hash, d.chunks),
+                    (None, None) => {
                         let sp = run_staging.join(ino.to_string());
                         let inline = store.index().meta(|m| m.inline_data(*ino))?;
                         match inline {
@@ -3591,6 +3868,23 @@ fn chunks_present(store: &Store, chunks: &[crate::manifest::ChunkRef]) -> Result
         }
     }
     Ok(true)
+}
+
+impl Drop for Vfs {
+    /// Files still being chunked as they are written (open when the mount went away) keep
+    /// what was written to them, as their staging files would have.
+    fn drop(&mut self) {
+        let mut st = self.lock();
+        let streaming: Vec<i64> = st.streams.keys().copied().collect();
+        for inode in streaming {
+            if let Err(e) = self.close_stream(&mut st, inode) {
+                tracing::error!(
+                    inode,
+                    "at unmount, a file being written was not stored: {e}"
+                );
+            }
+        }
+    }
 }
 
 /// Commits a built seal: one index transaction.
@@ -3718,5 +4012,6 @@ fn exchange_names(
 
 mod acl;
 mod preseal;
+mod stream;
 #[cfg(test)]
 mod tests;

@@ -99,6 +99,25 @@ fn live_ref_counts(conn: &Connection, path: &Path) -> Result<HashMap<ChunkId, i6
         let b: Vec<u8> = row.get(0).map_err(&err)?;
         blob_refs(&b, &mut counts)?;
     }
+    // Files of open runs kept as chunk lists (schema 7, ADR 0025) hold references too.
+    let chunked: bool = conn
+        .query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE name = 'chunked_chunks')",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(&err)?;
+    if chunked {
+        let mut s = conn
+            .prepare("SELECT hash, count(*) FROM chunked_chunks GROUP BY hash")
+            .map_err(&err)?;
+        let mut rows = s.query([]).map_err(&err)?;
+        while let Some(row) = rows.next().map_err(&err)? {
+            let h: Vec<u8> = row.get(0).map_err(&err)?;
+            let n: i64 = row.get(1).map_err(&err)?;
+            *counts.entry(ChunkId::from_slice(&h)?).or_default() += n;
+        }
+    }
     Ok(counts)
 }
 

@@ -8,6 +8,7 @@ use std::path::Path;
 use rand::{RngCore, SeedableRng};
 
 use super::*;
+use crate::id::FileHash;
 use crate::store::InitOptions;
 
 const CTX: Ctx = Ctx { uid: 0, gid: 0 };
@@ -933,4 +934,195 @@ fn a_file_released_before_its_rename_commits_with_the_rename() {
     let (fh, _) = v.open(a.ino, false).unwrap();
     assert_eq!(&v.read(fh, 0, 100).unwrap()[..], b"uploaded bytes");
     v.release(fh).unwrap();
+}
+
+fn open_inode(v: &Vfs, ino: u64) -> i64 {
+    let st = v.lock();
+    match v.node(&st, ino).unwrap() {
+        Node::Open(i) => i,
+        other => panic!("{other:?} is not in an open run"),
+    }
+}
+
+fn streaming(v: &Vfs, ino: u64) -> bool {
+    let i = open_inode(v, ino);
+    v.lock().streams.contains_key(&i)
+}
+
+fn chunked_row(v: &Vfs, ino: u64) -> Option<ChunkedContent> {
+    let i = open_inode(v, ino);
+    v.store().index().meta(|m| m.chunked(i)).unwrap()
+}
+
+/// Writes `data` to a new file `name` in 1 MiB appends; returns the inode and the open handle.
+fn append_file(v: &Vfs, dir: u64, name: &str, data: &[u8]) -> (u64, u64) {
+    let (a, fh) = v.create(CTX, dir, os(name), 0o644).unwrap();
+    for (i, piece) in data.chunks(1 << 20).enumerate() {
+        v.write(fh, (i << 20) as u64, piece).unwrap();
+    }
+    (a.ino, fh)
+}
+
+/// A file written front to back streams into the chunker once it passes `STREAM_AT`; its
+/// close stores it as a chunk list (no staging file left), it reads back through a new handle
+/// and after a remount, and the seal gives what `ingest` of the same bytes gives.
+#[test]
+fn a_file_written_front_to_back_is_chunked_as_it_is_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (v, run) = fresh_run(tmp.path());
+    let data = random_bytes(20 << 20, 7);
+    let (ino, fh) = append_file(&v, run, "big", &data);
+    assert!(
+        streaming(&v, ino),
+        "streams past {} bytes",
+        stream::STREAM_AT
+    );
+    assert_eq!(v.getattr(ino).unwrap().size, data.len() as u64);
+    v.flush(fh).unwrap();
+    v.release(fh).unwrap();
+    assert!(!streaming(&v, ino));
+    assert!(!staged(&v, ino), "the staging prefix is gone");
+    let c = chunked_row(&v, ino).expect("kept as a chunk list");
+    assert_eq!(c.size, data.len() as u64);
+    assert_eq!(c.hash, FileHash::of(&data));
+    assert_eq!(read_all(&v, ino, 1 << 20), data);
+    assert_eq!(v.store().index().refcount_mismatches().unwrap(), vec![]);
+
+    let (v, r) = reopen(v, "ns", "r");
+    let ino = v.lookup(r.ino, os("big")).unwrap().ino;
+    assert_eq!(v.getattr(ino).unwrap().size, data.len() as u64);
+    assert_eq!(read_all(&v, ino, 300_000), data);
+    v.seal(&RunRef::parse("ns/r").unwrap()).unwrap();
+
+    let src = tmp.path().join("src");
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("big"), &data).unwrap();
+    let rr = RunRef::parse("ns/ingested").unwrap();
+    v.store()
+        .ingest_dir(&src, &rr, BTreeMap::new(), &NoProgress)
+        .unwrap();
+    let sealed = v
+        .store()
+        .entry(&RunRef::parse("ns/r").unwrap(), "big")
+        .unwrap();
+    let ingested = v.store().entry(&rr, "big").unwrap();
+    assert_eq!(sealed.blake3, ingested.blake3);
+    assert_eq!(sealed.chunks, ingested.chunks);
+    assert_eq!(v.store().index().refcount_mismatches().unwrap(), vec![]);
+    assert!(v.store().verify(None, &NoProgress).unwrap().ok());
+}
+
+/// Anything but an append sends a streaming or chunked file back to its staging file, with
+/// every byte: a write in the middle, a read, a truncation, a reopen and append.
+#[test]
+fn a_stream_goes_back_to_its_staging_file_for_anything_but_an_append() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (v, run) = fresh_run(tmp.path());
+    let mut want = random_bytes(12 << 20, 8);
+
+    // A write in the middle while streaming.
+    let (ino, fh) = append_file(&v, run, "mid", &want);
+    assert!(streaming(&v, ino));
+    v.write(fh, 5 << 20, b"patched").unwrap();
+    want[5 << 20..(5 << 20) + 7].copy_from_slice(b"patched");
+    assert!(!streaming(&v, ino));
+    assert!(staged(&v, ino));
+    // More appends stay in the staging file.
+    v.write(fh, want.len() as u64, b"tail").unwrap();
+    want.extend_from_slice(b"tail");
+    assert!(!streaming(&v, ino));
+    v.release(fh).unwrap();
+    assert_eq!(chunked_row(&v, ino), None);
+    assert_eq!(read_all(&v, ino, 1 << 20), want);
+
+    // A read while streaming, through a second handle.
+    let other = random_bytes(10 << 20, 9);
+    let (ino2, fh2) = append_file(&v, run, "read", &other);
+    let (rfh, _) = v.open(ino2, false).unwrap();
+    assert_eq!(
+        v.read(rfh, 3 << 20, 4096).unwrap(),
+        other[3 << 20..(3 << 20) + 4096]
+    );
+    assert!(!streaming(&v, ino2));
+    v.release(rfh).unwrap();
+    v.release(fh2).unwrap();
+    assert_eq!(read_all(&v, ino2, 1 << 20), other);
+
+    // A closed chunked file: truncated, then reopened and appended to.
+    let third = random_bytes(9 << 20, 10);
+    let (ino3, fh3) = append_file(&v, run, "trunc", &third);
+    v.release(fh3).unwrap();
+    assert!(chunked_row(&v, ino3).is_some());
+    let set = SetAttr {
+        size: Some(1 << 20),
+        ..Default::default()
+    };
+    v.setattr(ino3, set, None).unwrap();
+    assert_eq!(chunked_row(&v, ino3), None);
+    assert_eq!(read_all(&v, ino3, 1 << 20), third[..1 << 20]);
+    let fourth = random_bytes(9 << 20, 11);
+    let (ino4, fh4) = append_file(&v, run, "append", &fourth);
+    v.release(fh4).unwrap();
+    let (fh4, _) = v.open(ino4, true).unwrap();
+    v.write(fh4, fourth.len() as u64, b"more").unwrap();
+    v.release(fh4).unwrap();
+    let mut want4 = fourth.clone();
+    want4.extend_from_slice(b"more");
+    assert_eq!(read_all(&v, ino4, 1 << 20), want4);
+    assert_eq!(v.store().index().refcount_mismatches().unwrap(), vec![]);
+
+    v.seal(&RunRef::parse("ns/r").unwrap()).unwrap();
+    let r = RunRef::parse("ns/r").unwrap();
+    for (name, want) in [
+        ("mid", &want),
+        ("read", &other),
+        ("trunc", &third[..1 << 20].to_vec()),
+        ("append", &want4),
+    ] {
+        let mut out = Vec::new();
+        v.store()
+            .read_file_to(&v.store().entry(&r, name).unwrap(), &mut out)
+            .unwrap();
+        assert_eq!(&out, want, "{name}");
+    }
+    assert!(v.store().verify(None, &NoProgress).unwrap().ok());
+}
+
+/// A chunked file's chunks are referenced: gc with no grace keeps them, an unlink gives
+/// them back, and a gc while a file streams sends it to its staging file first.
+#[test]
+fn chunked_files_hold_their_chunks_against_gc() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (v, run) = fresh_run(tmp.path());
+    let data = random_bytes(10 << 20, 12);
+    let (ino, fh) = append_file(&v, run, "kept", &data);
+    v.release(fh).unwrap();
+    let opts = crate::gc::GcOptions {
+        grace: Duration::ZERO,
+        ..Default::default()
+    };
+    let rep = v.gc(&opts, &NoProgress).unwrap();
+    assert_eq!(rep.chunks_swept, 0, "{rep:?}");
+    assert_eq!(read_all(&v, ino, 1 << 20), data);
+
+    // gc while a file streams: the file goes to its staging file and keeps every byte.
+    let more = random_bytes(10 << 20, 13);
+    let (ino2, fh2) = append_file(&v, run, "busy", &more);
+    assert!(streaming(&v, ino2));
+    v.gc(&opts, &NoProgress).unwrap();
+    assert!(!streaming(&v, ino2));
+    v.write(fh2, more.len() as u64, b"end").unwrap();
+    v.release(fh2).unwrap();
+    let mut want = more.clone();
+    want.extend_from_slice(b"end");
+    assert_eq!(read_all(&v, ino2, 1 << 20), want);
+
+    // An unlinked chunked file gives its references back; gc then sweeps its chunks.
+    v.unlink(run, os("kept")).unwrap();
+    assert_eq!(v.store().index().refcount_mismatches().unwrap(), vec![]);
+    let rep = v.gc(&opts, &NoProgress).unwrap();
+    assert!(rep.chunks_swept > 100, "{rep:?}");
+    assert_eq!(v.store().index().refcount_mismatches().unwrap(), vec![]);
+    v.seal(&RunRef::parse("ns/r").unwrap()).unwrap();
+    assert!(v.store().verify(None, &NoProgress).unwrap().ok());
 }
