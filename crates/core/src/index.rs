@@ -1198,8 +1198,9 @@ pub struct ChunkedContent {
     pub chunks: Vec<ChunkRef>,
 }
 
-/// One inode of an open run. A regular file's content is its staging file, whose length is
-/// authoritative; `size` is meaningful for symlinks only.
+/// One inode of an open run. A regular file's content is inline (`inline_data`), a chunk list
+/// (`chunked_files`) or its staging file, whose length is then authoritative; `size` is
+/// meaningful for symlinks only.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct InodeRow {
     pub ino: i64,

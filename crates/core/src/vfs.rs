@@ -2460,6 +2460,17 @@ impl Vfs {
         }
     }
 
+    /// Keeps the file of handle `fh` in its staging file however it is written (no stream):
+    /// for a writer that must leave nothing stored when it gives up (an HTTP upload, whose
+    /// unfinished file is dropped with its staging file).
+    pub fn keep_staged(&self, fh: u64) {
+        let mut st = self.lock();
+        if let Some(Handle::Staged { inode, .. }) = st.handles.get(&fh) {
+            let inode = *inode;
+            st.unstreamed.insert(inode);
+        }
+    }
+
     /// Whether a file being appended to may start streaming now (ADR 0025).
     fn may_stream(&self, st: &State, inode: i64) -> bool {
         !st.streams_paused

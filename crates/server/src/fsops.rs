@@ -161,6 +161,9 @@ impl Put {
         }
         let temp = format!("{TEMP_PREFIX}{:016x}", rand::random::<u64>());
         let (_, fh) = vfs.create(owner(&vfs), parent.ino, OsStr::new(&temp), 0o644)?;
+        // An upload that fails or is cut must leave nothing stored: its file stays in its
+        // staging file, which goes with it, instead of streaming into packs (ADR 0025).
+        vfs.keep_staged(fh);
         Ok(Put {
             vfs,
             parent: parent.ino,
