@@ -7,6 +7,7 @@ mod common;
 
 use std::fs::{self, File};
 use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use common::mount::{Mount, errno};
@@ -115,13 +116,24 @@ fn a_copy_into_the_mount_that_fills_the_disk_gets_enospc_and_loses_nothing() {
     write_synced(&run.join("kept.bin"), &kept).unwrap();
     fs::write(run.join("note.txt"), "written before the disk filled\n").unwrap();
 
-    // A file larger than the disk: the producer sees ENOSPC, not EIO.
+    // A file larger than the disk: the producer sees ENOSPC, not EIO. Written front to back,
+    // it streams into packs (ADR 0025), and the failed pack's space comes back.
     let big = bytes(48 << 20, 8);
     assert_eq!(write_synced(&run.join("big.bin"), &big), Err(ENOSPC));
+    // Written back to front, a file stays in its staging file, which fills the disk.
+    let filler = run.join("filler.bin");
+    let f = File::create(&filler).unwrap();
+    let filled = (0..48u64).rev().find_map(|i| {
+        f.write_all_at(&big[(i as usize) << 20..((i + 1) as usize) << 20], i << 20)
+            .err()
+    });
+    assert_eq!(filled.and_then(|e| e.raw_os_error()), Some(ENOSPC));
+    drop(f);
     // Small files while the disk is full: their content goes to the index, which cannot grow
     // either; each one fails with ENOSPC and leaves no name behind, or succeeds whole.
     let mut made = vec![
         "big.bin".to_owned(),
+        "filler.bin".to_owned(),
         "kept.bin".to_owned(),
         "note.txt".to_owned(),
     ];
@@ -172,6 +184,7 @@ fn a_copy_into_the_mount_that_fills_the_disk_gets_enospc_and_loses_nothing() {
     assert_eq!(status(&m)["reserve_held"], false);
     // An open run's large file takes its size twice until the seal: its staging file and the
     // packs it is chunked into ahead of the seal.
+    fs::remove_file(&filler).unwrap();
     disk.resize("256m");
     // With room again, the mount makes its reserve again.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
