@@ -2546,6 +2546,30 @@ impl Vfs {
             return Ok(());
         };
         st.unstreamed.insert(inode);
+        let streamed = guard.is_some();
+        let f = match self.write_back(inode, &content) {
+            Ok(f) => f,
+            // What a stream held is nowhere else now.
+            Err(e) if streamed => return Err(self.stream_failed(st, inode, e)),
+            Err(e) => return Err(e),
+        };
+        drop(guard);
+        st.chunked.remove(&inode);
+        let f = Arc::new(f);
+        for h in st.handles.values_mut() {
+            if let Handle::Staged { inode: i, file, .. } = h
+                && *i == inode
+            {
+                *file = Some(f.clone());
+            }
+        }
+        tracing::debug!(inode, bytes = content.size, "chunked file moved to staging");
+        Ok(())
+    }
+
+    /// [`Vfs::materialize`]'s copy: the staging file written from the chunks, then the chunk
+    /// list dropped from the index (until that commit the list is the content).
+    fn write_back(&self, inode: i64, content: &ChunkedContent) -> Result<File> {
         let run = self.inode(inode)?.run;
         let dir = self.staging.join(run.to_string());
         fs::create_dir_all(&dir).map_err(|e| Error::io("create directory", &dir, e))?;
@@ -2566,25 +2590,8 @@ impl Vfs {
         }
         f.set_len(content.size)
             .map_err(|e| Error::io("truncate", &p, e))?;
-        // Until this commit the chunk list counts; after it, the staging file.
         self.meta_write(|m| m.drop_chunked(inode))?;
-        drop(guard);
-        st.chunked.remove(&inode);
-        let f = Arc::new(f);
-        for h in st.handles.values_mut() {
-            if let Handle::Staged { inode: i, file, .. } = h
-                && *i == inode
-            {
-                *file = Some(f.clone());
-            }
-        }
-        tracing::debug!(
-            run,
-            inode,
-            bytes = content.size,
-            "chunked file moved to staging"
-        );
-        Ok(())
+        Ok(f)
     }
 
     /// Writes what a file's writes changed to the index: its mtime and, when it is inline, its
