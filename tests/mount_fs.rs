@@ -884,3 +884,45 @@ fn large_files_written_front_to_back_survive_kill_9_and_seal_like_ingest() {
     assert_eq!(a.as_array().unwrap()[1..], b.as_array().unwrap()[1..]);
     env.ok(&["verify"]);
 }
+
+/// Write-only handles write without the kernel's page cache; a handle that read the file
+/// before still reads what they wrote, not its cached pages, and so does a mapping of it.
+#[test]
+fn a_write_only_handle_and_a_reading_handle_agree() {
+    let env = Env::new();
+    let mnt = env.path("mnt");
+    let m = Mount::start(&env, &mnt, &["--seal-after", "1h"]);
+    fs::create_dir_all(m.p("ns/r")).unwrap();
+    let p = m.p("ns/r/f");
+    let first = common::bytes(256 << 10, 31);
+    fs::write(&p, &first).unwrap();
+    let script = r#"
+import mmap, os, sys
+p = sys.argv[1]
+reader = os.open(p, os.O_RDWR)
+before = os.pread(reader, 8192, 4096)
+view = mmap.mmap(reader, 0, mmap.MAP_SHARED, mmap.PROT_READ)
+was = view[100000]
+writer = os.open(p, os.O_WRONLY)
+os.pwrite(writer, b"\xab" * 8192, 4096)
+os.pwrite(writer, b"\xcd" * 16, 100000)
+assert os.pread(reader, 8192, 4096) == b"\xab" * 8192, "a cached page outlived the write"
+assert view[100000] == 0xCD, "a mapping kept a stale page (was %d)" % was
+print(len(before))
+"#;
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(&p)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut want = first.clone();
+    want[4096..4096 + 8192].fill(0xAB);
+    want[100_000..100_016].fill(0xCD);
+    assert_eq!(fs::read(&p).unwrap(), want);
+}

@@ -147,6 +147,16 @@ impl ArtifactFs {
         }
     }
 
+    /// A file opened write-only is written without the kernel's page cache: a producer's
+    /// writes then cost one copy (its buffer to the request) instead of two (into the cache,
+    /// then to the request), and fill no cache nobody reads. The view drops what other handles
+    /// of the file cached after each write (`Vfs::writes_direct`). A write-only handle cannot
+    /// be read or mapped, so nothing is lost by it.
+    fn write_only(&self, fh: u64) -> FopenFlags {
+        self.vfs.writes_direct(fh);
+        FopenFlags::FOPEN_DIRECT_IO
+    }
+
     fn dirs(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Option<Arc<Vec<DirEntry>>>>> {
         self.dirs.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -364,6 +374,8 @@ impl Filesystem for ArtifactFs {
                 let mut f = FopenFlags::empty();
                 if info.direct_io {
                     f |= FopenFlags::FOPEN_DIRECT_IO;
+                } else if flags.acc_mode() == OpenAccMode::O_WRONLY {
+                    f |= self.write_only(fh);
                 }
                 if info.keep_cache {
                     f |= FopenFlags::FOPEN_KEEP_CACHE;
@@ -618,17 +630,18 @@ impl Filesystem for ArtifactFs {
         name: &OsStr,
         mode: u32,
         umask: u32,
-        _flags: i32,
+        flags: i32,
         reply: ReplyCreate,
     ) {
         match self.vfs.create(ctx(req), parent.0, name, mode & !umask) {
-            Ok((a, fh)) => reply.created(
-                &ttl(&a),
-                &fattr(&a),
-                Generation(0),
-                FileHandle(fh),
-                FopenFlags::empty(),
-            ),
+            Ok((a, fh)) => {
+                let f = if OpenFlags(flags).acc_mode() == OpenAccMode::O_WRONLY {
+                    self.write_only(fh)
+                } else {
+                    FopenFlags::empty()
+                };
+                reply.created(&ttl(&a), &fattr(&a), Generation(0), FileHandle(fh), f)
+            }
             Err(e) => reply.error(log_err("create", parent.0, &e)),
         }
     }
@@ -678,6 +691,12 @@ pub fn spawn_mount(
     config.n_threads = Some(opts.threads.max(1));
     let session = fuser::spawn_mount(ArtifactFs::new(vfs.clone()), mountpoint, &config)?;
     let notifier = session.notifier();
+    let data_notifier = session.notifier();
+    vfs.set_data_invalidator(Some(Box::new(move |ino, offset, len| {
+        if let Err(e) = data_notifier.inval_inode(INodeNo(ino), offset, len) {
+            tracing::debug!(ino, offset, len, "kernel page cache invalidation: {e}");
+        }
+    })));
     vfs.set_entry_invalidator(Some(Box::new(move |parent, name| {
         if let Err(e) = notifier.inval_entry(INodeNo(parent), OsStr::new(name)) {
             tracing::debug!(parent, name, "kernel entry invalidation: {e}");

@@ -462,6 +462,8 @@ struct State {
     /// Files whose stream failed, with the error (and whether the disk was full): their
     /// writes, flushes and fsyncs fail until they are closed.
     broken: HashMap<i64, (String, bool)>,
+    /// Handles the kernel writes through without its page cache (see `Vfs::writes_direct`).
+    direct: HashSet<u64>,
 }
 
 /// Attribute changes of an open file not yet in the index (see `State::dirty_attrs`).
@@ -653,6 +655,9 @@ type SealHook = Box<dyn Fn(i64) + Send>;
 /// e.g. a run deleted by gc: the kernel may otherwise keep serving it from its dentry cache.
 pub type EntryInvalidator = Box<dyn Fn(u64, &str) + Send + Sync>;
 
+/// Makes the kernel drop what it caches of a file's content: (inode number, offset, length).
+pub type DataInvalidator = Box<dyn Fn(u64, i64, i64) + Send + Sync>;
+
 pub struct Vfs {
     store: Arc<Store>,
     opts: VfsOptions,
@@ -670,6 +675,7 @@ pub struct Vfs {
     subdirs: Mutex<HashMap<i64, u64>>,
     /// Tells the kernel to forget a name it may have cached (set by the FUSE frontend).
     forget_entry: Mutex<Option<EntryInvalidator>>,
+    forget_data: Mutex<Option<DataInvalidator>>,
     /// Chunks closed files of open runs ahead of their seal.
     preseal: preseal::PreSeal,
     /// The number of the next inode made: never one handed out before in this process, even
@@ -800,6 +806,7 @@ impl Vfs {
             started_ns,
             subdirs: Mutex::new(HashMap::new()),
             forget_entry: Mutex::new(None),
+            forget_data: Mutex::new(None),
             preseal,
             next_ino: std::sync::atomic::AtomicI64::new(next_ino),
             #[cfg(test)]
@@ -2029,6 +2036,21 @@ impl Vfs {
         Ok(rep)
     }
 
+    /// Sets the hook that makes the kernel forget cached content (see [`DataInvalidator`]).
+    pub fn set_data_invalidator(&self, f: Option<DataInvalidator>) {
+        *self.forget_data.lock().unwrap_or_else(|p| p.into_inner()) = f;
+    }
+
+    /// The kernel writes through handle `fh` without its page cache (the frontend opened it
+    /// `FOPEN_DIRECT_IO`): pages other handles of the file cached must be dropped after each
+    /// write, or they would read what was there before.
+    pub fn writes_direct(&self, fh: u64) {
+        let mut st = self.lock();
+        if matches!(st.handles.get(&fh), Some(Handle::Staged { .. })) {
+            st.direct.insert(fh);
+        }
+    }
+
     /// Sets the hook that makes the kernel forget names (see [`EntryInvalidator`]).
     pub fn set_entry_invalidator(&self, f: Option<EntryInvalidator>) {
         *self.forget_entry.lock().unwrap_or_else(|p| p.into_inner()) = f;
@@ -2313,6 +2335,28 @@ impl Vfs {
 
     /// Writes `data` at `offset`; returns the bytes written.
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
+        let n = self.write_at(fh, offset, data)?;
+        let stale = {
+            let st = self.lock();
+            match st.handles.get(&fh) {
+                Some(Handle::Staged { inode, .. })
+                    if st.direct.contains(&fh) && st.open_count.get(inode) > Some(&1) =>
+                {
+                    Some(encode(Node::Open(*inode)))
+                }
+                _ => None,
+            }
+        };
+        if let Some(ino) = stale {
+            let hook = self.forget_data.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(forget) = hook.as_ref() {
+                forget(ino, offset as i64, i64::from(n));
+            }
+        }
+        Ok(n)
+    }
+
+    fn write_at(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
         enum W {
             Staged(Option<Arc<File>>, i64, i64),
             Seal,
@@ -2445,7 +2489,7 @@ impl Vfs {
                 Ok(false) => {
                     // Not an append: the file goes back to its staging file first.
                     self.materialize(&mut self.lock(), inode)?;
-                    self.write(fh, offset, data)
+                    self.write_at(fh, offset, data)
                 }
                 Err(e) => {
                     let mut st = self.lock();
@@ -2455,7 +2499,7 @@ impl Vfs {
             },
             Target::Chunked => {
                 self.materialize(&mut self.lock(), inode)?;
-                self.write(fh, offset, data)
+                self.write_at(fh, offset, data)
             }
         }
     }
@@ -2737,6 +2781,7 @@ impl Vfs {
         };
         st.read_pos.remove(&fh);
         st.ahead_until.remove(&fh);
+        st.direct.remove(&fh);
         let Handle::Staged { run, inode, .. } = h else {
             return Ok(());
         };
