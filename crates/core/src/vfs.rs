@@ -1709,16 +1709,7 @@ impl Vfs {
             }
             None => self.meta(|m| m.inline_data(inode))?.unwrap_or_default(),
         };
-        let dir = self.staging.join(run.to_string());
-        fs::create_dir_all(&dir).map_err(|e| Error::io("create directory", &dir, e))?;
-        let p = self.staging_path(run, inode);
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&p)
-            .map_err(|e| Error::io("create", &p, e))?;
+        let (f, p) = self.new_staging_file(run, inode)?;
         f.write_all_at(&data, 0)
             .map_err(|e| Error::io("write", &p, e))?;
         // Until this commit the index's copy counts; after it, the staging file.
@@ -1739,6 +1730,21 @@ impl Vfs {
             "inline file moved to staging"
         );
         Ok(f)
+    }
+
+    /// `inode`'s staging file, created empty (or emptied), with its path.
+    fn new_staging_file(&self, run: i64, inode: i64) -> Result<(File, PathBuf)> {
+        let dir = self.staging.join(run.to_string());
+        fs::create_dir_all(&dir).map_err(|e| Error::io("create directory", &dir, e))?;
+        let p = self.staging_path(run, inode);
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&p)
+            .map_err(|e| Error::io("create", &p, e))?;
+        Ok((f, p))
     }
 
     fn open_staged(&self, row: &InodeRow) -> Result<Arc<File>> {
@@ -2614,17 +2620,7 @@ impl Vfs {
     /// [`Vfs::materialize`]'s copy: the staging file written from the chunks, then the chunk
     /// list dropped from the index (until that commit the list is the content).
     fn write_back(&self, inode: i64, content: &ChunkedContent) -> Result<File> {
-        let run = self.inode(inode)?.run;
-        let dir = self.staging.join(run.to_string());
-        fs::create_dir_all(&dir).map_err(|e| Error::io("create directory", &dir, e))?;
-        let p = self.staging_path(run, inode);
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&p)
-            .map_err(|e| Error::io("create", &p, e))?;
+        let (f, p) = self.new_staging_file(self.inode(inode)?.run, inode)?;
         let mut pos = 0u64;
         for c in &content.chunks {
             let data = self.store.read_chunk(&c.0)?;
