@@ -2341,28 +2341,6 @@ impl Vfs {
 
     /// Writes `data` at `offset`; returns the bytes written.
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
-        let n = self.write_at(fh, offset, data)?;
-        let stale = {
-            let st = self.lock();
-            match st.handles.get(&fh) {
-                Some(Handle::Staged { inode, .. })
-                    if st.direct.contains(&fh) && st.open_count.get(inode) > Some(&1) =>
-                {
-                    Some(encode(Node::Open(*inode)))
-                }
-                _ => None,
-            }
-        };
-        if let Some(ino) = stale {
-            let hook = self.forget_data.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(forget) = hook.as_ref() {
-                forget(ino, offset as i64, i64::from(n));
-            }
-        }
-        Ok(n)
-    }
-
-    fn write_at(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
         enum W {
             Staged(Option<Arc<File>>, i64, i64),
             Seal,
@@ -2375,7 +2353,7 @@ impl Vfs {
             Stream(Arc<stream::Stream>),
             Chunked,
         }
-        let (target, run, inode) = {
+        let (target, run, inode, stale) = {
             let mut st = self.lock();
             let w = match st.handles.get(&fh) {
                 Some(Handle::Staged { run, inode, file }) => W::Staged(file.clone(), *run, *inode),
@@ -2393,14 +2371,17 @@ impl Vfs {
                     return Err(self.broken_file(&st, inode));
                 }
                 W::Staged(file, run, inode) => {
+                    // Written around the kernel's page cache while another handle may have
+                    // cached pages of the file (`Vfs::writes_direct`).
+                    let stale = st.direct.contains(&fh) && st.open_count.get(&inode) > Some(&1);
                     let now = self.now();
                     st.dirty_mtime.insert(inode, now);
                     self.touch(&mut st, run);
                     self.preseal.changed(run, inode);
                     if let Some(s) = st.streams.get(&inode) {
-                        (Target::Stream(s.clone()), run, inode)
+                        (Target::Stream(s.clone()), run, inode, stale)
                     } else if st.chunked.contains_key(&inode) {
-                        (Target::Chunked, run, inode)
+                        (Target::Chunked, run, inode, stale)
                     } else {
                         let file = match file {
                             Some(f) => f,
@@ -2437,13 +2418,13 @@ impl Vfs {
                             )?);
                             tracing::debug!(run, inode, offset, "file streams into the chunker");
                             st.streams.insert(inode, s.clone());
-                            (Target::Stream(s), run, inode)
+                            (Target::Stream(s), run, inode, stale)
                         } else {
                             if next == Some(offset) {
                                 st.appending.insert(inode, end);
                             }
                             *st.writing.entry(inode).or_default() += 1;
-                            (Target::File(file), run, inode)
+                            (Target::File(file), run, inode, stale)
                         }
                     }
                 }
@@ -2488,26 +2469,32 @@ impl Vfs {
                     }
                 }
                 r.map_err(|e| Error::io("write", &p, e))?;
-                Ok(data.len() as u32)
             }
             Target::Stream(s) => match s.append(offset, data) {
-                Ok(true) => Ok(data.len() as u32),
+                Ok(true) => {}
                 Ok(false) => {
                     // Not an append: the file goes back to its staging file first.
                     self.materialize(&mut self.lock(), inode)?;
-                    self.write_at(fh, offset, data)
+                    return self.write(fh, offset, data);
                 }
                 Err(e) => {
                     let mut st = self.lock();
                     st.streams.remove(&inode);
-                    Err(self.stream_failed(&mut st, inode, e))
+                    return Err(self.stream_failed(&mut st, inode, e));
                 }
             },
             Target::Chunked => {
                 self.materialize(&mut self.lock(), inode)?;
-                self.write_at(fh, offset, data)
+                return self.write(fh, offset, data);
             }
         }
+        if stale {
+            let hook = self.forget_data.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(forget) = hook.as_ref() {
+                forget(encode(Node::Open(inode)), offset as i64, data.len() as i64);
+            }
+        }
+        Ok(data.len() as u32)
     }
 
     /// Keeps the file of handle `fh` in its staging file however it is written (no stream):
