@@ -764,18 +764,9 @@ fn listings_page_rewind_and_carry_attributes() {
         my $after = () = readdir($d);
         print "$before $after\n";
     "#;
-    let out = Command::new("perl")
-        .args(["-e", script])
-        .arg(&run)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = common::sh(Command::new("perl").args(["-e", script]).arg(&run));
     // 1500 files, `.` and `..`; then one more.
-    assert_eq!(String::from_utf8(out.stdout).unwrap().trim(), "1502 1503");
+    assert_eq!(out.trim(), "1502 1503");
     seal(&run);
     let names = |p: &Path| {
         let mut v: Vec<String> = fs::read_dir(p)
@@ -910,17 +901,7 @@ assert os.pread(reader, 8192, 4096) == b"\xab" * 8192, "a cached page outlived t
 assert view[100000] == 0xCD, "a mapping kept a stale page (was %d)" % was
 print(len(before))
 "#;
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .arg(&p)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::sh(Command::new("python3").arg("-c").arg(script).arg(&p));
     let mut want = first.clone();
     want[4096..4096 + 8192].fill(0xAB);
     want[100_000..100_016].fill(0xCD);

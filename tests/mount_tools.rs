@@ -8,8 +8,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::Env;
 use common::mount::{Mount, assert_same, seal, state};
+use common::{Env, sh};
 use guide_board_sim::generate::{Options, generate};
 
 fn sim_run(env: &Env, seed: u64, size: u64) -> std::path::PathBuf {
@@ -27,16 +27,6 @@ fn sim_run(env: &Env, seed: u64, size: u64) -> std::path::PathBuf {
     )
     .unwrap();
     out.join("run-0000")
-}
-
-fn sh(cmd: &mut Command) -> String {
-    let out = cmd.output().expect("run tool");
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[test]

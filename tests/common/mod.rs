@@ -14,6 +14,17 @@ use assert_cmd::Command;
 pub mod mount;
 pub mod rgw;
 
+/// Runs a tool to success (else fails the test with its stderr); its stdout.
+pub fn sh(cmd: &mut std::process::Command) -> String {
+    let out = cmd.output().expect("run tool");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// A temporary store and scratch space.
 pub struct Env {
     pub dir: tempfile::TempDir,
