@@ -307,7 +307,10 @@ fn gc_reclaims_exactly_what_no_live_run_references() {
     assert_eq!(dry.packs_deleted, real.packs_deleted);
     assert_eq!(dry.packs_rewritten, real.packs_rewritten);
     assert_eq!(dry.manifests_deleted, real.manifests_deleted);
-    assert!(real.chunks_swept > 0 && real.packs_deleted >= 1 && real.packs_rewritten >= 1);
+    assert!(
+        real.chunks_swept > 0 && real.packs_deleted >= 1 && real.packs_rewritten >= 1,
+        "{real:?}"
+    );
     assert!(real.bytes_reclaimed > 0);
 
     // Stored chunks are exactly those the live run references.
