@@ -14,7 +14,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::error::Result;
 use crate::id::FileHash;
@@ -30,6 +30,12 @@ const BATCH_FILES: usize = 512;
 const BATCH_BYTES: u64 = 64 << 20;
 /// … or when no file came for this long (its packs are then written and its results usable).
 const IDLE: Duration = Duration::from_millis(200);
+/// Files are taken in bursts: once this many are queued, or the first of them has waited
+/// [`GATHER_WAIT`]. A producer closes a small file every half millisecond or so; handing each
+/// on at once woke the pipeline's threads once per file, and those wake-ups cost more CPU than
+/// chunking the file.
+const GATHER_FILES: usize = 64;
+const GATHER_WAIT: Duration = Duration::from_millis(20);
 
 /// A staged file chunked ahead.
 #[derive(Clone, Debug)]
@@ -44,6 +50,7 @@ struct Job {
     run: i64,
     inode: i64,
     version: u64,
+    queued: Instant,
     /// A small file's content, given at its close; else it is read from the index or the
     /// staging file.
     content: Option<Vec<u8>>,
@@ -124,10 +131,15 @@ impl PreSeal {
             run,
             inode,
             version,
+            queued: Instant::now(),
             content,
         });
+        // The first file starts the thread's wait for a burst; a full burst ends it.
+        let wake = st.queue.len() == 1 || st.queue.len() == GATHER_FILES;
         drop(st);
-        self.shared.cv.notify_all();
+        if wake {
+            self.shared.cv.notify_all();
+        }
     }
 
     /// Before a seal of `run` (which has no open file): drops its queued files (the seal
@@ -237,13 +249,27 @@ fn run(store: &Store, staging: &Path, shared: &Shared) {
 }
 
 /// The next job of the current batch: `None` ends the batch (full, asked to end, or nothing
-/// came for [`IDLE`]).
-fn next_job(shared: &Shared, files: usize, bytes: u64) -> Option<Job> {
+/// came for [`IDLE`]). Jobs are taken in bursts ([`GATHER_FILES`]); `draining` is true while
+/// one is being taken.
+fn next_job(shared: &Shared, files: usize, bytes: u64, draining: &mut bool) -> Option<Job> {
     let mut st = shared.lock();
     loop {
         if st.stop || st.flush || files >= BATCH_FILES || bytes >= BATCH_BYTES {
             return None;
         }
+        if let Some(front) = st.queue.front()
+            && !*draining
+            && st.queue.len() < GATHER_FILES
+            && let Some(left) = GATHER_WAIT.checked_sub(front.queued.elapsed())
+        {
+            st = shared
+                .cv
+                .wait_timeout(st, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+            continue;
+        }
+        *draining = !st.queue.is_empty();
         if let Some(j) = st.queue.pop_front() {
             if st.gens.get(&j.inode).map(|g| g.1) != Some(j.version) {
                 continue;
@@ -271,7 +297,8 @@ fn chunk_batch(store: &Store, staging: &Path, shared: &Shared) -> Vec<(Job, Opti
     let mut writer = store.writer(&guard);
     let mut out: Vec<(Job, Option<Done>)> = Vec::new();
     let mut bytes = 0;
-    while let Some(mut job) = next_job(shared, out.len(), bytes) {
+    let mut draining = false;
+    while let Some(mut job) = next_job(shared, out.len(), bytes, &mut draining) {
         let p = staging
             .join(job.run.to_string())
             .join(job.inode.to_string());
