@@ -188,8 +188,8 @@ const DIRECT_PIECE: usize = 4 << 20;
 /// Writes `data` to the new file `path` and fsyncs it. A large object (a pack) is written with
 /// `O_DIRECT`: it is read rarely and not soon, so it should not grow the page cache, and copying
 /// it into fresh page-cache pages is what its write costs (ADR 0027). Where the file system
-/// refuses `O_DIRECT` (`EINVAL`: tmpfs, some FUSE and network file systems), it is written
-/// through the page cache.
+/// refuses `O_DIRECT` (`EINVAL` at the open or a write: tmpfs before Linux 6.6, some FUSE and
+/// network file systems), it is written through the page cache.
 fn write_new_file(path: &Path, data: &[u8]) -> std::io::Result<()> {
     if data.len() >= DIRECT_MIN {
         match write_direct(path, data) {
