@@ -151,8 +151,11 @@ impl ArtifactFs {
     /// writes then cost one copy (its buffer to the request) instead of two (into the cache,
     /// then to the request), and fill no cache nobody reads. The view drops what other handles
     /// of the file cached after each write (`Vfs::writes_direct`). A write-only handle cannot
-    /// be read or mapped, so nothing is lost by it.
-    fn write_only(&self, fh: u64) -> FopenFlags {
+    /// be read or mapped, so nothing is lost by it. Other handles keep the page cache.
+    fn write_only(&self, fh: u64, flags: OpenFlags) -> FopenFlags {
+        if flags.acc_mode() != OpenAccMode::O_WRONLY {
+            return FopenFlags::empty();
+        }
         self.vfs.writes_direct(fh);
         FopenFlags::FOPEN_DIRECT_IO
     }
@@ -374,8 +377,8 @@ impl Filesystem for ArtifactFs {
                 let mut f = FopenFlags::empty();
                 if info.direct_io {
                     f |= FopenFlags::FOPEN_DIRECT_IO;
-                } else if flags.acc_mode() == OpenAccMode::O_WRONLY {
-                    f |= self.write_only(fh);
+                } else {
+                    f |= self.write_only(fh, flags);
                 }
                 if info.keep_cache {
                     f |= FopenFlags::FOPEN_KEEP_CACHE;
@@ -635,11 +638,7 @@ impl Filesystem for ArtifactFs {
     ) {
         match self.vfs.create(ctx(req), parent.0, name, mode & !umask) {
             Ok((a, fh)) => {
-                let f = if OpenFlags(flags).acc_mode() == OpenAccMode::O_WRONLY {
-                    self.write_only(fh)
-                } else {
-                    FopenFlags::empty()
-                };
+                let f = self.write_only(fh, OpenFlags(flags));
                 reply.created(&ttl(&a), &fattr(&a), Generation(0), FileHandle(fh), f)
             }
             Err(e) => reply.error(log_err("create", parent.0, &e)),
