@@ -1824,17 +1824,6 @@ impl Vfs {
                         format!("{} is not a file", s.entries[idx].path),
                     ));
                 }
-                let (previous, queued) = st.last_open.get(&run).copied().unzip();
-                let scan = previous.is_some_and(|p| p < idx && idx - p <= SCAN_GAP);
-                let mut queued = if scan {
-                    queued.unwrap_or(idx).max(idx)
-                } else {
-                    idx
-                };
-                if scan && queued < idx + SCAN_AHEAD_FILES / 2 {
-                    queued = self.read_ahead_files(&s, idx, queued);
-                }
-                st.last_open.insert(run, (idx, queued));
                 (
                     Handle::Sealed { run: s, idx },
                     OpenInfo {
@@ -2123,10 +2112,14 @@ impl Vfs {
                     return Ok(data[start..end].to_vec());
                 }
                 Some(Handle::Sealed { run, idx }) => {
-                    let r = R::Sealed(run.clone(), *idx);
+                    let (run, idx) = (run.clone(), *idx);
                     let end = offset.saturating_add(u64::from(size));
-                    sequential = st.read_pos.insert(fh, end).unwrap_or(0) == offset;
-                    r
+                    let previous = st.read_pos.insert(fh, end);
+                    sequential = previous.unwrap_or(0) == offset;
+                    if previous.is_none() {
+                        self.note_file_read(&mut st, &run, idx);
+                    }
+                    R::Sealed(run, idx)
                 }
                 Some(Handle::Buffer(b)) => R::Buf(b.clone()),
                 Some(Handle::SealCtl) => {
@@ -2176,6 +2169,25 @@ impl Vfs {
                 Ok(data)
             }
         }
+    }
+
+    /// Follows the first read of each sealed-file handle: reads of a run's files in increasing
+    /// order, at most [`SCAN_GAP`] entries apart, are a scan (tar, cp -r, rsync), and the files
+    /// after them are read ahead. Counted at the first read rather than at the open: a file the
+    /// kernel still has in its page cache is opened but never read, and reading ahead behind a
+    /// warm scan would decode chunks nobody asks for, on the cores the reader needs.
+    fn note_file_read(&self, st: &mut State, s: &SealedRun, idx: usize) {
+        let (previous, queued) = st.last_open.get(&s.id).copied().unzip();
+        let scan = previous.is_some_and(|p| p < idx && idx - p <= SCAN_GAP);
+        let mut queued = if scan {
+            queued.unwrap_or(idx).max(idx)
+        } else {
+            idx
+        };
+        if scan && queued < idx + SCAN_AHEAD_FILES / 2 {
+            queued = self.read_ahead_files(s, idx, queued);
+        }
+        st.last_open.insert(s.id, (idx, queued));
     }
 
     /// Queues the chunks of the files after entry `idx` (in manifest order, which is the order

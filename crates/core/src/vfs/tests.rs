@@ -576,6 +576,38 @@ fn vfs_a_scan_of_small_files_reads_the_next_files_ahead() {
     assert!(s.readahead >= 6, "{s:?}");
 }
 
+/// A scan the kernel serves from its page cache opens each file and reads none: nothing is
+/// read ahead for it. The same files read in order are read ahead as before.
+#[test]
+fn vfs_opens_without_reads_do_not_read_ahead() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    let files: Vec<Vec<u8>> = (0..20)
+        .map(|i| random_bytes(2000 + i * 10, 70 + i as u64))
+        .collect();
+    for (i, d) in files.iter().enumerate() {
+        fs::write(src.join(format!("f{i:02}")), d).unwrap();
+    }
+    let (v, run) = sealed_tree(tmp.path(), &src);
+    let ino = |i: usize| v.lookup(run, os(&format!("f{i:02}"))).unwrap().ino;
+
+    for i in 0..files.len() {
+        let (fh, _) = v.open(ino(i), false).unwrap();
+        v.release(fh).unwrap();
+    }
+    v.wait_readahead();
+    assert_eq!(v.cache_stats().readahead, 0, "{:?}", v.cache_stats());
+
+    for (i, want) in files.iter().enumerate() {
+        assert!(read_all(&v, ino(i), 1 << 20) == *want, "f{i:02}");
+        v.wait_readahead();
+    }
+    let s = v.cache_stats();
+    assert_eq!(s.misses, 2, "{s:?}");
+    assert_eq!(s.readahead, files.len() as u64 - 2, "{s:?}");
+}
+
 fn staged(v: &Vfs, ino: u64) -> bool {
     let st = v.lock();
     let Node::Open(i) = v.node(&st, ino).unwrap() else {
