@@ -159,6 +159,42 @@ fn twenty_thousand_small_files_ls_and_find() {
     );
 }
 
+/// The mount raises the kernel's readahead for its files from FUSE's 128 KiB, so a cold read
+/// of a large sealed file keeps several 1 MiB requests in flight.
+#[test]
+fn the_mount_reads_ahead_in_mebibytes() {
+    use std::os::unix::fs::MetadataExt;
+    let env = Env::new();
+    let m = Mount::start(&env, &env.path("mnt"), &[]);
+    let dev = fs::metadata(m.p("")).unwrap().dev();
+    let (major, minor) = (
+        ((dev >> 32) & 0xffff_f000) | ((dev >> 8) & 0x0fff),
+        ((dev >> 12) & 0xffff_ff00) | (dev & 0x00ff),
+    );
+    let kb = fs::read_to_string(format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb")).unwrap();
+    assert_eq!(kb.trim(), "4096");
+
+    // Sequential and random reads of a sealed file larger than the window give its bytes.
+    let run = m.p("big/r");
+    fs::create_dir_all(&run).unwrap();
+    let data: Vec<u8> = (0..24u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    fs::write(run.join("big.bin"), &data).unwrap();
+    seal(&run);
+    assert!(fs::read(run.join("big.bin")).unwrap() == data);
+    use std::os::unix::fs::FileExt;
+    let f = fs::File::open(run.join("big.bin")).unwrap();
+    for off in [(17u64 << 20) + 5, 3 << 20, 23 << 20] {
+        let mut buf = vec![0u8; 100_000];
+        let n = f.read_at(&mut buf, off).unwrap();
+        assert!(n > 0);
+        assert!(buf[..n] == data[off as usize..off as usize + n], "at {off}");
+    }
+    drop(f);
+    m.unmount();
+}
+
 #[test]
 fn sparse_file_of_3_gib_through_the_mount() {
     let env = Env::new();
