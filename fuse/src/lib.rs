@@ -34,7 +34,7 @@ const IO_SIZE: u32 = 1 << 20;
 /// mount starts at 128: a cold read of a large sealed file is then a 128 KiB request at a time,
 /// each waiting for its chunks to be decoded. At 4 MiB the kernel keeps several 1 MiB requests
 /// in flight ahead of the reader: a cold `tar` of a 1.6 GB sealed run took 3.11–3.21 s and
-/// 2.9–3.0 CPU s in the mount, against 3.26–3.42 s and 3.3–3.6 CPU s (`docs/performance.md`).
+/// 2.9–3.0 CPU s in the mount, against 3.26–3.42 s and 3.3–3.6 CPU s (ADR 0028).
 const KERNEL_READ_AHEAD_KB: u64 = 4096;
 
 /// The errno for an engine error: one arm per variant.
