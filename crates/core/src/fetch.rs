@@ -51,6 +51,80 @@ impl Default for CoalesceLimits {
     }
 }
 
+/// How far ahead of a reader of local packs the disk is asked for the bytes it will need.
+pub const HINT_AHEAD_BYTES: u64 = 16 << 20;
+
+/// The byte ranges of local packs that a read of many chunks will need, coalesced as the
+/// windows of a remote read are, handed to [`ObjectStore::will_need`] about
+/// [`HINT_AHEAD_BYTES`] ahead of the reader. A cold read of chunks spread over many packs
+/// (the last run of many, after dedup) then keeps several disk reads in flight instead of
+/// waiting for one `pread` at a time.
+///
+/// [`ObjectStore::will_need`]: crate::objstore::ObjectStore::will_need
+struct HintAhead {
+    windows: Vec<Window>,
+    of_chunk: Vec<Option<usize>>,
+    /// Windows hinted so far (in the order of first use), and the furthest one reached.
+    hinted: usize,
+    reached: usize,
+    /// Bytes of the windows hinted past the one reached.
+    ahead: u64,
+}
+
+impl HintAhead {
+    fn new(locs: &[Option<crate::index::ChunkLoc>]) -> Self {
+        let keys: Vec<Option<String>> = locs
+            .iter()
+            .map(|l| l.as_ref().map(|l| pack_key(&l.pack)))
+            .collect();
+        let wanted: Vec<Option<(&str, u64, u64)>> = locs
+            .iter()
+            .zip(&keys)
+            .map(|(l, k)| match (l, k) {
+                (Some(l), Some(k)) => {
+                    Some((k.as_str(), l.entry.offset, u64::from(l.entry.stored_len)))
+                }
+                _ => None,
+            })
+            .collect();
+        let (windows, of_chunk) = plan_windows(&wanted, CoalesceLimits::default());
+        Self {
+            windows,
+            of_chunk,
+            hinted: 0,
+            reached: 0,
+            ahead: 0,
+        }
+    }
+
+    /// Chunk `i` is about to be read: hints what the next [`HINT_AHEAD_BYTES`] will need.
+    fn reading(&mut self, i: usize, objects: &dyn crate::objstore::ObjectStore) {
+        // A single window is one `pread` anyway.
+        if self.windows.len() < 2 {
+            return;
+        }
+        let Some(w) = self.of_chunk.get(i).copied().flatten() else {
+            return;
+        };
+        while self.reached < w {
+            self.reached += 1;
+            if self.reached < self.hinted {
+                self.ahead -= self.windows[self.reached].len;
+            }
+        }
+        while self.hinted < self.windows.len()
+            && (self.hinted <= self.reached || self.ahead < HINT_AHEAD_BYTES)
+        {
+            let win = &self.windows[self.hinted];
+            objects.will_need(&win.key, win.offset, win.len);
+            if self.hinted > self.reached {
+                self.ahead += win.len;
+            }
+            self.hinted += 1;
+        }
+    }
+}
+
 /// One ranged GET of a pack.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Window {
@@ -284,7 +358,9 @@ impl Store {
             // Located together; a chunk whose pack went away since (gc rewrote it) or that
             // the index lacks takes the single read, which locates it again or says why.
             let locs = self.read(|idx| idx.chunks(ids))?;
-            for (i, (id, loc)) in ids.iter().zip(locs).enumerate() {
+            let mut ahead = HintAhead::new(&locs);
+            for (i, (id, loc)) in ids.iter().zip(locs.iter()).enumerate() {
+                ahead.reading(i, &*self.objects);
                 let data = match loc {
                     Some(loc) => match pack::read_chunk(&*self.objects, &loc.pack, &loc.entry) {
                         Err(Error::MissingObject { .. }) => self.read_chunk(id),
@@ -413,6 +489,89 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Records the hints it is given; nothing else is used.
+    #[derive(Default)]
+    struct Hints(
+        std::sync::Mutex<Vec<(String, u64, u64)>>,
+        crate::objstore::MemoryStore,
+    );
+
+    impl crate::objstore::ObjectStore for Hints {
+        fn describe(&self) -> String {
+            self.1.describe()
+        }
+        fn put(&self, key: &str, data: &[u8]) -> Result<()> {
+            self.1.put(key, data)
+        }
+        fn get(&self, key: &str) -> Result<Vec<u8>> {
+            self.1.get(key)
+        }
+        fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+            self.1.get_range(key, offset, len)
+        }
+        fn head(&self, key: &str) -> Result<Option<u64>> {
+            self.1.head(key)
+        }
+        fn list(&self, prefix: &str) -> Result<Vec<crate::objstore::ObjectMeta>> {
+            self.1.list(prefix)
+        }
+        fn delete(&self, key: &str) -> Result<()> {
+            self.1.delete(key)
+        }
+        fn will_need(&self, key: &str, offset: u64, len: u64) {
+            self.0.lock().unwrap().push((key.to_owned(), offset, len));
+        }
+    }
+
+    /// A read of chunks spread over two packs hints each range once, in reading order, always
+    /// before its chunk is read and never much more than `HINT_AHEAD_BYTES` ahead of it; a
+    /// chunk of no pack (not located) is skipped.
+    #[test]
+    fn local_reads_hint_their_ranges_ahead_in_order() {
+        let mib = 1u64 << 20;
+        let packs = [crate::id::PackId([1; 32]), crate::id::PackId([2; 32])];
+        let locs: Vec<Option<crate::index::ChunkLoc>> = (0..40u64)
+            .map(|i| {
+                (i != 7).then(|| crate::index::ChunkLoc {
+                    pack: packs[(i % 2) as usize],
+                    entry: pack::PackEntry {
+                        chunk: ChunkId([i as u8; 32]),
+                        codec: crate::codec::Codec::Raw,
+                        raw_len: mib as u32,
+                        stored_len: mib as u32,
+                        // 1 MiB apart: every chunk is a window of its own.
+                        offset: (i / 2) * 2 * mib,
+                    },
+                })
+            })
+            .collect();
+        let store = Hints::default();
+        let mut ahead = HintAhead::new(&locs);
+        assert_eq!(ahead.windows.len(), 39);
+        for (i, loc) in locs.iter().enumerate() {
+            ahead.reading(i, &store);
+            let hints = store.0.lock().unwrap().clone();
+            if let Some(l) = loc {
+                let at = hints
+                    .iter()
+                    .position(|h| *h == (pack_key(&l.pack), l.entry.offset, mib))
+                    .unwrap_or_else(|| panic!("chunk {i} was read before its hint"));
+                let past = (hints.len() - at - 1) as u64 * mib;
+                assert!(
+                    past <= HINT_AHEAD_BYTES + mib,
+                    "{past} bytes hinted past chunk {i}"
+                );
+            }
+        }
+        let hints = store.0.into_inner().unwrap();
+        let want: Vec<_> = locs
+            .iter()
+            .flatten()
+            .map(|l| (pack_key(&l.pack), l.entry.offset, mib))
+            .collect();
+        assert_eq!(hints, want);
+    }
 
     fn lim(gap: u64, max: u64) -> CoalesceLimits {
         CoalesceLimits {

@@ -45,6 +45,10 @@ pub trait ObjectStore: Send + Sync {
     fn put_is_checked(&self) -> bool {
         false
     }
+    /// A hint that `len` bytes of `key` at `offset` will be read soon: a local store has the
+    /// kernel start reading them from the disk, so that reads of several places overlap.
+    /// Nothing else is promised; a failing hint is ignored.
+    fn will_need(&self, _key: &str, _offset: u64, _len: u64) {}
 }
 
 fn check_key(key: &str) -> Result<()> {
@@ -293,6 +297,20 @@ impl ObjectStore for LocalStore {
                 format!("truncated: cannot read {len} bytes at offset {offset}"),
             )),
             Err(e) => Err(Error::io("read", self.root.join(key), e)),
+        }
+    }
+
+    fn will_need(&self, key: &str, offset: u64, len: u64) {
+        use nix::fcntl::{PosixFadviseAdvice, posix_fadvise};
+        let (Ok(off), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return;
+        };
+        let r = self.handle(key).and_then(|f| {
+            posix_fadvise(&*f, off, len, PosixFadviseAdvice::POSIX_FADV_WILLNEED)
+                .map_err(|e| Error::io("fadvise", self.root.join(key), e.into()))
+        });
+        if let Err(e) = r {
+            tracing::debug!("readahead hint: {e}");
         }
     }
 
@@ -569,6 +587,52 @@ mod tests {
             let leftovers: Vec<_> = walk_files(dir);
             assert_eq!(leftovers.len(), 6, "only the objects remain: {leftovers:?}");
         }
+    }
+
+    /// `will_need` has the kernel read the hinted range of a local object into the page cache
+    /// ahead of the reads (asynchronously: polled for up to 5 s); the rest stays on disk, and
+    /// a hint for a missing object is no error.
+    #[test]
+    fn will_need_reads_the_range_ahead() {
+        let mut ext = tempfile::tempdir().unwrap();
+        if nix::sys::statfs::statfs(ext.path())
+            .unwrap()
+            .filesystem_type()
+            == nix::sys::statfs::TMPFS_MAGIC
+        {
+            ext = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        }
+        assert!(takes_direct(ext.path()));
+        let store = LocalStore::open(ext.path()).unwrap();
+        let len = 16 << 20;
+        let data: Vec<u8> = (0..len).map(|j| (j * 13 + j / 4096) as u8).collect();
+        store.put("packs/aa/hinted", &data).unwrap();
+        let path = ext.path().join("packs/aa/hinted");
+        let before = resident(&path);
+        assert!(before < 4 << 20, "{before} bytes cached after the write");
+
+        store.will_need("packs/aa/hinted", 8 << 20, 4 << 20);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mut cached = resident(&path);
+        while cached < before + (4 << 20) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            cached = resident(&path);
+        }
+        assert!(
+            cached >= before + (4 << 20),
+            "{cached} bytes cached after the hint ({before} before)"
+        );
+        assert!(
+            cached < 12 << 20,
+            "{cached} bytes cached: more than the hint"
+        );
+        assert!(
+            store
+                .get_range("packs/aa/hinted", 8 << 20, 4 << 20)
+                .unwrap()
+                == data[8 << 20..12 << 20]
+        );
+        store.will_need("packs/aa/missing", 0, 4096);
     }
 
     fn walk_files(dir: &Path) -> Vec<PathBuf> {
