@@ -519,6 +519,16 @@ mod tests {
         String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
     }
 
+    /// A temporary directory on a disk file system: the usual one, unless that is tmpfs.
+    fn disk_tempdir() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = nix::sys::statfs::statfs(dir.path()).unwrap();
+        if fs.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC {
+            return tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        }
+        dir
+    }
+
     /// Whether the file system of `dir` takes `O_DIRECT` opens.
     fn takes_direct(dir: &Path) -> bool {
         use std::os::unix::fs::OpenOptionsExt;
@@ -538,15 +548,7 @@ mod tests {
     /// whatever their length's alignment.
     #[test]
     fn large_objects_are_written_past_the_page_cache_where_possible() {
-        // A directory on a disk file system: the temporary directory, unless that is tmpfs.
-        let mut ext = tempfile::tempdir().unwrap();
-        if nix::sys::statfs::statfs(ext.path())
-            .unwrap()
-            .filesystem_type()
-            == nix::sys::statfs::TMPFS_MAGIC
-        {
-            ext = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
-        }
+        let ext = disk_tempdir();
         let shm = tempfile::tempdir_in("/dev/shm").unwrap();
         // tmpfs (Linux 6.6 on) takes O_DIRECT, and keeps everything in memory all the same.
         let direct = takes_direct(ext.path());
@@ -594,14 +596,7 @@ mod tests {
     /// a hint for a missing object is no error.
     #[test]
     fn will_need_reads_the_range_ahead() {
-        let mut ext = tempfile::tempdir().unwrap();
-        if nix::sys::statfs::statfs(ext.path())
-            .unwrap()
-            .filesystem_type()
-            == nix::sys::statfs::TMPFS_MAGIC
-        {
-            ext = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
-        }
+        let ext = disk_tempdir();
         assert!(takes_direct(ext.path()));
         let store = LocalStore::open(ext.path()).unwrap();
         let len = 16 << 20;
