@@ -167,10 +167,7 @@ fn the_mount_reads_ahead_in_mebibytes() {
     let env = Env::new();
     let m = Mount::start(&env, &env.path("mnt"), &[]);
     let dev = fs::metadata(m.p("")).unwrap().dev();
-    let (major, minor) = (
-        ((dev >> 32) & 0xffff_f000) | ((dev >> 8) & 0x0fff),
-        ((dev >> 12) & 0xffff_ff00) | (dev & 0x00ff),
-    );
+    let (major, minor) = (nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
     let kb = fs::read_to_string(format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb")).unwrap();
     assert_eq!(kb.trim(), "4096");
 

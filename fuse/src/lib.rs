@@ -734,9 +734,7 @@ fn raise_kernel_read_ahead(mountpoint: &Path) {
             return;
         }
     };
-    // Linux's encoding of a device number (glibc's major() and minor()).
-    let major = ((dev >> 32) & 0xffff_f000) | ((dev >> 8) & 0x0fff);
-    let minor = ((dev >> 12) & 0xffff_ff00) | (dev & 0x00ff);
+    let (major, minor) = (nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
     let file = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
     let now = std::fs::read_to_string(&file)
         .ok()
