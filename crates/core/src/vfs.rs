@@ -73,8 +73,8 @@ pub const CONTROL_DIR: &str = ".artifactfs";
 /// The xattr that seals an open run when set on its directory.
 pub const SEAL_XATTR: &str = "user.artifactfs.seal";
 const FACTS_PREFIX: &str = "user.artifactfs.";
-/// Opens of a sealed run's files at most this many entries apart, in increasing order, are a
-/// scan of the run: the files after them are read ahead.
+/// First reads of a sealed run's files at most this many entries apart, in increasing order,
+/// are a scan of the run: the files after them are read ahead.
 const SCAN_GAP: usize = 8;
 /// How long an explicit seal waits for the releases of files just closed (the kernel sends a
 /// release after the close returned) before it fails with `Busy`.
@@ -438,9 +438,10 @@ struct State {
     /// Per sealed-file handle of a tiered store: the file offset up to which chunks were
     /// queued for loading ahead.
     ahead_until: HashMap<u64, u64>,
-    /// Per sealed run: the entry opened last, to tell a scan of the run (tar, cp -r, rsync)
-    /// from random opens, and the entry up to which the scan's files were queued ahead.
-    last_open: HashMap<i64, (usize, usize)>,
+    /// Per sealed run: the entry whose first read came last, to tell a scan of the run (tar,
+    /// cp -r, rsync) from random reads, and the entry up to which the scan's files were queued
+    /// ahead.
+    last_read: HashMap<i64, (usize, usize)>,
     /// xattr names whose refusal was logged as a warning already (later ones log at debug:
     /// `cp -a` of a tree would otherwise log one line per file).
     warned_xattrs: HashSet<String>,
@@ -2177,7 +2178,7 @@ impl Vfs {
     /// kernel still has in its page cache is opened but never read, and reading ahead behind a
     /// warm scan would decode chunks nobody asks for, on the cores the reader needs.
     fn note_file_read(&self, st: &mut State, s: &SealedRun, idx: usize) {
-        let (previous, queued) = st.last_open.get(&s.id).copied().unzip();
+        let (previous, queued) = st.last_read.get(&s.id).copied().unzip();
         let scan = previous.is_some_and(|p| p < idx && idx - p <= SCAN_GAP);
         let mut queued = if scan {
             queued.unwrap_or(idx).max(idx)
@@ -2187,12 +2188,12 @@ impl Vfs {
         if scan && queued < idx + SCAN_AHEAD_FILES / 2 {
             queued = self.read_ahead_files(s, idx, queued);
         }
-        st.last_open.insert(s.id, (idx, queued));
+        st.last_read.insert(s.id, (idx, queued));
     }
 
     /// Queues the chunks of the files after entry `idx` (in manifest order, which is the order
     /// of a depth-first walk up to the sorting of names with `.` before `/`), while a scan of
-    /// the run opens its files one after another: small files are a chunk each, and reading
+    /// the run reads its files one after another: small files are a chunk each, and reading
     /// them one round trip at a time leaves the disk and the decompressor idle in between.
     /// The window is [`SCAN_AHEAD_FILES`] files or [`SCAN_AHEAD_BYTES`] past `idx`; what lies
     /// up to entry `queued` was queued before, the rest goes as one batch (located in one
