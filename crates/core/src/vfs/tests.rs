@@ -544,20 +544,27 @@ fn vfs_directory_link_counts_follow_mkdir_rmdir_and_renames() {
     assert_eq!(nlink(run), 4);
 }
 
+/// A sealed run of `n` small files `f00`, `f01`, … of random bytes (file `i`: `size + 10 * i`
+/// bytes from seed `seed + i`): their contents, the view, and the run's inode.
+fn sealed_small_files(dir: &Path, n: usize, size: usize, seed: u64) -> (Vec<Vec<u8>>, Vfs, u64) {
+    let src = dir.join("src");
+    fs::create_dir_all(&src).unwrap();
+    let files: Vec<Vec<u8>> = (0..n)
+        .map(|i| random_bytes(size + i * 10, seed + i as u64))
+        .collect();
+    for (i, d) in files.iter().enumerate() {
+        fs::write(src.join(format!("f{i:02}")), d).unwrap();
+    }
+    let (v, run) = sealed_tree(dir, &src);
+    (files, v, run)
+}
+
 /// Opening a sealed run's files one after another reads the next files ahead: after the first
 /// two, the rest of a directory of small files are cache hits. Opens out of order do not.
 #[test]
 fn vfs_a_scan_of_small_files_reads_the_next_files_ahead() {
     let tmp = tempfile::tempdir().unwrap();
-    let src = tmp.path().join("src");
-    fs::create_dir_all(&src).unwrap();
-    let files: Vec<Vec<u8>> = (0..12)
-        .map(|i| random_bytes(3000 + i * 10, 40 + i as u64))
-        .collect();
-    for (i, d) in files.iter().enumerate() {
-        fs::write(src.join(format!("f{i:02}")), d).unwrap();
-    }
-    let (v, run) = sealed_tree(tmp.path(), &src);
+    let (files, v, run) = sealed_small_files(tmp.path(), 12, 3000, 40);
     let ino = |i: usize| v.lookup(run, os(&format!("f{i:02}"))).unwrap().ino;
 
     // Out of order: no readahead.
@@ -581,15 +588,7 @@ fn vfs_a_scan_of_small_files_reads_the_next_files_ahead() {
 #[test]
 fn vfs_opens_without_reads_do_not_read_ahead() {
     let tmp = tempfile::tempdir().unwrap();
-    let src = tmp.path().join("src");
-    fs::create_dir_all(&src).unwrap();
-    let files: Vec<Vec<u8>> = (0..20)
-        .map(|i| random_bytes(2000 + i * 10, 70 + i as u64))
-        .collect();
-    for (i, d) in files.iter().enumerate() {
-        fs::write(src.join(format!("f{i:02}")), d).unwrap();
-    }
-    let (v, run) = sealed_tree(tmp.path(), &src);
+    let (files, v, run) = sealed_small_files(tmp.path(), 20, 2000, 70);
     let ino = |i: usize| v.lookup(run, os(&format!("f{i:02}"))).unwrap().ino;
 
     for i in 0..files.len() {
