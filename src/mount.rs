@@ -168,6 +168,9 @@ pub fn detach(a: &MountArgs) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if is_mounted(&mp) {
+            // The mount shows before the mount process has set its readahead: set it here too,
+            // so that it is in place when this returns.
+            artifactfs_fuse::raise_kernel_read_ahead(&mp);
             println!(
                 "mounted {} at {} (pid {})",
                 a.store.display(),

@@ -722,7 +722,9 @@ pub fn spawn_mount(
 /// Raises the kernel's readahead for the files of the mount at `mountpoint` to
 /// [`KERNEL_READ_AHEAD_KB`], through the sysfs file of the mount's backing device. Only root
 /// may write it: otherwise the mount keeps the kernel's default, and says so in the log.
-fn raise_kernel_read_ahead(mountpoint: &Path) {
+/// [`spawn_mount`] calls it; so does a caller that learns the mount is ready by seeing it
+/// mounted, which happens before `spawn_mount` returns. A second call changes nothing.
+pub fn raise_kernel_read_ahead(mountpoint: &Path) {
     use std::os::unix::fs::MetadataExt;
     let dev = match std::fs::metadata(mountpoint) {
         Ok(m) => m.dev(),
