@@ -379,7 +379,7 @@ const UMOUNT_WAIT: Duration = Duration::from_secs(90);
 /// store (finished the commands it was serving and closed the index). Without the wait, a new
 /// mount of the same store or mount point right after `umount` could race the old process.
 pub fn umount(mp: &Path) -> Result<()> {
-    let store = fuse_mount_source(mp)
+    let store = fuse_mount_source(&mount_table_path(mp))
         .map(PathBuf::from)
         .filter(|s| s.is_absolute() && s.join("lock").is_file());
     let out = Command::new("fusermount3")
@@ -398,6 +398,20 @@ pub fn umount(mp: &Path) -> Result<()> {
         wait_released(&store)?;
     }
     Ok(())
+}
+
+/// `mp` as the mount table shows it: absolute, with the links of its parent resolved. The
+/// mount point itself is not resolved: that would ask the mount, which may be gone already.
+fn mount_table_path(mp: &Path) -> PathBuf {
+    let Ok(abs) = std::path::absolute(mp) else {
+        return mp.to_path_buf();
+    };
+    match (abs.parent(), abs.file_name()) {
+        (Some(parent), Some(name)) => parent
+            .canonicalize()
+            .map_or_else(|_| abs.clone(), |p| p.join(name)),
+        _ => abs,
+    }
 }
 
 /// Waits until nobody holds `STORE/lock`.

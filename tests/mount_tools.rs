@@ -361,8 +361,9 @@ impl Drop for UnmountOnDrop {
 }
 
 /// The `mount` source is the store, and `artifactfs umount` returns only once the mount process
-/// has let go of the store: a remount of the same store at the same place right after it works
-/// and stays mounted, and the first process is gone.
+/// has let go of the store (the mount point named absolute or relative): a remount of the same
+/// store at the same place right after it works and stays mounted, and the first process is
+/// gone.
 #[test]
 fn umount_waits_for_the_mount_process_so_a_remount_follows_at_once() {
     let env = Env::new();
@@ -413,7 +414,10 @@ fn umount_waits_for_the_mount_process_so_a_remount_follows_at_once() {
     assert_ne!(first, second);
     // The open run is there in the second mount, which serves it.
     assert_eq!(fs::read(mnt.join("ns/r/out")).unwrap(), b"kept open");
-    sh(&mut env.std_cmd(&["umount", mnt.to_str().unwrap()]));
+    // Named relative to the working directory, the mount point is found the same way.
+    sh(env
+        .std_cmd(&["umount", "mnt"])
+        .current_dir(mnt.parent().unwrap()));
     assert!(
         !alive(second),
         "mount process {second} still runs after umount"
