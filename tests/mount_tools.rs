@@ -192,6 +192,66 @@ fn the_mount_reads_ahead_in_mebibytes() {
     m.unmount();
 }
 
+/// Bytes of `path` in the kernel's page cache, by util-linux `fincore` (which maps the file and
+/// asks `mincore`, reading nothing).
+fn page_cached(path: &Path) -> u64 {
+    let out = sh(Command::new("fincore")
+        .args(["--bytes", "--noheadings", "--raw", "--output", "RES"])
+        .arg(path));
+    out.trim().parse().unwrap()
+}
+
+/// A cold scan of a sealed run's small files (here: reads of its first two files, in order)
+/// has the mount put the next files whole into the kernel's page cache, so that the scan
+/// reads them as if warm; the files far ahead stay out until the scan nears them, and every
+/// file reads back as stored.
+#[test]
+fn a_cold_scan_finds_the_next_small_files_in_the_page_cache() {
+    let env = Env::new();
+    let mnt = env.path("mnt");
+    let files: Vec<Vec<u8>> = (0..40u32)
+        .map(|i| {
+            (0..1500 + i * 7)
+                .map(|j| (j.wrapping_mul(2_654_435_761) >> (i % 7 + 9)) as u8)
+                .collect()
+        })
+        .collect();
+    let m = Mount::start(&env, &mnt, &[]);
+    let run = m.p("scan/r");
+    fs::create_dir_all(&run).unwrap();
+    for (i, d) in files.iter().enumerate() {
+        fs::write(run.join(format!("f{i:02}")), d).unwrap();
+    }
+    seal(&run);
+    m.unmount();
+
+    // A new mount: nothing of the run is in the kernel's page cache.
+    let m = Mount::start(&env, &mnt, &[]);
+    let run = m.p("scan/r");
+    assert_eq!(fs::read_dir(&run).unwrap().count(), files.len());
+    let f = |i: usize| run.join(format!("f{i:02}"));
+    assert_eq!(page_cached(&f(2)), 0);
+    for (i, want) in files.iter().enumerate().take(2) {
+        assert!(fs::read(f(i)).unwrap() == *want, "f{i:02}");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while page_cached(&f(9)) == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for (i, want) in files.iter().enumerate().take(10).skip(2) {
+        assert_eq!(
+            page_cached(&f(i)),
+            (want.len() as u64).next_multiple_of(4096),
+            "f{i:02} is not in the page cache"
+        );
+    }
+    assert_eq!(page_cached(&f(39)), 0, "f39 was read ahead of the scan");
+    for (i, want) in files.iter().enumerate() {
+        assert!(fs::read(f(i)).unwrap() == *want, "f{i:02}");
+    }
+    m.unmount();
+}
+
 #[test]
 fn sparse_file_of_3_gib_through_the_mount() {
     let env = Env::new();

@@ -703,6 +703,12 @@ pub fn spawn_mount(
             tracing::debug!(ino, offset, len, "kernel page cache invalidation: {e}");
         }
     })));
+    let store_notifier = session.notifier();
+    vfs.set_content_pusher(Some(Box::new(move |ino, data| {
+        if let Err(e) = store_notifier.store(INodeNo(ino), 0, data) {
+            tracing::debug!(ino, len = data.len(), "kernel page cache store: {e}");
+        }
+    })));
     vfs.set_entry_invalidator(Some(Box::new(move |parent, name| {
         if let Err(e) = notifier.inval_entry(INodeNo(parent), OsStr::new(name)) {
             tracing::debug!(parent, name, "kernel entry invalidation: {e}");

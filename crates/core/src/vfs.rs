@@ -82,6 +82,9 @@ const RELEASE_GRACE: Duration = Duration::from_millis(500);
 /// How far a scan reads ahead: this many files, or this many bytes of their chunks.
 const SCAN_AHEAD_FILES: usize = 16;
 const SCAN_AHEAD_BYTES: u64 = 4 << 20;
+/// Files of a scan's window up to this size are handed to the kernel's page cache whole once
+/// read ahead (see [`ContentPusher`]).
+const PUSH_MAX_BYTES: u64 = 1 << 20;
 /// How far ahead of a sequential read of a sealed file chunks are loaded when the store has a
 /// remote tier (at most half the chunk cache): evicted chunks then come in coalesced, parallel
 /// ranged GETs (`crate::fetch`) instead of one request per chunk when the read gets there.
@@ -534,6 +537,11 @@ impl ChunkCache {
         self.inner().map.contains(id)
     }
 
+    /// The chunk if it is cached, without counting a hit or making it the most recently used.
+    fn peek(&self, id: &ChunkId) -> Option<Arc<Vec<u8>>> {
+        self.inner().map.peek(id).cloned()
+    }
+
     /// The chunk if it is cached (then it becomes the most recently used).
     fn cached(&self, id: &ChunkId) -> Option<Arc<Vec<u8>>> {
         let d = self.inner().map.get(id).cloned();
@@ -577,10 +585,18 @@ impl ChunkCache {
 
 enum Ahead {
     Load(ChunkId),
-    /// Chunks a sequential read of a tiered store will need, loaded together.
-    Batch(Vec<ChunkId>),
+    /// Chunks a scan or a sequential read will need, loaded together; then the whole files to
+    /// hand to the kernel's page cache.
+    Batch(Vec<ChunkId>, Vec<Push>),
     /// Answered once everything queued before it is done.
     Sync(crossbeam_channel::Sender<()>),
+}
+
+/// A small sealed file of a scan's window: once its chunks are loaded, its content goes to the
+/// kernel's page cache under inode number `ino`.
+struct Push {
+    ino: u64,
+    chunks: Vec<ChunkId>,
 }
 
 /// A thread that loads chunks into the cache ahead of sequential reads of sealed files.
@@ -591,7 +607,11 @@ struct Readahead {
 }
 
 impl Readahead {
-    fn start(store: Arc<Store>, cache: Arc<ChunkCache>) -> Result<Self> {
+    fn start(
+        store: Arc<Store>,
+        cache: Arc<ChunkCache>,
+        pusher: Arc<Mutex<Option<Arc<ContentPusher>>>>,
+    ) -> Result<Self> {
         let (tx, rx) = crossbeam_channel::bounded::<Ahead>(64);
         let loaded = Arc::new(AtomicU64::new(0));
         let count = loaded.clone();
@@ -612,7 +632,7 @@ impl Readahead {
                                 Err(e) => tracing::debug!(chunk = %id, "readahead: {e}"),
                             }
                         }
-                        Ahead::Batch(ids) => {
+                        Ahead::Batch(ids, pushes) => {
                             let ids: Vec<ChunkId> =
                                 ids.into_iter().filter(|id| !cache.contains(id)).collect();
                             let r = store.for_each_chunk(&ids, &mut |i, d| {
@@ -622,6 +642,9 @@ impl Readahead {
                             });
                             if let Err(e) = r {
                                 tracing::debug!(chunks = ids.len(), "readahead: {e}");
+                            }
+                            if !pushes.is_empty() {
+                                push_files(&cache, &pusher, &pushes);
                             }
                         }
                         Ahead::Sync(done) => {
@@ -636,6 +659,29 @@ impl Readahead {
             thread: Some(thread),
             loaded,
         })
+    }
+}
+
+/// Hands each file of `pushes` whose chunks are all in the cache to the kernel. A file with a
+/// chunk missing (its load failed, or it was evicted already) is left to the kernel's reads.
+///
+/// No lock is held while the kernel takes a file: it may wait for a read request of the same
+/// file to be answered first, and the threads that answer it take these locks.
+fn push_files(cache: &ChunkCache, pusher: &Mutex<Option<Arc<ContentPusher>>>, pushes: &[Push]) {
+    let hook = pusher.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let Some(push) = hook else {
+        return;
+    };
+    let mut data = Vec::new();
+    'files: for p in pushes {
+        data.clear();
+        for id in &p.chunks {
+            let Some(c) = cache.peek(id) else {
+                continue 'files;
+            };
+            data.extend_from_slice(&c);
+        }
+        push(p.ino, &data);
     }
 }
 
@@ -659,6 +705,13 @@ pub type EntryInvalidator = Box<dyn Fn(u64, &str) + Send + Sync>;
 /// Makes the kernel drop what it caches of a file's content: (inode number, offset, length).
 pub type DataInvalidator = Box<dyn Fn(u64, i64, i64) + Send + Sync>;
 
+/// Puts the whole content of a sealed file into the kernel's page cache: (inode number,
+/// content). While a scan (`tar`, `cp -r`) reads a sealed run's files one after another, the
+/// small files ahead of it are read ahead and handed over this way, so that the scan reads
+/// them from the page cache as if warm, without a read request (and without the attribute
+/// request each read request makes the kernel send at the next `stat`).
+pub type ContentPusher = Box<dyn Fn(u64, &[u8]) + Send + Sync>;
+
 pub struct Vfs {
     store: Arc<Store>,
     opts: VfsOptions,
@@ -677,6 +730,8 @@ pub struct Vfs {
     /// Tells the kernel to forget a name it may have cached (set by the FUSE frontend).
     forget_entry: Mutex<Option<EntryInvalidator>>,
     forget_data: Mutex<Option<DataInvalidator>>,
+    /// Hands the small files a scan reads next to the kernel (set by the FUSE frontend).
+    push: Arc<Mutex<Option<Arc<ContentPusher>>>>,
     /// Chunks closed files of open runs ahead of their seal.
     preseal: preseal::PreSeal,
     /// The number of the next inode made: never one handed out before in this process, even
@@ -790,8 +845,13 @@ impl Vfs {
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
         });
+        let push = Arc::new(Mutex::new(None));
         let readahead = if opts.readahead_bytes > 0 {
-            Some(Readahead::start(store.clone(), cache.clone())?)
+            Some(Readahead::start(
+                store.clone(),
+                cache.clone(),
+                push.clone(),
+            )?)
         } else {
             None
         };
@@ -808,6 +868,7 @@ impl Vfs {
             subdirs: Mutex::new(HashMap::new()),
             forget_entry: Mutex::new(None),
             forget_data: Mutex::new(None),
+            push,
             preseal,
             next_ino: std::sync::atomic::AtomicI64::new(next_ino),
             #[cfg(test)]
@@ -1825,6 +1886,7 @@ impl Vfs {
                         format!("{} is not a file", s.entries[idx].path),
                     ));
                 }
+                self.note_file_open(&mut st, &s, idx);
                 (
                     Handle::Sealed { run: s, idx },
                     OpenInfo {
@@ -2037,6 +2099,12 @@ impl Vfs {
         *self.forget_data.lock().unwrap_or_else(|p| p.into_inner()) = f;
     }
 
+    /// Sets the hook that hands the files a scan reads next to the kernel (see
+    /// [`ContentPusher`]).
+    pub fn set_content_pusher(&self, f: Option<ContentPusher>) {
+        *self.push.lock().unwrap_or_else(|p| p.into_inner()) = f.map(Arc::new);
+    }
+
     /// The kernel writes through handle `fh` without its page cache (the frontend opened it
     /// `FOPEN_DIRECT_IO`): pages other handles of the file cached must be dropped after each
     /// write, or they would read what was there before.
@@ -2177,9 +2245,17 @@ impl Vfs {
     /// after them are read ahead. Counted at the first read rather than at the open: a file the
     /// kernel still has in its page cache is opened but never read, and reading ahead behind a
     /// warm scan would decode chunks nobody asks for, on the cores the reader needs.
+    ///
+    /// The files of the window that were handed to the kernel whole are read without a read
+    /// request: their opens carry the scan on instead ([`Vfs::note_file_open`]).
     fn note_file_read(&self, st: &mut State, s: &SealedRun, idx: usize) {
         let (previous, queued) = st.last_read.get(&s.id).copied().unzip();
-        let scan = previous.is_some_and(|p| p < idx && idx - p <= SCAN_GAP);
+        if previous == Some(idx) {
+            return;
+        }
+        let scan = previous
+            .zip(queued)
+            .is_some_and(|(p, q)| p < idx && (idx - p <= SCAN_GAP || idx <= q));
         let mut queued = if scan {
             queued.unwrap_or(idx).max(idx)
         } else {
@@ -2191,20 +2267,41 @@ impl Vfs {
         st.last_read.insert(s.id, (idx, queued));
     }
 
+    /// An open of entry `idx` of a scanned run inside the window queued ahead: the scan goes on
+    /// (its small files were handed to the kernel, and may never be read through the view).
+    /// Outside a scan, opens count for nothing: a warm scan opens files the kernel does not
+    /// ask to read, and reading ahead behind it would be wasted.
+    fn note_file_open(&self, st: &mut State, s: &SealedRun, idx: usize) {
+        if let Some(&(p, q)) = st.last_read.get(&s.id)
+            && p < idx
+            && idx <= q
+        {
+            self.note_file_read(st, s, idx);
+        }
+    }
+
     /// Queues the chunks of the files after entry `idx` (in manifest order, which is the order
     /// of a depth-first walk up to the sorting of names with `.` before `/`), while a scan of
     /// the run reads its files one after another: small files are a chunk each, and reading
     /// them one round trip at a time leaves the disk and the decompressor idle in between.
     /// The window is [`SCAN_AHEAD_FILES`] files or [`SCAN_AHEAD_BYTES`] past `idx`; what lies
     /// up to entry `queued` was queued before, the rest goes as one batch (located in one
-    /// index read). Returns the entry up to which the window is now queued.
+    /// index read). With a [`ContentPusher`] set, the batch's files of at most
+    /// [`PUSH_MAX_BYTES`] that lie wholly in the window go to the kernel once loaded. Returns
+    /// the entry up to which the window is now queued.
     fn read_ahead_files(&self, s: &SealedRun, idx: usize, queued: usize) -> usize {
         let Some(tx) = self.readahead.as_ref().and_then(|r| r.tx.as_ref()) else {
             return queued;
         };
+        let pushing = self
+            .push
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some();
         let mut bytes = 0u64;
         let mut files = 0;
         let mut ids = Vec::new();
+        let mut pushes = Vec::new();
         let mut last = idx;
         for (i, e) in s.entries.iter().enumerate().skip(idx + 1) {
             if files == SCAN_AHEAD_FILES || bytes >= SCAN_AHEAD_BYTES {
@@ -2215,20 +2312,34 @@ impl Vfs {
                 continue;
             }
             files += 1;
-            for c in &e.chunks {
+            let mut whole = true;
+            for (n, c) in e.chunks.iter().enumerate() {
                 bytes += u64::from(c.1);
                 if i > queued && !self.cache.contains(&c.0) {
                     ids.push(c.0);
                 }
                 if bytes >= SCAN_AHEAD_BYTES {
+                    whole = n + 1 == e.chunks.len();
                     break;
                 }
             }
+            // A hard link's entry is not an inode of its own; its target is pushed.
+            if pushing
+                && whole
+                && i > queued
+                && s.resolved[i] == i
+                && (1..=PUSH_MAX_BYTES).contains(&e.size)
+            {
+                pushes.push(Push {
+                    ino: encode(Node::Sealed { run: s.id, idx: i }),
+                    chunks: e.chunks.iter().map(|c| c.0).collect(),
+                });
+            }
         }
-        if ids.is_empty() {
+        if ids.is_empty() && pushes.is_empty() {
             return last.max(queued);
         }
-        match tx.try_send(Ahead::Batch(ids)) {
+        match tx.try_send(Ahead::Batch(ids, pushes)) {
             Ok(()) => last.max(queued),
             // Behind already: the reads go on without it, and a later open queues again.
             Err(_) => queued,
@@ -2269,7 +2380,7 @@ impl Vfs {
                 ids.push(c.0);
             }
         }
-        if !ids.is_empty() && tx.try_send(Ahead::Batch(ids)).is_err() {
+        if !ids.is_empty() && tx.try_send(Ahead::Batch(ids, Vec::new())).is_err() {
             // Behind already: forget the mark so that a later read queues them again.
             self.lock().ahead_until.remove(&fh);
         }

@@ -607,6 +607,93 @@ fn vfs_opens_without_reads_do_not_read_ahead() {
     assert_eq!(s.readahead, files.len() as u64 - 2, "{s:?}");
 }
 
+/// What a view handed to the kernel's page cache, in order: (inode number, content).
+fn record_pushes(v: &Vfs) -> Arc<Mutex<Vec<(u64, Vec<u8>)>>> {
+    let pushed = Arc::new(Mutex::new(Vec::new()));
+    let sink = pushed.clone();
+    v.set_content_pusher(Some(Box::new(move |ino, data| {
+        sink.lock().unwrap().push((ino, data.to_vec()));
+    })));
+    pushed
+}
+
+/// A scan of a sealed run hands the whole content of the small files it reads next to the
+/// kernel, under their inode numbers, once each; a file above the size limit is only read
+/// ahead into the view's cache. Nothing is handed over before the reads make a scan.
+#[test]
+fn vfs_a_scan_hands_the_next_small_files_to_the_kernel() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    let files: Vec<Vec<u8>> = (0..12)
+        .map(|i| {
+            let len = if i == 5 {
+                PUSH_MAX_BYTES as usize + 1
+            } else {
+                2000 + i * 10
+            };
+            random_bytes(len, 90 + i as u64)
+        })
+        .collect();
+    for (i, d) in files.iter().enumerate() {
+        fs::write(src.join(format!("f{i:02}")), d).unwrap();
+    }
+    let (v, run) = sealed_tree(tmp.path(), &src);
+    let pushed = record_pushes(&v);
+    let ino = |i: usize| v.lookup(run, os(&format!("f{i:02}"))).unwrap().ino;
+
+    assert!(read_all(&v, ino(0), 1 << 20) == files[0]);
+    v.wait_readahead();
+    assert!(pushed.lock().unwrap().is_empty(), "one read is no scan");
+    assert!(read_all(&v, ino(1), 1 << 20) == files[1]);
+    v.wait_readahead();
+    let got = pushed.lock().unwrap().clone();
+    let want: Vec<usize> = (2..12).filter(|&i| i != 5).collect();
+    assert_eq!(
+        got.iter().map(|p| p.0).collect::<Vec<_>>(),
+        want.iter().map(|&i| ino(i)).collect::<Vec<_>>()
+    );
+    for (p, &i) in got.iter().zip(&want) {
+        assert!(p.1 == files[i], "content of f{i:02}");
+    }
+    // The large file was read ahead all the same: its read is a cache hit.
+    let misses = v.cache_stats().misses;
+    assert!(read_all(&v, ino(5), 1 << 20) == files[5]);
+    assert_eq!(v.cache_stats().misses, misses, "{:?}", v.cache_stats());
+    assert_eq!(pushed.lock().unwrap().len(), want.len(), "pushed twice");
+}
+
+/// The files handed to the kernel are read from its page cache, so the view sees their opens
+/// but no reads: opens inside the window queued ahead carry the scan on, and the files after
+/// the window are handed over in time, each once.
+#[test]
+fn vfs_opens_inside_a_scans_window_carry_it_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (files, v, run) = sealed_small_files(tmp.path(), 40, 1500, 120);
+    let pushed = record_pushes(&v);
+    let ino = |i: usize| v.lookup(run, os(&format!("f{i:02}"))).unwrap().ino;
+
+    for i in 0..2 {
+        assert!(read_all(&v, ino(i), 1 << 20) == files[i]);
+        v.wait_readahead();
+    }
+    assert_eq!(pushed.lock().unwrap().len(), SCAN_AHEAD_FILES);
+    // The kernel serves the rest: opens and releases only.
+    for i in 2..files.len() {
+        let (fh, _) = v.open(ino(i), false).unwrap();
+        v.release(fh).unwrap();
+        v.wait_readahead();
+    }
+    let got = pushed.lock().unwrap().clone();
+    assert_eq!(
+        got.iter().map(|p| p.0).collect::<Vec<_>>(),
+        (2..files.len()).map(ino).collect::<Vec<_>>()
+    );
+    for (p, i) in got.iter().zip(2..) {
+        assert!(p.1 == files[i], "content of f{i:02}");
+    }
+}
+
 fn staged(v: &Vfs, ino: u64) -> bool {
     let st = v.lock();
     let Node::Open(i) = v.node(&st, ino).unwrap() else {
