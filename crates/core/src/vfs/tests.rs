@@ -607,8 +607,11 @@ fn vfs_opens_without_reads_do_not_read_ahead() {
     assert_eq!(s.readahead, files.len() as u64 - 2, "{s:?}");
 }
 
-/// What a view handed to the kernel's page cache, in order: (inode number, content).
-fn record_pushes(v: &Vfs) -> Arc<Mutex<Vec<(u64, Vec<u8>)>>> {
+/// Files handed to the kernel's page cache, in order: (inode number, content).
+type Pushed = Arc<Mutex<Vec<(u64, Vec<u8>)>>>;
+
+/// What the view `v` hands to the kernel from now on.
+fn record_pushes(v: &Vfs) -> Pushed {
     let pushed = Arc::new(Mutex::new(Vec::new()));
     let sink = pushed.clone();
     v.set_content_pusher(Some(Box::new(move |ino, data| {
@@ -673,8 +676,8 @@ fn vfs_opens_inside_a_scans_window_carry_it_on() {
     let pushed = record_pushes(&v);
     let ino = |i: usize| v.lookup(run, os(&format!("f{i:02}"))).unwrap().ino;
 
-    for i in 0..2 {
-        assert!(read_all(&v, ino(i), 1 << 20) == files[i]);
+    for (i, want) in files.iter().enumerate().take(2) {
+        assert!(read_all(&v, ino(i), 1 << 20) == *want);
         v.wait_readahead();
     }
     assert_eq!(pushed.lock().unwrap().len(), SCAN_AHEAD_FILES);
