@@ -25,7 +25,7 @@ use crate::error::{Error, Result};
 use crate::id::{ChunkId, FileHash, ManifestDigest};
 use crate::manifest::{ChunkRef, Entry, Kind, MANIFEST_FORMAT, Manifest, ROOT, XattrValue};
 use crate::names::{RunRef, validate_component};
-use crate::store::{Progress, Store};
+use crate::store::{NoProgress, Progress, Store};
 use crate::writer::{Block, ChunkWriter, FILE_PIECE, Finished, file_hash_from_pieces};
 
 /// What an ingest did.
@@ -198,6 +198,28 @@ pub fn ingest_stream(
         Ok(())
     })?;
     Ok((size, hash, chunks))
+}
+
+/// As [`ingest_stream`], but with the hashing on the writer's workers: `src` is read into the
+/// writer's blocks and only cut on this thread ([`ingest_file_in_blocks`]), and the chunk ids
+/// and the whole-file BLAKE3 are computed in parallel with the cutting. Finishes `writer`: on
+/// return every chunk is durable and indexed. The chunks and hashes are those of
+/// [`ingest_stream`] for the same bytes.
+pub fn ingest_stream_in_blocks(
+    store: &Store,
+    mut writer: ChunkWriter,
+    src: impl Read,
+    src_name: &Path,
+) -> Result<(u64, FileHash, Vec<ChunkRef>)> {
+    let chunker = Chunker::new(store.config().chunker)?;
+    let file = ingest_file_in_blocks(&chunker, &mut writer, src, &NoProgress, src_name)?;
+    let done = writer.finish_with_ids()?;
+    let chunks = file
+        .chunks
+        .iter()
+        .map(|&(seq, len)| ChunkRef(done.ids[seq as usize], len))
+        .collect();
+    Ok((file.size, file.hash.resolve(&done), chunks))
 }
 
 /// A chunk whose id is not known yet: (the writer's sequence number, plaintext length).

@@ -18,8 +18,8 @@ use std::thread::JoinHandle;
 use crate::error::{Error, Result};
 use crate::gc::SealGuard;
 use crate::index::ChunkedContent;
-use crate::ingest::ingest_stream;
-use crate::store::{NoProgress, Store};
+use crate::ingest::ingest_stream_in_blocks;
+use crate::store::Store;
 
 /// A file streams once appends take it to this size.
 pub(super) const STREAM_AT: u64 = 8 << 20;
@@ -148,7 +148,7 @@ impl Read for Appends {
 
 fn work(store: &Store, path: PathBuf, prefix: u64, rx: Receiver<Vec<u8>>) -> Result<Ended> {
     let guard = store.seal_guard();
-    let mut writer = store.writer(&guard);
+    let writer = store.writer(&guard);
     let f = File::open(&path).map_err(|e| Error::io("open", &path, e))?;
     let src = Appends {
         prefix: f.take(prefix),
@@ -156,9 +156,9 @@ fn work(store: &Store, path: PathBuf, prefix: u64, rx: Receiver<Vec<u8>>) -> Res
         cur: Vec::new(),
         pos: 0,
     };
-    // The same pipeline as a seal's: the same chunks, hashes and dedup.
-    let (size, hash, chunks) = ingest_stream(store, &mut writer, src, &NoProgress, &path)?;
-    writer.finish()?;
+    // The chunks, hashes and dedup of a seal's pipeline; the hashing on the writer's workers,
+    // so that this thread only cuts while the file is being written.
+    let (size, hash, chunks) = ingest_stream_in_blocks(store, writer, src, &path)?;
     Ok(Ended {
         content: ChunkedContent { size, hash, chunks },
         guard,
