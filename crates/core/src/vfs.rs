@@ -498,6 +498,8 @@ impl AttrPatch {
 struct ChunkCache {
     max_bytes: usize,
     inner: Mutex<CacheInner>,
+    /// Signalled when a chunk being loaded (`CacheInner::loading`) is done.
+    loaded: Condvar,
     hits: AtomicU64,
     misses: AtomicU64,
 }
@@ -516,6 +518,10 @@ pub struct CacheStats {
 struct CacheInner {
     map: lru::LruCache<ChunkId, Arc<Vec<u8>>>,
     bytes: usize,
+    /// Chunks a thread is reading and decoding now, one at a time ([`ChunkCache::get`],
+    /// [`ChunkCache::load_ahead`]): another thread that needs one waits for it rather than
+    /// decoding it a second time.
+    loading: HashSet<ChunkId>,
 }
 
 impl Default for CacheInner {
@@ -524,9 +530,14 @@ impl Default for CacheInner {
             // Bounded by bytes, below, not by count.
             map: lru::LruCache::unbounded(),
             bytes: 0,
+            loading: HashSet::new(),
         }
     }
 }
+
+/// How long a read waits for a chunk another thread is loading before it loads the chunk
+/// itself (that thread may be stuck on a slow disk or a remote tier).
+const LOADING_WAIT: Duration = Duration::from_secs(2);
 
 impl ChunkCache {
     fn inner(&self) -> MutexGuard<'_, CacheInner> {
@@ -552,18 +563,53 @@ impl ChunkCache {
     }
 
     fn get(&self, store: &Store, id: &ChunkId) -> Result<Arc<Vec<u8>>> {
-        if let Some(d) = self.cached(id) {
-            return Ok(d);
+        let mut c = self.inner();
+        let deadline = Instant::now() + LOADING_WAIT;
+        loop {
+            if let Some(d) = c.map.get(id).cloned() {
+                self.hits.fetch_add(1, Ordering::Relaxed);
+                return Ok(d);
+            }
+            let now = Instant::now();
+            if !c.loading.contains(id) || now >= deadline {
+                break;
+            }
+            c = self
+                .loaded
+                .wait_timeout(c, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
         self.misses.fetch_add(1, Ordering::Relaxed);
-        self.load(store, id)
+        let mine = c.loading.insert(*id);
+        drop(c);
+        self.load_marked(store, id, mine)
     }
 
-    /// Reads a chunk into the cache (whether or not it is there).
-    fn load(&self, store: &Store, id: &ChunkId) -> Result<Arc<Vec<u8>>> {
-        let data = Arc::new(store.read_chunk(id)?);
-        self.insert(id, data.clone());
-        Ok(data)
+    /// Loads a chunk ahead of the reads that will need it, unless it is cached or another
+    /// thread is loading it. Returns whether it loaded it.
+    fn load_ahead(&self, store: &Store, id: &ChunkId) -> Result<bool> {
+        {
+            let mut c = self.inner();
+            if c.map.contains(id) || !c.loading.insert(*id) {
+                return Ok(false);
+            }
+        }
+        self.load_marked(store, id, true).map(|_| true)
+    }
+
+    /// Reads and caches chunk `id`, which this thread marked as loading if `mine`; then
+    /// unmarks it and wakes the threads waiting for it (they load it themselves on an error).
+    fn load_marked(&self, store: &Store, id: &ChunkId, mine: bool) -> Result<Arc<Vec<u8>>> {
+        let r = store.read_chunk(id).map(Arc::new);
+        if let Ok(d) = &r {
+            self.insert(id, d.clone());
+        }
+        if mine {
+            self.inner().loading.remove(id);
+            self.loaded.notify_all();
+        }
+        r
     }
 
     /// Caches a chunk; one cached already only becomes the most recently used.
@@ -621,13 +667,11 @@ impl Readahead {
                 for msg in rx {
                     match msg {
                         Ahead::Load(id) => {
-                            if cache.contains(&id) {
-                                continue;
-                            }
-                            match cache.load(&store, &id) {
-                                Ok(_) => {
+                            match cache.load_ahead(&store, &id) {
+                                Ok(true) => {
                                     count.fetch_add(1, Ordering::Relaxed);
                                 }
+                                Ok(false) => {}
                                 // The read that needs it will load it again and report.
                                 Err(e) => tracing::debug!(chunk = %id, "readahead: {e}"),
                             }
@@ -842,6 +886,7 @@ impl Vfs {
         let cache = Arc::new(ChunkCache {
             max_bytes: opts.chunk_cache_bytes,
             inner: Mutex::new(CacheInner::default()),
+            loaded: Condvar::new(),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
         });

@@ -697,6 +697,29 @@ fn vfs_opens_inside_a_scans_window_carry_it_on() {
     }
 }
 
+/// A chunk another thread is loading is waited for, not read and decoded a second time: a
+/// read gets what that thread caches, and readahead leaves it alone.
+#[test]
+fn vfs_a_chunk_being_loaded_is_waited_for_not_decoded_twice() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, v, _) = sealed_small_files(tmp.path(), 1, 3000, 7);
+    // Not in the store: a read that loaded it itself would fail.
+    let id = ChunkId::of(b"loaded by another thread");
+    v.cache.inner().loading.insert(id);
+    let (cache, store) = (v.cache.clone(), v.store.clone());
+    let reader = std::thread::spawn(move || cache.get(&store, &id));
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(!reader.is_finished(), "the read did not wait");
+    assert!(!v.cache.load_ahead(&v.store, &id).unwrap());
+
+    v.cache.insert(&id, Arc::new(b"decoded once".to_vec()));
+    v.cache.inner().loading.remove(&id);
+    v.cache.loaded.notify_all();
+    let got = reader.join().unwrap().unwrap();
+    assert_eq!(&got[..], b"decoded once");
+    assert_eq!(v.cache_stats().misses, 0, "{:?}", v.cache_stats());
+}
+
 fn staged(v: &Vfs, ino: u64) -> bool {
     let st = v.lock();
     let Node::Open(i) = v.node(&st, ino).unwrap() else {
