@@ -160,7 +160,9 @@ fn twenty_thousand_small_files_ls_and_find() {
 }
 
 /// The mount raises the kernel's readahead for its files from FUSE's 128 KiB, so a cold read
-/// of a large sealed file keeps several 1 MiB requests in flight.
+/// of a large sealed file keeps several 1 MiB requests in flight. A `--foreground` mount (as
+/// here) does so a moment after it shows in the mount table, its only sign of being ready:
+/// the setting is polled for up to 5 s.
 #[test]
 fn the_mount_reads_ahead_in_mebibytes() {
     use std::os::unix::fs::MetadataExt;
@@ -168,7 +170,13 @@ fn the_mount_reads_ahead_in_mebibytes() {
     let m = Mount::start(&env, &env.path("mnt"), &[]);
     let dev = fs::metadata(m.p("")).unwrap().dev();
     let (major, minor) = (nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
-    let kb = fs::read_to_string(format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb")).unwrap();
+    let setting = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut kb = fs::read_to_string(&setting).unwrap();
+    while kb.trim() != "4096" && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+        kb = fs::read_to_string(&setting).unwrap();
+    }
     assert_eq!(kb.trim(), "4096");
 
     // Sequential and random reads of a sealed file larger than the window give its bytes.
