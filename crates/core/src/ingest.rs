@@ -624,6 +624,8 @@ fn report(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+
     use super::*;
     use crate::chunker::ChunkerParams;
     use crate::store::{InitOptions, NoProgress};
@@ -638,6 +640,44 @@ mod tests {
                 (x >> 11) as u8
             })
             .collect()
+    }
+
+    /// A clock that moves 700 ms on by every reading.
+    struct Ticking(Mutex<std::time::SystemTime>);
+
+    impl crate::clock::Clock for Ticking {
+        fn now(&self) -> std::time::SystemTime {
+            let mut t = self.0.lock().unwrap();
+            *t += std::time::Duration::from_millis(700);
+            *t
+        }
+    }
+
+    /// The index records a seal at its manifest's `sealed_at`, not at a later reading of the
+    /// clock: an index rebuilt from the manifests then lists the same times.
+    #[test]
+    fn the_index_records_the_seal_at_the_manifests_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        fs::create_dir(&src).unwrap();
+        fs::write(src.join("a"), content(10_000, 3)).unwrap();
+        let root = dir.path().join("store");
+        Store::init(&root, &InitOptions::default()).unwrap();
+        let start = std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_800_000_000_300);
+        let store = Store::open_with_clock(&root, Arc::new(Ticking(Mutex::new(start)))).unwrap();
+        for i in 0..4 {
+            let run = RunRef::parse(&format!("t/r{i}")).unwrap();
+            store
+                .ingest_dir(&src, &run, BTreeMap::new(), &NoProgress)
+                .unwrap();
+            let (_, m) = store.manifest(&run).unwrap();
+            assert_eq!(
+                store.run(&run).unwrap().sealed_at_ns,
+                m.sealed_at_ns(),
+                "{}",
+                m.sealed_at
+            );
+        }
     }
 
     /// A `before_commit` refusal commits nothing: the run does not exist afterwards and the

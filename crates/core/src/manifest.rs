@@ -224,6 +224,15 @@ impl Manifest {
         Ok(m)
     }
 
+    /// `sealed_at` in nanoseconds since the Unix epoch, if it parses. The index records this
+    /// time for the seal (not a second reading of the clock), so that an index rebuilt from
+    /// the manifests shows the same.
+    pub fn sealed_at_ns(&self) -> Option<i64> {
+        humantime::parse_rfc3339(&self.sealed_at)
+            .ok()
+            .map(crate::clock::to_unix_ns)
+    }
+
     /// Raw bytes of content (files and hard links counted once).
     pub fn raw_bytes(&self) -> u64 {
         self.entries

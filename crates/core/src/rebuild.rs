@@ -380,9 +380,7 @@ impl Store {
                     .and_then(|b| Manifest::from_bytes(&b, &format!("manifest {d}")));
                 match parsed {
                     Ok(man) => {
-                        let at = humantime::parse_rfc3339(&man.sealed_at)
-                            .map(to_unix_ns)
-                            .unwrap_or(now);
+                        let at = man.sealed_at_ns().unwrap_or(now);
                         runs.push((at, d, man));
                     }
                     Err(e) => {
@@ -615,9 +613,7 @@ impl Store {
                 self.index().tier_mark_manifest_remote(&d, now)?;
                 report.remote_manifests += 1;
             }
-            let at = humantime::parse_rfc3339(&m.sealed_at)
-                .map(to_unix_ns)
-                .unwrap_or(now);
+            let at = m.sealed_at_ns().unwrap_or(now);
             runs.push((at, d, m));
         }
         self.insert_runs(runs, report)?;

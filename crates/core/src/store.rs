@@ -392,7 +392,9 @@ impl Store {
         m.canonicalize();
         let bytes = m.canonical_bytes()?;
         let (digest, stored) = manifest::store_manifest(&*self.objects, &bytes)?;
-        let now = to_unix_ns(self.clock.now());
+        let now = m
+            .sealed_at_ns()
+            .unwrap_or_else(|| to_unix_ns(self.clock.now()));
         let detail = serde_json::json!({
             "manifest": digest.to_hex(),
             "files": m.entries.iter().filter(|e| e.kind != Kind::Dir).count(),

@@ -4105,7 +4105,9 @@ impl Drop for Vfs {
 /// Commits a built seal: one index transaction.
 fn commit_seal(store: &Store, run_id: i64, b: &BuiltSeal) -> Result<()> {
     let m = &b.manifest;
-    let now = to_unix_ns(store.clock().now());
+    let now = m
+        .sealed_at_ns()
+        .unwrap_or_else(|| to_unix_ns(store.clock().now()));
     let detail = serde_json::json!({
         "manifest": b.digest.to_hex(),
         "files": m.entries.iter().filter(|e| e.kind != Kind::Dir).count(),
