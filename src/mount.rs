@@ -53,7 +53,10 @@ fn unescape(field: &str) -> String {
 }
 
 /// The source (`fsname`) of the FUSE mount at `dir`, if `dir` is a FUSE mount point now.
+/// `dir` may be relative or go through links (see [`mount_table_path`]).
 fn fuse_mount_source(dir: &Path) -> Option<String> {
+    let dir = mount_table_path(dir);
+    let dir = dir.as_path();
     let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     text.lines().find_map(|l| {
         let point = l.split(' ').nth(4).map(unescape);
@@ -379,7 +382,7 @@ const UMOUNT_WAIT: Duration = Duration::from_secs(90);
 /// store (finished the commands it was serving and closed the index). Without the wait, a new
 /// mount of the same store or mount point right after `umount` could race the old process.
 pub fn umount(mp: &Path) -> Result<()> {
-    let store = fuse_mount_source(&mount_table_path(mp))
+    let store = fuse_mount_source(mp)
         .map(PathBuf::from)
         .filter(|s| s.is_absolute() && s.join("lock").is_file());
     let out = Command::new("fusermount3")
