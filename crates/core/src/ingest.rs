@@ -642,6 +642,14 @@ mod tests {
             .collect()
     }
 
+    /// `DIR/src` holding one file `a` of `len` bytes of `content(len, seed)`.
+    fn one_file_src(dir: &Path, len: usize, seed: u32) -> PathBuf {
+        let src = dir.join("src");
+        fs::create_dir(&src).unwrap();
+        fs::write(src.join("a"), content(len, seed)).unwrap();
+        src
+    }
+
     /// A clock that moves 700 ms on by every reading.
     struct Ticking(Mutex<std::time::SystemTime>);
 
@@ -658,9 +666,7 @@ mod tests {
     #[test]
     fn the_index_records_the_seal_at_the_manifests_time() {
         let dir = tempfile::tempdir().unwrap();
-        let src = dir.path().join("src");
-        fs::create_dir(&src).unwrap();
-        fs::write(src.join("a"), content(10_000, 3)).unwrap();
+        let src = one_file_src(dir.path(), 10_000, 3);
         let root = dir.path().join("store");
         Store::init(&root, &InitOptions::default()).unwrap();
         let start = std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_800_000_000_300);
@@ -685,9 +691,7 @@ mod tests {
     #[test]
     fn a_refused_commit_leaves_no_run() {
         let dir = tempfile::tempdir().unwrap();
-        let src = dir.path().join("src");
-        fs::create_dir(&src).unwrap();
-        fs::write(src.join("a"), content(100_000, 7)).unwrap();
+        let src = one_file_src(dir.path(), 100_000, 7);
         let store = Store::init(&dir.path().join("store"), &InitOptions::default()).unwrap();
         let run = RunRef::parse("t/refused").unwrap();
         let mut seen = Vec::new();
