@@ -2,7 +2,7 @@
 //! thread, on the bytes of a directory.
 //!
 //! ```text
-//! cargo run --release --example stage_limits -- DIR [--json OUT] [--level 3] [--repeat 3]
+//! cargo run --release --example stage_limits -- DIR [--json OUT] [--level 2] [--repeat 3]
 //! ```
 //!
 //! Every regular file under DIR is read in pieces of at most 64 MiB. Each piece is timed
@@ -50,8 +50,8 @@ struct Args {
     /// Also write the report as JSON to this file.
     #[arg(long, value_name = "OUT")]
     json: Option<PathBuf>,
-    /// zstd level of the compression stage.
-    #[arg(long, default_value_t = 3)]
+    /// zstd level of the compression stage [default: a new store's level].
+    #[arg(long, default_value_t = artifactfs_core::store::InitOptions::default().compression_level)]
     level: i32,
     /// Times each stage is run on each piece; the fastest counts.
     #[arg(long, default_value_t = 3)]

@@ -71,7 +71,7 @@ pub enum Command {
         /// Largest chunk.
         #[arg(long, value_parser = parse_size)]
         chunk_max: Option<u64>,
-        /// zstd level for chunks (0 = no compression).
+        /// zstd level for chunks (0 = no compression) [default: 2].
         #[arg(long)]
         compression_level: Option<i32>,
         /// Target size of pack files.

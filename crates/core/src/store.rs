@@ -65,7 +65,8 @@ impl Default for InitOptions {
     fn default() -> Self {
         Self {
             chunker: ChunkerParams::default(),
-            compression_level: 3,
+            // zstd 2 stores what 3 stores, at 18% less CPU on new data (ADR 0030).
+            compression_level: 2,
             pack_target_size: 16 * 1024 * 1024,
             default_retention: None,
             tier: None,
