@@ -66,6 +66,11 @@ fn cp_a_then_seal_equals_source_export_and_ingest() {
     let status: serde_json::Value =
         serde_json::from_slice(&fs::read(m.p(".artifactfs/status")).unwrap()).unwrap();
     assert_eq!(status["runs"]["sealed"], 1);
+    assert_eq!(status["open_runs"], serde_json::json!([]), "{status}");
+    assert!(
+        status["chunk_cache"]["capacity_bytes"].as_u64() > Some(0),
+        "{status}"
+    );
     let events = fs::read_to_string(m.p(".artifactfs/events")).unwrap();
     assert!(events.lines().any(|l| l.contains("\"run.sealed\"")));
     m.unmount();

@@ -548,6 +548,11 @@ impl ChunkCache {
         self.inner().map.contains(id)
     }
 
+    /// The decoded bytes held now.
+    fn bytes(&self) -> usize {
+        self.inner().bytes
+    }
+
     /// The chunk if it is cached, without counting a hit or making it the most recently used.
     fn peek(&self, id: &ChunkId) -> Option<Arc<Vec<u8>>> {
         self.inner().map.peek(id).cloned()
@@ -1957,7 +1962,7 @@ impl Vfs {
                     return Err(ro("the control directory"));
                 }
                 let b = match node {
-                    Node::CtlStatus => self.status_bytes()?,
+                    Node::CtlStatus => self.status_bytes(&st)?,
                     Node::CtlEvents => self.events_bytes()?,
                     Node::CtlExpired => self.expired_bytes()?,
                     Node::CtlGc => self.gc_report_bytes(),
@@ -1999,7 +2004,7 @@ impl Vfs {
         Ok((self.new_handle(&mut st, h), info))
     }
 
-    fn status_bytes(&self) -> Result<Vec<u8>> {
+    fn status_bytes(&self, st: &State) -> Result<Vec<u8>> {
         let s = self.store.stats()?;
         let dedup = if s.chunk_raw_bytes == 0 {
             0.0
@@ -2007,6 +2012,7 @@ impl Vfs {
             s.raw_bytes as f64 / s.chunk_raw_bytes as f64
         };
         let space = self.store.disk_space()?;
+        let cache = self.cache_stats();
         let v = serde_json::json!({
             "store": self.store.root(),
             "runs": { "open": s.runs_open, "sealed": s.runs_sealed },
@@ -2016,10 +2022,52 @@ impl Vfs {
             "disk_free_bytes": space.free_bytes,
             "reserve_held": space.reserve_held,
             "lost_chunks": s.lost_chunks,
+            "seal_after_s": self.opts.seal_after.as_secs_f64(),
+            "open_runs": self.open_runs_status(st)?,
+            "chunk_cache": {
+                "hits": cache.hits,
+                "misses": cache.misses,
+                "readahead": cache.readahead,
+                "bytes": self.cache.bytes(),
+                "capacity_bytes": self.cache.max_bytes,
+            },
         });
         let mut b = serde_json::to_vec_pretty(&v).map_err(|e| Error::Internal(e.to_string()))?;
         b.push(b'\n');
         Ok(b)
+    }
+
+    /// The open runs as `status` lists them, by name: files open, how long each has been
+    /// quiet, and when it seals if it stays so (`null` while files are open or a seal is
+    /// under way; 0 once due, e.g. after its marker was closed).
+    fn open_runs_status(&self, st: &State) -> Result<Vec<serde_json::Value>> {
+        let mut out = Vec::with_capacity(st.runs.len());
+        for (&id, a) in &st.runs {
+            let (open, quiet, requested) = (a.open, a.last.elapsed(), a.seal_requested);
+            let sealing = st.sealing.contains(&id);
+            let Some(row) = self.store.index_deferred().run_by_id(id)? else {
+                continue;
+            };
+            if row.state != "open" {
+                continue;
+            }
+            let seals_in = if open > 0 || sealing {
+                None
+            } else if requested {
+                Some(0.0)
+            } else {
+                Some(self.opts.seal_after.saturating_sub(quiet).as_secs_f64())
+            };
+            out.push(serde_json::json!({
+                "run": row.run.to_string(),
+                "open_files": open,
+                "quiet_s": quiet.as_secs_f64(),
+                "seals_in_s": seals_in,
+                "sealing": sealing,
+            }));
+        }
+        out.sort_by(|a, b| a["run"].as_str().cmp(&b["run"].as_str()));
+        Ok(out)
     }
 
     fn events_bytes(&self) -> Result<Vec<u8>> {

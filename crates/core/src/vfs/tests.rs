@@ -1270,3 +1270,83 @@ fn chunked_files_hold_their_chunks_against_gc() {
     v.seal(&RunRef::parse("ns/r").unwrap()).unwrap();
     assert!(v.store().verify(None, &NoProgress).unwrap().ok());
 }
+
+/// `.artifactfs/status`, parsed.
+fn status(v: &Vfs) -> serde_json::Value {
+    let ctl = v.lookup(ROOT_INO, os(CONTROL_DIR)).unwrap().ino;
+    let ino = v.lookup(ctl, os("status")).unwrap().ino;
+    serde_json::from_slice(&read_all(v, ino, 1 << 16)).unwrap()
+}
+
+#[test]
+fn vfs_status_tells_when_each_open_run_seals_and_how_the_chunk_cache_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    let opts = VfsOptions {
+        seal_after: Duration::from_secs(600),
+        seal_marker: Some("_SUCCESS".into()),
+        ..VfsOptions::default()
+    };
+    let v = Vfs::new(new_store(tmp.path()), opts).unwrap();
+    open_run(&v, "lab", "a");
+    let b = open_run(&v, "lab", "b");
+    let (_, fh) = v.create(CTX, b, os("log"), 0o644).unwrap();
+    v.write(fh, 0, b"running").unwrap();
+
+    let s = status(&v);
+    assert_eq!(s["seal_after_s"], 600.0);
+    let runs = s["open_runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2, "{s}");
+    let (ra, rb) = (&runs[0], &runs[1]);
+    assert_eq!(
+        (ra["run"].as_str(), rb["run"].as_str()),
+        (Some("lab/a"), Some("lab/b"))
+    );
+    assert_eq!(ra["open_files"], 0);
+    let left = ra["seals_in_s"].as_f64().unwrap();
+    assert!((590.0..=600.0).contains(&left), "{ra}");
+    assert_eq!(rb["open_files"], 1);
+    assert!(
+        rb["seals_in_s"].is_null(),
+        "a run with a file open does not seal: {rb}"
+    );
+    v.flush(fh).unwrap();
+    v.release(fh).unwrap();
+    assert!(status(&v)["open_runs"][1]["seals_in_s"].as_f64().unwrap() > 590.0);
+
+    // The marker makes `b` due now (the ticker seals it); a sealed run is no longer listed.
+    write_file(&v, b, "_SUCCESS", b"");
+    assert_eq!(status(&v)["open_runs"][1]["seals_in_s"], 0.0);
+    v.seal(&RunRef::parse("lab/a").unwrap()).unwrap();
+    v.tick();
+    let s = status(&v);
+    assert_eq!(s["open_runs"], serde_json::json!([]), "{s}");
+    assert_eq!(s["runs"]["sealed"], 2);
+
+    // Reading a sealed file twice: misses, then hits, and the cache holds its chunks.
+    let data = random_bytes(300 << 10, 3);
+    write_file(&v, open_run(&v, "lab", "c"), "big", &data);
+    v.seal(&RunRef::parse("lab/c").unwrap()).unwrap();
+    let c = v
+        .lookup(v.lookup(ROOT_INO, os("lab")).unwrap().ino, os("c"))
+        .unwrap()
+        .ino;
+    let f = v.lookup(c, os("big")).unwrap().ino;
+    let before = status(&v)["chunk_cache"].clone();
+    assert!(read_all(&v, f, 64 << 10) == data);
+    let mid = status(&v)["chunk_cache"].clone();
+    assert!(read_all(&v, f, 64 << 10) == data);
+    let after = status(&v)["chunk_cache"].clone();
+    let n = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap();
+    assert!(
+        n(&mid, "misses") + n(&mid, "readahead") > n(&before, "misses"),
+        "{mid}"
+    );
+    assert!(n(&after, "hits") > n(&mid, "hits"), "{after}");
+    assert_eq!(
+        n(&after, "misses"),
+        n(&mid, "misses"),
+        "the second read decodes nothing"
+    );
+    assert!(n(&after, "bytes") >= data.len() as u64, "{after}");
+    assert_eq!(n(&after, "capacity_bytes"), 128 << 20);
+}
