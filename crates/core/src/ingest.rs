@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
-use std::io::{ErrorKind, Read};
+use std::io::{ErrorKind, Read, Seek};
 use std::ops::Range;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -347,6 +347,93 @@ fn ingest_file_in_blocks(
     Ok(InBlocks { size, chunks, hash })
 }
 
+/// Small files (at most a maximum chunk) read one after another into one shared block, cut
+/// and handed to the writer's workers together when the block is full: one message and one
+/// block from the writer's pool for hundreds of files, where each file in a block of its own
+/// cost a hand-off to a worker and back.
+#[derive(Default)]
+struct SmallFiles {
+    buf: Option<Vec<u8>>,
+    /// The files in `buf`: their manifest entry's index and where their bytes are.
+    files: Vec<(usize, Range<usize>)>,
+}
+
+impl SmallFiles {
+    /// Reads `src` (expected to hold at most a maximum chunk) into the shared block as the
+    /// content of entry `entry`; its size, or `None` if it turned out larger (it grew since
+    /// it was listed), when nothing is kept and the caller reads it as a large file.
+    fn add(
+        &mut self,
+        chunker: &Chunker,
+        writer: &mut ChunkWriter,
+        deferred: &mut Vec<(usize, InBlocks)>,
+        src: &mut File,
+        entry: usize,
+        src_name: &Path,
+    ) -> Result<Option<u64>> {
+        let max = chunker.params().max_size as usize;
+        if self
+            .buf
+            .as_ref()
+            .is_some_and(|b| b.capacity() - b.len() <= max)
+        {
+            self.flush(chunker, writer, deferred)?;
+        }
+        let buf = match &mut self.buf {
+            Some(b) => b,
+            None => self.buf.insert(writer.block_buffer(max + FILE_PIECE)?),
+        };
+        let start = buf.len();
+        let n = read_full(src, buf, max + 1, src_name)?;
+        if n > max {
+            buf.truncate(start);
+            return Ok(None);
+        }
+        self.files.push((entry, start..start + n));
+        Ok(Some(n as u64))
+    }
+
+    /// Cuts the files read so far and queues all their chunks at once; their chunk lists and
+    /// hashes go to `deferred`.
+    fn flush(
+        &mut self,
+        chunker: &Chunker,
+        writer: &mut ChunkWriter,
+        deferred: &mut Vec<(usize, InBlocks)>,
+    ) -> Result<()> {
+        let Some(buf) = self.buf.take() else {
+            return Ok(());
+        };
+        // Shared even when empty, so that the buffer goes back to the writer's pool.
+        let block = writer.share(buf);
+        let mut ranges = Vec::new();
+        let mut cuts = Vec::with_capacity(self.files.len());
+        for (_, r) in &self.files {
+            let first = ranges.len();
+            let mut pos = r.start;
+            while let Some(len) = chunker.next_cut(&block[pos..r.end], true) {
+                ranges.push(pos..pos + len);
+                pos += len;
+            }
+            cuts.push(first..ranges.len());
+        }
+        let lens: Vec<u32> = ranges.iter().map(|r| r.len() as u32).collect();
+        let first_seq = writer.submit_many_in_block(&block, ranges)?;
+        for ((entry, r), cut) in self.files.drain(..).zip(cuts) {
+            let chunks: Vec<DeferredChunk> = cut.map(|i| (first_seq + i as u64, lens[i])).collect();
+            let hash = match chunks.as_slice() {
+                [] => FileHashFrom::Known(FileHash::of(&[])),
+                [(seq, _)] => FileHashFrom::Chunk(*seq),
+                // A few chunks, one piece: hashed whole on a worker.
+                _ => FileHashFrom::Whole(writer.hash_piece(&block, r.clone(), 0, true)?),
+            };
+            let size = r.len() as u64;
+            deferred.push((entry, InBlocks { size, chunks, hash }));
+        }
+        Ok(())
+    }
+}
+
 /// Reads `src` to the end, hashing it whole and handing each content-defined chunk to `emit`.
 fn stream_chunks(
     store: &Store,
@@ -432,6 +519,8 @@ impl Store {
         let mut first_name: HashMap<(u64, u64), String> = HashMap::new();
         // Files' chunks and hashes, by entry index, until the writer has finished.
         let mut deferred: Vec<(usize, InBlocks)> = Vec::new();
+        let mut small = SmallFiles::default();
+        let small_max = u64::from(chunker.params().max_size);
         for w in &walked {
             let ft = w.meta.file_type();
             let entry = if ft.is_dir() {
@@ -464,10 +553,26 @@ impl Store {
                     first_name.insert(key, w.path.clone());
                 }
                 let mut e = base_entry(w, Kind::File)?;
-                let f = File::open(&w.fs_path).map_err(|e| Error::io("open", &w.fs_path, e))?;
-                let file = ingest_file_in_blocks(&chunker, &mut writer, f, progress, &w.fs_path)?;
-                e.size = file.size;
-                deferred.push((entries.len(), file));
+                let mut f = File::open(&w.fs_path).map_err(|e| Error::io("open", &w.fs_path, e))?;
+                let read_small = if w.meta.len() <= small_max {
+                    let i = entries.len();
+                    small.add(&chunker, &mut writer, &mut deferred, &mut f, i, &w.fs_path)?
+                } else {
+                    None
+                };
+                if let Some(n) = read_small {
+                    progress.inc(n);
+                    e.size = n;
+                } else {
+                    // Large (or grown since listed: read again from the start). The small
+                    // files before it are queued first, so chunks reach the packs in path order.
+                    small.flush(&chunker, &mut writer, &mut deferred)?;
+                    f.rewind().map_err(|e| Error::io("seek", &w.fs_path, e))?;
+                    let file =
+                        ingest_file_in_blocks(&chunker, &mut writer, f, progress, &w.fs_path)?;
+                    e.size = file.size;
+                    deferred.push((entries.len(), file));
+                }
                 e
             } else if ft.is_fifo() {
                 base_entry(w, Kind::Fifo)?
@@ -490,6 +595,7 @@ impl Store {
             };
             entries.push(entry);
         }
+        small.flush(&chunker, &mut writer, &mut deferred)?;
         let done = writer.finish_with_ids()?;
         for (i, file) in deferred {
             entries[i].blake3 = Some(file.hash.resolve(&done));
@@ -775,5 +881,89 @@ mod tests {
             report.chunks - report.new_chunks >= copy.len() as u64,
             "the copy's chunks are all duplicates"
         );
+    }
+
+    /// Small files share blocks (several blocks' worth here, so some are queued when full and
+    /// the rest at the end, around large files): each has the one-shot chunks and hash, reads
+    /// back, and the chunks of identical small files are stored once.
+    #[test]
+    fn small_files_in_shared_blocks_chunk_like_the_one_shot() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        fs::create_dir(&src).unwrap();
+        let store = Store::init(&dir.path().join("store"), &InitOptions::default()).unwrap();
+        let params = store.config().chunker;
+        let max = params.max_size as usize;
+        let mut sizes = vec![0, 1, 4096, 40_000, 100_000, max - 1, max, max + 1, 0];
+        sizes.extend((0..40).map(|i| 150_000 + i * 997));
+        sizes.push(3 * FILE_PIECE);
+        sizes.extend((0..30).map(|i| 2_000 + i * 31));
+        let mut files = Vec::new();
+        for (i, n) in sizes.iter().enumerate() {
+            let data = content(*n, i as u32 + 100);
+            fs::write(src.join(format!("f{i:03}")), &data).unwrap();
+            files.push((format!("f{i:03}"), data));
+        }
+        let dup = files[5].1.clone();
+        fs::write(src.join("g-dup"), &dup).unwrap();
+        files.push(("g-dup".into(), dup));
+
+        let run = RunRef::parse("t/small").unwrap();
+        let report = store
+            .ingest_dir(&src, &run, BTreeMap::new(), &NoProgress)
+            .unwrap();
+        let (_, m) = store.manifest(&run).unwrap();
+        for (name, data) in &files {
+            let e = m.entries.iter().find(|e| &e.path == name).unwrap();
+            assert_eq!(e.size, data.len() as u64, "{name}");
+            assert_eq!(e.blake3, Some(FileHash::of(data)), "{name}");
+            let lens: Vec<usize> = e.chunks.iter().map(|c| c.1 as usize).collect();
+            assert_eq!(
+                lens,
+                Chunker::chunk_lengths(params, data).unwrap(),
+                "{name}"
+            );
+            let mut back = Vec::new();
+            store.read_file_to(e, &mut back).unwrap();
+            assert!(back == *data, "{name} reads back");
+        }
+        let dup_chunks = m.entries.iter().find(|e| e.path == "g-dup").unwrap();
+        assert!(report.chunks - report.new_chunks >= dup_chunks.chunks.len() as u64);
+        assert!(store.verify(None, &NoProgress).unwrap().ok());
+    }
+
+    /// A file listed as small that has grown past a maximum chunk by the time it is read
+    /// leaves nothing in the shared block: it is read again as a large file.
+    #[test]
+    fn a_small_file_that_grew_leaves_the_shared_block_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::init(&dir.path().join("store"), &InitOptions::default()).unwrap();
+        let chunker = Chunker::new(store.config().chunker).unwrap();
+        let max = chunker.params().max_size as usize;
+        let (grown, small) = (dir.path().join("grown"), dir.path().join("small"));
+        fs::write(&grown, content(max + 1, 7)).unwrap();
+        fs::write(&small, b"abc").unwrap();
+
+        let seal = store.seal_guard();
+        let mut writer = store.writer(&seal);
+        let mut batch = SmallFiles::default();
+        let mut deferred = Vec::new();
+        let mut add = |batch: &mut SmallFiles, writer: &mut ChunkWriter, p: &Path, i| {
+            let mut f = File::open(p).unwrap();
+            batch
+                .add(&chunker, writer, &mut deferred, &mut f, i, p)
+                .unwrap()
+        };
+        assert_eq!(add(&mut batch, &mut writer, &small, 0), Some(3));
+        assert_eq!(add(&mut batch, &mut writer, &grown, 1), None);
+        assert_eq!(add(&mut batch, &mut writer, &small, 2), Some(3));
+        assert_eq!(batch.files, vec![(0, 0..3), (2, 3..6)]);
+        assert_eq!(batch.buf.as_deref(), Some(&b"abcabc"[..]));
+        batch.flush(&chunker, &mut writer, &mut deferred).unwrap();
+        let done = writer.finish_with_ids().unwrap();
+        assert_eq!(deferred.len(), 2);
+        for (_, f) in &deferred {
+            assert_eq!(f.hash.resolve(&done), FileHash::of(b"abc"));
+        }
     }
 }

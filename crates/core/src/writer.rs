@@ -173,6 +173,13 @@ enum Work {
         block: Arc<Block>,
         range: Range<usize>,
     },
+    /// Chunks in one block (the small files read into it), as [`Work::Chunk`] each, under the
+    /// sequence numbers from `first` on: one message for all of them.
+    Chunks {
+        first: u64,
+        block: Arc<Block>,
+        ranges: Vec<Range<usize>>,
+    },
     /// A piece of a file: hash it (see [`hash_file_piece`]) and record the result under `seq`.
     Piece {
         seq: u64,
@@ -421,6 +428,28 @@ impl ChunkWriter {
         Ok(seq)
     }
 
+    /// [`ChunkWriter::submit_in_block`] of each of `ranges`, in one message to the workers;
+    /// returns the sequence number of the first (the others follow it).
+    pub fn submit_many_in_block(
+        &mut self,
+        block: &Arc<Block>,
+        ranges: Vec<Range<usize>>,
+    ) -> Result<u64> {
+        let first = self.in_blocks;
+        if ranges.is_empty() {
+            return Ok(first);
+        }
+        let n = ranges.len() as u64;
+        self.submitted += n;
+        self.in_blocks += n;
+        self.send(Work::Chunks {
+            first,
+            block: block.clone(),
+            ranges,
+        })?;
+        Ok(first)
+    }
+
     /// Queues `block[range]`, the piece of a file at `offset` (a multiple of [`FILE_PIECE`]),
     /// for [`hash_file_piece`] on a worker; returns its sequence number, whose result
     /// [`ChunkWriter::finish_with_ids`] gives.
@@ -542,38 +571,8 @@ fn compress_loop(
         Ok(e) => e,
         Err(e) => return shared.fail(e),
     };
-    for work in rx {
-        if shared.failed() {
-            continue;
-        }
-        let (id, data) = match work {
-            Work::New(id, data) => (id, Stored::Owned(data)),
-            Work::Chunk { seq, block, range } => {
-                let id = ChunkId::of(&block[range.clone()]);
-                record(&shared.ids, seq, id, ChunkId([0; 32]));
-                match shared.claim(&id) {
-                    // New: compressed from the block, or stored from it if raw.
-                    Ok(true) => (id, Stored::InBlock(block, range)),
-                    // A duplicate: never copied, the block is released here.
-                    Ok(false) => continue,
-                    Err(e) => {
-                        shared.fail(e);
-                        continue;
-                    }
-                }
-            }
-            Work::Piece {
-                seq,
-                block,
-                range,
-                offset,
-                whole_file,
-            } => {
-                let h = hash_file_piece(offset, &block[range], whole_file);
-                record(&shared.pieces, seq, h, [0; 32]);
-                continue;
-            }
-        };
+    // Compresses (or keeps raw) a new chunk and hands it to the packer.
+    let mut store = |id: ChunkId, data: Stored| {
         let raw = data.bytes();
         let raw_len = raw.len();
         match encoder.encode(raw, &mut out) {
@@ -593,10 +592,66 @@ fn compress_loop(
                     stored,
                 };
                 if tx.send(msg).is_err() {
-                    return shared.fail(Error::Internal("packer stopped".into()));
+                    shared.fail(Error::Internal("packer stopped".into()));
                 }
             }
             Err(e) => shared.fail(e),
+        }
+    };
+    // Once the pipeline has failed, the rest is only drained (releasing its blocks).
+    for work in rx {
+        if shared.failed() {
+            continue;
+        }
+        match work {
+            Work::New(id, data) => {
+                store(id, Stored::Owned(data));
+            }
+            Work::Chunk { seq, block, range } => {
+                if let Some(id) = new_in_block(shared, seq, &block, range.clone()) {
+                    store(id, Stored::InBlock(block, range));
+                }
+            }
+            Work::Chunks {
+                first,
+                block,
+                ranges,
+            } => {
+                for (seq, range) in (first..).zip(ranges) {
+                    if shared.failed() {
+                        break;
+                    }
+                    if let Some(id) = new_in_block(shared, seq, &block, range.clone()) {
+                        store(id, Stored::InBlock(block.clone(), range));
+                    }
+                }
+            }
+            Work::Piece {
+                seq,
+                block,
+                range,
+                offset,
+                whole_file,
+            } => {
+                let h = hash_file_piece(offset, &block[range], whole_file);
+                record(&shared.pieces, seq, h, [0; 32]);
+            }
+        }
+    }
+}
+
+/// Hashes the chunk `block[range]` and records its id under `seq`; the id if the chunk is new
+/// (to be stored from the block), `None` for a duplicate (never copied) or on an error (the
+/// pipeline has failed then).
+fn new_in_block(shared: &Shared, seq: u64, block: &Block, range: Range<usize>) -> Option<ChunkId> {
+    let id = ChunkId::of(&block[range]);
+    record(&shared.ids, seq, id, ChunkId([0; 32]));
+    match shared.claim(&id) {
+        Ok(true) => Some(id),
+        Ok(false) => None,
+        Err(e) => {
+            shared.fail(e);
+            None
         }
     }
 }
