@@ -816,6 +816,37 @@ mod tests {
         assert_eq!(store.run(&run).unwrap().state, "sealed");
     }
 
+    /// Ingests `src` as `run` and checks each of `files` (name, content) in its manifest: size,
+    /// hash, the one-shot chunking of the store's chunker, and its bytes read back.
+    fn ingest_and_check(
+        store: &Store,
+        src: &Path,
+        run: &str,
+        files: &[(String, Vec<u8>)],
+    ) -> (IngestReport, Manifest) {
+        let run = RunRef::parse(run).unwrap();
+        let report = store
+            .ingest_dir(src, &run, BTreeMap::new(), &NoProgress)
+            .unwrap();
+        let (_, m) = store.manifest(&run).unwrap();
+        let params = store.config().chunker;
+        for (name, data) in files {
+            let e = m.entries.iter().find(|e| &e.path == name).unwrap();
+            assert_eq!(e.size, data.len() as u64, "{name}");
+            assert_eq!(e.blake3, Some(FileHash::of(data)), "{name}");
+            let lens: Vec<usize> = e.chunks.iter().map(|c| c.1 as usize).collect();
+            assert_eq!(
+                lens,
+                Chunker::chunk_lengths(params, data).unwrap(),
+                "{name}"
+            );
+            let mut back = Vec::new();
+            store.read_file_to(e, &mut back).unwrap();
+            assert!(back == *data, "{name} reads back");
+        }
+        (report, m)
+    }
+
     /// Files read in blocks get the one-shot BLAKE3 of their bytes as the whole-file hash and
     /// chunks that concatenate to them: empty, one chunk, one piece of several chunks, and
     /// lengths at and around multiples of the piece size (hashed in pieces, the last piece
@@ -856,21 +887,7 @@ mod tests {
             ..InitOptions::default()
         };
         let store = Store::init(&dir.path().join("store"), &opts).unwrap();
-        let run = RunRef::parse("t/blocks").unwrap();
-        let report = store
-            .ingest_dir(&src, &run, BTreeMap::new(), &NoProgress)
-            .unwrap();
-        let (_, m) = store.manifest(&run).unwrap();
-        for (name, data) in &files {
-            let e = m.entries.iter().find(|e| &e.path == name).unwrap();
-            assert_eq!(e.size, data.len() as u64, "{name}");
-            assert_eq!(e.blake3, Some(FileHash::of(data)), "{name}");
-            let lens: Vec<usize> = e.chunks.iter().map(|c| c.1 as usize).collect();
-            assert_eq!(lens, Chunker::chunk_lengths(small, data).unwrap(), "{name}");
-            let mut back = Vec::new();
-            store.read_file_to(e, &mut back).unwrap();
-            assert!(back == *data, "{name} reads back");
-        }
+        let (report, m) = ingest_and_check(&store, &src, "t/blocks", &files);
         let copy = &m
             .entries
             .iter()
@@ -892,8 +909,7 @@ mod tests {
         let src = dir.path().join("src");
         fs::create_dir(&src).unwrap();
         let store = Store::init(&dir.path().join("store"), &InitOptions::default()).unwrap();
-        let params = store.config().chunker;
-        let max = params.max_size as usize;
+        let max = store.config().chunker.max_size as usize;
         let mut sizes = vec![0, 1, 4096, 40_000, 100_000, max - 1, max, max + 1, 0];
         sizes.extend((0..40).map(|i| 150_000 + i * 997));
         sizes.push(3 * FILE_PIECE);
@@ -908,25 +924,7 @@ mod tests {
         fs::write(src.join("g-dup"), &dup).unwrap();
         files.push(("g-dup".into(), dup));
 
-        let run = RunRef::parse("t/small").unwrap();
-        let report = store
-            .ingest_dir(&src, &run, BTreeMap::new(), &NoProgress)
-            .unwrap();
-        let (_, m) = store.manifest(&run).unwrap();
-        for (name, data) in &files {
-            let e = m.entries.iter().find(|e| &e.path == name).unwrap();
-            assert_eq!(e.size, data.len() as u64, "{name}");
-            assert_eq!(e.blake3, Some(FileHash::of(data)), "{name}");
-            let lens: Vec<usize> = e.chunks.iter().map(|c| c.1 as usize).collect();
-            assert_eq!(
-                lens,
-                Chunker::chunk_lengths(params, data).unwrap(),
-                "{name}"
-            );
-            let mut back = Vec::new();
-            store.read_file_to(e, &mut back).unwrap();
-            assert!(back == *data, "{name} reads back");
-        }
+        let (report, m) = ingest_and_check(&store, &src, "t/small", &files);
         let dup_chunks = m.entries.iter().find(|e| e.path == "g-dup").unwrap();
         assert!(report.chunks - report.new_chunks >= dup_chunks.chunks.len() as u64);
         assert!(store.verify(None, &NoProgress).unwrap().ok());
