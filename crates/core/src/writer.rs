@@ -10,10 +10,10 @@
 //! uses shared read blocks instead: the reader reads a file into a [`Block`] from the writer's
 //! pool, cuts chunks as ranges of it, and hands each range to the workers
 //! ([`ChunkWriter::submit_in_block`]); no chunk is copied on its way in, and a duplicate is never
-//! copied at all. Small files share a block, and all its chunks go in one message
-//! ([`ChunkWriter::submit_many_in_block`]). The workers also hash the file itself, in aligned pieces
-//! ([`ChunkWriter::hash_piece`], [`file_hash_from_pieces`]), so that the reader only reads and
-//! cuts. Ids and piece hashes of this second way are known after
+//! copied at all. Small files share a block, whose chunks then go in one message
+//! ([`ChunkWriter::submit_many_in_block`]). The workers also hash the file itself, in aligned
+//! pieces ([`ChunkWriter::hash_piece`], [`file_hash_from_pieces`]), so that the reader only
+//! reads and cuts. Ids and piece hashes of this second way are known after
 //! [`ChunkWriter::finish_with_ids`], by sequence number.
 //!
 //! A chunk already indexed (or already taken on by this writer) is not stored again. New chunks
