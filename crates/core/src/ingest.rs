@@ -214,12 +214,8 @@ pub fn ingest_stream_in_blocks(
     let chunker = Chunker::new(store.config().chunker)?;
     let file = ingest_file_in_blocks(&chunker, &mut writer, src, &NoProgress, src_name)?;
     let done = writer.finish_with_ids()?;
-    let chunks = file
-        .chunks
-        .iter()
-        .map(|&(seq, len)| ChunkRef(done.ids[seq as usize], len))
-        .collect();
-    Ok((file.size, file.hash.resolve(&done), chunks))
+    let (hash, chunks) = file.resolve(&done);
+    Ok((file.size, hash, chunks))
 }
 
 /// A chunk whose id is not known yet: (the writer's sequence number, plaintext length).
@@ -256,6 +252,18 @@ struct InBlocks {
     size: u64,
     chunks: Vec<DeferredChunk>,
     hash: FileHashFrom,
+}
+
+impl InBlocks {
+    /// The file's hash and chunk list, once the writer has finished.
+    fn resolve(&self, done: &Finished) -> (FileHash, Vec<ChunkRef>) {
+        let chunks = self
+            .chunks
+            .iter()
+            .map(|&(seq, len)| ChunkRef(done.ids[seq as usize], len))
+            .collect();
+        (self.hash.resolve(done), chunks)
+    }
 }
 
 /// Appends up to `want` bytes of `src` to `buf` (into its spare capacity, which is not zeroed
@@ -554,20 +562,23 @@ impl Store {
                 }
                 let mut e = base_entry(w, Kind::File)?;
                 let mut f = File::open(&w.fs_path).map_err(|e| Error::io("open", &w.fs_path, e))?;
-                let read_small = if w.meta.len() <= small_max {
+                let mut read_small = None;
+                if w.meta.len() <= small_max {
                     let i = entries.len();
-                    small.add(&chunker, &mut writer, &mut deferred, &mut f, i, &w.fs_path)?
-                } else {
-                    None
-                };
+                    read_small =
+                        small.add(&chunker, &mut writer, &mut deferred, &mut f, i, &w.fs_path)?;
+                    if read_small.is_none() {
+                        // Grown since it was listed: read again, from the start, as large.
+                        f.rewind().map_err(|e| Error::io("seek", &w.fs_path, e))?;
+                    }
+                }
                 if let Some(n) = read_small {
                     progress.inc(n);
                     e.size = n;
                 } else {
-                    // Large (or grown since listed: read again from the start). The small
-                    // files before it are queued first, so chunks reach the packs in path order.
+                    // The small files before it are queued first, so that chunks reach the
+                    // packs in path order.
                     small.flush(&chunker, &mut writer, &mut deferred)?;
-                    f.rewind().map_err(|e| Error::io("seek", &w.fs_path, e))?;
                     let file =
                         ingest_file_in_blocks(&chunker, &mut writer, f, progress, &w.fs_path)?;
                     e.size = file.size;
@@ -598,12 +609,9 @@ impl Store {
         small.flush(&chunker, &mut writer, &mut deferred)?;
         let done = writer.finish_with_ids()?;
         for (i, file) in deferred {
-            entries[i].blake3 = Some(file.hash.resolve(&done));
-            entries[i].chunks = file
-                .chunks
-                .into_iter()
-                .map(|(seq, len)| ChunkRef(done.ids[seq as usize], len))
-                .collect();
+            let (hash, chunks) = file.resolve(&done);
+            entries[i].blake3 = Some(hash);
+            entries[i].chunks = chunks;
         }
         let stats = done.stats;
 
