@@ -433,12 +433,8 @@ impl Store {
     ) -> Result<()> {
         runs.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.0.cmp(&b.1.0)));
         for (at, d, m) in runs {
-            let detail = serde_json::json!({
-                "manifest": d.to_hex(),
-                "files": m.entries.iter().filter(|e| e.kind != manifest::Kind::Dir).count(),
-                "raw_bytes": m.raw_bytes(),
-                "rebuilt": true,
-            });
+            let mut detail = crate::store::sealed_event_detail(&m, &d);
+            detail["rebuilt"] = true.into();
             match self.index().insert_rebuilt_run(&m, &d, at, detail) {
                 Ok((_, lost)) => {
                     report.runs += 1;

@@ -393,18 +393,24 @@ impl Store {
         m.canonicalize();
         let bytes = m.canonical_bytes()?;
         let (digest, stored) = manifest::store_manifest(&*self.objects, &bytes)?;
-        let now = m
-            .sealed_at_ns()
-            .unwrap_or_else(|| to_unix_ns(self.clock.now()));
-        let detail = serde_json::json!({
-            "manifest": digest.to_hex(),
-            "files": m.entries.iter().filter(|e| e.kind != Kind::Dir).count(),
-            "raw_bytes": m.raw_bytes(),
-        });
-        self.index().insert_sealed_run(m, &digest, now, detail)?;
+        let (at, detail) = self.seal_record(m, &digest);
+        self.index().insert_sealed_run(m, &digest, at, detail)?;
         tracing::info!(run = %format!("{}/{}", m.namespace, m.run), manifest = %digest, "run sealed");
         self.record_lifecycle();
         Ok((digest, stored))
+    }
+
+    /// What the index records of the seal of `m`: the time (the manifest's `sealed_at`, so that
+    /// an index rebuilt from the manifests shows the same) and the `run.sealed` event's detail.
+    pub(crate) fn seal_record(
+        &self,
+        m: &Manifest,
+        digest: &ManifestDigest,
+    ) -> (i64, serde_json::Value) {
+        let at = m
+            .sealed_at_ns()
+            .unwrap_or_else(|| to_unix_ns(self.clock.now()));
+        (at, sealed_event_detail(m, digest))
     }
 
     /// A run (not deleted) by name, as committed.
@@ -664,4 +670,14 @@ pub(crate) fn take_lock(root: &Path) -> Result<File> {
     f.write_all(std::process::id().to_string().as_bytes())
         .map_err(|e| Error::io("write", &path, e))?;
     Ok(f)
+}
+
+/// The detail of a `run.sealed` event: the manifest digest, the files (entries that are not
+/// directories) and the raw bytes.
+pub(crate) fn sealed_event_detail(m: &Manifest, digest: &ManifestDigest) -> serde_json::Value {
+    serde_json::json!({
+        "manifest": digest.to_hex(),
+        "files": m.entries.iter().filter(|e| e.kind != Kind::Dir).count(),
+        "raw_bytes": m.raw_bytes(),
+    })
 }

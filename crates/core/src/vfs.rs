@@ -4153,17 +4153,10 @@ impl Drop for Vfs {
 /// Commits a built seal: one index transaction.
 fn commit_seal(store: &Store, run_id: i64, b: &BuiltSeal) -> Result<()> {
     let m = &b.manifest;
-    let now = m
-        .sealed_at_ns()
-        .unwrap_or_else(|| to_unix_ns(store.clock().now()));
-    let detail = serde_json::json!({
-        "manifest": b.digest.to_hex(),
-        "files": m.entries.iter().filter(|e| e.kind != Kind::Dir).count(),
-        "raw_bytes": m.raw_bytes(),
-    });
+    let (at, detail) = store.seal_record(m, &b.digest);
     store
         .index()
-        .seal_open_run(run_id, m, &b.digest, now, detail)?;
+        .seal_open_run(run_id, m, &b.digest, at, detail)?;
     store.record_lifecycle();
     // The run's inline file contents left the index: give the space back.
     if let Err(e) = store.index().reclaim_space() {
