@@ -24,13 +24,14 @@ use crate::manifest::{ChunkRef, Entry, Kind, Manifest, XattrValue};
 use crate::names::RunRef;
 use crate::pack::PackEntry;
 
+pub mod journal;
 mod pool;
 mod retention;
 pub use pool::{PooledIndex, ReadPool};
 pub use retention::{DefaultRetention, ExpiredRun, HoldRow, PackUsage, RunRetention, SweepStats};
 
 /// Schema version written by this build.
-pub const SCHEMA_VERSION: i64 = 7;
+pub const SCHEMA_VERSION: i64 = 8;
 
 const MIGRATIONS: &[&str] = &[
     // 0 -> 1
@@ -194,6 +195,15 @@ const MIGRATIONS: &[&str] = &[
         UPDATE chunks SET refs = refs - 1 WHERE hash = OLD.hash;
     END;
     "#,
+    // 7 -> 8: the last step of the close journal (ADR 0031) the index holds, set in the
+    // transaction of every step: after a crash the journal's later steps are applied again.
+    r#"
+    CREATE TABLE journal_mark (
+        id          INTEGER PRIMARY KEY CHECK (id = 1),
+        journal     BLOB NOT NULL,
+        seq         INTEGER NOT NULL
+    );
+    "#,
 ];
 
 /// Columns of the rows [`file_row`] reads, as a literal for `concat!`.
@@ -264,13 +274,23 @@ pub struct Index {
     pub(crate) path: PathBuf,
     /// The store-wide default retention for new runs (config), when there is one.
     default_retention: Option<DefaultRetention>,
-    /// A write transaction the view left open (`meta_write_deferred`), committed by the next
+    /// A write transaction the view left open (`journaled_step`), committed by the next
     /// `meta_write`, by [`Index::begin`] and by [`SharedIndex::lock`].
     deferred: bool,
     /// Whether the last write transaction that SQLite rolled back on an error (deferred
     /// changes with it) failed because the disk was full.
     rolled_back_full: bool,
+    /// The close journal of the deferred transaction (ADR 0031), for the store's own
+    /// connection ([`Index::open_journal`]); without one, a close commits.
+    journal: Option<journal::Journal>,
 }
+
+/// A close commits the journaled steps when this many closes were journaled since the last
+/// commit, or the journal holds this many bytes, or (`Index::commit_journal_after`) its first
+/// close is this old.
+const JOURNAL_BATCH_CLOSES: usize = 512;
+const JOURNAL_BATCH_BYTES: u64 = 8 << 20;
+pub(crate) const JOURNAL_BATCH_AGE: Duration = Duration::from_secs(1);
 
 impl Drop for Index {
     fn drop(&mut self) {
@@ -407,6 +427,7 @@ impl Index {
             default_retention: None,
             deferred: false,
             rolled_back_full: false,
+            journal: None,
         };
         idx.migrate(create)?;
         Ok(idx)
@@ -440,6 +461,13 @@ impl Index {
         let r = r.map_err(self.err());
         if r.is_ok() || self.conn.is_autocommit() {
             self.deferred = false;
+        }
+        if let Some(j) = self.journal.as_mut() {
+            if r.is_ok() {
+                j.committed();
+            } else if self.conn.is_autocommit() {
+                j.rolled_back();
+            }
         }
         if let Err(e) = &r
             && self.conn.is_autocommit()
@@ -921,6 +949,7 @@ impl Index {
             default_retention: None,
             deferred: false,
             rolled_back_full: false,
+            journal: None,
         };
         idx.last_event_seq()
     }
@@ -1347,16 +1376,243 @@ impl Index {
         Ok(out)
     }
 
-    /// [`Index::meta_write`] without the commit: the transaction stays open and commits with
-    /// the next `meta_write`, [`Index::begin`], [`Index::durable`] or [`SharedIndex::lock`].
-    /// For the view's file creations, which the file's close then commits together with its
-    /// content (one commit per copied file, not two). A crash before that loses only files
-    /// that were never closed.
-    pub(crate) fn meta_write_deferred<T>(
+    /// A step of the view's deferred transaction that the close journal records (ADR 0031):
+    /// `f` reads what it needs and returns the step, which is applied and queued for the
+    /// journal's next write ([`Index::journal_close`]). Returns the step as applied (a
+    /// `Create` with its inode number).
+    pub(crate) fn journaled_step(
         &mut self,
-        f: impl FnOnce(&Meta<'_>) -> Result<T>,
-    ) -> Result<T> {
-        self.write_step(f)
+        f: impl FnOnce(&Meta<'_>) -> Result<journal::Step>,
+    ) -> Result<journal::Step> {
+        let mark = self.journal.as_ref().map(|j| (j.id, j.next_seq));
+        let step = self.write_step(|m| {
+            let mut step = f(m)?;
+            step.apply(m)?;
+            if let Some((id, seq)) = &mark {
+                m.set_journal_mark(id, *seq)?;
+            }
+            Ok(step)
+        })?;
+        if let (Some(j), Some((_, seq))) = (self.journal.as_mut(), mark) {
+            j.next_seq = seq + 1;
+            if let Err(e) = j.push(seq, &step) {
+                // The step is in the transaction but cannot be journaled: commit it.
+                tracing::warn!("cannot journal a step, committing instead: {e}");
+                self.commit_deferred()?;
+            }
+        }
+        Ok(step)
+    }
+
+    /// A close: what it promises (every step so far) must outlive a crash of this process.
+    /// Writes the journal's queued steps, leaving the transaction open, and commits it once a
+    /// batch is full. Without a journal, or if the journal cannot be written (a full disk),
+    /// commits.
+    pub(crate) fn journal_close(&mut self) -> Result<()> {
+        if !self.deferred {
+            return Ok(());
+        }
+        let Some(j) = self.journal.as_mut() else {
+            return self.commit_deferred();
+        };
+        if let Err(e) = j.write_pending() {
+            tracing::debug!("index journal not written, committing instead: {e}");
+            return self.commit_deferred();
+        }
+        j.closes += 1;
+        j.first_close.get_or_insert_with(std::time::Instant::now);
+        if j.closes >= JOURNAL_BATCH_CLOSES || j.len() >= JOURNAL_BATCH_BYTES {
+            return self.commit_deferred();
+        }
+        Ok(())
+    }
+
+    /// Commits the journaled closes if the first of them is at least `age` old (the view
+    /// calls it about once a second).
+    pub(crate) fn commit_journal_after(&mut self, age: Duration) {
+        if self
+            .journal
+            .as_ref()
+            .and_then(|j| j.first_close)
+            .is_some_and(|t| t.elapsed() >= age)
+        {
+            self.settle();
+        }
+    }
+
+    /// What a failed commit does to the view's transaction (for tests): rolled back, the
+    /// journal told.
+    #[cfg(test)]
+    pub(crate) fn roll_back_for_test(&mut self) {
+        if self.deferred {
+            self.conn.execute_batch("ROLLBACK").unwrap();
+            self.deferred = false;
+            if let Some(j) = self.journal.as_mut() {
+                j.rolled_back();
+            }
+        }
+    }
+
+    /// What a kill -9 leaves (for tests): the open transaction gone, the journal file as it
+    /// was written, and nothing committed when the index is dropped.
+    #[cfg(test)]
+    pub(crate) fn crash_for_test(&mut self) {
+        if self.deferred {
+            self.conn.execute_batch("ROLLBACK").unwrap();
+            self.deferred = false;
+        }
+        self.journal = None;
+    }
+
+    /// The last journal step the index holds (ADR 0031); `([0; 16], 0)` before any.
+    fn journal_mark(&self) -> Result<journal::Mark> {
+        let row = self
+            .conn
+            .prepare_cached("SELECT journal, seq FROM journal_mark WHERE id = 1")
+            .and_then(|mut s| {
+                s.query_row([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?)))
+                    .optional()
+            })
+            .map_err(self.err())?;
+        match row {
+            None => Ok(([0; 16], 0)),
+            Some((id, seq)) => {
+                let id: [u8; 16] = id.try_into().map_err(|_| {
+                    Error::corrupt("journal_mark", "the journal id is not 16 bytes")
+                })?;
+                Ok((id, seq as u64))
+            }
+        }
+    }
+
+    /// Applies `steps` in the open transaction, setting the mark to the last.
+    fn apply_steps(&self, id: &[u8; 16], steps: &mut [(u64, journal::Step)]) -> Result<()> {
+        let m = Meta {
+            conn: &self.conn,
+            path: &self.path,
+            default_retention: self.default_retention.as_ref(),
+        };
+        for (seq, step) in steps.iter_mut() {
+            step.apply(&m)
+                .map_err(|e| Error::Internal(format!("journal step {seq}: {e}")))?;
+        }
+        if let Some((seq, _)) = steps.last() {
+            m.set_journal_mark(id, *seq)?;
+        }
+        Ok(())
+    }
+
+    /// Opens the store's close journal (ADR 0031), first applying what a crash left in it:
+    /// the steps past the index's mark, in one transaction, made durable before the journal
+    /// is emptied. A journal that cannot be applied (written for another index, unreadable, or
+    /// a step that fails) is moved aside, never deleted, and the store opens without it: the
+    /// error log says where it went. With `fresh` (a new or rebuilt index), an existing journal
+    /// that holds steps is moved aside unapplied.
+    pub(crate) fn open_journal(&mut self, fresh: bool) -> Result<()> {
+        let path = journal::path_for(&self.path);
+        let contents = if fresh {
+            // An old index's journal with steps in it (a rebuild after a crash), or one that
+            // cannot be read: kept.
+            let keep = match journal::read(&path) {
+                Ok(c) => c.is_some_and(|c| !c.steps.is_empty()),
+                Err(_) => true,
+            };
+            if keep {
+                let aside = journal::set_aside(&path)?;
+                tracing::warn!(journal = %aside.display(), "a new index does not take the old index's journal: moved aside");
+            }
+            None
+        } else {
+            match journal::read(&path) {
+                Ok(c) => c,
+                Err(e) => {
+                    let aside = journal::set_aside(&path)?;
+                    tracing::error!(journal = %aside.display(), "the index journal cannot be read ({e}): moved aside, the store opens without the file changes it may hold");
+                    None
+                }
+            }
+        };
+        if let Some(c) = contents {
+            let (id, dropped) = (c.id, c.dropped_bytes);
+            match c.unapplied(self.journal_mark()?) {
+                None => {
+                    let aside = journal::set_aside(&path)?;
+                    tracing::error!(journal = %aside.display(), "the index journal was written for another index: moved aside");
+                }
+                Some(mut steps) if !steps.is_empty() => {
+                    let n = steps.len();
+                    let applied = self.durable(|idx| {
+                        let tx = idx.conn.unchecked_transaction().map_err(idx.err())?;
+                        idx.apply_steps(&id, &mut steps)?;
+                        tx.commit().map_err(idx.err())
+                    });
+                    match applied {
+                        Ok(()) => tracing::info!(
+                            steps = n,
+                            dropped_bytes = dropped,
+                            "applied the file changes a crash left in the index journal"
+                        ),
+                        Err(e) => {
+                            let aside = journal::set_aside(&path)?;
+                            tracing::error!(journal = %aside.display(), "the index journal cannot be applied ({e}): moved aside, the store opens without the file changes it holds");
+                        }
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+        self.journal = Some(journal::Journal::create(&path, self.journal_mark()?)?);
+        Ok(())
+    }
+
+    /// In a transaction just begun after a rollback took journaled steps with it: applies the
+    /// journal's steps past the mark again. If they cannot be, the journal is moved aside and
+    /// the error logged (what it holds is not lost, but the index goes on without it).
+    fn restore_journal(&mut self) {
+        let Some(j) = self.journal.as_ref() else {
+            return;
+        };
+        let id = j.id;
+        let r = j.written().and_then(|c| {
+            let mark = self.journal_mark()?;
+            let mut steps = match c.map(|c| c.unapplied(mark)) {
+                None => return Ok(()),
+                Some(Some(steps)) => steps,
+                Some(None) => {
+                    return Err(Error::Internal(
+                        "the journal does not follow the index's mark".into(),
+                    ));
+                }
+            };
+            self.conn
+                .execute_batch("SAVEPOINT restore")
+                .map_err(self.err())?;
+            match self.apply_steps(&id, &mut steps) {
+                Ok(()) => self
+                    .conn
+                    .execute_batch("RELEASE restore")
+                    .map_err(self.err()),
+                Err(e) => {
+                    let _ = self
+                        .conn
+                        .execute_batch("ROLLBACK TO restore; RELEASE restore");
+                    Err(e)
+                }
+            }
+        });
+        let mark = self.journal_mark().unwrap_or(([0; 16], 0));
+        let j = self.journal.as_mut().expect("checked above");
+        j.lost = false;
+        if let Err(e) = r {
+            match j.set_aside(mark) {
+                Ok(aside) => {
+                    tracing::error!(journal = %aside.display(), "closed files a failed commit rolled back cannot be restored from the index journal ({e}): moved aside")
+                }
+                Err(e2) => {
+                    tracing::error!(journal = %j.path().display(), "closed files a failed commit rolled back cannot be restored from the index journal ({e}), nor can it be moved aside: {e2}")
+                }
+            }
+        }
     }
 
     /// Runs `f` as one step of the open write transaction, starting one if none is open; a
@@ -1373,6 +1629,9 @@ impl Index {
         if fresh {
             run(&self.conn, "BEGIN IMMEDIATE")?;
             self.deferred = true;
+            if self.journal.as_ref().is_some_and(|j| j.lost) {
+                self.restore_journal();
+            }
         } else {
             run(&self.conn, "SAVEPOINT step")?;
         }
@@ -1391,10 +1650,16 @@ impl Index {
                 // pages to the WAL): the deferred changes before this step are gone too.
                 self.deferred = false;
                 self.rolled_back_full = e.is_disk_full();
+                if let Some(j) = self.journal.as_mut() {
+                    j.rolled_back();
+                }
             }
             (Err(_), true) => {
                 run(&self.conn, "ROLLBACK")?;
                 self.deferred = false;
+                if let Some(j) = self.journal.as_mut() {
+                    j.rolled_back();
+                }
             }
             (Err(_), false) => {
                 run(&self.conn, "ROLLBACK TO step")?;
@@ -1970,6 +2235,17 @@ impl Meta<'_> {
             .prepare_cached("SELECT ino FROM dentries WHERE parent = ?1 AND name = ?2")
             .and_then(|mut s| s.query_row(params![parent, name], |r| r.get(0)).optional())
             .map_err(self.err())
+    }
+
+    /// Records `seq` of journal `id` as the last journal step in the index (ADR 0031).
+    pub fn set_journal_mark(&self, id: &[u8; 16], seq: u64) -> Result<()> {
+        self.conn
+            .prepare_cached(
+                "INSERT OR REPLACE INTO journal_mark (id, journal, seq) VALUES (1, ?1, ?2)",
+            )
+            .and_then(|mut s| s.execute(params![&id[..], seq as i64]))
+            .map_err(self.err())
+            .map(drop)
     }
 
     /// Adds (or repoints) the name `name` in `parent`.

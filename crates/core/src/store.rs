@@ -283,6 +283,8 @@ impl Store {
                 retention,
             }));
         }
+        // A crash of the mount may have left closed files in the journal only (ADR 0031).
+        index.open_journal(new_index)?;
         crate::objstore::remove_stale_temp_files(&root.join("objects"));
         reserve.ensure();
         Ok(Self {

@@ -39,6 +39,7 @@ use std::time::{Duration, Instant};
 use crate::clock::{rfc3339, to_unix_ns};
 use crate::error::{Error, Result};
 use crate::id::{ChunkId, ManifestDigest};
+use crate::index::journal::Step;
 use crate::index::{ChunkedContent, InodeRow, Meta, NamespaceRow};
 use crate::ingest::{ingest_stream, producer_metadata};
 use crate::manifest::{self, Entry, Kind, MANIFEST_FORMAT, Manifest, ROOT, XattrValue};
@@ -171,7 +172,9 @@ pub struct SetAttr {
     pub mtime_ns: Option<Option<i64>>,
 }
 
-/// Whether changes persisted by a step of the view commit at once or with the next commit.
+/// What a close does with the changes it persists: `Commit` promises them (they reach the
+/// close journal, and commit with its batch, ADR 0031), `Defer` leaves them to the commit that
+/// comes next (a rename's).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Then {
     Commit,
@@ -1605,26 +1608,33 @@ impl Vfs {
         }
         row.run = dir.run;
         let now = row.ctime_ns;
+        debug_assert_eq!(now, row.ctime_ns);
         let mut idx = self.store.index_deferred();
         let create = |m: &Meta<'_>| {
             if m.lookup(dir_ino, name)?.is_some() {
                 return Err(Error::AlreadyExists(name.to_owned()));
             }
-            let ino = m.insert_inode(&row)?;
-            m.set_dentry(dir_ino, name, ino)?;
-            m.set_times(dir_ino, now, now)?;
-            if row.kind == Kind::File {
-                // A new file starts inline; it moves to a staging file if it grows.
-                m.set_inline_data(ino, &[])?;
-            }
-            Ok(ino)
+            Ok(Step::Create {
+                dir: dir_ino,
+                name: name.to_owned(),
+                row: row.clone(),
+            })
         };
-        let ino = if defer {
-            idx.meta_write_deferred(create)?
+        let made = if defer {
+            // Journaled: the file's close writes it to the journal (ADR 0031).
+            idx.journaled_step(create)?
         } else {
-            idx.meta_write(create)?
+            idx.meta_write(|m| {
+                let mut step = create(m)?;
+                step.apply(m)?;
+                Ok(step)
+            })?
         };
         drop(idx);
+        let Step::Create { row: made, .. } = made else {
+            unreachable!("a create step")
+        };
+        let ino = made.ino;
         st.dirty_mtime.remove(&dir_ino);
         if row.kind == Kind::Dir {
             self.forget_subdirs(&[dir_ino]);
@@ -2897,34 +2907,38 @@ impl Vfs {
         if data.is_none() && patch.is_none() && !st.dirty_mtime.contains_key(&inode) {
             // Its creation, if that is still deferred, commits all the same.
             return match then {
-                Then::Commit => self.store.index_deferred().commit_deferred(),
+                Then::Commit => self.store.index_deferred().journal_close(),
                 Then::Defer => Ok(()),
             };
         }
         let t = st.dirty_mtime.get(&inode).copied();
-        let write = |f: &dyn Fn(&Meta<'_>) -> Result<()>| match then {
-            Then::Commit => self.meta_write(f),
-            Then::Defer => self.store.index_deferred().meta_write_deferred(f),
-        };
-        write(&|m| {
-            if let Some(p) = patch {
-                if let Some(row) = m.inode(inode)? {
+        let mut idx = self.store.index_deferred();
+        // One journaled step (ADR 0031); a close then writes the journal instead of
+        // committing, a release before a rename leaves it to the rename's commit.
+        idx.journaled_step(|m| {
+            let row = match patch {
+                Some(p) => m.inode(inode)?.map(|row| {
                     let mut row = p.applied(row);
                     if let Some(t) = t {
                         // A write after the patch's utimens: its time wins, as it would have.
                         row.mtime_ns = t;
                         row.ctime_ns = row.ctime_ns.max(t);
                     }
-                    m.update_inode(&row)?;
-                }
-            } else if let Some(t) = t {
-                m.set_times(inode, t, t)?;
-            }
-            if let Some(d) = data {
-                m.set_inline_data(inode, d)?;
-            }
-            Ok(())
+                    row
+                }),
+                None => None,
+            };
+            Ok(Step::Persist {
+                ino: inode,
+                times: if patch.is_none() { t } else { None },
+                row,
+                inline: data.cloned(),
+            })
         })?;
+        if then == Then::Commit {
+            idx.journal_close()?;
+        }
+        drop(idx);
         st.dirty_mtime.remove(&inode);
         st.dirty_attrs.remove(&inode);
         if let Some(i) = st.inline.get_mut(&inode) {
@@ -3793,6 +3807,9 @@ impl Vfs {
     /// with no file open. Call about once a second.
     pub fn tick(&self) {
         self.store.keep_reserve();
+        self.store
+            .index_deferred()
+            .commit_journal_after(crate::index::JOURNAL_BATCH_AGE);
         let due: Vec<(i64, &str)> = {
             let st = self.lock();
             st.runs

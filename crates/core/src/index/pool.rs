@@ -220,6 +220,7 @@ impl Index {
             default_retention: None,
             deferred: false,
             rolled_back_full: false,
+            journal: None,
         })
     }
 
@@ -406,7 +407,11 @@ mod tests {
         let (_, fh) = v.create(CTX, run, OsStr::new("new.txt"), 0o644).unwrap();
         assert!(v.lookup(run, OsStr::new("new.txt")).is_ok());
         assert_eq!(committed("new.txt"), None);
+        // Closed: journaled (ADR 0031), still not committed until the batch is, which any
+        // other user of the index makes it.
         v.release(fh).unwrap();
+        assert_eq!(committed("new.txt"), None);
+        v.store().stats().unwrap();
         assert!(committed("new.txt").is_some());
     }
 

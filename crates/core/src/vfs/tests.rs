@@ -1005,6 +1005,18 @@ fn a_seal_gives_the_index_space_of_inline_files_back() {
     );
 }
 
+/// Whether the close journal of `v`'s store holds the creation of a file named `name`.
+fn journaled(v: &Vfs, name: &str) -> bool {
+    let path = crate::index::journal::path_for(&v.store().root().join("index.sqlite"));
+    crate::index::journal::read(&path)
+        .unwrap()
+        .is_some_and(|c| {
+            c.steps.iter().any(
+                |(_, s)| matches!(s, crate::index::journal::Step::Create { name: n, .. } if n == name),
+            )
+        })
+}
+
 /// Whether a connection of its own (another process, or what a crash leaves) finds a directory
 /// entry named `name` in the index of `v`.
 fn committed(v: &Vfs, name: &str) -> bool {
@@ -1032,15 +1044,22 @@ fn a_new_file_commits_with_its_close_and_before_anyone_else_reads() {
         v.create(CTX, run, os("a"), 0o644),
         Err(Error::AlreadyExists(_))
     ));
-    // The close commits the creation together with the content.
+    // The close writes the creation and the content to the journal (ADR 0031); they commit
+    // with the journal's batch.
     v.flush(fh).unwrap();
-    assert!(committed(&v, "a"));
+    assert!(journaled(&v, "a"));
+    assert!(!committed(&v, "a"));
     v.release(fh).unwrap();
-    // A file closed without a write or an attribute change commits all the same.
+    // A file closed without a write or an attribute change is journaled all the same.
     let (_, fh) = v.create(CTX, run, os("empty"), 0o644).unwrap();
     v.flush(fh).unwrap();
     v.release(fh).unwrap();
-    assert!(committed(&v, "empty"));
+    assert!(journaled(&v, "empty"));
+    // The batch commits once its first close is a second old (the mount's tick).
+    std::thread::sleep(crate::index::JOURNAL_BATCH_AGE);
+    v.tick();
+    assert!(committed(&v, "a") && committed(&v, "empty"));
+    assert!(!journaled(&v, "a"), "a commit empties the journal");
     // Any other user of the store reads committed state: taking the index commits first.
     // (The files closed above are chunked ahead in the background, which takes it too.)
     v.preseal.wait_idle();
@@ -1349,4 +1368,109 @@ fn vfs_status_tells_when_each_open_run_seals_and_how_the_chunk_cache_does() {
     );
     assert!(n(&after, "bytes") >= data.len() as u64, "{after}");
     assert_eq!(n(&after, "capacity_bytes"), 128 << 20);
+}
+
+#[test]
+fn closed_files_wait_in_the_journal_and_neither_a_rollback_nor_a_crash_loses_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (v, run) = fresh_run(tmp.path());
+    // Closed (flushed) and still open, so that nothing else takes the index meanwhile.
+    let write = |names: &[String]| {
+        for (i, name) in names.iter().enumerate() {
+            let (a, fh) = v.create(CTX, run, os(name), 0o644).unwrap();
+            v.write(fh, 0, name.repeat(i + 1).as_bytes()).unwrap();
+            let set = SetAttr {
+                mode: Some(0o600),
+                mtime_ns: Some(Some(1_600_000_000_000_000_000 + i as i64)),
+                ..SetAttr::default()
+            };
+            v.setattr(a.ino, set, Some(fh)).unwrap();
+            v.flush(fh).unwrap();
+        }
+    };
+    let first: Vec<String> = (0..20).map(|i| format!("f{i}")).collect();
+    write(&first);
+    assert!(first.iter().all(|n| journaled(&v, n) && !committed(&v, n)));
+
+    // A failed commit rolls the transaction back: the next change applies the journal's
+    // steps again before its own, and commits them.
+    v.store().index_deferred().roll_back_for_test();
+    assert!(v.lookup(run, os("f3")).is_err(), "rolled back");
+    v.mkdir(CTX, run, os("d"), 0o755).unwrap();
+    assert!(first.iter().all(|n| committed(&v, n)));
+    assert!(committed(&v, "d"));
+
+    // A crash with closes in the journal only: the next open of the store applies them.
+    let second: Vec<String> = (0..30).map(|i| format!("g{i}")).collect();
+    write(&second);
+    assert!(second.iter().all(|n| journaled(&v, n) && !committed(&v, n)));
+    v.store().index_deferred().crash_for_test();
+    let (v, r) = reopen(v, "ns", "r");
+    for names in [&first, &second] {
+        for (i, name) in names.iter().enumerate() {
+            let a = v.lookup(r.ino, os(name)).unwrap();
+            assert_eq!(
+                read_all(&v, a.ino, 4096),
+                name.repeat(i + 1).as_bytes(),
+                "{name}"
+            );
+            assert_eq!(a.mode & 0o7777, 0o600, "{name}");
+            assert_eq!(a.mtime_ns, 1_600_000_000_000_000_000 + i as i64, "{name}");
+        }
+    }
+    assert!(second.iter().all(|n| committed(&v, n)));
+    let path = crate::index::journal::path_for(&v.store().root().join("index.sqlite"));
+    assert!(
+        crate::index::journal::read(&path)
+            .unwrap()
+            .unwrap()
+            .steps
+            .is_empty()
+    );
+    // Applied once: a second reopen finds nothing more to apply and the same files.
+    let (v, r) = reopen(v, "ns", "r");
+    assert_eq!(
+        v.readdir(r.ino).unwrap().len(),
+        2 + 1 + first.len() + second.len()
+    );
+    let r = RunRef::parse("ns/r").unwrap();
+    let digest = v.seal(&r).unwrap();
+    let (d, m) = v.store().manifest(&r).unwrap();
+    assert_eq!(d, digest);
+    assert_eq!(m.entries.len(), 2 + first.len() + second.len());
+}
+
+#[test]
+fn a_journal_written_for_another_index_is_moved_aside_not_applied() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (v, run) = fresh_run(tmp.path());
+    let (_, fh) = v.create(CTX, run, os("kept"), 0o644).unwrap();
+    v.flush(fh).unwrap();
+    v.store().index_deferred().crash_for_test();
+    let root = v.store().root().to_path_buf();
+    drop(v);
+    // Another store's index in this one's place: the journal does not follow its mark.
+    let other = tmp.path().join("other");
+    let (o, orun) = fresh_run(&other);
+    let (_, fh) = o.create(CTX, orun, os("x"), 0o644).unwrap();
+    o.flush(fh).unwrap();
+    o.release(fh).unwrap();
+    drop(o);
+    for f in ["index.sqlite", "index.sqlite-wal", "index.sqlite-shm"] {
+        let _ = std::fs::remove_file(root.join(f));
+        let from = other.join("store").join(f);
+        if from.exists() {
+            std::fs::copy(from, root.join(f)).unwrap();
+        }
+    }
+    let v = Vfs::new(Store::open(&root).unwrap(), VfsOptions::default()).unwrap();
+    let ns = v.lookup(ROOT_INO, os("ns")).unwrap();
+    let r = v.lookup(ns.ino, os("r")).unwrap();
+    assert!(v.lookup(r.ino, os("kept")).is_err(), "not applied");
+    assert!(v.lookup(r.ino, os("x")).is_ok());
+    let aside = root.join("index.journal.unapplied-1");
+    let c = crate::index::journal::read(&aside).unwrap().unwrap();
+    assert!(c.steps.iter().any(
+        |(_, s)| matches!(s, crate::index::journal::Step::Create { name, .. } if name == "kept")
+    ));
 }
