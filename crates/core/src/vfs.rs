@@ -2859,31 +2859,34 @@ impl Vfs {
         if let Some(&full) = st.lost.get(&inode) {
             return Err(self.lost_file(inode, full));
         }
-        let res = self.persist_changes_now(st, inode, then);
-        if let Err(e) = &res
-            && matches!(self.meta(|m| m.inode(inode)), Ok(None))
-        {
-            // A failed commit (this one, or another since the file was created) rolled back
-            // the creations the view had deferred (ADR 0018), this file's among them: it is
-            // gone, and so is what was kept of it here.
-            let full =
-                e.is_disk_full() || self.store.index_deferred().last_rollback_was_disk_full();
-            tracing::warn!(
-                inode,
-                "a file's creation was rolled back by a failed commit: {e}"
-            );
-            if let Some(i) = st.inline.remove(&inode) {
-                st.inline_bytes -= i.data.len();
-            }
-            st.dirty_mtime.remove(&inode);
-            st.dirty_attrs.remove(&inode);
-            st.lost.insert(inode, full);
-            self.preseal.forget(inode);
-            if !e.is_disk_full() {
-                return Err(self.lost_file(inode, full));
-            }
+        self.persist_changes_now(st, inode, then)
+            .map_err(|e| self.commit_failed(st, inode, e))
+    }
+
+    /// The error of a failed write or commit of `inode`'s changes. If it (or another since the
+    /// file was created) rolled back the file's creation, which no close had promised yet
+    /// (ADR 0018, 0031), the file is gone, and so is what was kept of it here.
+    fn commit_failed(&self, st: &mut State, inode: i64, e: Error) -> Error {
+        if !matches!(self.meta(|m| m.inode(inode)), Ok(None)) {
+            return e;
         }
-        res
+        let full = e.is_disk_full() || self.store.index_deferred().last_rollback_was_disk_full();
+        tracing::warn!(
+            inode,
+            "a file's creation was rolled back by a failed commit: {e}"
+        );
+        if let Some(i) = st.inline.remove(&inode) {
+            st.inline_bytes -= i.data.len();
+        }
+        st.dirty_mtime.remove(&inode);
+        st.dirty_attrs.remove(&inode);
+        st.lost.insert(inode, full);
+        self.preseal.forget(inode);
+        if e.is_disk_full() {
+            e
+        } else {
+            self.lost_file(inode, full)
+        }
     }
 
     /// The error of a handle whose file's creation was rolled back (see `State::lost`): ENOSPC
@@ -2959,7 +2962,9 @@ impl Vfs {
         Ok(())
     }
 
-    /// `fsync`: content and attributes durable.
+    /// `fsync`: content and attributes durable. It commits (not only journals) the file's
+    /// changes, and fails with that commit: then the file's changes stay to be written by its
+    /// next close, and a creation the commit took back leaves the file lost.
     pub fn fsync(&self, fh: u64) -> Result<()> {
         let mut st = self.lock();
         if let Some(Handle::Staged { run, inode, file }) = st.handles.get(&fh) {
@@ -2969,7 +2974,26 @@ impl Vfs {
                 file.sync_all()
                     .map_err(|e| Error::io("fsync", self.staging_path(run, inode), e))?;
             }
-            self.persist_changes(&mut st, inode)?;
+            let held = (
+                st.dirty_attrs.get(&inode).copied(),
+                st.dirty_mtime.get(&inode).copied(),
+                st.inline.get(&inode).is_some_and(|i| i.dirty),
+            );
+            self.persist_changes_then(&mut st, inode, Then::Defer)?;
+            let committed = self.store.index_deferred().commit_deferred();
+            if let Err(e) = committed {
+                let (patch, t, dirty) = held;
+                if let Some(p) = patch {
+                    st.dirty_attrs.entry(inode).or_insert(p);
+                }
+                if let Some(t) = t {
+                    st.dirty_mtime.entry(inode).or_insert(t);
+                }
+                if let Some(i) = st.inline.get_mut(&inode) {
+                    i.dirty |= dirty;
+                }
+                return Err(self.commit_failed(&mut st, inode, e));
+            }
             // The file's metadata (size, times, name) is in the index: make that durable too.
             self.store.index().sync()?;
         }
