@@ -1485,11 +1485,8 @@ impl Index {
     /// was written, and nothing committed when the index is dropped.
     #[cfg(test)]
     pub(crate) fn crash_for_test(&mut self) {
-        if self.deferred {
-            self.conn.execute_batch("ROLLBACK").unwrap();
-            self.deferred = false;
-        }
         self.journal = None;
+        self.roll_back_for_test();
     }
 
     /// The last journal step the index holds (ADR 0031); `([0; 16], 0)` before any.

@@ -1607,8 +1607,6 @@ impl Vfs {
             return Err(Error::NotDir(format!("inode {dir_ino}")));
         }
         row.run = dir.run;
-        let now = row.ctime_ns;
-        debug_assert_eq!(now, row.ctime_ns);
         let mut idx = self.store.index_deferred();
         let create = |m: &Meta<'_>| {
             if m.lookup(dir_ino, name)?.is_some() {
@@ -2908,7 +2906,7 @@ impl Vfs {
         let data = st.inline.get(&inode).filter(|i| i.dirty).map(|i| &i.data);
         let patch = st.dirty_attrs.get(&inode).copied();
         if data.is_none() && patch.is_none() && !st.dirty_mtime.contains_key(&inode) {
-            // Its creation, if that is still deferred, commits all the same.
+            // Its creation, if that is still uncommitted, is promised all the same.
             return match then {
                 Then::Commit => self.store.index_deferred().journal_close(),
                 Then::Defer => Ok(()),
