@@ -195,8 +195,8 @@ const MIGRATIONS: &[&str] = &[
         UPDATE chunks SET refs = refs - 1 WHERE hash = OLD.hash;
     END;
     "#,
-    // 7 -> 8: the last step of the close journal (ADR 0031) the index holds, set in the
-    // transaction of every step: after a crash the journal's later steps are applied again.
+    // 7 -> 8: the last step of the close journal (ADR 0031) the index holds, set by every
+    // commit that holds steps: after a crash the journal's later steps are applied again.
     r#"
     CREATE TABLE journal_mark (
         id          INTEGER PRIMARY KEY CHECK (id = 1),
@@ -450,6 +450,25 @@ impl Index {
     pub(crate) fn commit_deferred(&mut self) -> Result<()> {
         if !self.deferred {
             return Ok(());
+        }
+        // The mark of the last journaled step the transaction holds goes with it (ADR 0031):
+        // every step since it began is in it (a failed step does not take a number).
+        let mark = match self.journal.as_ref().filter(|j| j.unmarked) {
+            Some(j) => Meta {
+                conn: &self.conn,
+                path: &self.path,
+                default_retention: None,
+            }
+            .set_journal_mark(&j.id, j.next_seq - 1),
+            None => Ok(()),
+        };
+        if let Err(e) = mark {
+            if self.conn.is_autocommit() {
+                self.deferred = false;
+                self.rolled_back_full = e.is_disk_full();
+                self.after_rollback();
+            }
+            return Err(e);
         }
         let r = self
             .conn
@@ -1407,17 +1426,16 @@ impl Index {
         &mut self,
         f: impl FnOnce(&Meta<'_>) -> Result<journal::Step>,
     ) -> Result<journal::Step> {
-        let mark = self.journal.as_ref().map(|j| (j.id, j.next_seq));
         let step = self.write_step(|m| {
             let mut step = f(m)?;
             step.apply(m)?;
-            if let Some((id, seq)) = &mark {
-                m.set_journal_mark(id, *seq)?;
-            }
             Ok(step)
         })?;
-        if let (Some(j), Some((_, seq))) = (self.journal.as_mut(), mark) {
+        if let Some(j) = self.journal.as_mut() {
+            let seq = j.next_seq;
             j.next_seq = seq + 1;
+            // The commit that takes this step sets the mark to it (`commit_deferred`).
+            j.unmarked = true;
             if let Err(e) = j.push(seq, &step) {
                 // The step is in the transaction but cannot be journaled: commit it.
                 tracing::warn!("cannot journal a step, committing instead: {e}");

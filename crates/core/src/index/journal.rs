@@ -10,8 +10,8 @@
 //! commits when a batch is full, after a second, or when anything else takes the index; each
 //! commit empties the journal.
 //!
-//! Every step also sets the index's `journal_mark` to its sequence number, in the same
-//! transaction: whatever commits, the mark says which steps the index holds. When the store is
+//! Every commit that holds steps also sets the index's `journal_mark` to the last of them, in
+//! the same transaction: the mark says which steps the index holds. When the store is
 //! opened after a crash, the steps past the mark are applied again, in order, in one
 //! transaction. A torn or damaged record ends the journal there (the closes after it had not
 //! returned, or the disk lost them as it may lose a commit that was never synced).
@@ -394,6 +394,8 @@ pub(crate) struct Journal {
     /// A rollback took steps that the file holds: they are applied again before the next
     /// change (`Index::restore_journal`).
     pub(crate) lost: bool,
+    /// Steps were applied since the transaction began: its commit sets the mark.
+    pub(crate) unmarked: bool,
 }
 
 impl Journal {
@@ -424,6 +426,7 @@ impl Journal {
             closes: 0,
             first_close: None,
             lost: false,
+            unmarked: false,
         })
     }
 
@@ -461,6 +464,7 @@ impl Journal {
         self.closes = 0;
         self.first_close = None;
         self.lost = false;
+        self.unmarked = false;
         if self.len > HEADER {
             match self.file.set_len(HEADER) {
                 Ok(()) => self.len = HEADER,
@@ -476,6 +480,7 @@ impl Journal {
     /// written ones must come back.
     pub(crate) fn rolled_back(&mut self) {
         self.pending.clear();
+        self.unmarked = false;
         self.lost = self.len > HEADER;
     }
 

@@ -1394,6 +1394,14 @@ fn closed_files_wait_in_the_journal_and_neither_a_rollback_nor_a_crash_loses_the
 
     // A failed commit rolls the transaction back: the journal's steps go back into a new
     // one at once (the files never vanish from the view), and commit with the next change.
+    let path = crate::index::journal::path_for(&v.store().root().join("index.sqlite"));
+    let last = crate::index::journal::read(&path)
+        .unwrap()
+        .unwrap()
+        .steps
+        .last()
+        .unwrap()
+        .0;
     v.store().index_deferred().roll_back_for_test();
     let f3 = v.lookup(run, os("f3")).unwrap();
     assert_eq!(read_all(&v, f3.ino, 4096), "f3".repeat(4).as_bytes());
@@ -1401,6 +1409,12 @@ fn closed_files_wait_in_the_journal_and_neither_a_rollback_nor_a_crash_loses_the
     v.mkdir(CTX, run, os("d"), 0o755).unwrap();
     assert!(first.iter().all(|n| committed(&v, n)));
     assert!(committed(&v, "d"));
+    // The commit recorded the last step it holds as the index's mark.
+    let conn = rusqlite::Connection::open(v.store().root().join("index.sqlite")).unwrap();
+    let mark: i64 = conn
+        .query_row("SELECT seq FROM journal_mark", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(mark as u64, last);
 
     // A crash with closes in the journal only: the next open of the store applies them.
     let second: Vec<String> = (0..30).map(|i| format!("g{i}")).collect();
