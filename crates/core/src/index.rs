@@ -454,30 +454,18 @@ impl Index {
         // The mark of the last journaled step the transaction holds goes with it (ADR 0031):
         // every step since it began is in it (a failed step does not take a number).
         let mark = match self.journal.as_ref().filter(|j| j.unmarked) {
-            Some(j) => Meta {
-                conn: &self.conn,
-                path: &self.path,
-                default_retention: None,
-            }
-            .set_journal_mark(&j.id, j.next_seq - 1),
+            Some(j) => self.meta(|m| m.set_journal_mark(&j.id, j.next_seq - 1)),
             None => Ok(()),
         };
-        if let Err(e) = mark {
-            if self.conn.is_autocommit() {
-                self.deferred = false;
-                self.rolled_back_full = e.is_disk_full();
-                self.after_rollback();
-            }
-            return Err(e);
-        }
-        let r = self
-            .conn
-            .prepare_cached("COMMIT")
-            .and_then(|mut s| s.execute([]))
-            .map(drop);
         // A failed COMMIT may have rolled the transaction back (I/O error, full disk) or left
         // it open (busy): the connection says which.
-        let r = r.map_err(self.err());
+        let r = mark.and_then(|()| {
+            self.conn
+                .prepare_cached("COMMIT")
+                .and_then(|mut s| s.execute([]))
+                .map(drop)
+                .map_err(self.err())
+        });
         if r.is_ok() || self.conn.is_autocommit() {
             self.deferred = false;
         }
@@ -1530,19 +1518,16 @@ impl Index {
 
     /// Applies `steps` in the open transaction, setting the mark to the last.
     fn apply_steps(&self, id: &[u8; 16], steps: &mut [(u64, journal::Step)]) -> Result<()> {
-        let m = Meta {
-            conn: &self.conn,
-            path: &self.path,
-            default_retention: self.default_retention.as_ref(),
-        };
-        for (seq, step) in steps.iter_mut() {
-            step.apply(&m)
-                .map_err(|e| Error::Internal(format!("journal step {seq}: {e}")))?;
-        }
-        if let Some((seq, _)) = steps.last() {
-            m.set_journal_mark(id, *seq)?;
-        }
-        Ok(())
+        self.meta(|m| {
+            for (seq, step) in steps.iter_mut() {
+                step.apply(m)
+                    .map_err(|e| Error::Internal(format!("journal step {seq}: {e}")))?;
+            }
+            match steps.last() {
+                Some((seq, _)) => m.set_journal_mark(id, *seq),
+                None => Ok(()),
+            }
+        })
     }
 
     /// Opens the store's close journal (ADR 0031), first applying what a crash left in it:

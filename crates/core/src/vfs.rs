@@ -172,12 +172,12 @@ pub struct SetAttr {
     pub mtime_ns: Option<Option<i64>>,
 }
 
-/// What a close does with the changes it persists: `Commit` promises them (they reach the
+/// What a close does with the changes it persists: `Close` promises them (they reach the
 /// close journal, and commit with its batch, ADR 0031), `Defer` leaves them to the commit that
-/// comes next (a rename's).
+/// comes next (a rename's, or `fsync`'s own).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Then {
-    Commit,
+    Close,
     Defer,
 }
 
@@ -1590,8 +1590,8 @@ impl Vfs {
         mut row: InodeRow,
         what: &str,
     ) -> Result<InodeRow> {
-        // `create` opens what it makes: the file's close (flush) commits its creation together
-        // with its content and attributes. Whatever else is made commits now.
+        // `create` opens what it makes: its creation waits in the open transaction and reaches
+        // the journal with the file's close (ADR 0018, 0031). Whatever else is made commits now.
         let defer = what == "create" && row.kind == Kind::File;
         let dir_ino = match self.writable(parent, what) {
             Ok(i) => i,
@@ -1608,14 +1608,14 @@ impl Vfs {
         }
         row.run = dir.run;
         let mut idx = self.store.index_deferred();
-        let create = |m: &Meta<'_>| {
+        let create = move |m: &Meta<'_>| {
             if m.lookup(dir_ino, name)?.is_some() {
                 return Err(Error::AlreadyExists(name.to_owned()));
             }
             Ok(Step::Create {
                 dir: dir_ino,
                 name: name.to_owned(),
-                row: row.clone(),
+                row,
             })
         };
         let made = if defer {
@@ -1629,19 +1629,17 @@ impl Vfs {
             })?
         };
         drop(idx);
-        let Step::Create { row: made, .. } = made else {
+        let Step::Create { row, .. } = made else {
             unreachable!("a create step")
         };
-        let ino = made.ino;
         st.dirty_mtime.remove(&dir_ino);
         if row.kind == Kind::Dir {
             self.forget_subdirs(&[dir_ino]);
         }
         self.touch(st, dir.run);
-        row.ino = ino;
         tracing::debug!(
             run = dir.run,
-            ino,
+            ino = row.ino,
             name,
             kind = row.kind.as_str(),
             "created"
@@ -2846,10 +2844,10 @@ impl Vfs {
         Ok(f)
     }
 
-    /// Writes what a file's writes changed to the index: its mtime and, when it is inline, its
-    /// content.
+    /// Writes what a file's writes changed to the index at a close: its mtime and, when it is
+    /// inline, its content; the close journal then holds them (ADR 0031).
     fn persist_changes(&self, st: &mut State, inode: i64) -> Result<()> {
-        self.persist_changes_then(st, inode, Then::Commit)
+        self.persist_changes_then(st, inode, Then::Close)
     }
 
     /// [`Vfs::persist_changes`], committing them or leaving them to the next commit.
@@ -2908,7 +2906,7 @@ impl Vfs {
         if data.is_none() && patch.is_none() && !st.dirty_mtime.contains_key(&inode) {
             // Its creation, if that is still uncommitted, is promised all the same.
             return match then {
-                Then::Commit => self.store.index_deferred().journal_close(),
+                Then::Close => self.store.index_deferred().journal_close(),
                 Then::Defer => Ok(()),
             };
         }
@@ -2936,7 +2934,7 @@ impl Vfs {
                 inline: data.cloned(),
             })
         })?;
-        if then == Then::Commit {
+        if then == Then::Close {
             idx.journal_close()?;
         }
         drop(idx);
@@ -3000,7 +2998,7 @@ impl Vfs {
 
     /// `release`: the last close of an open file description.
     pub fn release(&self, fh: u64) -> Result<()> {
-        self.release_then(fh, Then::Commit)
+        self.release_then(fh, Then::Close)
     }
 
     /// [`Vfs::release`] of a file the caller renames into place next: the file's content and

@@ -117,27 +117,15 @@ impl Step {
             } => {
                 e.u8(2);
                 e.i64(*ino);
-                match row {
-                    Some(r) => {
-                        e.u8(1);
-                        e.row(r)?;
-                    }
-                    None => e.u8(0),
-                }
-                match times {
-                    Some(t) => {
-                        e.u8(1);
-                        e.i64(*t);
-                    }
-                    None => e.u8(0),
-                }
-                match inline {
-                    Some(d) => {
-                        e.u8(1);
-                        e.bytes(d);
-                    }
-                    None => e.u8(0),
-                }
+                e.opt(row.as_ref(), Enc::row)?;
+                e.opt(times.as_ref(), |e, t| {
+                    e.i64(*t);
+                    Ok(())
+                })?;
+                e.opt(inline.as_ref(), |e, d| {
+                    e.bytes(d);
+                    Ok(())
+                })?;
             }
         }
         let len = out.len() - start - 12;
@@ -158,13 +146,9 @@ impl Step {
             },
             2 => Step::Persist {
                 ino: d.i64()?,
-                row: if d.u8()? == 1 { Some(d.row()?) } else { None },
-                times: if d.u8()? == 1 { Some(d.i64()?) } else { None },
-                inline: if d.u8()? == 1 {
-                    Some(d.bytes()?.to_vec())
-                } else {
-                    None
-                },
+                row: d.opt(Dec::row)?,
+                times: d.opt(Dec::i64)?,
+                inline: d.opt(|d| Ok(d.bytes()?.to_vec()))?,
             },
             t => return Err(bad(format!("unknown step {t}"))),
         };
@@ -201,6 +185,19 @@ impl Enc<'_> {
     fn str(&mut self, s: &str) {
         self.bytes(s.as_bytes());
     }
+    /// One byte, 0 for none or 1, then the value.
+    fn opt<T>(&mut self, v: Option<T>, f: impl FnOnce(&mut Self, T) -> Result<()>) -> Result<()> {
+        match v {
+            Some(v) => {
+                self.u8(1);
+                f(self, v)
+            }
+            None => {
+                self.u8(0);
+                Ok(())
+            }
+        }
+    }
     fn row(&mut self, r: &InodeRow) -> Result<()> {
         self.i64(r.ino);
         self.i64(r.run);
@@ -212,13 +209,10 @@ impl Enc<'_> {
         self.i64(r.mtime_ns);
         self.i64(r.ctime_ns);
         self.u64(r.rdev);
-        match &r.target {
-            Some(t) => {
-                self.u8(1);
-                self.str(t);
-            }
-            None => self.u8(0),
-        }
+        self.opt(r.target.as_deref(), |e, t| {
+            e.str(t);
+            Ok(())
+        })?;
         self.u32(r.nlink);
         self.str(&super::xattrs_text(&r.xattrs)?.unwrap_or_default());
         Ok(())
@@ -261,6 +255,13 @@ impl<'a> Dec<'a> {
     fn str(&mut self) -> Result<String> {
         String::from_utf8(self.bytes()?.to_vec()).map_err(|_| bad("a name is not UTF-8".into()))
     }
+    fn opt<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<Option<T>> {
+        match self.u8()? {
+            0 => Ok(None),
+            1 => f(self).map(Some),
+            b => Err(bad(format!("an optional field's flag is {b}"))),
+        }
+    }
     fn row(&mut self) -> Result<InodeRow> {
         let ino = self.i64()?;
         let run = self.i64()?;
@@ -269,11 +270,7 @@ impl<'a> Dec<'a> {
         let size = self.u64()?;
         let (mtime_ns, ctime_ns) = (self.i64()?, self.i64()?);
         let rdev = self.u64()?;
-        let target = if self.u8()? == 1 {
-            Some(self.str()?)
-        } else {
-            None
-        };
+        let target = self.opt(Dec::str)?;
         let nlink = self.u32()?;
         let x = self.str()?;
         let xattrs = if x.is_empty() {
