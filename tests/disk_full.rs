@@ -211,6 +211,79 @@ fn a_copy_into_the_mount_that_fills_the_disk_gets_enospc_and_loses_nothing() {
     assert_eq!(fs::read(out.join("kept.bin")).unwrap(), kept);
 }
 
+/// Writes `data` to a new file and closes it, without `fsync`, returning the errno of a write
+/// or of the close.
+fn write_closed(p: &Path, data: &[u8]) -> Result<(), i32> {
+    use std::os::fd::IntoRawFd;
+    let mut f = File::create(p).map_err(|e| e.raw_os_error().unwrap_or(-1))?;
+    let written = f.write_all(data);
+    let closed = nix::unistd::close(f.into_raw_fd());
+    written.map_err(|e| e.raw_os_error().unwrap_or(-1))?;
+    closed.map_err(|e| e as i32)
+}
+
+/// A close (no `fsync`) writes the index journal instead of committing (ADR 0031). On a full
+/// disk neither the journal nor the index can grow: each small file is then kept whole, and
+/// outlives a kill -9 of the mount, or its close fails with ENOSPC and it leaves no name.
+#[test]
+fn files_closed_on_a_full_disk_are_kept_whole_or_refused_and_outlive_kill_9() {
+    let env = Env::new();
+    let disk = SmallDisk::mount(&env.store(), "32m");
+    env.ok(&["init"]);
+    let mnt = env.path("mnt");
+    let m = Mount::start(&env, &mnt, &["--seal-after", "1h"]);
+    let run = m.p("lab/run-1");
+    fs::create_dir_all(&run).unwrap();
+    // Written back to front, a file stays in its staging file, which fills the disk.
+    let f = File::create(run.join("filler.bin")).unwrap();
+    let mib = bytes(1 << 20, 9);
+    let filled = (0..48u64)
+        .rev()
+        .find_map(|i| f.write_all_at(&mib, i << 20).err());
+    assert_eq!(filled.and_then(|e| e.raw_os_error()), Some(ENOSPC));
+    drop(f);
+
+    let body = |i: usize| format!("closed file {i}\n").repeat(30 + i);
+    let mut kept = Vec::new();
+    let mut refused = Vec::new();
+    for i in 0..300 {
+        let name = format!("c{i:03}.txt");
+        match write_closed(&run.join(&name), body(i).as_bytes()) {
+            Ok(()) => kept.push(i),
+            Err(e) => {
+                assert_eq!(e, ENOSPC, "file {i}:\n{}", m.log_text());
+                assert_eq!(errno(fs::metadata(run.join(&name))), ENOENT, "{name}");
+                refused.push(i);
+            }
+        }
+    }
+    // A refused close means that the journal could not be written (a written close holds).
+    assert!(!refused.is_empty(), "the disk did not fill up");
+    eprintln!("{} closes kept, {} refused", kept.len(), refused.len());
+    m.kill9();
+
+    disk.resize("256m");
+    let m = Mount::start(&env, &mnt, &["--seal-after", "1h"]);
+    let mut listed: Vec<String> = fs::read_dir(&run)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n != "filler.bin")
+        .collect();
+    listed.sort();
+    let names: Vec<String> = kept.iter().map(|i| format!("c{i:03}.txt")).collect();
+    assert_eq!(listed, names);
+    for i in &kept {
+        let p = run.join(format!("c{i:03}.txt"));
+        assert_eq!(fs::read_to_string(&p).unwrap(), body(*i), "{}", p.display());
+    }
+    // The refused names are free, and the run seals with what was kept.
+    write_closed(&run.join(format!("c{:03}.txt", refused[0])), b"again").unwrap();
+    fs::remove_file(run.join("filler.bin")).unwrap();
+    common::mount::seal(&run);
+    m.unmount();
+    env.ok(&["verify"]);
+}
+
 #[test]
 fn gc_on_a_full_disk_deletes_expired_runs_and_gives_the_space_back() {
     let env = Env::with_clock("2026-11-01T00:00:00Z");
