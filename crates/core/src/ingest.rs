@@ -208,7 +208,7 @@ pub fn ingest_stream(
 pub fn ingest_stream_in_blocks(
     store: &Store,
     mut writer: ChunkWriter,
-    src: impl Read,
+    src: impl FillBlock,
     src_name: &Path,
 ) -> Result<(u64, FileHash, Vec<ChunkRef>)> {
     let chunker = Chunker::new(store.config().chunker)?;
@@ -266,22 +266,41 @@ impl InBlocks {
     }
 }
 
-/// Appends up to `want` bytes of `src` to `buf` (into its spare capacity, which is not zeroed
-/// first); fewer only at the end of the file.
+/// The bytes of a file being ingested in blocks, appended to a block as they are asked for.
+pub trait FillBlock {
+    /// Appends up to `want` bytes to `buf`, into its spare capacity; fewer only at the end.
+    fn fill(&mut self, buf: &mut Vec<u8>, want: usize) -> std::io::Result<()>;
+}
+
+impl FillBlock for File {
+    fn fill(&mut self, buf: &mut Vec<u8>, want: usize) -> std::io::Result<()> {
+        // A file reads straight into the spare capacity: `read_to_end` zeroes it first only
+        // for readers without their own `read_buf`.
+        let start = buf.len();
+        loop {
+            match self
+                .take((start + want - buf.len()) as u64)
+                .read_to_end(buf)
+            {
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// Appends up to `want` bytes of `src` to `buf`; fewer only at the end of the file.
 fn read_full(
-    src: &mut impl Read,
+    src: &mut impl FillBlock,
     buf: &mut Vec<u8>,
     want: usize,
     src_name: &Path,
 ) -> Result<usize> {
     let start = buf.len();
-    loop {
-        match src.take((start + want - buf.len()) as u64).read_to_end(buf) {
-            Ok(_) => return Ok(buf.len() - start),
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(e) => return Err(Error::io("read", src_name, e)),
-        }
-    }
+    src.fill(buf, want)
+        .map_err(|e| Error::io("read", src_name, e))?;
+    Ok(buf.len() - start)
 }
 
 /// As [`ingest_stream`], but for directory ingest: `src` is read into the writer's blocks and
@@ -298,7 +317,7 @@ fn read_full(
 fn ingest_file_in_blocks(
     chunker: &Chunker,
     writer: &mut ChunkWriter,
-    mut src: impl Read,
+    mut src: impl FillBlock,
     progress: &dyn Progress,
     src_name: &Path,
 ) -> Result<InBlocks> {

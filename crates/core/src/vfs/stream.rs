@@ -9,7 +9,6 @@
 //! other way: the view writes the chunks back to the staging file and goes on from there.
 
 use std::fs::File;
-use std::io::Read;
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -18,7 +17,7 @@ use std::thread::JoinHandle;
 use crate::error::{Error, Result};
 use crate::gc::SealGuard;
 use crate::index::ChunkedContent;
-use crate::ingest::ingest_stream_in_blocks;
+use crate::ingest::{FillBlock, ingest_stream_in_blocks};
 use crate::store::Store;
 
 /// A file streams once appends take it to this size.
@@ -38,6 +37,9 @@ pub(super) struct Ended {
 
 struct Inner {
     tx: Option<SyncSender<Vec<u8>>>,
+    /// Buffers the worker is done with, to copy the next appends into: no allocation (and
+    /// no fresh pages to fault in) for each write request.
+    spare: Receiver<Vec<u8>>,
     /// Bytes of the file so far (the staging prefix and every append).
     len: u64,
     worker: Option<JoinHandle<Result<Ended>>>,
@@ -52,13 +54,15 @@ impl Stream {
     /// Starts chunking a file whose first `prefix` bytes are in its staging file `path`.
     pub fn start(store: Arc<Store>, path: PathBuf, prefix: u64) -> Result<Self> {
         let (tx, rx) = sync_channel(QUEUE);
+        let (spare_tx, spare) = sync_channel(QUEUE + 2);
         let worker = std::thread::Builder::new()
             .name("afs-stream".into())
-            .spawn(move || work(&store, path, prefix, rx))
+            .spawn(move || work(&store, path, prefix, rx, spare_tx))
             .map_err(|e| Error::Internal(format!("spawn a stream worker: {e}")))?;
         Ok(Self {
             inner: Mutex::new(Inner {
                 tx: Some(tx),
+                spare,
                 len: prefix,
                 worker: Some(worker),
             }),
@@ -84,7 +88,10 @@ impl Stream {
         let Some(tx) = g.tx.as_ref() else {
             return Err(Error::Internal("append to a stream that ended".into()));
         };
-        if tx.send(data.to_vec()).is_err() {
+        let mut buf = g.spare.try_recv().unwrap_or_default();
+        buf.clear();
+        buf.extend_from_slice(data);
+        if tx.send(buf).is_err() {
             // The worker stopped early: its error says why.
             g.tx = None;
             return Err(match g.worker.take().map(JoinHandle::join) {
@@ -118,41 +125,63 @@ impl Stream {
 
 /// The staging prefix, then every append until the sender goes.
 struct Appends {
-    prefix: std::io::Take<File>,
+    prefix: File,
+    /// Bytes of the prefix not read yet.
+    prefix_left: u64,
     rx: Receiver<Vec<u8>>,
+    spare: SyncSender<Vec<u8>>,
     cur: Vec<u8>,
     pos: usize,
 }
 
-impl Read for Appends {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.prefix.read(buf)?;
-        if n > 0 {
-            return Ok(n);
-        }
-        while self.pos == self.cur.len() {
-            match self.rx.recv() {
-                Ok(v) => {
-                    self.cur = v;
-                    self.pos = 0;
-                }
-                Err(_) => return Ok(0),
+impl FillBlock for Appends {
+    fn fill(&mut self, buf: &mut Vec<u8>, want: usize) -> std::io::Result<()> {
+        let end = buf.len() + want;
+        if self.prefix_left > 0 {
+            let take = want.min(usize::try_from(self.prefix_left).unwrap_or(usize::MAX));
+            let before = buf.len();
+            self.prefix.fill(buf, take)?;
+            let n = buf.len() - before;
+            if n < take {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the staging file is shorter than the stream's start",
+                ));
             }
+            self.prefix_left -= n as u64;
         }
-        let n = buf.len().min(self.cur.len() - self.pos);
-        buf[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
-        self.pos += n;
-        Ok(n)
+        while buf.len() < end {
+            if self.pos == self.cur.len() {
+                let Ok(next) = self.rx.recv() else {
+                    return Ok(());
+                };
+                let done = std::mem::replace(&mut self.cur, next);
+                let _ = self.spare.try_send(done);
+                self.pos = 0;
+            }
+            let n = (end - buf.len()).min(self.cur.len() - self.pos);
+            buf.extend_from_slice(&self.cur[self.pos..self.pos + n]);
+            self.pos += n;
+        }
+        Ok(())
     }
 }
 
-fn work(store: &Store, path: PathBuf, prefix: u64, rx: Receiver<Vec<u8>>) -> Result<Ended> {
+fn work(
+    store: &Store,
+    path: PathBuf,
+    prefix: u64,
+    rx: Receiver<Vec<u8>>,
+    spare: SyncSender<Vec<u8>>,
+) -> Result<Ended> {
     let guard = store.seal_guard();
     let writer = store.writer(&guard);
     let f = File::open(&path).map_err(|e| Error::io("open", &path, e))?;
     let src = Appends {
-        prefix: f.take(prefix),
+        prefix: f,
+        prefix_left: prefix,
         rx,
+        spare,
         cur: Vec::new(),
         pos: 0,
     };
