@@ -947,3 +947,92 @@ print(len(before))
     want[100_000..100_016].fill(0xCD);
     assert_eq!(fs::read(&p).unwrap(), want);
 }
+
+/// Times before 1970 with a fraction of a second keep it, through the mount, its seal, the
+/// manifest and `ls`: the same as `ingest` records for the same tree.
+#[test]
+fn times_before_1970_keep_their_fraction_of_a_second() {
+    use std::os::unix::fs::MetadataExt;
+    let env = Env::new();
+    let m = Mount::start(&env, &env.path("mnt"), &["--seal-after", "1h"]);
+    let run = m.p("ns/old");
+    fs::create_dir_all(&run).unwrap();
+    let times = [(-315_619_200, 250_000_000), (-1, 999_999_995), (-86_400, 1)];
+    for (i, (sec, nsec)) in times.iter().enumerate() {
+        let p = run.join(format!("f{i}"));
+        fs::write(&p, format!("file {i}")).unwrap();
+        common::set_mtime(&p, *sec, *nsec);
+        let md = fs::metadata(&p).unwrap();
+        assert_eq!(
+            (md.mtime(), md.mtime_nsec()),
+            (*sec, *nsec),
+            "{}",
+            p.display()
+        );
+    }
+    seal(&run);
+    let src = env.path("src");
+    fs::create_dir_all(&src).unwrap();
+    for (i, (sec, nsec)) in times.iter().enumerate() {
+        let p = run.join(format!("f{i}"));
+        let md = fs::metadata(&p).unwrap();
+        assert_eq!(
+            (md.mtime(), md.mtime_nsec()),
+            (*sec, *nsec),
+            "sealed {}",
+            p.display()
+        );
+        fs::write(src.join(format!("f{i}")), format!("file {i}")).unwrap();
+        common::set_mtime(&src.join(format!("f{i}")), *sec, *nsec);
+    }
+    // `ls` of files from before 1970 lists them (it formatted their times with a panic).
+    let listed = env.ok(&["ls", "ns/old"]);
+    assert!(listed.contains("1960-01-01T00:00:00Z"), "{listed}");
+    env.ok(&["ingest", src.to_str().unwrap(), "ns/ingested"]);
+    let entries = |run: &str| -> Vec<serde_json::Value> {
+        let m: serde_json::Value =
+            serde_json::from_str(&env.ok(&["manifest", run, "--json"])).unwrap();
+        m["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["path"] != ".")
+            .map(|e| serde_json::json!([e["path"], e["mtime_ns"]]))
+            .collect()
+    };
+    assert_eq!(entries("ns/old"), entries("ns/ingested"));
+    m.unmount();
+}
+
+/// An ioctl the mount does not implement is ENOTTY, as on a local file system, and leaves no
+/// log line: Python's `open` asks every file it opens for `TCGETS`.
+#[test]
+fn unknown_ioctls_are_enotty_without_a_log_line_each() {
+    let env = Env::new();
+    let m = Mount::start(&env, &env.path("mnt"), &["--seal-after", "1h"]);
+    fs::create_dir_all(m.p("ns/r")).unwrap();
+    let p = m.p("ns/r/f");
+    fs::write(&p, b"x").unwrap();
+    let before = m.log_text().len();
+    let script = "import errno, fcntl, sys, termios\n\
+                  for _ in range(20):\n\
+                  \x20   with open(sys.argv[1], 'rb') as f:\n\
+                  \x20       try:\n\
+                  \x20           fcntl.ioctl(f, termios.TCGETS, bytes(64))\n\
+                  \x20           sys.exit('TCGETS answered')\n\
+                  \x20       except OSError as e:\n\
+                  \x20           assert e.errno == errno.ENOTTY, e\n";
+    let out = Command::new("python3")
+        .args(["-c", script])
+        .arg(&p)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let log = m.log_text();
+    assert!(!log[before..].contains("ioctl"), "{}", &log[before..]);
+    m.unmount();
+}

@@ -536,3 +536,25 @@ fn retention_and_holds_of_an_untiered_store_survive_a_local_rebuild() {
     );
     assert_eq!(json(&env.ok(&["retain", "lab", "--json"])), before.4);
 }
+
+/// A run directory's `user.retain` that the rules refuse (shorter than the default the run
+/// got) never costs its `user.hold.*`: a held run is not deleted.
+#[test]
+fn a_refused_retention_on_a_run_directory_keeps_its_holds() {
+    let env = Env::with_clock(T0);
+    env.ok(&["init", "--default-retention", "30d"]);
+    let src = env.path("src");
+    write_tree(&src, &[("a", b"alpha")]);
+    xattr::set(&src, "user.retain", b"7d").unwrap();
+    xattr::set(&src, "user.hold.legal", b"case 17").unwrap();
+    env.ingest(&src, "lab/held");
+    let holds = env.ok(&["hold", "ls", "lab/held"]);
+    assert!(
+        holds.contains("legal") && holds.contains("case 17"),
+        "{holds}"
+    );
+    assert_eq!(retention(&env, "lab/held")["retain"], "30d");
+    env.set_time("2027-01-15T00:00:00Z");
+    let expired = env.ok(&["runs", "--expired"]);
+    assert!(!expired.contains("lab/held"), "{expired}");
+}

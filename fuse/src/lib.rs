@@ -130,8 +130,22 @@ fn ctx(req: &Request) -> Ctx {
 fn time_ns(t: TimeOrNow) -> Option<i64> {
     match t {
         TimeOrNow::Now => None,
-        TimeOrNow::SpecificTime(t) => Some(artifactfs_core::clock::to_unix_ns(t)),
+        TimeOrNow::SpecificTime(t) => Some(kernel_time_ns(artifactfs_core::clock::to_unix_ns(t))),
     }
+}
+
+/// The time the kernel sent, from what `fuser` made of it. The kernel sends whole seconds and
+/// nanoseconds to add (1959-12-31T23:59:59.25 is -1 s + 250,000,000 ns); for seconds before
+/// 1970, `fuser` 0.18 subtracts the nanoseconds instead (giving 23:59:58.75). That mapping is
+/// one to one, so it is undone here.
+fn kernel_time_ns(fuser_ns: i64) -> i64 {
+    const NS: i64 = 1_000_000_000;
+    if fuser_ns >= 0 {
+        return fuser_ns;
+    }
+    let back = fuser_ns.unsigned_abs();
+    let (secs, nanos) = (back / NS as u64, back % NS as u64);
+    -(secs as i64) * NS + nanos as i64
 }
 
 /// The FUSE file system: a view, plus the listings of open directory handles.
@@ -573,6 +587,23 @@ impl Filesystem for ArtifactFs {
         reply.ok();
     }
 
+    /// No ioctl is implemented: ENOTTY, as a local file system answers one it does not know
+    /// (Python's `open` asks every file for `TCGETS`), and no log line for each.
+    fn ioctl(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        tracing::trace!(ino = ino.0, cmd, "ioctl: not supported");
+        reply.error(Errno::ENOTTY);
+    }
+
     fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
         match self.vfs.statfs() {
             Ok(s) => reply.statfs(
@@ -760,5 +791,39 @@ pub fn raise_kernel_read_ahead(mountpoint: &Path) {
                 |kb| format!("{kb} KiB")
             )
         ),
+    }
+}
+
+#[cfg(test)]
+mod time_tests {
+    use super::kernel_time_ns;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    /// What `fuser` 0.18 makes of the kernel's (seconds, nanoseconds) before 1970.
+    fn as_fuser(secs: i64, nanos: u32) -> i64 {
+        let t = if secs >= 0 {
+            UNIX_EPOCH + Duration::new(secs as u64, nanos)
+        } else {
+            UNIX_EPOCH - Duration::new(secs.unsigned_abs(), nanos)
+        };
+        artifactfs_core::clock::to_unix_ns(t)
+    }
+
+    #[test]
+    fn kernel_times_before_1970_are_restored() {
+        for (secs, nanos) in [
+            (0, 0),
+            (1, 5),
+            (-1, 0),
+            (-1, 999_999_995),
+            (-315_619_200, 250_000_000),
+        ] {
+            let want = secs * 1_000_000_000 + i64::from(nanos);
+            assert_eq!(
+                kernel_time_ns(as_fuser(secs, nanos)),
+                want,
+                "{secs} s {nanos} ns"
+            );
+        }
     }
 }

@@ -89,7 +89,59 @@ pub fn from_unix_ns(ns: i64) -> SystemTime {
     }
 }
 
-/// RFC 3339 in UTC with second precision, e.g. `2026-11-29T10:00:00Z`.
+/// RFC 3339 in UTC with second precision, e.g. `2026-11-29T10:00:00Z`. Times before 1970
+/// (a file's mtime may be one) are written the same way; `humantime` formats only later ones.
 pub fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
+    if t >= UNIX_EPOCH {
+        return humantime::format_rfc3339_seconds(t).to_string();
+    }
+    // Whole seconds, rounded down (towards the past) as for times after 1970.
+    let ns = to_unix_ns(t);
+    let secs = ns.div_euclid(1_000_000_000);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+/// The proleptic Gregorian (year, month, day) of a count of days since 1970-01-01.
+fn civil_from_days(days: i64) -> (i64, i64, i64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod rfc3339_tests {
+    use super::*;
+
+    #[test]
+    fn times_before_1970_are_formatted_not_a_panic() {
+        let at = |ns: i64| rfc3339(from_unix_ns(ns));
+        assert_eq!(at(0), "1970-01-01T00:00:00Z");
+        assert_eq!(at(-1), "1969-12-31T23:59:59Z");
+        assert_eq!(at(-1_000_000_000), "1969-12-31T23:59:59Z");
+        // 1960-01-01T00:00:00.25Z
+        assert_eq!(
+            at(-315_619_200_000_000_000 + 250_000_000),
+            "1960-01-01T00:00:00Z"
+        );
+        assert_eq!(at(-2_208_988_800_000_000_000), "1900-01-01T00:00:00Z");
+        // 1904 was a leap year, 1900 was not.
+        assert_eq!(at(-2_077_747_200_000_000_000), "1904-02-29T00:00:00Z");
+        assert_eq!(at(-2_203_891_200_000_000_000), "1900-03-01T00:00:00Z");
+        // The earliest time an i64 of nanoseconds holds.
+        assert_eq!(at(i64::MIN), "1677-09-21T00:12:43Z");
+    }
 }

@@ -699,12 +699,14 @@ impl Lifecycle {
         Ok(out)
     }
 
+    /// Places the holds, then sets the retention: a retention the rules refuse never costs a
+    /// hold (a held run is never deleted, whatever its retention).
     fn apply(&self, store: &Store, run: &RunRef) -> Result<()> {
-        if let Some(v) = &self.retain {
-            store.set_retention(run, v, None)?;
-        }
         for (name, reason) in &self.holds {
             store.place_hold(run, name, reason)?;
+        }
+        if let Some(v) = &self.retain {
+            store.set_retention(run, v, None)?;
         }
         Ok(())
     }
