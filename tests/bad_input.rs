@@ -186,3 +186,49 @@ fn other_bad_input() {
     assert_eq!(out.status.code(), Some(7));
     assert_eq!(fs::read(src.join("f")).unwrap(), b"x");
 }
+
+/// A file rewritten while `ingest` reads it is not recorded as a mix of two versions: the
+/// ingest fails with the busy status (9) naming it, seals nothing, and succeeds once the file
+/// is left alone.
+#[test]
+fn a_file_changed_while_it_is_read_fails_the_ingest_as_busy() {
+    use std::os::unix::fs::FileExt;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(&src).unwrap();
+    let big = src.join("big.bin");
+    fs::write(&big, common::bytes(96 << 20, 5)).unwrap();
+    fs::write(src.join("small.txt"), b"small").unwrap();
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (stop, big) = (stop.clone(), big.clone());
+        std::thread::spawn(move || {
+            let f = fs::OpenOptions::new().write(true).open(&big).unwrap();
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                f.write_all_at(&[i as u8], (i * 4099) % (96 << 20)).unwrap();
+                i += 1;
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        })
+    };
+    let out = env.run(&["ingest", src.to_str().unwrap(), "lab/torn"]);
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(9), "{err}");
+    assert!(
+        err.contains("big.bin") && err.contains("changed while it was read"),
+        "{err}"
+    );
+    assert_eq!(runs(&env).as_array().unwrap().len(), 0);
+    env.ok(&["ingest", src.to_str().unwrap(), "lab/torn"]);
+    let outdir = env.path("out");
+    env.ok(&["export", "lab/torn", outdir.to_str().unwrap()]);
+    assert_eq!(
+        fs::read(outdir.join("big.bin")).unwrap(),
+        fs::read(&big).unwrap()
+    );
+    env.ok(&["verify"]);
+}

@@ -272,6 +272,45 @@ pub trait FillBlock {
     fn fill(&mut self, buf: &mut Vec<u8>, want: usize) -> std::io::Result<()>;
 }
 
+impl FillBlock for &mut File {
+    fn fill(&mut self, buf: &mut Vec<u8>, want: usize) -> std::io::Result<()> {
+        (**self).fill(buf, want)
+    }
+}
+
+/// A file read for a run must be the one listed, unchanged until its last byte was read:
+/// else the run would record bytes of two versions (a file rewritten in place) under the
+/// listed mtime. Busy, as a spool run still being written is: try again once it is quiet.
+fn unchanged_while_read(f: &File, w: &Walked) -> Result<()> {
+    let now = f.metadata().map_err(|e| Error::io("stat", &w.fs_path, e))?;
+    let (a, b) = (&w.meta, &now);
+    let same = (
+        a.dev(),
+        a.ino(),
+        a.len(),
+        a.mtime(),
+        a.mtime_nsec(),
+        a.ctime(),
+        a.ctime_nsec(),
+    ) == (
+        b.dev(),
+        b.ino(),
+        b.len(),
+        b.mtime(),
+        b.mtime_nsec(),
+        b.ctime(),
+        b.ctime_nsec(),
+    );
+    if same {
+        Ok(())
+    } else {
+        Err(Error::Busy(format!(
+            "{} changed while it was read; nothing was sealed, ingest it again once it is complete",
+            w.fs_path.display()
+        )))
+    }
+}
+
 impl FillBlock for File {
     fn fill(&mut self, buf: &mut Vec<u8>, want: usize) -> std::io::Result<()> {
         // A file reads straight into the spare capacity: `read_to_end` zeroes it first only
@@ -599,10 +638,11 @@ impl Store {
                     // packs in path order.
                     small.flush(&chunker, &mut writer, &mut deferred)?;
                     let file =
-                        ingest_file_in_blocks(&chunker, &mut writer, f, progress, &w.fs_path)?;
+                        ingest_file_in_blocks(&chunker, &mut writer, &mut f, progress, &w.fs_path)?;
                     e.size = file.size;
                     deferred.push((entries.len(), file));
                 }
+                unchanged_while_read(&f, w)?;
                 e
             } else if ft.is_fifo() {
                 base_entry(w, Kind::Fifo)?
