@@ -208,11 +208,11 @@ pub fn ingest_stream(
 pub fn ingest_stream_in_blocks(
     store: &Store,
     mut writer: ChunkWriter,
-    src: impl FillBlock,
+    mut src: impl FillBlock,
     src_name: &Path,
 ) -> Result<(u64, FileHash, Vec<ChunkRef>)> {
     let chunker = Chunker::new(store.config().chunker)?;
-    let file = ingest_file_in_blocks(&chunker, &mut writer, src, &NoProgress, src_name)?;
+    let file = ingest_file_in_blocks(&chunker, &mut writer, &mut src, &NoProgress, src_name)?;
     let done = writer.finish_with_ids()?;
     let (hash, chunks) = file.resolve(&done);
     Ok((file.size, hash, chunks))
@@ -272,45 +272,6 @@ pub trait FillBlock {
     fn fill(&mut self, buf: &mut Vec<u8>, want: usize) -> std::io::Result<()>;
 }
 
-impl FillBlock for &mut File {
-    fn fill(&mut self, buf: &mut Vec<u8>, want: usize) -> std::io::Result<()> {
-        (**self).fill(buf, want)
-    }
-}
-
-/// A file read for a run must be the one listed, unchanged until its last byte was read:
-/// else the run would record bytes of two versions (a file rewritten in place) under the
-/// listed mtime. Busy, as a spool run still being written is: try again once it is quiet.
-fn unchanged_while_read(f: &File, w: &Walked) -> Result<()> {
-    let now = f.metadata().map_err(|e| Error::io("stat", &w.fs_path, e))?;
-    let (a, b) = (&w.meta, &now);
-    let same = (
-        a.dev(),
-        a.ino(),
-        a.len(),
-        a.mtime(),
-        a.mtime_nsec(),
-        a.ctime(),
-        a.ctime_nsec(),
-    ) == (
-        b.dev(),
-        b.ino(),
-        b.len(),
-        b.mtime(),
-        b.mtime_nsec(),
-        b.ctime(),
-        b.ctime_nsec(),
-    );
-    if same {
-        Ok(())
-    } else {
-        Err(Error::Busy(format!(
-            "{} changed while it was read; nothing was sealed, ingest it again once it is complete",
-            w.fs_path.display()
-        )))
-    }
-}
-
 impl FillBlock for File {
     fn fill(&mut self, buf: &mut Vec<u8>, want: usize) -> std::io::Result<()> {
         // A file reads straight into the spare capacity: `read_to_end` zeroes it first only
@@ -342,6 +303,32 @@ fn read_full(
     Ok(buf.len() - start)
 }
 
+/// A file read for a run must be the one listed, unchanged until its last byte was read:
+/// else the run would record bytes of two versions (a file rewritten in place) under the
+/// listed mtime. Busy, as a spool run still being written is: try again once it is quiet.
+fn unchanged_while_read(f: &File, w: &Walked) -> Result<()> {
+    fn identity(m: &fs::Metadata) -> [i64; 7] {
+        let (dev, ino, len) = (m.dev() as i64, m.ino() as i64, m.len() as i64);
+        [
+            dev,
+            ino,
+            len,
+            m.mtime(),
+            m.mtime_nsec(),
+            m.ctime(),
+            m.ctime_nsec(),
+        ]
+    }
+    let now = f.metadata().map_err(|e| Error::io("stat", &w.fs_path, e))?;
+    if identity(&w.meta) == identity(&now) {
+        return Ok(());
+    }
+    Err(Error::Busy(format!(
+        "{} changed while it was read; nothing was sealed, ingest it again once it is complete",
+        w.fs_path.display()
+    )))
+}
+
 /// As [`ingest_stream`], but for directory ingest: `src` is read into the writer's blocks and
 /// cut there, and everything else (chunk ids, dedup, compression, the whole-file hash) happens
 /// on the writer's workers; the ids and the hash are resolved after
@@ -356,7 +343,7 @@ fn read_full(
 fn ingest_file_in_blocks(
     chunker: &Chunker,
     writer: &mut ChunkWriter,
-    mut src: impl FillBlock,
+    src: &mut impl FillBlock,
     progress: &dyn Progress,
     src_name: &Path,
 ) -> Result<InBlocks> {
@@ -373,7 +360,7 @@ fn ingest_file_in_blocks(
             buf.extend_from_slice(&block[at..]);
         }
         let start = buf.len();
-        let n = read_full(&mut src, &mut buf, FILE_PIECE, src_name)?;
+        let n = read_full(src, &mut buf, FILE_PIECE, src_name)?;
         let eof = n < FILE_PIECE;
         if n > 0
             && let Some((block, range)) = last_piece.take()
