@@ -212,6 +212,9 @@ pub fn verify(out: &mut dyn Write, r: &VerifyReport, json: bool) -> Result<()> {
         "verified {} runs, {} chunks in {} packs, {} bytes",
         r.runs, r.chunks, r.packs, r.bytes
     )?;
+    for line in &r.repaired {
+        writeln!(out, "repaired {line}")?;
+    }
     if r.ok() {
         writeln!(out, "ok")?;
         return Ok(());
@@ -240,6 +243,13 @@ pub fn verify(out: &mut dyn Write, r: &VerifyReport, json: bool) -> Result<()> {
         r.damage.len(),
         runs.join(", ")
     )?;
+    if r.recorded_lost > 0 {
+        writeln!(
+            out,
+            "{} damaged chunks recorded as lost: ingesting or writing the same bytes again stores them anew and repairs the runs",
+            r.recorded_lost
+        )?;
+    }
     Ok(())
 }
 

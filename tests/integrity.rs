@@ -77,6 +77,62 @@ fn flipped_byte_in_a_pack_is_reported_and_never_served() {
 }
 
 #[test]
+fn a_flipped_chunk_is_recorded_lost_and_storing_its_bytes_again_repairs_the_run() {
+    let env = setup();
+    let (pack, offset) = chunk_in_pack(&env, "lab/a/data/a.bin", 0);
+    flip_byte(&pack, offset + 92);
+    let out = env.run(&["verify"]);
+    assert_eq!(out.status.code(), Some(4));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("1 damaged chunks recorded as lost"),
+        "verify records what it found damaged:\n{text}"
+    );
+    assert_eq!(env.stats()["lost_chunks"], 1);
+    // Found again by the next verify, as lost, still naming the file.
+    let out = env.run(&["verify", "--json"]);
+    assert_eq!(out.status.code(), Some(4));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let damage = v["damage"].as_array().unwrap();
+    assert_eq!(damage.len(), 1, "{v}");
+    assert!(
+        damage[0]["problem"].as_str().unwrap().starts_with("lost:")
+            && damage[0]["affects"][0] == "lab/a/data/a.bin",
+        "{v}"
+    );
+    assert_eq!(v["recorded_lost"], 0, "nothing new was found: {v}");
+    assert_eq!(env.run(&["cat", "lab/a/data/a.bin"]).status.code(), Some(4));
+    assert!(env.run(&["verify", "lab/b"]).status.success());
+
+    // The same bytes, ingested as another run, are stored anew instead of deduplicated
+    // against the damaged copy: both runs read and verify.
+    env.ingest(&env.path("src-a"), "lab/a-again");
+    assert!(env.ok(&["verify"]).contains("ok"));
+    assert_eq!(env.stats()["lost_chunks"], 0);
+    for run in ["lab/a", "lab/a-again"] {
+        assert_eq!(
+            env.run(&["cat", &format!("{run}/data/a.bin")]).stdout,
+            bytes(3 << 20, 1)
+        );
+    }
+    // The damaged copy is still in its pack: a rebuild from the packs keeps the whole copy.
+    assert!(pack.exists());
+    let out = env.run(&["index", "rebuild"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(env.ok(&["verify"]).contains("ok"));
+    assert_eq!(
+        env.run(&["cat", "lab/a/data/a.bin"]).stdout,
+        bytes(3 << 20, 1)
+    );
+    env.ok(&["gc"]);
+    assert!(env.ok(&["verify"]).contains("ok"));
+}
+
+#[test]
 fn a_damaged_chunk_read_through_the_mount_is_eio_never_wrong_bytes() {
     use std::io::Read;
 

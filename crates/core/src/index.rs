@@ -31,7 +31,7 @@ pub use pool::{PooledIndex, ReadPool};
 pub use retention::{DefaultRetention, ExpiredRun, HoldRow, PackUsage, RunRetention, SweepStats};
 
 /// Schema version written by this build.
-pub const SCHEMA_VERSION: i64 = 8;
+pub const SCHEMA_VERSION: i64 = 9;
 
 const MIGRATIONS: &[&str] = &[
     // 0 -> 1
@@ -203,6 +203,17 @@ const MIGRATIONS: &[&str] = &[
         journal     BLOB NOT NULL,
         seq         INTEGER NOT NULL
     );
+    "#,
+    // 8 -> 9: a chunk recorded as lost (a rebuild found no pack holding it, or verify found
+    // it damaged) may still be named by a file of an open run; deleting that file gives its
+    // reference back there too, so that the count a new copy takes over is right.
+    r#"
+    DROP TRIGGER chunked_chunks_unref;
+    CREATE TRIGGER chunked_chunks_unref AFTER DELETE ON chunked_chunks BEGIN
+        UPDATE chunks SET refs = refs - 1 WHERE hash = OLD.hash;
+        UPDATE lost_chunks SET refs = refs - 1 WHERE hash = OLD.hash;
+        DELETE FROM lost_chunks WHERE hash = OLD.hash AND refs <= 0;
+    END;
     "#,
 ];
 
@@ -641,13 +652,14 @@ impl Index {
     }
 
     /// Records a durable pack and its chunks (chunks already indexed elsewhere are kept there).
+    /// Returns the entries of chunks that were (a rebuild decides which copy to keep).
     pub fn insert_pack(
         &mut self,
         id: &PackId,
         size: u64,
         entries: &[PackEntry],
         now_ns: i64,
-    ) -> Result<()> {
+    ) -> Result<Vec<PackEntry>> {
         self.durable(|s| s.insert_pack_tx(id, size, entries, now_ns))
     }
 
@@ -657,7 +669,8 @@ impl Index {
         size: u64,
         entries: &[PackEntry],
         now_ns: i64,
-    ) -> Result<()> {
+    ) -> Result<Vec<PackEntry>> {
+        let mut elsewhere = Vec::new();
         let path = self.path.clone();
         let err = sql_err(&path);
         let tx = self.begin()?;
@@ -670,19 +683,24 @@ impl Index {
                 )
                 .map_err(&err)?;
             for e in entries {
-                ins.execute(params![
-                    e.chunk.as_bytes(),
-                    pack_row,
-                    e.offset as i64,
-                    e.stored_len,
-                    e.raw_len,
-                    e.codec as u8
-                ])
-                .map_err(&err)?;
+                let added = ins
+                    .execute(params![
+                        e.chunk.as_bytes(),
+                        pack_row,
+                        e.offset as i64,
+                        e.stored_len,
+                        e.raw_len,
+                        e.codec as u8
+                    ])
+                    .map_err(&err)?;
+                if added == 0 {
+                    elsewhere.push(*e);
+                }
             }
         }
         retention::take_over_lost_refs(&tx, &path)?;
-        tx.commit().map_err(&err)
+        tx.commit().map_err(&err)?;
+        Ok(elsewhere)
     }
 
     /// The run with this name that is not deleted.

@@ -152,22 +152,39 @@ fn le_u64(b: &[u8]) -> u64 {
 
 /// Parses and checks a pack's chunk table, reading only its tail from the store.
 pub fn read_table(store: &dyn ObjectStore, key: &str) -> Result<Vec<PackEntry>> {
-    let what = || format!("pack {key}");
     let size = store.head(key)?.ok_or_else(|| Error::MissingObject {
         key: key.to_owned(),
         backend: store.describe(),
     })?;
+    table_of(key, size, &|offset, len| store.get_range(key, offset, len))
+}
+
+/// Parses and checks the chunk table of a pack read whole.
+pub fn parse_table(key: &str, bytes: &[u8]) -> Result<Vec<PackEntry>> {
+    table_of(key, bytes.len() as u64, &|offset, len| {
+        let end = offset.saturating_add(len).min(bytes.len() as u64);
+        Ok(bytes[offset.min(end) as usize..end as usize].to_vec())
+    })
+}
+
+/// The chunk table of a pack of `size` bytes, whose ranges `range(offset, len)` reads.
+fn table_of(
+    key: &str,
+    size: u64,
+    range: &dyn Fn(u64, u64) -> Result<Vec<u8>>,
+) -> Result<Vec<PackEntry>> {
+    let what = || format!("pack {key}");
     if size < (HEADER.len() + FOOTER_LEN) as u64 {
         return Err(Error::corrupt(what(), format!("only {size} bytes")));
     }
-    let header = store.get_range(key, 0, HEADER.len() as u64)?;
+    let header = range(0, HEADER.len() as u64)?;
     if header != HEADER {
         return Err(Error::corrupt(
             what(),
             "no pack header (not a pack, or an unknown version)",
         ));
     }
-    let footer = store.get_range(key, size - FOOTER_LEN as u64, FOOTER_LEN as u64)?;
+    let footer = range(size - FOOTER_LEN as u64, FOOTER_LEN as u64)?;
     if &footer[40..48] != FOOTER_MAGIC {
         return Err(Error::corrupt(what(), "no pack footer (truncated?)"));
     }
@@ -180,7 +197,7 @@ pub fn read_table(store: &dyn ObjectStore, key: &str) -> Result<Vec<PackEntry>> 
         ));
     }
     let table_start = blobs_end - table_len;
-    let table = store.get_range(key, table_start, table_len)?;
+    let table = range(table_start, table_len)?;
     if blake3::hash(&table).as_bytes() != &footer[8..40] {
         return Err(Error::corrupt(what(), "chunk table checksum mismatch"));
     }

@@ -337,7 +337,8 @@ impl Store {
             if !known.contains(&id) {
                 match read_table(remote, &m.key) {
                     Ok(entries) => {
-                        self.index().insert_pack(&id, m.size, &entries, now)?;
+                        let again = self.index().insert_pack(&id, m.size, &entries, now)?;
+                        self.keep_a_whole_copy(&id, &again, now, report)?;
                         report.replayed_packs += 1;
                     }
                     Err(e) => {
@@ -497,6 +498,39 @@ impl Store {
         }
     }
 
+    /// Chunks of pack `id` that another pack holds too (`again`): a chunk found damaged and
+    /// stored anew has both copies. The row keeps the copy it names when that one decodes to
+    /// its id, and moves to this pack's copy when only that one does; with neither, the
+    /// damage is left for `verify` to report.
+    fn keep_a_whole_copy(
+        &self,
+        id: &crate::id::PackId,
+        again: &[crate::pack::PackEntry],
+        now: i64,
+        report: &mut RebuildReport,
+    ) -> Result<()> {
+        for e in again {
+            let Some(kept) = self.index().chunk(&e.chunk)? else {
+                continue;
+            };
+            if kept.pack == *id
+                || crate::pack::read_chunk(&*self.objects, &kept.pack, &kept.entry).is_ok()
+            {
+                continue;
+            }
+            if crate::pack::read_chunk(&*self.objects, id, e).is_ok() {
+                self.index()
+                    .move_chunks(id, 0, std::slice::from_ref(e), now)?;
+                tracing::warn!(chunk = %e.chunk, damaged = %kept.pack, used = %id, "a damaged copy of a chunk passed over");
+                report.skipped.push(format!(
+                    "chunk {}: the copy in pack {} is damaged; the one in pack {id} is used",
+                    e.chunk, kept.pack
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Fills the (new, empty) index from the objects.
     fn reindex(&self, report: &mut RebuildReport) -> Result<()> {
         let now = to_unix_ns(self.clock.now());
@@ -549,8 +583,9 @@ impl Store {
                     continue;
                 }
             };
+            let again = self.index().insert_pack(&id, size, &entries, now)?;
+            self.keep_a_whole_copy(&id, &again, now, report)?;
             let mut idx = self.index();
-            idx.insert_pack(&id, size, &entries, now)?;
             report.packs += 1;
             report.chunks += entries.len() as u64;
             if remote_packs.get(key) == Some(&size) {

@@ -485,12 +485,16 @@ impl Store {
     /// Reads one chunk's plaintext, verified against its id. If its pack vanished under the
     /// read (gc rewrote it meanwhile), the chunk's new location is read once more.
     pub fn read_chunk(&self, id: &crate::id::ChunkId) -> Result<Vec<u8>> {
-        let locate = || {
-            self.read(|idx| idx.chunk(id))?
-                .ok_or_else(|| Error::MissingObject {
-                    key: format!("chunk {id}"),
-                    backend: "index".into(),
-                })
+        let locate = || match self.read(|idx| idx.chunk(id))? {
+            Some(loc) => Ok(loc),
+            None if !self.read(|idx| idx.lost_among(&[*id]))?.is_empty() => Err(Error::corrupt(
+                format!("chunk {id}"),
+                "lost (found damaged or missing); storing the same bytes again repairs it",
+            )),
+            None => Err(Error::MissingObject {
+                key: format!("chunk {id}"),
+                backend: "index".into(),
+            }),
         };
         let loc = locate()?;
         match pack::read_chunk(&*self.objects, &loc.pack, &loc.entry) {

@@ -1070,6 +1070,86 @@ impl Index {
         })
     }
 
+    /// Records chunks found damaged (their stored bytes do not decode to their id, or their
+    /// pack is gone) as lost: each row moves from `chunks` to `lost_chunks` with its reference
+    /// count, in one transaction with a `chunks.lost` event. No read is sent to bytes known to
+    /// be bad again, the writer's lookup no longer finds them, so the next store of the same
+    /// bytes (any ingest or write of them) writes them anew, and the new row takes the
+    /// references over ([`take_over_lost_refs`]): the damaged runs are whole again. The
+    /// damaged copy becomes dead bytes of its pack, for gc. A chunk nothing references (in
+    /// gc's grace period) only loses its row.
+    ///
+    /// Each chunk comes with the pack it was found damaged in: a row that names another pack
+    /// by now (gc moved the chunk while it was checked) is left alone. Returns how many rows
+    /// moved.
+    pub fn mark_chunks_lost(
+        &mut self,
+        found: &[(ChunkId, PackId)],
+        now_ns: i64,
+        why: &str,
+    ) -> Result<u64> {
+        if found.is_empty() {
+            return Ok(0);
+        }
+        self.write_tx(|tx, path| {
+            let err = sql_err(path);
+            let mut moved = Vec::new();
+            {
+                let mut save = tx
+                    .prepare_cached(
+                        "INSERT INTO lost_chunks (hash, refs)
+                         SELECT hash, refs FROM chunks
+                         WHERE hash = ?1 AND pack = (SELECT id FROM packs WHERE hash = ?2)
+                               AND refs > 0
+                         ON CONFLICT (hash) DO UPDATE SET refs = lost_chunks.refs + excluded.refs",
+                    )
+                    .map_err(&err)?;
+                let mut del = tx
+                    .prepare_cached(
+                        "DELETE FROM chunks
+                         WHERE hash = ?1 AND pack = (SELECT id FROM packs WHERE hash = ?2)",
+                    )
+                    .map_err(&err)?;
+                for (id, pack) in found {
+                    let at = params![id.as_bytes(), pack.as_bytes()];
+                    save.execute(at).map_err(&err)?;
+                    if del.execute(at).map_err(&err)? > 0 {
+                        moved.push(id.to_hex());
+                    }
+                }
+            }
+            if !moved.is_empty() {
+                append_event(
+                    tx,
+                    now_ns,
+                    "chunks.lost",
+                    None,
+                    None,
+                    &serde_json::json!({ "chunks": moved, "why": why }),
+                )
+                .map_err(&err)?;
+            }
+            Ok(moved.len() as u64)
+        })
+    }
+
+    /// Which of `ids` are recorded as lost.
+    pub fn lost_among(&self, ids: &[ChunkId]) -> Result<HashSet<ChunkId>> {
+        let mut s = self
+            .conn
+            .prepare_cached("SELECT EXISTS (SELECT 1 FROM lost_chunks WHERE hash = ?1)")
+            .map_err(self.err())?;
+        let mut out = HashSet::new();
+        for id in ids {
+            if s.query_row(params![id.as_bytes()], |r| r.get::<_, bool>(0))
+                .map_err(self.err())?
+            {
+                out.insert(*id);
+            }
+        }
+        Ok(out)
+    }
+
     /// Sets every chunk's reference count from the live runs' files (after a rebuild).
     pub fn recount_refs(&mut self) -> Result<()> {
         self.write_tx(|tx, path| {
