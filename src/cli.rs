@@ -590,12 +590,15 @@ pub fn run() -> Result<ExitCode> {
         } => {
             let (store, report) = crate::tier::rebuild(&store_dir, from.as_deref())?;
             output::rebuild(&mut std::io::stdout().lock(), &store, &report, json)?;
-            // Rebuilt, but some runs name chunks no readable pack holds: damage, as `verify`.
-            Ok(if report.damaged_runs.is_empty() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(EXIT_DAMAGE)
-            })
+            // Rebuilt, but some runs name chunks no readable pack holds, or runs the previous
+            // index knew could not be restored: damage, as `verify`.
+            Ok(
+                if report.damaged_runs.is_empty() && report.lost_runs.is_empty() {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(EXIT_DAMAGE)
+                },
+            )
         }
         cmd => engine_verb(&store_dir, cmd).map(ExitCode::from),
     }

@@ -417,5 +417,20 @@ pub fn rebuild(
             "artifactfs: run {d}: restored, but some of its files cannot be read (`artifactfs verify` names them; ingesting the same bytes again repairs them)"
         );
     }
+    for m in &r.manifests_restored {
+        eprintln!(
+            "artifactfs: run {m}: its manifest object was gone; written again from the previous index"
+        );
+    }
+    if r.tombstones_restored > 0 {
+        writeln!(
+            out,
+            "{} deleted runs (tombstones) taken over from the previous index",
+            r.tombstones_restored
+        )?;
+    }
+    for l in &r.lost_runs {
+        eprintln!("artifactfs: run {l}: NOT restored");
+    }
     Ok(())
 }

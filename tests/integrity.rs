@@ -325,6 +325,75 @@ fn a_rebuild_over_a_truncated_pack_keeps_every_run_and_names_the_damage() {
     env.ok(&["verify"]);
 }
 
+/// The object path of a run's manifest.
+fn manifest_file(env: &Env, run: &str) -> std::path::PathBuf {
+    let info = env.run_info(run).unwrap();
+    let d: artifactfs_core::id::ManifestDigest =
+        info["manifest"].as_str().unwrap().parse().unwrap();
+    env.store()
+        .join("objects")
+        .join(artifactfs_core::manifest::manifest_key(&d))
+}
+
+#[test]
+fn a_rebuild_writes_a_missing_manifest_again_from_the_previous_index_or_names_the_run() {
+    let env = with_two_runs(Env::with_clock("2026-12-01T00:00:00Z"));
+    // A third run, expired by gc: a tombstone, whose manifest gc deleted.
+    fs::create_dir_all(env.path("src-c")).unwrap();
+    fs::write(env.path("src-c/c.txt"), "c\n").unwrap();
+    env.ingest(&env.path("src-c"), "lab/c");
+    env.ok(&["retain", "lab/c", "1d"]);
+    env.set_time("2026-12-03T00:00:00Z");
+    env.ok(&["gc"]);
+    let tombstones = env.ok(&["runs", "--deleted", "--json"]);
+    assert!(tombstones.contains("\"c\""), "{tombstones}");
+
+    // lab/a's manifest object is deleted: the previous index's rows give it back, exactly.
+    let m = manifest_file(&env, "lab/a");
+    let before = fs::read(&m).unwrap();
+    fs::remove_file(&m).unwrap();
+    let out = env.run(&["index", "rebuild"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("lab/a: manifest") && err.contains("written again from the previous index"),
+        "{err}"
+    );
+    assert_eq!(fs::read(&m).unwrap(), before, "the same manifest object");
+    assert!(env.run_info("lab/a").is_some());
+    assert!(env.ok(&["verify"]).contains("ok"));
+    assert_eq!(
+        env.run(&["cat", "lab/a/data/a.bin"]).stdout,
+        bytes(3 << 20, 1)
+    );
+    // The tombstone is taken over too.
+    assert_eq!(env.ok(&["runs", "--deleted", "--json"]), tombstones);
+
+    // lab/b's manifest is deleted and the index's rows of it no longer give its digest:
+    // the rebuild names the run it could not restore and exits as verify does on damage.
+    fs::remove_file(manifest_file(&env, "lab/b")).unwrap();
+    let db = rusqlite::Connection::open(env.store().join("index.sqlite")).unwrap();
+    let changed = db
+        .execute(
+            "UPDATE files SET size = size + 1 WHERE path = 'notes.txt'
+             AND run = (SELECT id FROM runs WHERE name = 'b' AND state = 'sealed')",
+            [],
+        )
+        .unwrap();
+    assert_eq!(changed, 1);
+    drop(db);
+    let out = env.run(&["index", "rebuild"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(
+        err.contains("lab/b: manifest") && err.contains("NOT restored"),
+        "{err}"
+    );
+    assert!(env.run_info("lab/b").is_none());
+    assert!(env.run_info("lab/a").is_some());
+    assert!(env.ok(&["verify"]).contains("ok"));
+}
+
 #[test]
 fn a_damaged_run_expires_and_gc_leaves_a_clean_store() {
     let env = with_two_runs(Env::with_clock("2026-12-01T00:00:00Z"));

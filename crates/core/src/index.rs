@@ -987,19 +987,24 @@ impl Index {
     /// The highest `seq` the (old, possibly damaged) index at `path` gave out, read without
     /// migrating or changing it.
     pub fn last_event_seq_of(path: &Path) -> Result<i64> {
+        Self::open_replaced(path)?.last_event_seq()
+    }
+
+    /// An index a rebuild replaced (possibly damaged), opened as it is, to be read only: not
+    /// migrated, its schema version not checked (a query that does not fit it fails).
+    pub fn open_replaced(path: &Path) -> Result<Self> {
         let err = sql_err(path);
         let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE)
             .map_err(&err)?;
         conn.busy_timeout(Duration::from_secs(5)).map_err(&err)?;
-        let idx = Self {
+        Ok(Self {
             conn,
             path: path.to_path_buf(),
             default_retention: None,
             deferred: false,
             rolled_back_full: false,
             journal: None,
-        };
-        idx.last_event_seq()
+        })
     }
 
     /// Makes the next event of this (new) log get a `seq` above `floor`, so that a rebuilt log

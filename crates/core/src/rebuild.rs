@@ -10,6 +10,11 @@
 //! in a manifest. When two manifests name the same run (a run deleted and made again), the
 //! one sealed last wins and the others are reported.
 //!
+//! The index being replaced, when there is one and it can be read, fills in what the objects
+//! do not say: a sealed run it knew whose manifest object is gone has its manifest written
+//! again from its rows when they give the same digest back, and is reported lost otherwise;
+//! its tombstones are taken over (ADR 0024).
+//!
 //! The new event log continues the numbering of the one it replaces (ADR 0012): it starts after
 //! the highest `seq` of the old index, of earlier replaced ones and of the readers' cursor
 //! files, with an `index.rebuilt` event, so that nobody holding a `seq` of the old log takes
@@ -79,6 +84,14 @@ pub struct RebuildReport {
     /// The highest event `seq` the replaced log gave out or a reader of it recorded; the new
     /// log is numbered after it (its first event, `index.rebuilt`, is `events_after + 1`).
     pub events_after: i64,
+    /// Sealed runs of the previous index whose manifest object is gone, written again from
+    /// that index's rows (checked against the digest): `NS/RUN: manifest DIGEST`.
+    pub manifests_restored: Vec<String>,
+    /// Sealed runs of the previous index that could not be restored: their manifest object is
+    /// gone (or damaged) and the previous index's rows do not give its digest back.
+    pub lost_runs: Vec<String>,
+    /// Deleted runs (tombstones, `runs --deleted`) taken over from the previous index.
+    pub tombstones_restored: u64,
 }
 
 /// A file at the store's root while a rebuild runs: a store that has it opens only for a
@@ -498,6 +511,85 @@ impl Store {
         }
     }
 
+    /// What the replaced index knew that the objects do not say: each of its sealed runs whose
+    /// manifest the rebuild did not find (deleted, or set aside as damaged) has its manifest
+    /// written again from that index's rows and metadata when they give the same digest back
+    /// (the digest names the bytes, so the run is restored exactly), and is reported lost
+    /// otherwise. Returns the replaced index, for its tombstones; `None` when there is none
+    /// or it cannot be read (reported in `skipped`). Fails only when a manifest cannot be
+    /// written.
+    fn restore_from_replaced_index(
+        &self,
+        runs: &mut Vec<(i64, ManifestDigest, Manifest)>,
+        now: i64,
+        report: &mut RebuildReport,
+    ) -> Result<Option<crate::index::Index>> {
+        let Some(old_path) = report.old_index.clone() else {
+            return Ok(None);
+        };
+        let read = crate::index::Index::open_replaced(Path::new(&old_path)).and_then(|old| {
+            let sealed = old.runs(None)?;
+            Ok((old, sealed))
+        });
+        let (old, sealed) = match read {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(index = %old_path, error = %e, "the previous index cannot be read");
+                report.skipped.push(format!(
+                    "{old_path}: the previous index cannot be read, so runs it knew whose manifests are gone cannot be named: {e}"
+                ));
+                return Ok(None);
+            }
+        };
+        let found: std::collections::HashSet<ManifestDigest> =
+            runs.iter().map(|(_, d, _)| *d).collect();
+        for row in sealed {
+            let Some(d) = row.manifest.filter(|_| row.state == "sealed") else {
+                continue;
+            };
+            if found.contains(&d) {
+                continue;
+            }
+            let rebuilt = (|| -> Result<Option<(Manifest, Vec<u8>)>> {
+                let Some(at) = row.sealed_at_ns else {
+                    return Ok(None);
+                };
+                let mut m = Manifest {
+                    format: manifest::MANIFEST_FORMAT,
+                    namespace: row.run.namespace.clone(),
+                    run: row.run.run.clone(),
+                    sealed_at: crate::clock::rfc3339(crate::clock::from_unix_ns(at)),
+                    metadata: old.run_meta(row.id)?.into_iter().collect(),
+                    entries: old.files(row.id)?,
+                };
+                m.canonicalize();
+                let bytes = m.canonical_bytes()?;
+                Ok((ManifestDigest::of(&bytes) == d).then_some((m, bytes)))
+            })();
+            match rebuilt {
+                Ok(Some((m, bytes))) => {
+                    manifest::store_manifest(&*self.objects, &bytes)?;
+                    tracing::warn!(run = %row.run, manifest = %d, "manifest written again from the previous index");
+                    report
+                        .manifests_restored
+                        .push(format!("{}: manifest {d}", row.run));
+                    runs.push((m.sealed_at_ns().unwrap_or(now), d, m));
+                }
+                other => {
+                    let why = match other {
+                        Err(e) => format!("the previous index cannot give it back: {e}"),
+                        _ => "the previous index's rows do not give its digest back".to_owned(),
+                    };
+                    tracing::error!(run = %row.run, manifest = %d, why, "run lost");
+                    report
+                        .lost_runs
+                        .push(format!("{}: manifest {d} is gone; {why}", row.run));
+                }
+            }
+        }
+        Ok(Some(old))
+    }
+
     /// Chunks of pack `id` that another pack holds too (`again`): a chunk found damaged and
     /// stored anew has both copies. The row keeps the copy it names when that one decodes to
     /// its id, and moves to this pack's copy when only that one does; with neither, the
@@ -647,7 +739,16 @@ impl Store {
             let at = m.sealed_at_ns().unwrap_or(now);
             runs.push((at, d, m));
         }
+        let replaced = self.restore_from_replaced_index(&mut runs, now, report)?;
         self.insert_runs(runs, report)?;
+        if let Some(old) = replaced {
+            for (row, deleted_at) in old.tombstones(None).unwrap_or_default() {
+                let meta = old.run_meta(row.id).unwrap_or_default();
+                if self.index().restore_tombstone(&row, deleted_at, &meta)? {
+                    report.tombstones_restored += 1;
+                }
+            }
+        }
         // Nothing in a new index predates the records: each one is applied. A tiered store
         // keeps them in the bucket, an untiered one in its local object store.
         self.restore_lifecycle(remote.unwrap_or(local), &Default::default(), report)?;

@@ -1159,6 +1159,56 @@ impl Index {
         })
     }
 
+    /// Records a tombstone a replaced index held (a rebuild finds no manifest of a deleted
+    /// run): its `runs` row as it was, with its metadata. Returns false, changing nothing, when
+    /// the index has a run of that name with that manifest already (live or deleted).
+    pub fn restore_tombstone(
+        &mut self,
+        row: &RunRow,
+        deleted_at_ns: i64,
+        meta: &[(String, String)],
+    ) -> Result<bool> {
+        self.write_tx(|tx, path| {
+            let err = sql_err(path);
+            let manifest = row.manifest.map(|d| d.as_bytes().to_vec());
+            let known: bool = tx
+                .query_row(
+                    "SELECT EXISTS (SELECT 1 FROM runs WHERE namespace = ?1 AND name = ?2
+                                    AND manifest IS ?3)",
+                    params![row.run.namespace, row.run.run, manifest],
+                    |r| r.get(0),
+                )
+                .map_err(&err)?;
+            if known {
+                return Ok(false);
+            }
+            tx.execute(
+                "INSERT INTO runs (namespace, name, state, manifest, created_at, sealed_at, files,
+                                   raw_bytes, deleted_at)
+                 VALUES (?1, ?2, 'deleted', ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    row.run.namespace,
+                    row.run.run,
+                    manifest,
+                    row.created_at_ns,
+                    row.sealed_at_ns,
+                    row.files as i64,
+                    row.raw_bytes as i64,
+                    deleted_at_ns
+                ],
+            )
+            .map_err(&err)?;
+            let id = tx.last_insert_rowid();
+            let mut ins = tx
+                .prepare_cached("INSERT INTO run_meta (run, key, value) VALUES (?1, ?2, ?3)")
+                .map_err(&err)?;
+            for (k, v) in meta {
+                ins.execute(params![id, k, v]).map_err(&err)?;
+            }
+            Ok(true)
+        })
+    }
+
     /// The deleted runs (tombstones), newest first.
     pub fn tombstones(&self, namespace: Option<&str>) -> Result<Vec<(RunRow, i64)>> {
         let mut s = self
