@@ -1036,3 +1036,116 @@ fn unknown_ioctls_are_enotty_without_a_log_line_each() {
     assert!(!log[before..].contains("ioctl"), "{}", &log[before..]);
     m.unmount();
 }
+
+/// Replacing a file with `rename(2)` is atomic for readers: a reader opening the name while a
+/// producer keeps writing a temporary file and renaming it over the name always opens a whole
+/// version (never ENOENT), as on a local file system. A removed file the kernel still knows
+/// (an `O_PATH` descriptor) keeps its attributes and can be opened again through
+/// `/proc/self/fd`; it goes once the kernel forgets it, and the run seals without it.
+#[test]
+fn a_file_replaced_by_rename_never_vanishes_for_readers() {
+    let env = Env::new();
+    let mnt = env.path("mnt");
+    let m = Mount::start(&env, &mnt, &["--seal-after", "1h"]);
+    fs::create_dir_all(m.p("ns/r")).unwrap();
+    let script = r#"
+import os, sys
+d = sys.argv[1]
+target = os.path.join(d, "current.json")
+stop = os.path.join(d, ".stop")
+def body(i):
+    return (("v%06d " % i) * 200).encode()
+with open(target, "wb") as f:
+    f.write(body(0))
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    os.close(r)
+    opens = missing = torn = 0
+    while not os.path.exists(stop) or opens < 200:
+        try:
+            with open(target, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            missing += 1
+            continue
+        opens += 1
+        if len(data) != 1600 or data != data[:8] * 200:
+            torn += 1
+    os.write(w, ("%d %d %d" % (opens, missing, torn)).encode())
+    os._exit(0)
+os.close(w)
+last = 2000
+for i in range(1, last + 1):
+    tmp = os.path.join(d, ".current.json.tmp")
+    with open(tmp, "wb") as f:
+        f.write(body(i))
+    os.rename(tmp, target)
+open(stop, "w").close()
+os.waitpid(pid, 0)
+opens, missing, torn = map(int, os.read(r, 100).split())
+assert missing == 0 and torn == 0, "opens %d, ENOENT %d, torn %d" % (opens, missing, torn)
+# A removed file that an O_PATH descriptor still names.
+held = os.path.join(d, "held.txt")
+with open(held, "wb") as f:
+    f.write(b"still here\n")
+fd = os.open(held, os.O_PATH)
+os.unlink(held)
+st = os.fstat(fd)
+assert st.st_nlink == 0 and st.st_size == 11, st
+again = os.open("/proc/self/fd/%d" % fd, os.O_RDONLY)
+assert os.read(again, 100) == b"still here\n"
+os.close(again)
+os.close(fd)
+os.unlink(stop)
+print(opens)
+"#;
+    let out = common::sh(
+        Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .arg(m.p("ns/r")),
+    );
+    let opens: u64 = out.trim().parse().unwrap();
+    assert!(opens >= 200, "{out}");
+    // Forgotten by the kernel (its caches dropped), the removed files leave the index.
+    let unlinked = || {
+        let db = rusqlite::Connection::open_with_flags(
+            env.store().join("index.sqlite"),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .unwrap();
+        db.query_row("SELECT count(*) FROM inodes WHERE nlink = 0", [], |r| {
+            r.get::<_, i64>(0)
+        })
+        .unwrap()
+    };
+    let mut left = unlinked();
+    for _ in 0..50 {
+        if left == 0 {
+            break;
+        }
+        fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        left = unlinked();
+    }
+    assert_eq!(
+        left, 0,
+        "files without a name stay in the index after the kernel forgot them"
+    );
+    seal(&m.p("ns/r"));
+    let entries = manifest_entries(&env, "ns/r");
+    let paths: Vec<&str> = entries
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(paths, [".", "current.json"]);
+    assert_eq!(
+        fs::read(m.p("ns/r/current.json")).unwrap(),
+        "v002000 ".repeat(200).as_bytes()
+    );
+    m.unmount();
+    assert!(env.ok(&["verify"]).contains("ok"));
+}

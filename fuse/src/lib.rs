@@ -216,6 +216,16 @@ impl ArtifactFs {
         }
     }
 
+    /// Gives back the references [`Vfs::entry_attrs`] counted for entries that are not sent
+    /// (`.` and `..`, never counted, are directories, which `forget` leaves alone).
+    fn give_back(&self, rest: impl Iterator<Item = (usize, artifactfs_core::Result<Attr>)>) {
+        for (_, a) in rest {
+            if let Ok(a) = a {
+                self.vfs.forget(a.ino, 1);
+            }
+        }
+    }
+
     fn empty(r: artifactfs_core::Result<()>, op: &'static str, ino: u64, reply: ReplyEmpty) {
         match r {
             Ok(()) => reply.ok(),
@@ -257,6 +267,10 @@ impl Filesystem for ArtifactFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         self.entry(self.vfs.lookup(parent.0, name), "lookup", parent.0, reply);
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.vfs.forget(ino.0, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -549,15 +563,27 @@ impl Filesystem for ArtifactFs {
         // group past a full reply is read for nothing, a few entries at most.
         let start = (offset as usize).min(list.len());
         for (g, group) in list[start..].chunks(PLUS_GROUP).enumerate() {
-            let inos: Vec<u64> = group.iter().map(|e| e.ino).collect();
-            let attrs = self.vfs.getattrs(&inos);
-            for (k, (e, a)) in group.iter().zip(attrs).enumerate() {
+            // The kernel takes a reference to each entry but `.` and `..` (`Vfs::forget`).
+            let dots = group
+                .iter()
+                .take_while(|e| e.name == "." || e.name == "..")
+                .count();
+            let dot_inos: Vec<u64> = group[..dots].iter().map(|e| e.ino).collect();
+            let inos: Vec<u64> = group[dots..].iter().map(|e| e.ino).collect();
+            let mut attrs = self.vfs.getattrs(&dot_inos);
+            attrs.extend(self.vfs.entry_attrs(&inos));
+            let mut attrs = attrs.into_iter().enumerate();
+            while let Some((k, a)) = attrs.next() {
+                let e = &group[k];
                 // An entry removed since the listing was taken is skipped, as a fresh listing
                 // would not have it.
                 let a = match a {
                     Ok(a) => a,
                     Err(Error::NotFound(_)) => continue,
-                    Err(err) => return reply.error(log_err("readdirplus", e.ino, &err)),
+                    Err(err) => {
+                        self.give_back(attrs);
+                        return reply.error(log_err("readdirplus", e.ino, &err));
+                    }
                 };
                 let i = start + g * PLUS_GROUP + k;
                 if reply.add(
@@ -568,6 +594,9 @@ impl Filesystem for ArtifactFs {
                     &fattr(&a),
                     Generation(0),
                 ) {
+                    // Full: this entry and the rest of the group are not sent.
+                    self.vfs.forget(a.ino, 1);
+                    self.give_back(attrs);
                     return reply.ok();
                 }
             }

@@ -275,6 +275,16 @@ fn decode_raw(ino: u64) -> Result<Node> {
     Ok(n)
 }
 
+/// Counts the kernel's reference to a file of an open run handed to it in an entry (see
+/// `State::lookups`); directories are not counted (rmdir removes them at once).
+fn remember(st: &mut State, a: &Attr) {
+    if a.kind != Kind::Dir
+        && let Ok(Node::Open(inode)) = decode_raw(a.ino)
+    {
+        *st.lookups.entry(inode).or_default() += 1;
+    }
+}
+
 /// A sealed run's entries, loaded once per mount.
 struct SealedRun {
     id: i64,
@@ -426,6 +436,11 @@ struct State {
     handles: HashMap<u64, Handle>,
     next_fh: u64,
     open_count: HashMap<i64, u32>,
+    /// The references the kernel holds to files of open runs (not directories): one per entry
+    /// handed to it (lookup, create, mknod, symlink, link, readdirplus) until it forgets them.
+    /// A file whose last name goes lives on while it has one, as on a local file system: a
+    /// reader that looked up a name just before a rename replaced it opens what it found.
+    lookups: HashMap<i64, u64>,
     runs: HashMap<i64, Activity>,
     dirty_mtime: HashMap<i64, i64>,
     /// chmod, chown and utimens of files that are open, kept until the next flush, fsync or
@@ -855,23 +870,9 @@ impl Vfs {
         let staging = store.root().join("staging");
         fs::create_dir_all(&staging).map_err(|e| Error::io("create directory", &staging, e))?;
         let started_ns = to_unix_ns(store.clock().now());
-        let orphans = store.index().meta(|m| m.orphan_inodes())?;
-        if !orphans.is_empty() {
-            store.freeing("removing unlinked inodes", || {
-                store.index().meta_write(|m| {
-                    for (_, ino) in &orphans {
-                        m.delete_inode(*ino)?;
-                    }
-                    Ok(())
-                })
-            })?;
-            for (run, ino) in &orphans {
-                let _ = fs::remove_file(staging.join(run.to_string()).join(ino.to_string()));
-            }
-            tracing::info!(
-                inodes = orphans.len(),
-                "removed unlinked inodes left by a crash"
-            );
+        let orphans = remove_unlinked_inodes(&store, &staging)?;
+        if orphans > 0 {
+            tracing::info!(inodes = orphans, "removed unlinked inodes left by a crash");
         }
         let open_runs = store.index().meta(|m| m.open_runs())?;
         let next_ino = store.index().meta(|m| m.next_inode_number())?;
@@ -1273,11 +1274,63 @@ impl Vfs {
         self.attr_of(&mut st, node)
     }
 
+    /// [`Vfs::getattrs`] for entries handed to the kernel (`readdirplus`, which takes a
+    /// reference to each but `.` and `..`): each of `inos` found is remembered as a
+    /// [`Vfs::lookup`] is, under the same lock. An entry that does not make it into the reply
+    /// is given back with [`Vfs::forget`].
+    pub fn entry_attrs(&self, inos: &[u64]) -> Vec<Result<Attr>> {
+        let mut st = self.lock();
+        let attrs = self.getattrs_locked(&mut st, inos);
+        for a in attrs.iter().flatten() {
+            remember(&mut st, a);
+        }
+        attrs
+    }
+
+    /// The kernel forgot `n` references to `ino` (`forget`, `batch_forget`): a file of an open
+    /// run that has no name left and is not open goes with the last one.
+    pub fn forget(&self, ino: u64, n: u64) {
+        let Ok(Node::Open(inode)) = decode_raw(ino) else {
+            return;
+        };
+        let mut st = self.lock();
+        let Some(c) = st.lookups.get_mut(&inode) else {
+            return;
+        };
+        *c = c.saturating_sub(n);
+        if *c > 0 {
+            return;
+        }
+        st.lookups.remove(&inode);
+        if st.open_count.contains_key(&inode) {
+            return;
+        }
+        let gone = self.meta(|m| m.inode(inode)).and_then(|row| match row {
+            Some(row) if row.nlink == 0 => self
+                .meta_write(|m| m.delete_inode(inode))
+                .map(|()| Some(row.run)),
+            _ => Ok(None),
+        });
+        match gone {
+            Ok(Some(run)) => {
+                self.preseal.forget(inode);
+                let _ = fs::remove_file(self.staging_path(run, inode));
+            }
+            Ok(None) => {}
+            // Left for the next start, which removes inodes without names.
+            Err(e) => tracing::warn!(inode, error = %e, "cannot remove a forgotten unlinked inode"),
+        }
+    }
+
     /// [`Vfs::getattr`] of each of `inos`, for a listing that carries attributes: the inodes
     /// of open runs among them are read with one statement instead of two each.
     pub fn getattrs(&self, inos: &[u64]) -> Vec<Result<Attr>> {
         let mut st = self.lock();
-        let nodes: Vec<Result<Node>> = inos.iter().map(|&i| self.node(&st, i)).collect();
+        self.getattrs_locked(&mut st, inos)
+    }
+
+    fn getattrs_locked(&self, st: &mut State, inos: &[u64]) -> Vec<Result<Attr>> {
+        let nodes: Vec<Result<Node>> = inos.iter().map(|&i| self.node(st, i)).collect();
         let open: Vec<i64> = nodes
             .iter()
             .filter_map(|n| match n {
@@ -1298,10 +1351,10 @@ impl Vfs {
                 let node = n?;
                 match node {
                     Node::Open(i) => match rows.get(&i) {
-                        Some((row, n)) => self.open_attr_known(&st, row, Some(*n)),
-                        None => self.attr_of(&mut st, node),
+                        Some((row, n)) => self.open_attr_known(st, row, Some(*n)),
+                        None => self.attr_of(st, node),
                     },
-                    _ => self.attr_of(&mut st, node),
+                    _ => self.attr_of(st, node),
                 }
             })
             .collect()
@@ -1413,7 +1466,9 @@ impl Vfs {
         let mut st = self.lock();
         let p = self.node(&st, parent)?;
         let n = self.lookup_node(&mut st, p, name)?;
-        self.attr_of(&mut st, n)
+        let a = self.attr_of(&mut st, n)?;
+        remember(&mut st, &a);
+        Ok(a)
     }
 
     /// All entries of a directory, `.` and `..` first.
@@ -1723,7 +1778,9 @@ impl Vfs {
             row.rdev = rdev;
         }
         let row = self.create_in(&mut st, p, name, row, "mknod")?;
-        self.open_attr(&st, &row)
+        let a = self.open_attr(&st, &row)?;
+        remember(&mut st, &a);
+        Ok(a)
     }
 
     /// `symlink` in an open run.
@@ -1737,7 +1794,9 @@ impl Vfs {
         row.size = target.len() as u64;
         row.target = Some(target.to_owned());
         let row = self.create_in(&mut st, p, name, row, "symlink")?;
-        self.open_attr(&st, &row)
+        let a = self.open_attr(&st, &row)?;
+        remember(&mut st, &a);
+        Ok(a)
     }
 
     /// `readlink`.
@@ -1898,7 +1957,9 @@ impl Vfs {
                 file: None,
             },
         );
-        Ok((self.open_attr(&st, &row)?, fh))
+        let a = self.open_attr(&st, &row)?;
+        remember(&mut st, &a);
+        Ok((a, fh))
     }
 
     /// `open` of a file; `write` when opened for writing.
@@ -3064,6 +3125,9 @@ impl Vfs {
         if left == 0 && !lost {
             let row = self.meta(|m| m.inode(inode))?;
             match row {
+                Some(row) if row.nlink == 0 && st.lookups.contains_key(&inode) => {
+                    // Removed, but the kernel still knows it: it goes when forgotten.
+                }
                 Some(row) if row.nlink == 0 => {
                     self.meta_write(|m| m.delete_inode(inode))?;
                     self.preseal.forget(inode);
@@ -3225,7 +3289,7 @@ impl Vfs {
         };
         row.nlink = row.nlink.saturating_sub(1);
         row.ctime_ns = now;
-        if row.nlink == 0 && !st.open_count.contains_key(&ino) {
+        if row.nlink == 0 && !st.open_count.contains_key(&ino) && !st.lookups.contains_key(&ino) {
             m.delete_inode(ino)?;
             return Ok((row.kind == Kind::File).then_some((row.run, ino)));
         }
@@ -3437,7 +3501,9 @@ impl Vfs {
             m.set_times(to, now, now)
         })?;
         self.touch(&mut st, row.run);
-        self.open_attr(&st, &row)
+        let a = self.open_attr(&st, &row)?;
+        remember(&mut st, &a);
+        Ok(a)
     }
 
     /// File-system statistics (those of the store's file system).
@@ -4172,7 +4238,8 @@ fn chunks_present(store: &Store, chunks: &[crate::manifest::ChunkRef]) -> Result
 
 impl Drop for Vfs {
     /// Files still being chunked as they are written (open when the mount went away) keep
-    /// what was written to them, as their staging files would have.
+    /// what was written to them, as their staging files would have. Files without a name
+    /// that the kernel still knew (it forgets nothing at unmount) go.
     fn drop(&mut self) {
         let mut st = self.lock();
         let streaming: Vec<i64> = st.streams.keys().copied().collect();
@@ -4184,7 +4251,32 @@ impl Drop for Vfs {
                 );
             }
         }
+        if let Err(e) = remove_unlinked_inodes(&self.store, &self.staging) {
+            tracing::warn!("at unmount, unlinked files stay for the next start to remove: {e}");
+        }
     }
+}
+
+/// Removes the inodes of open runs that have no name left (unlinked while open or known to
+/// the kernel), with their staging files; returns how many. Only when no handle is open: at
+/// the start of a mount, and at its end.
+fn remove_unlinked_inodes(store: &Store, staging: &Path) -> Result<usize> {
+    let orphans = store.index().meta(|m| m.orphan_inodes())?;
+    if orphans.is_empty() {
+        return Ok(0);
+    }
+    store.freeing("removing unlinked inodes", || {
+        store.index().meta_write(|m| {
+            for (_, ino) in &orphans {
+                m.delete_inode(*ino)?;
+            }
+            Ok(())
+        })
+    })?;
+    for (run, ino) in &orphans {
+        let _ = fs::remove_file(staging.join(run.to_string()).join(ino.to_string()));
+    }
+    Ok(orphans.len())
 }
 
 /// Commits a built seal: one index transaction.

@@ -1280,8 +1280,13 @@ fn chunked_files_hold_their_chunks_against_gc() {
     want.extend_from_slice(b"end");
     assert_eq!(read_all(&v, ino2, 1 << 20), want);
 
-    // An unlinked chunked file gives its references back; gc then sweeps its chunks.
+    // An unlinked chunked file gives its references back once the kernel forgets it (until
+    // then it lives on, as on a local file system); gc then sweeps its chunks.
     v.unlink(run, os("kept")).unwrap();
+    assert_eq!(v.getattr(ino).unwrap().nlink, 0);
+    assert_eq!(read_all(&v, ino, 1 << 20), data);
+    v.forget(ino, 1);
+    assert!(matches!(v.getattr(ino), Err(Error::NotFound(_))));
     assert_eq!(v.store().index().refcount_mismatches().unwrap(), vec![]);
     let rep = v.gc(&opts, &NoProgress).unwrap();
     assert!(rep.chunks_swept > 100, "{rep:?}");
