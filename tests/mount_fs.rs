@@ -758,6 +758,32 @@ fn other_users_need_allow_other_and_then_meet_modes_and_owners() {
     assert!(ok, "{err}");
     let (ok, err) = sh_as_nobody(&format!("echo y >> {}", q("lab/shared/theirs.txt")));
     assert!(!ok && err.contains("Read-only file system"), "{err}");
+    // Its manifest is as readable as the run's directory; a private run's is not readable
+    // by others, nor is anything in a private namespace.
+    let (ok, err) = sh_as_nobody(&format!(
+        "cat {} >/dev/null",
+        q(".artifactfs/manifests/lab/shared.json")
+    ));
+    assert!(ok, "{err}");
+    fs::create_dir_all(m.p("lab/private")).unwrap();
+    fs::set_permissions(m.p("lab/private"), fs::Permissions::from_mode(0o700)).unwrap();
+    fs::write(m.p("lab/private/plan.txt"), b"root only").unwrap();
+    seal(&m.p("lab/private"));
+    let (ok, err) = sh_as_nobody(&format!(
+        "cat {}",
+        q(".artifactfs/manifests/lab/private.json")
+    ));
+    assert!(!ok && err.contains("ermission denied"), "{err}");
+    let manifest = fs::read(m.p(".artifactfs/manifests/lab/private.json")).unwrap();
+    assert!(String::from_utf8_lossy(&manifest).contains("plan.txt"));
+    fs::create_dir_all(m.p("closed/run")).unwrap();
+    seal(&m.p("closed/run"));
+    fs::set_permissions(m.p("closed"), fs::Permissions::from_mode(0o700)).unwrap();
+    let (ok, err) = sh_as_nobody(&format!(
+        "cat {}",
+        q(".artifactfs/manifests/closed/run.json")
+    ));
+    assert!(!ok && err.contains("ermission denied"), "{err}");
 }
 
 /// Listings: a directory of many entries reads whole through many requests, with each

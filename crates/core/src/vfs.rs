@@ -1235,18 +1235,32 @@ impl Vfs {
             Node::CtlDir
             | Node::CtlManifests
             | Node::CtlByDigest
-            | Node::ManNs(_)
             | Node::CtlRetention
             | Node::RetNs(_) => Ok(self.synthetic(ino, Kind::Dir, 0o555, 0, self.started_ns)),
+            // The manifests of a namespace are as reachable as its runs: its directory's owner
+            // and read and search bits.
+            Node::ManNs(id) => {
+                let ns = self
+                    .meta(|m| m.namespace_by_id(id))?
+                    .ok_or_else(|| Error::NotFound(format!("namespace {id}")))?;
+                let mut a = self.synthetic(ino, Kind::Dir, ns.mode & 0o555, 0, self.started_ns);
+                (a.uid, a.gid) = (ns.uid, ns.gid);
+                Ok(a)
+            }
             Node::CtlStatus | Node::CtlEvents | Node::CtlExpired | Node::RetRun(_) => {
                 Ok(self.synthetic(ino, Kind::File, 0o444, 0, self.now()))
             }
             Node::CtlGc => Ok(self.synthetic(ino, Kind::File, 0o644, 0, self.now())),
             Node::CtlSeal => Ok(self.synthetic(ino, Kind::File, 0o200, 0, self.started_ns)),
+            // A run's manifest lists what its tree holds: readable by whom may read the run's
+            // directory (its owner and read bits).
             Node::ManRun(run) => {
                 let b = self.manifest_bytes(st, run)?;
                 let s = self.sealed_run(st, run)?;
-                let mut a = self.synthetic(ino, Kind::File, 0o444, b.len() as u64, s.sealed_at_ns);
+                let root = s.entry(0)?;
+                let mode = root.mode & 0o444;
+                let mut a = self.synthetic(ino, Kind::File, mode, b.len() as u64, s.sealed_at_ns);
+                (a.uid, a.gid) = (root.uid, root.gid);
                 a.immutable = true;
                 Ok(a)
             }
@@ -3963,6 +3977,15 @@ impl Vfs {
             let r = row.run.clone();
             if row.state != "open" {
                 st.runs.remove(&run_id);
+                // An explicit request is met by a seal that came first (another request, one
+                // it waited for above, or the quiet period): the run is sealed.
+                if let (false, "sealed", Some(d)) = (
+                    matches!(why, "quiet" | "marker"),
+                    row.state.as_str(),
+                    row.manifest,
+                ) {
+                    return Ok(d);
+                }
                 return Err(Error::ReadOnly(format!("run {r} is already {}", row.state)));
             }
             let open = st.runs.get(&run_id).map_or(0, |a| a.open);

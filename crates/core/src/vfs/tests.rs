@@ -1495,3 +1495,24 @@ fn a_journal_written_for_another_index_is_moved_aside_not_applied() {
         |(_, s)| matches!(s, crate::index::journal::Step::Create { name, .. } if name == "kept")
     ));
 }
+
+/// Two explicit seals of one run at once both succeed with the same digest: the one that
+/// waits for the other finds the run sealed, which is what it asked for.
+#[test]
+fn concurrent_seal_requests_both_succeed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (v, run) = fresh_run(tmp.path());
+    for i in 0..4 {
+        let (_, fh) = append_file(&v, run, &format!("f{i}"), &random_bytes(4 << 20, 40 + i));
+        v.release(fh).unwrap();
+    }
+    let r = RunRef::parse("ns/r").unwrap();
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| v.seal(&r));
+        let b = s.spawn(|| v.seal(&r));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(a, b);
+    assert_eq!(v.seal(&r).unwrap(), a, "and so does a request after it");
+}
