@@ -1175,3 +1175,68 @@ print(opens)
     m.unmount();
     assert!(env.ok(&["verify"]).contains("ok"));
 }
+
+/// A set-group-ID directory hands its group down (and the bit to subdirectories), and a write
+/// by another user through a write-only handle drops set-user-ID and set-group-ID (the latter
+/// only where the group may execute), as on a local file system.
+#[test]
+fn setgid_directories_and_writes_by_others_follow_local_rules() {
+    use std::os::unix::fs::MetadataExt;
+    let env = Env::new();
+    fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let m = Mount::start(
+        &env,
+        &env.path("mnt"),
+        &["--seal-after", "1h", "--allow-other"],
+    );
+    fs::create_dir_all(m.p("lab/grp")).unwrap();
+    std::os::unix::fs::chown(m.p("lab/grp"), Some(0), Some(100)).unwrap();
+    fs::set_permissions(m.p("lab/grp"), fs::Permissions::from_mode(0o2777)).unwrap();
+    fs::write(m.p("lab/grp/f"), b"x").unwrap();
+    fs::create_dir(m.p("lab/grp/sub")).unwrap();
+    let f = fs::metadata(m.p("lab/grp/f")).unwrap();
+    let sub = fs::metadata(m.p("lab/grp/sub")).unwrap();
+    assert_eq!((f.gid(), sub.gid()), (100, 100));
+    assert_eq!(sub.mode() & 0o2000, 0o2000, "subdirectories keep the bit");
+    assert_eq!(f.mode() & 0o2000, 0);
+    fs::create_dir(m.p("lab/grp/sub/deeper")).unwrap();
+    let deeper = fs::metadata(m.p("lab/grp/sub/deeper")).unwrap();
+    assert_eq!((deeper.gid(), deeper.mode() & 0o2000), (100, 0o2000));
+
+    for (name, mode, after) in [("tool", 0o6777, 0o0777), ("locked", 0o2767, 0o2767)] {
+        let p = m.p(&format!("lab/grp/{name}"));
+        fs::write(&p, b"#!/bin/sh\n").unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(mode)).unwrap();
+        assert_eq!(fs::metadata(&p).unwrap().mode() & 0o7777, mode);
+        let (ok, err) = sh_as_nobody(&format!("printf 'exit 0\\n' >> '{}'", p.display()));
+        assert!(ok, "{err}");
+        assert_eq!(
+            fs::metadata(&p).unwrap().mode() & 0o7777,
+            after,
+            "{name}: after another user's write"
+        );
+    }
+    // root (CAP_FSETID) keeps them.
+    let p = m.p("lab/grp/rootstool");
+    fs::write(&p, b"#!/bin/sh\n").unwrap();
+    fs::set_permissions(&p, fs::Permissions::from_mode(0o6755)).unwrap();
+    OpenOptions::new()
+        .append(true)
+        .open(&p)
+        .unwrap()
+        .write_all(b"exit 0\n")
+        .unwrap();
+    assert_eq!(fs::metadata(&p).unwrap().mode() & 0o7777, 0o6755);
+    seal(&m.p("lab/grp"));
+    let entries = manifest_entries(&env, "lab/grp");
+    let sub = entries
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["path"] == "sub")
+        .unwrap();
+    assert_eq!(
+        (sub["gid"].as_u64(), sub["mode"].as_u64().unwrap() & 0o2000),
+        (Some(100), 0o2000)
+    );
+}

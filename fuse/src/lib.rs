@@ -450,11 +450,16 @@ impl Filesystem for ArtifactFs {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID)
+            && let Err(e) = self.vfs.kill_suidgid(ino.0, fh.0)
+        {
+            return reply.error(log_err("write", ino.0, &e));
+        }
         match self.vfs.write(fh.0, offset, data) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(log_err("write", ino.0, &e)),

@@ -275,6 +275,17 @@ fn decode_raw(ino: u64) -> Result<Node> {
     Ok(n)
 }
 
+/// A directory with the set-group-ID bit hands its group to what is made in it, and the bit
+/// to its subdirectories (as local file systems do, for directories shared by a group).
+fn inherit_setgid(row: &mut InodeRow, dir_mode: u32, dir_gid: u32) {
+    if dir_mode & 0o2000 != 0 {
+        row.gid = dir_gid;
+        if row.kind == Kind::Dir {
+            row.mode |= 0o2000;
+        }
+    }
+}
+
 /// Counts the kernel's reference to a file of an open run handed to it in an entry (see
 /// `State::lookups`); directories are not counted (rmdir removes them at once).
 fn remember(st: &mut State, a: &Attr) {
@@ -1676,6 +1687,7 @@ impl Vfs {
             return Err(Error::NotDir(format!("inode {dir_ino}")));
         }
         row.run = dir.run;
+        inherit_setgid(&mut row, dir.mode, dir.gid);
         let mut idx = self.store.index_deferred();
         let create = move |m: &Meta<'_>| {
             if m.lookup(dir_ino, name)?.is_some() {
@@ -1747,7 +1759,8 @@ impl Vfs {
                     .ok_or_else(|| Error::NotFound(format!("namespace {id}")))?;
                 check_name("run name", name, false)?;
                 let r = RunRef::new(&ns.name, name)?;
-                let root = self.new_inode(ctx, 0, Kind::Dir, mode, now);
+                let mut root = self.new_inode(ctx, 0, Kind::Dir, mode, now);
+                inherit_setgid(&mut root, ns.mode, ns.gid);
                 ns.mtime_ns = now;
                 let (run_id, root_ino) = self.meta_write(|m| {
                     let out = m.create_open_run(&r, &root, now)?;
@@ -3173,6 +3186,25 @@ impl Vfs {
     }
 
     /// `setattr`: chmod, chown, truncate, utimens.
+    /// Before a write by a process that may not keep set-user-ID and set-group-ID bits (the
+    /// kernel says so with `FUSE_WRITE_KILL_SUIDGID`): set-user-ID goes, and set-group-ID
+    /// when the group may execute, as a local file system drops them.
+    pub fn kill_suidgid(&self, ino: u64, fh: u64) -> Result<()> {
+        let a = self.getattr(ino)?;
+        let mut mode = a.mode & !0o4000;
+        if a.mode & 0o010 != 0 {
+            mode &= !0o2000;
+        }
+        if mode == a.mode {
+            return Ok(());
+        }
+        let set = SetAttr {
+            mode: Some(mode),
+            ..SetAttr::default()
+        };
+        self.setattr(ino, set, Some(fh)).map(drop)
+    }
+
     pub fn setattr(&self, ino: u64, set: SetAttr, fh: Option<u64>) -> Result<Attr> {
         let (mut st, node) = self.lock_mut(ino)?;
         let now = self.now();
