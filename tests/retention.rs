@@ -131,6 +131,17 @@ fn retain_and_hold_through_the_cli() {
     env.ok(&["retain", "lab", "--clear"]);
     env.ingest(&env.path("src"), "lab/r3");
     assert_eq!(retention(&env, "lab/r3")["retain"], serde_json::Value::Null);
+    // A default set before a namespace's first run makes the namespace; clearing the default
+    // of a namespace that does not exist is still an error.
+    env.ok(&["retain", "fresh", "30d"]);
+    assert_eq!(
+        json(&env.ok(&["retain", "fresh", "--json"]))["default_retain"],
+        "30d"
+    );
+    env.ingest(&env.path("src"), "fresh/r1");
+    assert_eq!(retention(&env, "fresh/r1")["retain"], "30d");
+    assert_eq!(fails(&env, &["retain", "never", "--clear"]).0, 3);
+    assert_eq!(fails(&env, &["retain", ".hidden", "30d"]).0, 7);
 
     // gc: the dry run says what the real one does.
     let dry = json(&env.ok(&["gc", "--dry-run", "--grace", "0s", "--json"]));
@@ -253,6 +264,50 @@ fn walk(dir: &Path) -> Vec<String> {
         }
     }
     out
+}
+
+/// gc rewrites a pack only when that reclaims something: a small pack whose every chunk is
+/// live stays as it is, run after run; once some of its chunks are dead, it is compacted.
+#[test]
+fn gc_leaves_a_small_pack_of_live_chunks_alone_and_compacts_it_once_some_die() {
+    let env = Env::with_clock(T0);
+    write_tree(&env.path("a"), &[("small", &random(31, 3_000))]);
+    write_tree(
+        &env.path("b"),
+        &[("small", &random(31, 3_000)), ("other", &random(32, 3_000))],
+    );
+    env.ingest(&env.path("a"), "ns/a");
+    let packs = walk(&env.store().join("objects/packs"));
+    for _ in 0..2 {
+        let r = json(&env.ok(&["gc", "--grace", "0s", "--json"]));
+        assert_eq!(r["packs_rewritten"], 0, "{r}");
+        assert_eq!(walk(&env.store().join("objects/packs")), packs);
+    }
+    // ns/b's pack holds `other` and nothing of ns/a (dedup); once ns/b expires, its pack is
+    // dead and goes, and ns/a's stays whole.
+    env.ingest(&env.path("b"), "ns/b");
+    env.ok(&["retain", "ns/b", "1d"]);
+    env.set_time("2026-12-10T00:00:00Z");
+    let r = json(&env.ok(&["gc", "--grace", "0s", "--json"]));
+    assert_eq!(r["runs_expired"], serde_json::json!(["ns/b"]), "{r}");
+    assert_eq!(r["packs_rewritten"], 0, "{r}");
+    assert_eq!(walk(&env.store().join("objects/packs")), packs);
+    // ns/c's pack holds `keep` and `drop`; ns/d names `keep` only. Once ns/c expires, its
+    // pack has a dead chunk and is compacted; ns/d reads whole.
+    write_tree(
+        &env.path("c"),
+        &[("keep", &random(33, 3_000)), ("drop", &random(34, 3_000))],
+    );
+    write_tree(&env.path("d"), &[("keep", &random(33, 3_000))]);
+    env.ingest(&env.path("c"), "ns/c");
+    env.ingest(&env.path("d"), "ns/d");
+    env.ok(&["retain", "ns/c", "1d"]);
+    env.set_time("2026-12-20T00:00:00Z");
+    let r = json(&env.ok(&["gc", "--grace", "0s", "--compact-below", "0.9", "--json"]));
+    assert_eq!(r["runs_expired"], serde_json::json!(["ns/c"]), "{r}");
+    assert_eq!(r["packs_rewritten"], 1, "{r}");
+    env.ok(&["verify"]);
+    assert_eq!(env.run(&["cat", "ns/d/keep"]).stdout, random(33, 3_000));
 }
 
 #[test]

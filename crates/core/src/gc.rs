@@ -539,7 +539,11 @@ impl Store {
         for u in usage {
             if u.live_chunks == 0 {
                 dead.push(u);
-            } else if (u.live_stored_bytes as f64) < opts.compact_below * u.size as f64 {
+            } else if u.live_chunks < u.chunks
+                && (u.live_stored_bytes as f64) < opts.compact_below * u.size as f64
+            {
+                // Only a pack with dead chunks: one whose every chunk is live (a small pack
+                // mostly header and table) would be rewritten into the same bytes.
                 sparse.push(u);
             }
         }

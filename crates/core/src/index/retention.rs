@@ -490,6 +490,11 @@ impl Index {
     ) -> Result<()> {
         self.write_tx(|tx, path| {
             let err = sql_err(path);
+            if spec.is_some() {
+                // A default set before the namespace's first run makes the namespace, as
+                // that run would (an empty directory in the mount).
+                super::ensure_namespace(tx, namespace, now_ns).map_err(&err)?;
+            }
             let n = tx
                 .execute(
                     "UPDATE namespaces SET retain = ?2 WHERE name = ?1",
