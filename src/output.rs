@@ -137,11 +137,17 @@ fn mode_string(e: &Entry) -> String {
         Kind::File | Kind::Hardlink => '-',
     };
     let mut s = String::from(t);
-    for shift in [6, 3, 0] {
+    // setuid, setgid and sticky show in the execute column, as `ls -l` shows them.
+    for (shift, special, set) in [(6, 0o4000, 's'), (3, 0o2000, 's'), (0, 0o1000, 't')] {
         let bits = (e.mode >> shift) & 7;
         s.push(if bits & 4 != 0 { 'r' } else { '-' });
         s.push(if bits & 2 != 0 { 'w' } else { '-' });
-        s.push(if bits & 1 != 0 { 'x' } else { '-' });
+        s.push(match (bits & 1 != 0, e.mode & special != 0) {
+            (true, true) => set,
+            (false, true) => set.to_ascii_uppercase(),
+            (true, false) => 'x',
+            (false, false) => '-',
+        });
     }
     s
 }
@@ -433,4 +439,32 @@ pub fn rebuild(
         eprintln!("artifactfs: run {l}: NOT restored");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mode_strings_show_setuid_setgid_and_sticky_as_ls_does() {
+        let e = |kind, mode| Entry {
+            path: "x".into(),
+            kind,
+            mode,
+            uid: 0,
+            gid: 0,
+            size: 0,
+            mtime_ns: 0,
+            blake3: None,
+            chunks: Vec::new(),
+            target: None,
+            rdev: None,
+            xattrs: Default::default(),
+        };
+        assert_eq!(mode_string(&e(Kind::File, 0o644)), "-rw-r--r--");
+        assert_eq!(mode_string(&e(Kind::File, 0o4755)), "-rwsr-xr-x");
+        assert_eq!(mode_string(&e(Kind::File, 0o2644)), "-rw-r-Sr--");
+        assert_eq!(mode_string(&e(Kind::Dir, 0o1777)), "drwxrwxrwt");
+        assert_eq!(mode_string(&e(Kind::Dir, 0o3770)), "drwxrws--T");
+    }
 }

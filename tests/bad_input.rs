@@ -164,10 +164,12 @@ fn other_bad_input() {
             .code(),
         Some(7)
     );
+    let out = env.run(&["ingest", env.path("nope").to_str().unwrap(), "lab/r"]);
+    assert_eq!(out.status.code(), Some(3));
     assert!(
-        !env.run(&["ingest", env.path("nope").to_str().unwrap(), "lab/r"])
-            .status
-            .success()
+        String::from_utf8_lossy(&out.stderr).contains("source directory"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
     // Unknown runs and paths.
     assert_eq!(env.run(&["cat", "lab/nope/f"]).status.code(), Some(3));
@@ -185,6 +187,17 @@ fn other_bad_input() {
     let out = env.run(&["export", "lab/r", src.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(7));
     assert_eq!(fs::read(src.join("f")).unwrap(), b"x");
+    // A store does not ingest itself: inside the source tree it is left out, and as the
+    // source it is refused.
+    env.ingest(env.dir.path(), "lab/all");
+    let listed = env.ok(&["ls", "lab/all"]);
+    assert!(
+        listed.contains("src") && !listed.contains("store"),
+        "{listed}"
+    );
+    env.ok(&["verify"]);
+    let out = env.run(&["ingest", env.store().to_str().unwrap(), "lab/self"]);
+    assert_eq!(out.status.code(), Some(7));
 }
 
 /// A file rewritten while `ingest` reads it is not recorded as a mix of two versions: the

@@ -71,9 +71,10 @@ fn flipped_byte_in_a_pack_is_reported_and_never_served() {
         "cat wrote {} bytes",
         out.stdout.len()
     );
-    // Export refuses too and says why.
+    // Export refuses too and says why, and leaves no partial file under the file's name.
     let out = env.run(&["export", "lab/a", env.path("out").to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(4));
+    assert!(!env.path("out/data/a.bin").exists());
 }
 
 #[test]

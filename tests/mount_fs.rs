@@ -1240,3 +1240,29 @@ fn setgid_directories_and_writes_by_others_follow_local_rules() {
         (Some(100), 0o2000)
     );
 }
+
+/// A `user.*` xattr larger than ext4 keeps (about 4 KiB per file) is stored; exporting it to
+/// ext4 fails naming the xattr and the file system's limit (not "disk full"), and exporting to
+/// a file system that keeps it (tmpfs) gives it back whole.
+#[test]
+fn a_large_xattr_exports_where_the_destination_keeps_it_and_fails_clearly_elsewhere() {
+    let env = Env::new();
+    let m = Mount::start(&env, &env.path("mnt"), &["--seal-after", "1h"]);
+    fs::create_dir_all(m.p("ns/r")).unwrap();
+    fs::write(m.p("ns/r/f"), b"x").unwrap();
+    let big = common::bytes(16 << 10, 5);
+    xattr::set(m.p("ns/r/f"), "user.big", &big).unwrap();
+    seal(&m.p("ns/r"));
+    m.unmount();
+    let out = env.run(&["export", "ns/r", env.path("ext4").to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("refuses xattr user.big of 16384 bytes") && !err.contains("disk full"),
+        "{err}"
+    );
+    let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+    let dest = shm.path().join("out");
+    env.ok(&["export", "ns/r", dest.to_str().unwrap()]);
+    assert_eq!(xattr::get(dest.join("f"), "user.big").unwrap(), Some(big));
+}

@@ -211,18 +211,11 @@ impl ArtifactFs {
         reply: ReplyEntry,
     ) {
         match r {
-            Ok(a) => reply.entry(&ttl(&a), &fattr(&a), Generation(0)),
-            Err(e) => reply.error(log_err(op, parent, &e)),
-        }
-    }
-
-    /// Gives back the references [`Vfs::entry_attrs`] counted for entries that are not sent
-    /// (`.` and `..`, never counted, are directories, which `forget` leaves alone).
-    fn give_back(&self, rest: impl Iterator<Item = (usize, artifactfs_core::Result<Attr>)>) {
-        for (_, a) in rest {
-            if let Ok(a) = a {
-                self.vfs.forget(a.ino, 1);
+            Ok(a) => {
+                self.vfs.remember(&a);
+                reply.entry(&ttl(&a), &fattr(&a), Generation(0))
             }
+            Err(e) => reply.error(log_err(op, parent, &e)),
         }
     }
 
@@ -568,27 +561,15 @@ impl Filesystem for ArtifactFs {
         // group past a full reply is read for nothing, a few entries at most.
         let start = (offset as usize).min(list.len());
         for (g, group) in list[start..].chunks(PLUS_GROUP).enumerate() {
-            // The kernel takes a reference to each entry but `.` and `..` (`Vfs::forget`).
-            let dots = group
-                .iter()
-                .take_while(|e| e.name == "." || e.name == "..")
-                .count();
-            let dot_inos: Vec<u64> = group[..dots].iter().map(|e| e.ino).collect();
-            let inos: Vec<u64> = group[dots..].iter().map(|e| e.ino).collect();
-            let mut attrs = self.vfs.getattrs(&dot_inos);
-            attrs.extend(self.vfs.entry_attrs(&inos));
-            let mut attrs = attrs.into_iter().enumerate();
-            while let Some((k, a)) = attrs.next() {
-                let e = &group[k];
+            let inos: Vec<u64> = group.iter().map(|e| e.ino).collect();
+            let attrs = self.vfs.getattrs(&inos);
+            for (k, (e, a)) in group.iter().zip(attrs).enumerate() {
                 // An entry removed since the listing was taken is skipped, as a fresh listing
                 // would not have it.
                 let a = match a {
                     Ok(a) => a,
                     Err(Error::NotFound(_)) => continue,
-                    Err(err) => {
-                        self.give_back(attrs);
-                        return reply.error(log_err("readdirplus", e.ino, &err));
-                    }
+                    Err(err) => return reply.error(log_err("readdirplus", e.ino, &err)),
                 };
                 let i = start + g * PLUS_GROUP + k;
                 if reply.add(
@@ -599,10 +580,11 @@ impl Filesystem for ArtifactFs {
                     &fattr(&a),
                     Generation(0),
                 ) {
-                    // Full: this entry and the rest of the group are not sent.
-                    self.vfs.forget(a.ino, 1);
-                    self.give_back(attrs);
                     return reply.ok();
+                }
+                // The kernel takes a reference to each entry sent but `.` and `..`.
+                if e.name != "." && e.name != ".." {
+                    self.vfs.remember(&a);
                 }
             }
         }
@@ -709,6 +691,7 @@ impl Filesystem for ArtifactFs {
     ) {
         match self.vfs.create(ctx(req), parent.0, name, mode & !umask) {
             Ok((a, fh)) => {
+                self.vfs.remember(&a);
                 let f = self.write_only(fh, OpenFlags(flags));
                 reply.created(&ttl(&a), &fattr(&a), Generation(0), FileHandle(fh), f)
             }

@@ -73,7 +73,15 @@ impl Store {
                         .mode(0o600)
                         .open(&p)
                         .map_err(|err| Error::io("create", &p, err))?;
-                    report.bytes += self.write_sparse(e, &mut f, &p, progress)?;
+                    match self.write_sparse(e, &mut f, &p, progress) {
+                        Ok(n) => report.bytes += n,
+                        Err(err) => {
+                            // Never a partial file under the entry's name.
+                            drop(f);
+                            let _ = fs::remove_file(&p);
+                            return Err(err);
+                        }
+                    }
                 }
                 Kind::Symlink => {
                     let t = e.target.as_deref().unwrap_or_default();
@@ -131,6 +139,16 @@ impl Store {
                 if let Err(err) = xattr::set(&p, name, &v) {
                     let msg = format!("{}: xattr {name}: {err}", p.display());
                     if name.starts_with("user.") && e.kind != Kind::Symlink {
+                        // ENOSPC and E2BIG here are the file system's limit on xattrs (ext4
+                        // keeps about 4 KiB of them per file), not a full disk.
+                        if matches!(err.raw_os_error(), Some(c) if c == nix::libc::ENOSPC || c == nix::libc::E2BIG)
+                        {
+                            return Err(Error::Unsupported(format!(
+                                "{}: the destination file system refuses xattr {name} of {} bytes ({err}); export to one that keeps large xattrs (XFS, tmpfs)",
+                                p.display(),
+                                v.len()
+                            )));
+                        }
                         return Err(Error::io("set xattr", &p, err));
                     }
                     report.warnings.push(msg);

@@ -24,6 +24,18 @@ use crate::manifest::{ChunkRef, Entry, Kind, Manifest, XattrValue};
 use crate::names::RunRef;
 use crate::pack::PackEntry;
 
+/// `files, raw_bytes` of a `runs` row, as a literal for `concat!`: an open run's `files` are
+/// its regular files with a name so far (a sealed run's come from its manifest). Its
+/// `raw_bytes` stay 0 until the seal: the sizes of files being written live in their staging
+/// files, not in the index.
+macro_rules! live_counts {
+    () => {
+        "CASE WHEN state = 'open' THEN (SELECT count(*) FROM inodes i
+             WHERE i.run = runs.id AND i.kind = 'file' AND i.nlink > 0) ELSE files END,
+         raw_bytes"
+    };
+}
+
 pub mod journal;
 mod pool;
 mod retention;
@@ -703,27 +715,31 @@ impl Index {
         Ok(elsewhere)
     }
 
-    /// The run with this name that is not deleted.
+    /// The run with this name that is not deleted. An open run's `files` and `raw_bytes` are
+    /// its regular files (with a name) so far.
     pub fn run(&self, r: &RunRef) -> Result<Option<RunRow>> {
         self.conn
-            .prepare_cached(
-                "SELECT id, namespace, name, state, manifest, created_at, sealed_at, files, raw_bytes
-                 FROM runs WHERE namespace = ?1 AND name = ?2 AND state <> 'deleted'",
-            )
+            .prepare_cached(concat!(
+                "SELECT id, namespace, name, state, manifest, created_at, sealed_at, ",
+                live_counts!(),
+                " FROM runs WHERE namespace = ?1 AND name = ?2 AND state <> 'deleted'"
+            ))
             .and_then(|mut s| s.query_row(params![r.namespace, r.run], run_row).optional())
             .map_err(self.err())?
             .transpose()
     }
 
-    /// Runs (not deleted), optionally of one namespace, by namespace and name.
+    /// Runs (not deleted), optionally of one namespace, by namespace and name; counts as
+    /// [`Index::run`].
     pub fn runs(&self, namespace: Option<&str>) -> Result<Vec<RunRow>> {
         let mut s = self
             .conn
-            .prepare_cached(
-                "SELECT id, namespace, name, state, manifest, created_at, sealed_at, files, raw_bytes
-                 FROM runs WHERE state <> 'deleted' AND (?1 IS NULL OR namespace = ?1)
-                 ORDER BY namespace, name",
-            )
+            .prepare_cached(concat!(
+                "SELECT id, namespace, name, state, manifest, created_at, sealed_at, ",
+                live_counts!(),
+                " FROM runs WHERE state <> 'deleted' AND (?1 IS NULL OR namespace = ?1)
+                 ORDER BY namespace, name"
+            ))
             .map_err(self.err())?;
         let rows = s
             .query_map(params![namespace], run_row)

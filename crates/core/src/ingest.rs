@@ -66,12 +66,26 @@ fn utf8_name(p: &Path, name: &std::ffi::OsStr) -> Result<String> {
     })
 }
 
-fn walk(root: &Path) -> Result<Vec<Walked>> {
-    let meta = fs::symlink_metadata(root).map_err(|e| Error::io("stat", root, e))?;
+/// The tree under `root`, without the directory `store` (the store's own root, when the
+/// source holds it: a store does not ingest itself).
+fn walk(root: &Path, store: Option<(u64, u64)>) -> Result<Vec<Walked>> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::symlink_metadata(root).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => {
+            Error::NotFound(format!("source directory {}", root.display()))
+        }
+        _ => Error::io("stat", root, e),
+    })?;
     if !meta.is_dir() {
         return Err(Error::invalid(
             "source",
             format!("{} is not a directory", root.display()),
+        ));
+    }
+    if store == Some((meta.dev(), meta.ino())) {
+        return Err(Error::invalid(
+            "source",
+            format!("{} is the store itself", root.display()),
         ));
     }
     let mut out = vec![Walked {
@@ -100,6 +114,10 @@ fn walk(root: &Path) -> Result<Vec<Walked>> {
             let meta =
                 fs::symlink_metadata(&fs_path).map_err(|e| Error::io("stat", &fs_path, e))?;
             if meta.is_dir() {
+                if store == Some((meta.dev(), meta.ino())) {
+                    tracing::warn!(path = %fs_path.display(), "the store is inside the source tree: left out");
+                    continue;
+                }
                 stack.push((fs_path.clone(), path.clone()));
             }
             out.push(Walked {
@@ -554,7 +572,11 @@ impl Store {
                 existing.state
             )));
         }
-        let mut walked = walk(src)?;
+        let store_dir = {
+            use std::os::unix::fs::MetadataExt;
+            fs::metadata(self.root()).ok().map(|m| (m.dev(), m.ino()))
+        };
+        let mut walked = walk(src, store_dir)?;
         walked.sort_by(|a, b| {
             (a.path != ROOT, a.path.as_bytes()).cmp(&(b.path != ROOT, b.path.as_bytes()))
         });

@@ -448,7 +448,8 @@ struct State {
     next_fh: u64,
     open_count: HashMap<i64, u32>,
     /// The references the kernel holds to files of open runs (not directories): one per entry
-    /// handed to it (lookup, create, mknod, symlink, link, readdirplus) until it forgets them.
+    /// handed to it (lookup, create, mknod, symlink, link, readdirplus) until it forgets them
+    /// ([`Vfs::remember`], [`Vfs::forget`]).
     /// A file whose last name goes lives on while it has one, as on a local file system: a
     /// reader that looked up a name just before a rename replaced it opens what it found.
     lookups: HashMap<i64, u64>,
@@ -1299,17 +1300,13 @@ impl Vfs {
         self.attr_of(&mut st, node)
     }
 
-    /// [`Vfs::getattrs`] for entries handed to the kernel (`readdirplus`, which takes a
-    /// reference to each but `.` and `..`): each of `inos` found is remembered as a
-    /// [`Vfs::lookup`] is, under the same lock. An entry that does not make it into the reply
-    /// is given back with [`Vfs::forget`].
-    pub fn entry_attrs(&self, inos: &[u64]) -> Vec<Result<Attr>> {
-        let mut st = self.lock();
-        let attrs = self.getattrs_locked(&mut st, inos);
-        for a in attrs.iter().flatten() {
-            remember(&mut st, a);
-        }
-        attrs
+    /// The kernel took a reference to `a` (an entry of `lookup`, `create`, `mknod`,
+    /// `symlink`, `link` or `readdirplus` but `.` and `..`); [`Vfs::forget`] gives it back.
+    /// Only the FUSE frontend calls these: other frontends hold no references. The kernel
+    /// holds the directory's lock from such a request until its reply is taken, and `unlink`
+    /// and `rename` need it too, so no name goes between the answer and this call.
+    pub fn remember(&self, a: &Attr) {
+        remember(&mut self.lock(), a);
     }
 
     /// The kernel forgot `n` references to `ino` (`forget`, `batch_forget`): a file of an open
@@ -1491,9 +1488,7 @@ impl Vfs {
         let mut st = self.lock();
         let p = self.node(&st, parent)?;
         let n = self.lookup_node(&mut st, p, name)?;
-        let a = self.attr_of(&mut st, n)?;
-        remember(&mut st, &a);
-        Ok(a)
+        self.attr_of(&mut st, n)
     }
 
     /// All entries of a directory, `.` and `..` first.
@@ -1805,9 +1800,7 @@ impl Vfs {
             row.rdev = rdev;
         }
         let row = self.create_in(&mut st, p, name, row, "mknod")?;
-        let a = self.open_attr(&st, &row)?;
-        remember(&mut st, &a);
-        Ok(a)
+        self.open_attr(&st, &row)
     }
 
     /// `symlink` in an open run.
@@ -1821,9 +1814,7 @@ impl Vfs {
         row.size = target.len() as u64;
         row.target = Some(target.to_owned());
         let row = self.create_in(&mut st, p, name, row, "symlink")?;
-        let a = self.open_attr(&st, &row)?;
-        remember(&mut st, &a);
-        Ok(a)
+        self.open_attr(&st, &row)
     }
 
     /// `readlink`.
@@ -1984,9 +1975,7 @@ impl Vfs {
                 file: None,
             },
         );
-        let a = self.open_attr(&st, &row)?;
-        remember(&mut st, &a);
-        Ok((a, fh))
+        Ok((self.open_attr(&st, &row)?, fh))
     }
 
     /// `open` of a file; `write` when opened for writing.
@@ -3547,9 +3536,7 @@ impl Vfs {
             m.set_times(to, now, now)
         })?;
         self.touch(&mut st, row.run);
-        let a = self.open_attr(&st, &row)?;
-        remember(&mut st, &a);
-        Ok(a)
+        self.open_attr(&st, &row)
     }
 
     /// File-system statistics (those of the store's file system).

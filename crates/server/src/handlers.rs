@@ -602,35 +602,44 @@ pub async fn remove_hold(State(app): State<App>, req: Request) -> ApiResult {
 // ------------------------------------------------------------------------------------------
 // Files
 
-/// A single byte range asked for; `None` when the header is absent or asks for several ranges
-/// (then the whole file is sent, as RFC 9110 allows).
+/// A single byte range asked for. `None` (the whole file is sent) when the header asks for
+/// several ranges, uses a unit other than bytes, or does not parse: RFC 9110 lets a server
+/// ignore those, and requires it for an unknown unit. `Err` only for a well-formed range the
+/// file cannot satisfy (416).
 fn parse_range(h: &str, size: u64) -> Result<Option<(u64, u64)>, ()> {
     let Some(spec) = h.trim().strip_prefix("bytes=") else {
-        return Err(());
+        return Ok(None);
     };
     if spec.contains(',') {
         return Ok(None);
     }
-    let (a, b) = spec.split_once('-').ok_or(())?;
+    let Some((a, b)) = spec.split_once('-') else {
+        return Ok(None);
+    };
     let (a, b) = (a.trim(), b.trim());
     let (start, end) = if a.is_empty() {
-        let n: u64 = b.parse().map_err(|_| ())?;
+        let Ok(n) = b.parse::<u64>() else {
+            return Ok(None);
+        };
         if n == 0 {
             return Err(());
         }
         (size.saturating_sub(n), size.saturating_sub(1))
     } else {
-        let s: u64 = a.parse().map_err(|_| ())?;
-        let e: u64 = if b.is_empty() {
-            size.saturating_sub(1)
-        } else {
-            b.parse::<u64>()
-                .map_err(|_| ())?
-                .min(size.saturating_sub(1))
+        let Ok(s) = a.parse::<u64>() else {
+            return Ok(None);
         };
-        (s, e)
+        let e = if b.is_empty() {
+            u64::MAX
+        } else {
+            match b.parse::<u64>() {
+                Ok(e) if e >= s => e,
+                _ => return Ok(None),
+            }
+        };
+        (s, e.min(size.saturating_sub(1)))
     };
-    if size == 0 || start >= size || start > end {
+    if size == 0 || start >= size {
         return Err(());
     }
     Ok(Some((start, end)))
@@ -1243,8 +1252,12 @@ mod tests {
         assert_eq!(parse_range("bytes=50-500", 100), Ok(Some((50, 99))));
         assert_eq!(parse_range("bytes=0-1,5-6", 100), Ok(None));
         assert!(parse_range("bytes=100-", 100).is_err());
-        assert!(parse_range("bytes=5-2", 100).is_err());
-        assert!(parse_range("items=0-1", 100).is_err());
         assert!(parse_range("bytes=0-0", 0).is_err());
+        assert!(parse_range("bytes=-0", 100).is_err());
+        // Not understood: ignored, the whole file is sent.
+        assert_eq!(parse_range("bytes=5-2", 100), Ok(None));
+        assert_eq!(parse_range("items=0-1", 100), Ok(None));
+        assert_eq!(parse_range("bytes=abc", 100), Ok(None));
+        assert_eq!(parse_range("bytes=1-x", 100), Ok(None));
     }
 }

@@ -290,7 +290,10 @@ pub type RunMeta = Vec<(String, String)>;
 /// Columns of the rows [`super::run_row`] reads, as a literal for `concat!`.
 macro_rules! run_cols {
     () => {
-        "id, namespace, name, state, manifest, created_at, sealed_at, files, raw_bytes"
+        concat!(
+            "id, namespace, name, state, manifest, created_at, sealed_at, ",
+            live_counts!()
+        )
     };
 }
 
@@ -605,10 +608,10 @@ impl Index {
             .prepare_cached(concat!(
                 "SELECT ",
                 run_cols!(),
-                ", retain_until FROM runs r
+                ", retain_until FROM runs
                  WHERE state = 'sealed' AND retain_until <= ?1
                    AND retain_until < 9223372036854775807
-                   AND NOT EXISTS (SELECT 1 FROM holds h WHERE h.run = r.id)
+                   AND NOT EXISTS (SELECT 1 FROM holds h WHERE h.run = runs.id)
                  ORDER BY retain_until, id"
             ))
             .map_err(self.err())?;
@@ -647,10 +650,10 @@ impl Index {
                     concat!(
                         "SELECT ",
                         run_cols!(),
-                        ", retain_until FROM runs r
+                        ", retain_until FROM runs
                          WHERE id = ?1 AND state = 'sealed' AND retain_until <= ?2
                            AND retain_until < 9223372036854775807
-                           AND NOT EXISTS (SELECT 1 FROM holds h WHERE h.run = r.id)"
+                           AND NOT EXISTS (SELECT 1 FROM holds h WHERE h.run = runs.id)"
                     ),
                     params![run_id, now_ns],
                     |r| Ok((run_row(r)?, r.get::<_, i64>(9)?)),

@@ -1282,6 +1282,7 @@ fn chunked_files_hold_their_chunks_against_gc() {
 
     // An unlinked chunked file gives its references back once the kernel forgets it (until
     // then it lives on, as on a local file system); gc then sweeps its chunks.
+    v.remember(&v.getattr(ino).unwrap()); // as the kernel does after a lookup
     v.unlink(run, os("kept")).unwrap();
     assert_eq!(v.getattr(ino).unwrap().nlink, 0);
     assert_eq!(read_all(&v, ino, 1 << 20), data);
