@@ -419,7 +419,6 @@ fn reference_counts_are_checked_by_verify() {
 fn gc_in_a_loop_while_producers_write() {
     let t = T::new();
     let s = Arc::new(t.open());
-    s.set_namespace_retention("tmp", Some("1h")).unwrap_err(); // the namespace does not exist yet
     let base = Arc::new(random(40, 400_000));
     ingest(&t, &s, "tmp/seed", &[("f", base.to_vec())]);
     s.set_namespace_retention("tmp", Some("1h")).unwrap();
