@@ -780,12 +780,13 @@ fn cat(eng: &Engine, io: &mut Io, path: &str) -> Result<u8> {
         ));
     }
     let store = eng.store;
-    let entry = store.entry(&run, &p)?;
+    let mut entry = store.entry(&run, &p)?;
+    if entry.kind == artifactfs_core::manifest::Kind::Hardlink {
+        // A hard link names its first name's entry, which may be a symlink or a FIFO.
+        entry = store.entry(&run, entry.target.as_deref().unwrap_or_default())?;
+    }
     let entry = match entry.kind {
         artifactfs_core::manifest::Kind::File => entry,
-        artifactfs_core::manifest::Kind::Hardlink => {
-            store.entry(&run, entry.target.as_deref().unwrap_or_default())?
-        }
         other => bail!(Error::invalid(
             "path",
             format!("{path} is a {}, not a file", other.as_str())

@@ -94,6 +94,84 @@ fn cp_a_then_seal_equals_source_export_and_ingest() {
     assert_eq!(meta[0]["metadata"]["statehub.run_id"], "sh-42");
 }
 
+/// Hard links to a symlink, a FIFO and a device node copied in with `cp -a` stay links
+/// through the seal: in the sealed view, in the manifest (as `ingest` records them) and in an
+/// export.
+#[test]
+fn hard_linked_special_files_stay_linked_through_the_seal() {
+    use nix::sys::stat::{Mode, SFlag, makedev, mknod};
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(src.join("d")).unwrap();
+    fs::write(src.join("file"), b"content").unwrap();
+    fs::hard_link(src.join("file"), src.join("d/file-2")).unwrap();
+    std::os::unix::fs::symlink("../file", src.join("d/link")).unwrap();
+    fs::hard_link(src.join("d/link"), src.join("link-2")).unwrap();
+    nix::unistd::mkfifo(&src.join("fifo"), Mode::from_bits_truncate(0o640)).unwrap();
+    fs::hard_link(src.join("fifo"), src.join("d/fifo-2")).unwrap();
+    mknod(
+        &src.join("null"),
+        SFlag::S_IFCHR,
+        Mode::from_bits_truncate(0o666),
+        makedev(1, 3),
+    )
+    .unwrap();
+    fs::hard_link(src.join("null"), src.join("d/null-2")).unwrap();
+
+    let m = Mount::start(&env, &env.path("mnt"), &["--seal-after", "1h"]);
+    let run = m.p("ns/links");
+    fs::create_dir_all(&run).unwrap();
+    let st = Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", src.display()))
+        .arg(&run)
+        .status()
+        .unwrap();
+    assert!(st.success(), "cp -a failed:\n{}", m.log_text());
+    assert_same(&src, &run);
+    seal(&run);
+    assert_same(&src, &run);
+    for (a, b) in [
+        ("d/link", "link-2"),
+        ("fifo", "d/fifo-2"),
+        ("null", "d/null-2"),
+    ] {
+        let (ma, mb) = (
+            fs::symlink_metadata(run.join(a)).unwrap(),
+            fs::symlink_metadata(run.join(b)).unwrap(),
+        );
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(ma.ino(), mb.ino(), "{a} and {b} are one inode");
+        assert_eq!(ma.nlink(), 2, "{a}");
+    }
+    m.unmount();
+
+    let entries = manifest_entries(&env, "ns/links");
+    let kind_of = |path: &str| {
+        entries
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["path"] == path)
+            .map(|e| (e["type"].clone(), e["target"].clone()))
+            .unwrap_or_else(|| panic!("no entry {path}"))
+    };
+    assert_eq!(kind_of("link-2").0, "hardlink");
+    assert_eq!(kind_of("link-2").1, "d/link");
+    assert_eq!(kind_of("fifo").0, "hardlink");
+    assert_eq!(kind_of("fifo").1, "d/fifo-2");
+    assert_eq!(kind_of("null").1, "d/null-2");
+    let other = Env::new();
+    other.ingest(&src, "ns/links");
+    assert_eq!(
+        entries,
+        manifest_entries(&other, "ns/links"),
+        "mount-sealed and ingested manifests have the same entries"
+    );
+    env.ok(&["export", "ns/links", env.path("out").to_str().unwrap()]);
+    common::assert_same_tree(&src, &env.path("out"));
+}
+
 #[test]
 fn sealed_runs_are_immutable_and_seal_triggers_work() {
     let env = Env::new();

@@ -96,6 +96,10 @@ fn edge_case_sizes_names_and_attributes() {
     )
     .unwrap();
     let _sock = std::os::unix::net::UnixListener::bind(src.join("control.sock")).unwrap();
+    // Hard links to a symlink, a FIFO and a device node are links too.
+    fs::hard_link(src.join("names/rel-link"), src.join("rel-link-2")).unwrap();
+    fs::hard_link(src.join("fifo"), src.join("names/fifo-2")).unwrap();
+    fs::hard_link(src.join("null-dev"), src.join("names/null-2")).unwrap();
     // Exact nanosecond times, set last (children before parents).
     set_mtime(&src.join("one-byte"), 1_700_000_000, 123_456_789);
     set_mtime(&src.join("names/rel-link"), 1_600_000_000, 1);
@@ -122,7 +126,7 @@ fn edge_case_sizes_names_and_attributes() {
             .clone()
     };
     assert_eq!(entry("fifo")["type"], "fifo");
-    assert_eq!(entry("null-dev")["type"], "char");
+    assert_eq!(entry("names/null-2")["type"], "char"); // linked as null-dev too
     assert_eq!(entry("loop-dev")["type"], "block");
     assert_eq!(entry("control.sock")["type"], "socket");
     // The first name in path order holds the content; later names link to it.
@@ -130,6 +134,20 @@ fn edge_case_sizes_names_and_attributes() {
     assert_eq!(hard["type"], "hardlink");
     assert_eq!(hard["target"], "names/hard-one");
     assert_eq!(entry("names/hard-one")["type"], "file");
+    for (first, later, kind) in [
+        ("names/rel-link", "rel-link-2", "symlink"),
+        ("fifo", "names/fifo-2", "fifo"),
+        ("names/null-2", "null-dev", "char"),
+    ] {
+        assert_eq!(entry(first)["type"], kind, "{first}");
+        assert_eq!(entry(later)["type"], "hardlink", "{later}");
+        assert_eq!(entry(later)["target"], first, "{later}");
+    }
+    // `cat` of a link to a symlink says what it is.
+    let out = env.cmd(&["cat", "edge/cases/rel-link-2"]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is a symlink, not a file"), "{err}");
     assert_eq!(
         entry("names")["xattrs"]["user.binary"]["base64"],
         "AJ//AQ=="

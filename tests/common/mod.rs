@@ -202,7 +202,7 @@ pub fn snapshot(root: &Path, with_times_of_root: bool) -> BTreeMap<String, Node>
                 xattr::get(&p, &name).expect("getxattr").unwrap_or_default(),
             );
         }
-        let link_group = if ft.is_file() && m.nlink() > 1 {
+        let link_group = if !ft.is_dir() && m.nlink() > 1 {
             Some(
                 inodes
                     .entry((m.dev(), m.ino()))

@@ -57,6 +57,8 @@ impl Store {
         progress.set_total(manifest.raw_bytes());
         let mut report = ExportReport::default();
         let is_root = Uid::effective().is_root();
+        // Entries not created (device nodes as non-root), by path: their links are not either.
+        let mut skipped: std::collections::HashSet<&str> = std::collections::HashSet::new();
         // Create everything, writable by us while we work.
         for e in &manifest.entries {
             let p = dest_path(dest, e);
@@ -96,6 +98,15 @@ impl Store {
                         )
                     })?;
                     let tp = dest.join(t);
+                    if skipped.contains(t) {
+                        report.warnings.push(format!(
+                            "{}: not linked to {t}, which was not created",
+                            p.display()
+                        ));
+                        continue;
+                    }
+                    // `linkat` without AT_SYMLINK_FOLLOW: a link to a symlink links the
+                    // symlink itself.
                     fs::hard_link(&tp, &p).map_err(|err| Error::io("hard link", &p, err))?;
                 }
                 Kind::Fifo | Kind::Char | Kind::Block | Kind::Socket => {
@@ -117,6 +128,7 @@ impl Store {
                                 "{}: cannot create device node as non-root: {err}",
                                 p.display()
                             ));
+                            skipped.insert(e.path.as_str());
                             continue;
                         }
                         return Err(nix_io("mknod", &p)(err));

@@ -598,6 +598,20 @@ impl Store {
         let small_max = u64::from(chunker.params().max_size);
         for w in &walked {
             let ft = w.meta.file_type();
+            // Every name of a multiply linked file after its first (in path order) is a link
+            // to that first name, whatever the file's type: a symlink, FIFO or device node is
+            // linked as a regular file is.
+            if !ft.is_dir() && w.meta.nlink() > 1 {
+                let key = (w.meta.dev(), w.meta.ino());
+                if let Some(first) = first_name.get(&key) {
+                    let mut e = base_entry(w, Kind::Hardlink)?;
+                    e.target = Some(first.clone());
+                    e.xattrs.clear();
+                    entries.push(e);
+                    continue;
+                }
+                first_name.insert(key, w.path.clone());
+            }
             let entry = if ft.is_dir() {
                 base_entry(w, Kind::Dir)?
             } else if ft.is_symlink() {
@@ -614,19 +628,6 @@ impl Store {
                 e.target = Some(target);
                 e
             } else if ft.is_file() {
-                let key = (w.meta.dev(), w.meta.ino());
-                if w.meta.nlink() > 1
-                    && let Some(first) = first_name.get(&key)
-                {
-                    let mut e = base_entry(w, Kind::Hardlink)?;
-                    e.target = Some(first.clone());
-                    e.xattrs.clear();
-                    entries.push(e);
-                    continue;
-                }
-                if w.meta.nlink() > 1 {
-                    first_name.insert(key, w.path.clone());
-                }
                 let mut e = base_entry(w, Kind::File)?;
                 let mut f = File::open(&w.fs_path).map_err(|e| Error::io("open", &w.fs_path, e))?;
                 let mut read_small = None;

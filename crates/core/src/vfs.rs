@@ -4191,18 +4191,20 @@ fn build_seal(
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
         };
+        // Every name of an inode after its first (in path order) is a link to that first
+        // name, whatever the inode's type.
+        if i.kind != Kind::Dir && names.get(ino).copied().unwrap_or(1) > 1 {
+            if let Some(first) = first_name.get(ino) {
+                e.kind = Kind::Hardlink;
+                e.target = Some(first.clone());
+                e.xattrs.clear();
+                entries.push(e);
+                continue;
+            }
+            first_name.insert(*ino, path.clone());
+        }
         match i.kind {
             Kind::File => {
-                if names.get(ino).copied().unwrap_or(1) > 1 {
-                    if let Some(first) = first_name.get(ino) {
-                        e.kind = Kind::Hardlink;
-                        e.target = Some(first.clone());
-                        e.xattrs.clear();
-                        entries.push(e);
-                        continue;
-                    }
-                    first_name.insert(*ino, path.clone());
-                }
                 // Kept as a chunk list (ADR 0025), whose rows hold its chunks' references; else
                 // chunked ahead (ADR 0015) and still stored; else chunked now.
                 let chunked = store.index().meta(|m| m.chunked(*ino))?;
