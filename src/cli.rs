@@ -16,6 +16,8 @@ use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 use anyhow::{Context, Result, bail};
 use artifactfs_core::chunker::ChunkerParams;
@@ -36,6 +38,8 @@ pub const EXIT_BUSY: u8 = 9;
 pub const EXIT_REFUSED: u8 = 10;
 /// Exit status when the store's disk is full: nothing stored was lost, retry with room.
 pub const EXIT_DISK_FULL: u8 = 11;
+/// Exit status of work stopped because its caller went away: nothing was committed.
+pub const EXIT_CANCELLED: u8 = 12;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -344,6 +348,8 @@ pub struct Io<'a> {
     pub tty: bool,
     /// Progress bars may be drawn (on this process's standard error).
     pub progress: bool,
+    /// Set when the caller went away (a forwarded command's client closed the socket).
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 impl Io<'_> {
@@ -436,6 +442,7 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
         Some(err) if err.is_damage() => EXIT_DAMAGE,
         Some(Error::Locked { .. }) => EXIT_LOCKED,
         Some(Error::AlreadyExists(_)) => 6,
+        Some(Error::Cancelled(_)) => EXIT_CANCELLED,
         Some(Error::Invalid { .. }) => 7,
         Some(Error::NotAStore { .. }) => 8,
         Some(Error::Busy(_)) => EXIT_BUSY,
@@ -631,6 +638,7 @@ fn engine_verb(store_dir: &Path, cmd: Command) -> Result<u8> {
         cwd: std::env::current_dir().context("cannot find the current directory")?,
         tty,
         progress: tty,
+        cancel: None,
     };
     let engine = Engine {
         store: &store,
@@ -740,7 +748,7 @@ fn ingest(
     let run = RunRef::parse(run)?;
     let meta = parse_meta(meta)?;
     let src = io.path(src);
-    let bar = Bar::bytes(io.progress, "ingest");
+    let bar = Bar::bytes(io.progress, "ingest").cancelled_by(io.cancel.clone());
     let report = eng
         .store
         .ingest_dir(&src, &run, meta, &bar)

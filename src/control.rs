@@ -7,6 +7,10 @@
 //! exit status arrives. The owner runs the request with the same [`cli::execute`] a local
 //! command uses, against its shared engine, one thread per connection.
 //!
+//! A client sends nothing after its request: the connection turning readable while the
+//! command runs means the client went away (killed, interrupted), and the command is told to
+//! stop ([`HangupWatch`]): an `ingest` then seals nothing (exit status 12, in the mount's log).
+//!
 //! Everything on the wire is a frame: one tag byte, a big-endian `u32` length, the payload.
 //!
 //! | tag | from | payload |
@@ -26,7 +30,7 @@ use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -374,6 +378,7 @@ fn handle(stream: &UnixStream, vfs: &Vfs) -> Result<()> {
     let verb = format!("{:?}", req.command);
     tracing::info!(pid = cred.pid(), uid = cred.uid(), command = %verb, "command from the control socket");
     let started = Instant::now();
+    let gone = HangupWatch::start(stream)?;
     let code = {
         let mut io = Io {
             out: &mut out,
@@ -381,6 +386,7 @@ fn handle(stream: &UnixStream, vfs: &Vfs) -> Result<()> {
             cwd: req.cwd,
             tty: req.tty,
             progress: false,
+            cancel: Some(gone.flag.clone()),
         };
         let engine = Engine {
             store: vfs.store(),
@@ -394,11 +400,82 @@ fn handle(stream: &UnixStream, vfs: &Vfs) -> Result<()> {
             }
         }
     };
+    let client_gone = gone.flag.load(Ordering::Relaxed);
+    drop(gone);
     // What the command changed must be visible in the mount before the caller goes on.
     vfs.store_changed();
+    let ms = started.elapsed().as_millis() as u64;
+    if client_gone {
+        tracing::warn!(command = %verb, code, ms, "command done; its client had gone away");
+        return Ok(());
+    }
+    tracing::info!(command = %verb, code, ms, "command done");
     out.flush()?;
     err.flush()?;
     write_frame(stream, b'X', &[code])?;
-    tracing::info!(command = %verb, code, ms = started.elapsed().as_millis() as u64, "command done");
     Ok(())
+}
+
+/// Watches a connection while its command runs: a client sends nothing after its request, so
+/// the socket turning readable means it closed (the client was killed or interrupted). The
+/// flag then tells the engine to stop work that would commit ([`Progress::cancelled`]).
+///
+/// [`Progress::cancelled`]: artifactfs_core::Progress::cancelled
+struct HangupWatch {
+    flag: Arc<AtomicBool>,
+    done: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl HangupWatch {
+    /// How often the watcher looks whether its command has finished.
+    const TICK: Duration = Duration::from_millis(100);
+
+    fn start(stream: &UnixStream) -> Result<Self> {
+        use std::os::fd::AsFd;
+        let watched = stream
+            .try_clone()
+            .context("clone the control connection to watch it")?;
+        let flag = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicBool::new(false));
+        let (f, d) = (flag.clone(), done.clone());
+        let thread = std::thread::Builder::new()
+            .name("control-hangup".into())
+            .spawn(move || {
+                use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+                let tick = PollTimeout::from(Self::TICK.as_millis() as u16);
+                while !d.load(Ordering::Relaxed) {
+                    let mut fds = [PollFd::new(watched.as_fd(), PollFlags::POLLIN)];
+                    match poll(&mut fds, tick) {
+                        Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
+                        Ok(_) => {
+                            tracing::warn!(
+                                "the client closed the control connection: stopping its command"
+                            );
+                            f.store(true, Ordering::Relaxed);
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::warn!("cannot watch the control connection: {e}");
+                            return;
+                        }
+                    }
+                }
+            })
+            .context("start the control connection's watcher")?;
+        Ok(Self {
+            flag,
+            done,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for HangupWatch {
+    fn drop(&mut self) {
+        self.done.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }

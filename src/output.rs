@@ -3,6 +3,8 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Result;
 use artifactfs_core::clock::{from_unix_ns, rfc3339};
@@ -15,13 +17,14 @@ use artifactfs_core::{Progress, Store};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
-/// A byte-counting progress bar, hidden when not on a terminal.
-pub struct Bar(Option<ProgressBar>);
+/// A byte-counting progress bar, hidden when not on a terminal; it also tells the engine when
+/// the caller has gone away ([`Progress::cancelled`]).
+pub struct Bar(Option<ProgressBar>, Option<Arc<AtomicBool>>);
 
 impl Bar {
     pub fn bytes(visible: bool, what: &str) -> Self {
         if !visible {
-            return Self(None);
+            return Self(None, None);
         }
         let pb = ProgressBar::new(0);
         pb.set_style(
@@ -32,7 +35,13 @@ impl Bar {
             .progress_chars("=> "),
         );
         pb.set_message(what.to_owned());
-        Self(Some(pb))
+        Self(Some(pb), None)
+    }
+
+    /// The work stops once `flag` is set.
+    pub fn cancelled_by(mut self, flag: Option<Arc<AtomicBool>>) -> Self {
+        self.1 = flag;
+        self
     }
 
     pub fn finish(&self) {
@@ -52,6 +61,9 @@ impl Progress for Bar {
         if let Some(pb) = &self.0 {
             pb.inc(bytes);
         }
+    }
+    fn cancelled(&self) -> bool {
+        self.1.as_ref().is_some_and(|f| f.load(Ordering::Relaxed))
     }
 }
 

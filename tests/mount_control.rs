@@ -296,3 +296,54 @@ fn an_old_mount_leaving_keeps_a_new_mounts_socket() {
     new.unmount();
     assert!(!env.store().join("control.sock").exists());
 }
+
+/// A forwarded `ingest` whose client is killed stops in the mount before sealing: the run is
+/// not there, the mount's log says why, and the same ingest succeeds afterwards.
+#[test]
+fn a_forwarded_ingest_stops_when_its_client_is_killed() {
+    let env = Env::new();
+    let src = env.path("big");
+    fs::create_dir_all(&src).unwrap();
+    // 16 GiB of holes: several seconds to read and cut, nothing on disk.
+    let f = File::create(src.join("zeros")).unwrap();
+    f.set_len(16 << 30).unwrap();
+    drop(f);
+    let m = Mount::start(&env, &env.path("mnt"), &["--seal-after", "1h"]);
+    let mut client = Command::new(assert_cmd::cargo::cargo_bin("artifactfs"))
+        .arg("--store")
+        .arg(env.store())
+        .args(["ingest", src.to_str().unwrap(), "ns/stopped"])
+        .env_remove("ARTIFACTFS_STORE")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while !m.log_text().contains("command from the control socket") {
+        assert!(std::time::Instant::now() < deadline, "{}", m.log_text());
+        assert!(
+            client.try_wait().unwrap().is_none(),
+            "the ingest ended before it could be stopped:\n{}",
+            m.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    client.kill().unwrap();
+    client.wait().unwrap();
+    while !m.log_text().contains("command done") {
+        assert!(std::time::Instant::now() < deadline, "{}", m.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = m.log_text();
+    assert!(log.contains("stopping its command"), "{log}");
+    assert!(log.contains("code=12"), "{log}");
+    assert!(!m.p("ns/stopped").exists());
+    let runs = ok_in(&env, &["runs"]);
+    assert!(!runs.contains("ns/stopped"), "{runs}");
+    // The same run name is free: a small tree ingests into it through the mount.
+    let small = src_tree(&env);
+    ok_in(&env, &["ingest", small.to_str().unwrap(), "ns/stopped"]);
+    assert_eq!(fs::read(m.p("ns/stopped/a")).unwrap(), b"alpha");
+    m.unmount();
+}

@@ -57,6 +57,7 @@ pub fn errno(e: &Error) -> Errno {
         Error::NoAttr(_) => Errno::NO_XATTR,
         Error::Unsupported(_) => Errno::EOPNOTSUPP,
         Error::CrossRun(_) => Errno::EXDEV,
+        Error::Cancelled(_) => Errno::EINTR,
         // `Error` is non-exhaustive; a variant added later lands here until it gets its own arm.
         other => {
             tracing::error!("no errno for this error, answering EIO: {other}");

@@ -98,6 +98,9 @@ pub enum Error {
     /// A rename or link across runs.
     #[error("cross-run link or rename: {0}")]
     CrossRun(String),
+    /// Whoever asked for the work went away before it was done; nothing was committed.
+    #[error("cancelled: {0}")]
+    Cancelled(String),
 }
 
 impl Error {

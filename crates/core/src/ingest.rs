@@ -388,6 +388,12 @@ fn ingest_file_in_blocks(
         }
         size += n as u64;
         progress.inc(n as u64);
+        if progress.cancelled() {
+            return Err(Error::Cancelled(format!(
+                "reading {} was stopped",
+                src_name.display()
+            )));
+        }
         let block = writer.share(buf);
         if n > 0 {
             last_piece = Some((block.clone(), start..start + n));
@@ -596,7 +602,12 @@ impl Store {
         let mut deferred: Vec<(usize, InBlocks)> = Vec::new();
         let mut small = SmallFiles::default();
         let small_max = u64::from(chunker.params().max_size);
+        let cancelled =
+            || Error::Cancelled(format!("ingest into {run} was stopped; nothing sealed"));
         for w in &walked {
+            if progress.cancelled() {
+                return Err(cancelled());
+            }
             let ft = w.meta.file_type();
             // Every name of a multiply linked file after its first (in path order) is a link
             // to that first name, whatever the file's type: a symlink, FIFO or device node is
@@ -683,6 +694,9 @@ impl Store {
             entries[i].chunks = chunks;
         }
         let stats = done.stats;
+        if progress.cancelled() {
+            return Err(cancelled());
+        }
 
         let mut metadata = metadata;
         let mut lifecycle = Lifecycle::default();

@@ -80,6 +80,12 @@ pub trait Progress: Sync {
     fn set_total(&self, _bytes: u64) {}
     /// Work done since the last call.
     fn inc(&self, _bytes: u64) {}
+    /// Whether whoever asked for the work has gone away (a forwarded command's client was
+    /// killed): work that commits something (an ingest) then stops before committing, with
+    /// [`Error::Cancelled`].
+    fn cancelled(&self) -> bool {
+        false
+    }
 }
 
 /// Reports nothing.

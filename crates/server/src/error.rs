@@ -64,6 +64,7 @@ pub fn classify(e: &Error) -> (StatusCode, &'static str) {
         Error::Backend { .. } => (S::SERVICE_UNAVAILABLE, "backend"),
         Error::Locked { .. } => (S::SERVICE_UNAVAILABLE, "locked"),
         Error::Unsupported(_) => (S::BAD_REQUEST, "unsupported"),
+        Error::Cancelled(_) => (S::SERVICE_UNAVAILABLE, "cancelled"),
         _ => (S::INTERNAL_SERVER_ERROR, "internal"),
     }
 }
