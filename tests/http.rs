@@ -284,12 +284,25 @@ fn whole_flow_with_a_large_streamed_file_and_cli_export() {
     assert_eq!(r.bytes().unwrap().as_ref(), &small[..]);
     let info = ok_json(client().get(s.url("/v1/runs/lab/r1")).send().unwrap());
     assert_eq!(info["state"], "open");
-    // Counted as they are written.
+    // Counted as they are written: files and bytes (inline, staged and streamed alike).
     assert_eq!(info["files"], 3, "{info}");
+    let raw = small.len() as u64 + mid.len() as u64 + BIG_LEN;
+    assert_eq!(info["raw_bytes"], raw, "{info}");
+    let listed = ok_json(
+        client()
+            .get(s.url("/v1/runs?namespace=lab"))
+            .send()
+            .unwrap(),
+    );
+    assert!(
+        listed.to_string().contains(&format!("\"raw_bytes\":{raw}")),
+        "{listed}"
+    );
 
     let digest = seal(&s, "lab/r1");
     let info = ok_json(client().get(s.url("/v1/runs/lab/r1")).send().unwrap());
     assert_eq!(info["state"], "sealed");
+    assert_eq!(info["raw_bytes"], raw, "{info}");
     assert_eq!(info["digest"], digest.as_str());
     assert_eq!(info["metadata"]["producer"], "http-test");
     assert_eq!(info["metadata"]["board"], "b7");

@@ -729,6 +729,28 @@ impl Index {
             .transpose()
     }
 
+    /// An open run's regular files (with at least one name), each with its size when the index
+    /// holds its content (inline, or chunked as it was written); `None`: in its staging file.
+    pub fn open_run_file_sizes(&self, run: i64) -> Result<Vec<(i64, Option<u64>)>> {
+        let mut s = self
+            .conn
+            .prepare_cached(
+                "SELECT i.ino, coalesce((SELECT length(d.data) FROM inline_data d WHERE d.ino = i.ino),
+                                       (SELECT c.size FROM chunked_files c WHERE c.ino = i.ino))
+                 FROM inodes i WHERE i.run = ?1 AND i.kind = 'file' AND i.nlink > 0",
+            )
+            .map_err(self.err())?;
+        let rows = s
+            .query_map(params![run], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, Option<i64>>(1)?.map(|n| n as u64),
+                ))
+            })
+            .map_err(self.err())?;
+        rows.collect::<rusqlite::Result<_>>().map_err(self.err())
+    }
+
     /// Runs (not deleted), optionally of one namespace, by namespace and name; counts as
     /// [`Index::run`].
     pub fn runs(&self, namespace: Option<&str>) -> Result<Vec<RunRow>> {

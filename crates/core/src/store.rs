@@ -427,9 +427,32 @@ impl Store {
             .ok_or_else(|| Error::NotFound(format!("run {r}")))
     }
 
-    /// Runs, optionally of one namespace.
+    /// Runs, optionally of one namespace; an open run's `raw_bytes` is what its files hold
+    /// now ([`Store::open_run_bytes`]).
     pub fn runs(&self, namespace: Option<&str>) -> Result<Vec<RunRow>> {
-        self.read(|idx| idx.runs(namespace))
+        let mut runs = self.read(|idx| idx.runs(namespace))?;
+        for r in runs.iter_mut().filter(|r| r.state == "open") {
+            r.raw_bytes = self.open_run_bytes(r.id)?;
+        }
+        Ok(runs)
+    }
+
+    /// The bytes an open run's regular files hold (each inode once): kept in the index (small
+    /// files, files chunked as they were written) or in their staging files, as of their last
+    /// close for files being written through a mount. A seal records the same sum as the
+    /// run's `raw_bytes`.
+    pub fn open_run_bytes(&self, run_id: i64) -> Result<u64> {
+        let files = self.read(|idx| idx.open_run_file_sizes(run_id))?;
+        let dir = self.root.join("staging").join(run_id.to_string());
+        let mut total = 0u64;
+        for (ino, known) in files {
+            total += match known {
+                Some(n) => n,
+                // Not there: a file removed meanwhile, or a run the view has not staged.
+                None => fs::metadata(dir.join(ino.to_string())).map_or(0, |m| m.len()),
+            };
+        }
+        Ok(total)
     }
 
     /// Producer metadata of a run.
@@ -441,7 +464,11 @@ impl Store {
     /// index over a pooled read-only connection: what a frontend shows for one run.
     pub fn run_details(&self, r: &RunRef) -> Result<RunDetails> {
         let now = self.now_ns();
-        self.read(|idx| run_details_of(idx, r, now))
+        let mut d = self.read(|idx| run_details_of(idx, r, now))?;
+        if d.row.state == "open" {
+            d.row.raw_bytes = self.open_run_bytes(d.row.id)?;
+        }
+        Ok(d)
     }
 
     /// [`Store::run_details`] if a pooled read connection is idle right now, else `None`
@@ -449,7 +476,11 @@ impl Store {
     /// ADR 0020), which otherwise hand the call to a thread that may.
     pub fn run_details_now(&self, r: &RunRef) -> Option<Result<RunDetails>> {
         let idx = self.reads.try_get()?;
-        Some(run_details_of(&idx, r, self.now_ns()))
+        match run_details_of(&idx, r, self.now_ns()) {
+            // Its size takes a look at each of its staging files: not here.
+            Ok(d) if d.row.state == "open" => None,
+            other => Some(other),
+        }
     }
 
     /// A sealed run's manifest digest and canonical bytes (checked against the digest).
