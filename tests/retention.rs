@@ -401,7 +401,36 @@ fn retention_holds_and_gc_through_the_mount() {
         .map(|n| n.to_string_lossy().into_owned())
         .collect();
     assert!(!listed.iter().any(|n| n == "user.retain"), "{listed:?}");
+    // On a plain file of the run they are attributes like any other: kept, listed, sealed.
+    let plain = run.join("plain.txt");
+    fs::write(&plain, b"x").unwrap();
+    xattr::set(&plain, "user.retain", b"not a retention").unwrap();
+    xattr::set(&plain, "user.hold.x", b"nor a hold").unwrap();
+    let names = |p: &std::path::Path| -> Vec<String> {
+        xattr::list(p)
+            .unwrap()
+            .map(|n| n.to_string_lossy().into_owned())
+            .collect()
+    };
+    for n in ["user.retain", "user.hold.x"] {
+        assert!(
+            names(&plain).iter().any(|l| l == n),
+            "{n} in {:?}",
+            names(&plain)
+        );
+    }
     seal(&run);
+    for n in ["user.retain", "user.hold.x"] {
+        assert!(
+            names(&plain).iter().any(|l| l == n),
+            "{n} in {:?}",
+            names(&plain)
+        );
+    }
+    assert_eq!(
+        xattr::get(&plain, "user.retain").unwrap().as_deref(),
+        Some(&b"not a retention"[..])
+    );
     assert_eq!(state(&run), "sealed");
     assert_eq!(
         xattr::get(&run, "user.artifactfs.retain_until")

@@ -3651,8 +3651,18 @@ impl Vfs {
         let mut st = self.lock();
         let node = self.node(&st, ino)?;
         let hide_facts = matches!(node, Node::Open(_));
+        // On an open run's directory `user.retain` and `user.hold.*` are the run's retention,
+        // not content; on any other file they are attributes like the rest.
+        let run_root = match node {
+            Node::Open(i) => {
+                let run = self.inode(i)?.run;
+                self.meta(|m| m.run_root(run))? == Some(i)
+            }
+            _ => false,
+        };
         let hidden = |k: &str| {
-            k.starts_with(FACTS_PREFIX) || k == RETAIN_XATTR || k.starts_with(HOLD_PREFIX)
+            k.starts_with(FACTS_PREFIX)
+                || (run_root && (k == RETAIN_XATTR || k.starts_with(HOLD_PREFIX)))
         };
         Ok(self
             .xattrs_of(&mut st, node)?
