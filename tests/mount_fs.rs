@@ -494,6 +494,54 @@ fn bad_input_is_refused_with_the_right_errno() {
     );
 }
 
+/// `fallocate` in an open run: plain allocation extends the file with zeros, KEEP_SIZE
+/// changes nothing, hole punching is refused; the seal records what a reader saw.
+#[test]
+fn fallocate_extends_open_files_and_refuses_hole_punching() {
+    use nix::fcntl::{FallocateFlags, fallocate};
+    use std::os::fd::AsFd;
+    const EOPNOTSUPP: i32 = 95;
+    let env = Env::new();
+    let m = Mount::start(&env, &env.path("mnt"), &["--seal-after", "1h"]);
+    let run = m.p("ns/alloc");
+    fs::create_dir_all(&run).unwrap();
+    let mut want = Vec::new();
+    for (name, head, end) in [("small", 10usize, 4096i64), ("large", 100_000, 12 << 20)] {
+        let p = run.join(name);
+        let mut f = OpenOptions::new()
+            .create_new(true)
+            .write(true)
+            .open(&p)
+            .unwrap();
+        let data = common::bytes(head, 9);
+        f.write_all(&data).unwrap();
+        fallocate(f.as_fd(), FallocateFlags::empty(), 0, end).unwrap();
+        assert_eq!(f.metadata().unwrap().len(), end as u64, "{name}");
+        // Within the size, or with KEEP_SIZE past it: nothing changes.
+        fallocate(f.as_fd(), FallocateFlags::empty(), 5, 5).unwrap();
+        fallocate(f.as_fd(), FallocateFlags::FALLOC_FL_KEEP_SIZE, 0, 2 * end).unwrap();
+        assert_eq!(f.metadata().unwrap().len(), end as u64, "{name}");
+        let punched = fallocate(
+            f.as_fd(),
+            FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            0,
+            4,
+        );
+        assert_eq!(punched.map_err(|e| e as i32), Err(EOPNOTSUPP), "{name}");
+        drop(f);
+        let mut expect = data.clone();
+        expect.resize(end as usize, 0);
+        assert_eq!(fs::read(&p).unwrap(), expect, "{name}");
+        want.push((p, expect));
+    }
+    seal(&run);
+    for (p, expect) in &want {
+        assert_eq!(&fs::read(p).unwrap(), expect, "{}", p.display());
+    }
+    m.unmount();
+    env.ok(&["verify"]);
+}
+
 #[test]
 fn by_digest_serves_sealed_trees_read_only() {
     let env = Env::new();

@@ -274,6 +274,22 @@ impl Filesystem for ArtifactFs {
         }
     }
 
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        match self.vfs.fallocate(ino.0, fh.0, offset, length, mode) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(log_err("fallocate", ino.0, &e)),
+        }
+    }
+
     fn setattr(
         &self,
         _req: &Request,

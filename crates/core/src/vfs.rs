@@ -3194,6 +3194,32 @@ impl Vfs {
         self.setattr(ino, set, Some(fh)).map(drop)
     }
 
+    /// `fallocate` through handle `fh`: plain allocation (mode 0) makes the file at least
+    /// `offset + len` bytes long, the new bytes reading as zeros; with `FALLOC_FL_KEEP_SIZE`
+    /// it changes nothing. No space is set aside (a store of chunks has no blocks to reserve):
+    /// a later write can still meet a full disk. Punching holes and zeroing ranges are not
+    /// supported.
+    pub fn fallocate(&self, ino: u64, fh: u64, offset: u64, len: u64, mode: i32) -> Result<()> {
+        use nix::libc::FALLOC_FL_KEEP_SIZE;
+        if mode & !FALLOC_FL_KEEP_SIZE != 0 {
+            return Err(Error::Unsupported(format!(
+                "fallocate mode {mode:#x}: only allocation (0, FALLOC_FL_KEEP_SIZE) is supported"
+            )));
+        }
+        let end = offset
+            .checked_add(len)
+            .ok_or_else(|| Error::invalid("fallocate", "offset + length is too large"))?;
+        let a = self.getattr(ino)?;
+        if mode & FALLOC_FL_KEEP_SIZE == 0 && end > a.size {
+            let set = SetAttr {
+                size: Some(end),
+                ..SetAttr::default()
+            };
+            self.setattr(ino, set, Some(fh))?;
+        }
+        Ok(())
+    }
+
     pub fn setattr(&self, ino: u64, set: SetAttr, fh: Option<u64>) -> Result<Attr> {
         let (mut st, node) = self.lock_mut(ino)?;
         let now = self.now();
