@@ -427,6 +427,12 @@ impl Store {
             .ok_or_else(|| Error::NotFound(format!("run {r}")))
     }
 
+    /// Where open runs' files that are not kept in the index live:
+    /// `STORE/staging/<run id>/<inode>`.
+    pub fn staging_dir(&self) -> PathBuf {
+        self.root.join("staging")
+    }
+
     /// Runs, optionally of one namespace; an open run's `raw_bytes` is what its files hold
     /// now ([`Store::open_run_bytes`]).
     pub fn runs(&self, namespace: Option<&str>) -> Result<Vec<RunRow>> {
@@ -443,7 +449,7 @@ impl Store {
     /// run's `raw_bytes`.
     pub fn open_run_bytes(&self, run_id: i64) -> Result<u64> {
         let files = self.read(|idx| idx.open_run_file_sizes(run_id))?;
-        let dir = self.root.join("staging").join(run_id.to_string());
+        let dir = self.staging_dir().join(run_id.to_string());
         let mut total = 0u64;
         for (ino, known) in files {
             total += match known {

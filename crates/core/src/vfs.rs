@@ -879,7 +879,7 @@ fn kind_of_mode(mode: u32) -> Result<Kind> {
 impl Vfs {
     /// A view of `store`; removes what a crash left behind (names-less inodes, their files).
     pub fn new(store: Store, opts: VfsOptions) -> Result<Self> {
-        let staging = store.root().join("staging");
+        let staging = store.staging_dir();
         fs::create_dir_all(&staging).map_err(|e| Error::io("create directory", &staging, e))?;
         let started_ns = to_unix_ns(store.clock().now());
         let orphans = remove_unlinked_inodes(&store, &staging)?;
@@ -4143,7 +4143,7 @@ pub fn seal_offline(store: &Store, r: &RunRef) -> Result<ManifestDigest> {
     if state != "open" {
         return Err(Error::ReadOnly(format!("run {r} is already {state}")));
     }
-    let staging = store.root().join("staging");
+    let staging = store.staging_dir();
     let guard = store.seal_guard();
     let b = build_seal(store, &guard, &staging, id, r, None)?;
     commit_seal(store, id, &b)?;

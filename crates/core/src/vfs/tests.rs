@@ -355,7 +355,7 @@ fn vfs_new_removes_staging_left_by_a_crash_after_a_seal() {
     let big = vec![2u8; INLINE_MAX as usize + 1];
     write_file(&v, open, "g", &big);
     v.seal(&RunRef::parse("ns/sealed").unwrap()).unwrap();
-    let staging = v.store().root().join("staging");
+    let staging = v.store().staging_dir();
     let ids: BTreeMap<String, i64> = v
         .store()
         .runs(None)
