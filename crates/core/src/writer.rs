@@ -9,9 +9,9 @@
 //! it is new, and returns its reference at once (the mount's seal uses it). Directory ingest
 //! uses shared read blocks instead: the reader reads a file into a [`Block`] from the writer's
 //! pool, cuts chunks as ranges of it, and hands each range to the workers
-//! ([`ChunkWriter::submit_in_block`]); no chunk is copied on its way in, and a duplicate is never
-//! copied at all. Small files share a block, whose chunks then go in one message
-//! ([`ChunkWriter::submit_many_in_block`]). The workers also hash the file itself, in aligned
+//! ([`ChunkWriter::submit_many_in_block`], all of a block's chunks in one message, whether cut
+//! from one large file or from the small files that share the block); no chunk is copied on its
+//! way in, and a duplicate is never copied at all. The workers also hash the file itself, in aligned
 //! pieces ([`ChunkWriter::hash_piece`], [`file_hash_from_pieces`]), so that the reader only
 //! reads and cuts. Ids and piece hashes of this second way are known after
 //! [`ChunkWriter::finish_with_ids`], by sequence number.
@@ -106,7 +106,7 @@ pub struct WriteStats {
 #[derive(Debug)]
 pub struct Finished {
     pub stats: WriteStats,
-    /// Ids of the chunks given to [`ChunkWriter::submit_in_block`], by sequence number.
+    /// Ids of the chunks given to [`ChunkWriter::submit_many_in_block`], by sequence number.
     pub ids: Vec<ChunkId>,
     /// Results of [`ChunkWriter::hash_piece`], by sequence number.
     pub pieces: Vec<[u8; 32]>,
@@ -168,14 +168,8 @@ struct Shared {
 enum Work {
     /// Hashed, and known to be new: compress and store.
     New(ChunkId, Vec<u8>),
-    /// A chunk in a block, not hashed yet: hash, record the id under `seq`, dedup, maybe store.
-    Chunk {
-        seq: u64,
-        block: Arc<Block>,
-        range: Range<usize>,
-    },
-    /// Chunks in one block (the small files read into it), as [`Work::Chunk`] each, under the
-    /// sequence numbers from `first` on: one message for all of them.
+    /// Chunks in one block, not hashed yet, under the sequence numbers from `first` on: hash
+    /// each, record its id under its number, dedup, maybe store. One message for all of them.
     Chunks {
         first: u64,
         block: Arc<Block>,
@@ -415,22 +409,9 @@ impl ChunkWriter {
         })
     }
 
-    /// Queues the chunk `block[range]` without hashing it here or copying it; returns its
-    /// sequence number, whose id [`ChunkWriter::finish_with_ids`] gives.
-    pub fn submit_in_block(&mut self, block: &Arc<Block>, range: Range<usize>) -> Result<u64> {
-        self.submitted += 1;
-        let seq = self.in_blocks;
-        self.in_blocks += 1;
-        self.send(Work::Chunk {
-            seq,
-            block: block.clone(),
-            range,
-        })?;
-        Ok(seq)
-    }
-
-    /// [`ChunkWriter::submit_in_block`] of each of `ranges`, in one message to the workers;
-    /// returns the sequence number of the first (the others follow it).
+    /// Queues the chunks `block[range]` of each of `ranges`, in one message to the workers,
+    /// without hashing or copying them here; returns the sequence number of the first (the
+    /// others follow it), whose ids [`ChunkWriter::finish_with_ids`] gives.
     pub fn submit_many_in_block(
         &mut self,
         block: &Arc<Block>,
@@ -607,11 +588,6 @@ fn compress_loop(
         match work {
             Work::New(id, data) => {
                 store(id, Stored::Owned(data));
-            }
-            Work::Chunk { seq, block, range } => {
-                if let Some(id) = new_in_block(shared, seq, &block, range.clone()) {
-                    store(id, Stored::InBlock(block, range));
-                }
             }
             Work::Chunks {
                 first,

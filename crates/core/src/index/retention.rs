@@ -193,6 +193,10 @@ pub(super) fn add_refs(tx: &Connection, path: &Path, m: &Manifest, lost_ok: bool
     let mut up = tx
         .prepare_cached("UPDATE chunks SET refs = refs + ?2 WHERE hash = ?1")
         .map_err(&err)?;
+    // In key order: each page of the chunks table is then read and changed once, where a
+    // hash map's order visits them at random, again and again once they outnumber the cache.
+    let mut counts: Vec<(ChunkId, i64)> = counts.into_iter().collect();
+    counts.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
     let mut lost = 0;
     for (id, n) in counts {
         if up.execute(params![id.as_bytes(), n]).map_err(&err)? != 1 {
