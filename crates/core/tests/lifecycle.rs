@@ -24,13 +24,18 @@ struct T {
 
 impl T {
     fn new() -> Self {
+        Self::with_pack_target(1 << 20)
+    }
+
+    /// Small chunks, and packs closed at `bytes`.
+    fn with_pack_target(bytes: u64) -> Self {
         Self::with(InitOptions {
             chunker: ChunkerParams {
                 min_size: 4096,
                 avg_size: 16384,
                 max_size: 65536,
             },
-            pack_target_size: 1 << 20,
+            pack_target_size: bytes,
             ..Default::default()
         })
     }
@@ -255,8 +260,10 @@ fn namespace_and_store_defaults_apply_to_new_runs_only() {
     assert_eq!(expired, ["old", "third"]);
 }
 
-/// Three runs: `a` shares half its bytes with `keep`, `b` shares nothing. Expiring `a` and `b`
-/// leaves a pack half dead (rewritten) and a pack fully dead (deleted).
+/// Three runs: `a` shares 40% of its bytes with `keep`, `b` shares nothing. In a store whose
+/// packs hold more than a run (each ingest's chunks then make one pack, in whatever order the
+/// writer's workers hand them over), expiring `a` and `b` leaves a pack 60% dead (rewritten)
+/// and a pack fully dead (deleted).
 fn scenario(t: &T, s: &Store) -> (Vec<(&'static str, Vec<u8>)>, RunRef) {
     let shared = random(10, 600_000);
     let a_files = vec![("shared", shared.clone()), ("own", random(11, 900_000))];
@@ -272,7 +279,7 @@ fn scenario(t: &T, s: &Store) -> (Vec<(&'static str, Vec<u8>)>, RunRef) {
 
 #[test]
 fn gc_reclaims_exactly_what_no_live_run_references() {
-    let t = T::new();
+    let t = T::with_pack_target(4 << 20);
     let s = t.open();
     let (keep_files, keep) = scenario(&t, &s);
     t.clock.advance(2 * DAY);
