@@ -10,7 +10,7 @@
 //! - A deleted run keeps its `runs` row (name, manifest digest, times, metadata) as a tombstone
 //!   with `state = 'deleted'`; its `files` rows go.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 
 use rusqlite::{Connection, OptionalExtension, params};
@@ -184,7 +184,10 @@ pub(super) fn take_over_lost_refs(tx: &Connection, path: &Path) -> Result<()> {
 /// many distinct chunks were lost.
 pub(super) fn add_refs(tx: &Connection, path: &Path, m: &Manifest, lost_ok: bool) -> Result<u64> {
     let err = sql_err(path);
-    let mut counts: HashMap<ChunkId, i64> = HashMap::new();
+    // In key order (a BTreeMap): each page of the chunks table is then read and changed once,
+    // where a hash map's order visits them at random, again and again once they outnumber
+    // the cache.
+    let mut counts: BTreeMap<ChunkId, i64> = BTreeMap::new();
     for e in &m.entries {
         for c in &e.chunks {
             *counts.entry(c.0).or_default() += 1;
@@ -193,10 +196,6 @@ pub(super) fn add_refs(tx: &Connection, path: &Path, m: &Manifest, lost_ok: bool
     let mut up = tx
         .prepare_cached("UPDATE chunks SET refs = refs + ?2 WHERE hash = ?1")
         .map_err(&err)?;
-    // In key order: each page of the chunks table is then read and changed once, where a
-    // hash map's order visits them at random, again and again once they outnumber the cache.
-    let mut counts: Vec<(ChunkId, i64)> = counts.into_iter().collect();
-    counts.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
     let mut lost = 0;
     for (id, n) in counts {
         if up.execute(params![id.as_bytes(), n]).map_err(&err)? != 1 {
