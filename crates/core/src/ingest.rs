@@ -225,12 +225,12 @@ pub fn ingest_stream(
 /// [`ingest_stream`] for the same bytes.
 pub fn ingest_stream_in_blocks(
     store: &Store,
-    mut writer: ChunkWriter,
+    writer: ChunkWriter,
     mut src: impl FillBlock,
     src_name: &Path,
 ) -> Result<(u64, FileHash, Vec<ChunkRef>)> {
     let chunker = Chunker::new(store.config().chunker)?;
-    let file = ingest_file_in_blocks(&chunker, &mut writer, &mut src, &NoProgress, src_name)?;
+    let file = ingest_file_in_blocks(&chunker, &writer, 0, &mut src, &NoProgress, src_name)?;
     let done = writer.finish_with_ids()?;
     let (hash, chunks) = file.resolve(&done);
     Ok((file.size, hash, chunks))
@@ -360,7 +360,8 @@ fn unchanged_while_read(f: &File, w: &Walked) -> Result<()> {
 /// returns, so each piece is queued one block late.
 fn ingest_file_in_blocks(
     chunker: &Chunker,
-    writer: &mut ChunkWriter,
+    writer: &ChunkWriter,
+    lane: usize,
     src: &mut impl FillBlock,
     progress: &dyn Progress,
     src_name: &Path,
@@ -409,7 +410,7 @@ fn ingest_file_in_blocks(
             chunks.push((0, len as u32));
             pos += len;
         }
-        let first = writer.submit_many_in_block(&block, ranges)?;
+        let first = writer.submit_many_in_block(lane, &block, ranges)?;
         for (seq, c) in (first..).zip(&mut chunks[from..]) {
             c.0 = seq;
         }
@@ -448,10 +449,12 @@ impl SmallFiles {
     /// Reads `src` (expected to hold at most a maximum chunk) into the shared block as the
     /// content of entry `entry`; its size, or `None` if it turned out larger (it grew since
     /// it was listed), when nothing is kept and the caller reads it as a large file.
+    #[allow(clippy::too_many_arguments)]
     fn add(
         &mut self,
         chunker: &Chunker,
-        writer: &mut ChunkWriter,
+        writer: &ChunkWriter,
+        lane: usize,
         deferred: &mut Vec<(usize, InBlocks)>,
         src: &mut File,
         entry: usize,
@@ -463,7 +466,7 @@ impl SmallFiles {
             .as_ref()
             .is_some_and(|b| b.capacity() - b.len() <= max)
         {
-            self.flush(chunker, writer, deferred)?;
+            self.flush(chunker, writer, lane, deferred)?;
         }
         let buf = match &mut self.buf {
             Some(b) => b,
@@ -484,7 +487,8 @@ impl SmallFiles {
     fn flush(
         &mut self,
         chunker: &Chunker,
-        writer: &mut ChunkWriter,
+        writer: &ChunkWriter,
+        lane: usize,
         deferred: &mut Vec<(usize, InBlocks)>,
     ) -> Result<()> {
         let Some(buf) = self.buf.take() else {
@@ -504,7 +508,7 @@ impl SmallFiles {
             cuts.push(first..ranges.len());
         }
         let lens: Vec<u32> = ranges.iter().map(|r| r.len() as u32).collect();
-        let first_seq = writer.submit_many_in_block(&block, ranges)?;
+        let first_seq = writer.submit_many_in_block(lane, &block, ranges)?;
         for ((entry, r), cut) in self.files.drain(..).zip(cuts) {
             let chunks: Vec<DeferredChunk> = cut.map(|i| (first_seq + i as u64, lens[i])).collect();
             let hash = match chunks.as_slice() {
@@ -518,6 +522,148 @@ impl SmallFiles {
         }
         Ok(())
     }
+}
+
+/// Readers of one directory ingest at most: each reads and cuts whole files (FastCDC is
+/// sequential within a file) and keeps a pack lane of its own.
+const MAX_READERS: usize = 4;
+
+/// The regular files of a run in groups a reader takes at once, in path order: a file larger
+/// than a maximum chunk alone, and consecutive smaller files together up to one read block, so
+/// that they share a block (and a stretch of a pack) as one reader would have put them.
+fn read_groups<'a>(files: &[(usize, &'a Walked)], small_max: u64) -> Vec<Vec<(usize, &'a Walked)>> {
+    let mut groups: Vec<Vec<(usize, &Walked)>> = Vec::new();
+    let mut small_bytes = 0u64;
+    let mut in_small = false;
+    for &(i, w) in files {
+        let len = w.meta.len();
+        if len > small_max {
+            groups.push(vec![(i, w)]);
+            in_small = false;
+            continue;
+        }
+        if !in_small || small_bytes + len > FILE_PIECE as u64 {
+            groups.push(Vec::new());
+            small_bytes = 0;
+            in_small = true;
+        }
+        small_bytes += len;
+        groups
+            .last_mut()
+            .expect("a group was just started")
+            .push((i, w));
+    }
+    groups
+}
+
+/// Reads and cuts the files of `groups` on `readers` threads (this one among them), each
+/// taking the next group in path order and submitting on a pack lane of its own. Returns every
+/// file's deferred chunks and hash by entry index; on a failure, the failure of the first group
+/// (in path order) that failed: the readers stop taking groups once one has failed.
+fn read_files(
+    chunker: &Chunker,
+    writer: &ChunkWriter,
+    readers: usize,
+    groups: &[Vec<(usize, &Walked)>],
+    progress: &dyn Progress,
+) -> Result<Vec<(usize, InBlocks)>> {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let next = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let read = |lane: usize| -> std::result::Result<Vec<(usize, InBlocks)>, (usize, Error)> {
+        let mut deferred = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            let g = next.fetch_add(1, Ordering::Relaxed);
+            let Some(group) = groups.get(g) else { break };
+            if let Err(e) = read_group(chunker, writer, lane, group, progress, &mut deferred) {
+                stop.store(true, Ordering::Relaxed);
+                return Err((g, e));
+            }
+        }
+        Ok(deferred)
+    };
+    let results: Vec<_> = std::thread::scope(|s| {
+        let others: Vec<_> = (1..readers.min(groups.len()).max(1))
+            .map(|lane| {
+                std::thread::Builder::new()
+                    .name(format!("afs-read-{lane}"))
+                    .spawn_scoped(s, move || read(lane))
+            })
+            .collect();
+        let mut results = vec![read(0)];
+        for h in others {
+            results.push(match h {
+                Ok(h) => h.join().unwrap_or_else(|_| {
+                    Err((
+                        usize::MAX,
+                        Error::Internal("an ingest reader panicked".into()),
+                    ))
+                }),
+                Err(e) => Err((
+                    usize::MAX,
+                    Error::Internal(format!("spawn ingest reader: {e}")),
+                )),
+            });
+        }
+        results
+    });
+    let mut all = Vec::new();
+    let mut first_failure: Option<(usize, Error)> = None;
+    for r in results {
+        match r {
+            Ok(d) => all.extend(d),
+            Err((g, e)) => {
+                if first_failure.as_ref().is_none_or(|(f, _)| g < *f) {
+                    first_failure = Some((g, e));
+                }
+            }
+        }
+    }
+    match first_failure {
+        Some((_, e)) => Err(e),
+        None => Ok(all),
+    }
+}
+
+/// Reads one group of files (see [`read_groups`]) on pack lane `lane`.
+fn read_group(
+    chunker: &Chunker,
+    writer: &ChunkWriter,
+    lane: usize,
+    group: &[(usize, &Walked)],
+    progress: &dyn Progress,
+    deferred: &mut Vec<(usize, InBlocks)>,
+) -> Result<()> {
+    let small_max = u64::from(chunker.params().max_size);
+    let mut small = SmallFiles::default();
+    for &(i, w) in group {
+        if progress.cancelled() {
+            return Err(Error::Cancelled(format!(
+                "reading {} was stopped",
+                w.fs_path.display()
+            )));
+        }
+        let mut f = File::open(&w.fs_path).map_err(|e| Error::io("open", &w.fs_path, e))?;
+        let mut read_small = None;
+        if w.meta.len() <= small_max {
+            read_small = small.add(chunker, writer, lane, deferred, &mut f, i, &w.fs_path)?;
+            if read_small.is_none() {
+                // Grown since it was listed: read again, from the start, as large.
+                f.rewind().map_err(|e| Error::io("seek", &w.fs_path, e))?;
+            }
+        }
+        if let Some(n) = read_small {
+            progress.inc(n);
+        } else {
+            // The small files before it are queued first, so that chunks reach the packs in
+            // path order.
+            small.flush(chunker, writer, lane, deferred)?;
+            let file = ingest_file_in_blocks(chunker, writer, lane, &mut f, progress, &w.fs_path)?;
+            deferred.push((i, file));
+        }
+        unchanged_while_read(&f, w)?;
+    }
+    small.flush(chunker, writer, lane, deferred)
 }
 
 /// Reads `src` to the end, hashing it whole and handing each content-defined chunk to `emit`.
@@ -581,6 +727,20 @@ impl Store {
         progress: &dyn Progress,
         before_commit: &mut dyn FnMut(&Manifest) -> Result<()>,
     ) -> Result<IngestReport> {
+        let readers = std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_READERS));
+        self.ingest_dir_with_readers(src, run, metadata, progress, before_commit, readers)
+    }
+
+    /// [`Store::ingest_dir_checked`] with `readers` threads reading and cutting files.
+    pub(crate) fn ingest_dir_with_readers(
+        &self,
+        src: &Path,
+        run: &RunRef,
+        metadata: BTreeMap<String, String>,
+        progress: &dyn Progress,
+        before_commit: &mut dyn FnMut(&Manifest) -> Result<()>,
+        readers: usize,
+    ) -> Result<IngestReport> {
         if let Some(existing) = self.index().run(run)? {
             return Err(Error::AlreadyExists(format!(
                 "run {run} ({})",
@@ -606,13 +766,11 @@ impl Store {
 
         let chunker = Chunker::new(self.config().chunker)?;
         let seal = self.seal_guard();
-        let mut writer = self.writer(&seal);
+        let writer = self.writer_with_lanes(&seal, readers.max(1));
         let mut entries = Vec::with_capacity(walked.len());
         let mut first_name: HashMap<(u64, u64), String> = HashMap::new();
-        // Files' chunks and hashes, by entry index, until the writer has finished.
-        let mut deferred: Vec<(usize, InBlocks)> = Vec::new();
-        let mut small = SmallFiles::default();
-        let small_max = u64::from(chunker.params().max_size);
+        // The regular files to read, by entry index, in path order.
+        let mut to_read: Vec<(usize, &Walked)> = Vec::new();
         let cancelled =
             || Error::Cancelled(format!("ingest into {run} was stopped; nothing sealed"));
         for w in &walked {
@@ -650,32 +808,9 @@ impl Store {
                 e.target = Some(target);
                 e
             } else if ft.is_file() {
-                let mut e = base_entry(w, Kind::File)?;
-                let mut f = File::open(&w.fs_path).map_err(|e| Error::io("open", &w.fs_path, e))?;
-                let mut read_small = None;
-                if w.meta.len() <= small_max {
-                    let i = entries.len();
-                    read_small =
-                        small.add(&chunker, &mut writer, &mut deferred, &mut f, i, &w.fs_path)?;
-                    if read_small.is_none() {
-                        // Grown since it was listed: read again, from the start, as large.
-                        f.rewind().map_err(|e| Error::io("seek", &w.fs_path, e))?;
-                    }
-                }
-                if let Some(n) = read_small {
-                    progress.inc(n);
-                    e.size = n;
-                } else {
-                    // The small files before it are queued first, so that chunks reach the
-                    // packs in path order.
-                    small.flush(&chunker, &mut writer, &mut deferred)?;
-                    let file =
-                        ingest_file_in_blocks(&chunker, &mut writer, &mut f, progress, &w.fs_path)?;
-                    e.size = file.size;
-                    deferred.push((entries.len(), file));
-                }
-                unchanged_while_read(&f, w)?;
-                e
+                // Its size, hash and chunks once it has been read, below.
+                to_read.push((entries.len(), w));
+                base_entry(w, Kind::File)?
             } else if ft.is_fifo() {
                 base_entry(w, Kind::Fifo)?
             } else if ft.is_socket() {
@@ -697,12 +832,14 @@ impl Store {
             };
             entries.push(entry);
         }
-        small.flush(&chunker, &mut writer, &mut deferred)?;
+        let groups = read_groups(&to_read, u64::from(chunker.params().max_size));
+        let deferred = read_files(&chunker, &writer, readers, &groups, progress)?;
         let read_at = started.elapsed();
         let done = writer.finish_with_ids()?;
         let stored_at = started.elapsed();
         for (i, file) in deferred {
             let (hash, chunks) = file.resolve(&done);
+            entries[i].size = file.size;
             entries[i].blake3 = Some(hash);
             entries[i].chunks = chunks;
         }
@@ -1044,6 +1181,71 @@ mod tests {
         assert!(store.verify(None, &NoProgress).unwrap().ok());
     }
 
+    /// However many readers cut a tree's files, the run's manifest is the same: files of every
+    /// size, in groups of small ones and alone, empty, linked and duplicated.
+    #[test]
+    fn the_manifest_does_not_depend_on_the_number_of_readers() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        for d in ["a", "a/deep", "b", "c"] {
+            fs::create_dir_all(src.join(d)).unwrap();
+        }
+        let max = ChunkerParams::default().max_size as usize;
+        let sizes = [
+            0,
+            1,
+            max - 1,
+            max,
+            max + 1,
+            3 * FILE_PIECE + 5,
+            2 * FILE_PIECE,
+        ];
+        for (i, len) in sizes.iter().enumerate() {
+            fs::write(src.join(format!("a/big-{i}")), content(*len, i as u32)).unwrap();
+        }
+        for i in 0..400u32 {
+            let dir = ["a/deep", "b", "c"][i as usize % 3];
+            fs::write(
+                src.join(format!("{dir}/s-{i:03}")),
+                content(100 + 97 * i as usize, i),
+            )
+            .unwrap();
+        }
+        fs::write(src.join("c/copy-of-big-5"), content(sizes[5], 5)).unwrap();
+        fs::hard_link(src.join("a/big-4"), src.join("c/link")).unwrap();
+        std::os::unix::fs::symlink("../a/big-4", src.join("b/sym")).unwrap();
+
+        let manifest_with = |readers: usize| {
+            let root = dir.path().join(format!("store-{readers}"));
+            let store = Store::init(&root, &InitOptions::default()).unwrap();
+            let run = RunRef::parse("ns/run").unwrap();
+            let report = store
+                .ingest_dir_with_readers(
+                    &src,
+                    &run,
+                    BTreeMap::new(),
+                    &NoProgress,
+                    &mut |_| Ok(()),
+                    readers,
+                )
+                .unwrap();
+            assert!(store.verify(None, &NoProgress).unwrap().damage.is_empty());
+            let (_, m) = store.manifest(&run).unwrap();
+            (m.entries, report.new_chunks)
+        };
+        let (one, chunks_one) = manifest_with(1);
+        for readers in [2, 3, 8] {
+            let (many, chunks_many) = manifest_with(readers);
+            assert_eq!(many, one, "{readers} readers");
+            assert_eq!(
+                chunks_many, chunks_one,
+                "{readers} readers store each chunk once"
+            );
+        }
+        let big5 = one.iter().find(|e| e.path == "a/big-5").unwrap();
+        assert_eq!(big5.blake3, Some(FileHash::of(&content(sizes[5], 5))));
+    }
+
     /// A file listed as small that has grown past a maximum chunk by the time it is read
     /// leaves nothing in the shared block: it is read again as a large file.
     #[test]
@@ -1057,21 +1259,21 @@ mod tests {
         fs::write(&small, b"abc").unwrap();
 
         let seal = store.seal_guard();
-        let mut writer = store.writer(&seal);
+        let writer = store.writer(&seal);
         let mut batch = SmallFiles::default();
         let mut deferred = Vec::new();
-        let mut add = |batch: &mut SmallFiles, writer: &mut ChunkWriter, p: &Path, i| {
+        let mut add = |batch: &mut SmallFiles, writer: &ChunkWriter, p: &Path, i| {
             let mut f = File::open(p).unwrap();
             batch
-                .add(&chunker, writer, &mut deferred, &mut f, i, p)
+                .add(&chunker, writer, 0, &mut deferred, &mut f, i, p)
                 .unwrap()
         };
-        assert_eq!(add(&mut batch, &mut writer, &small, 0), Some(3));
-        assert_eq!(add(&mut batch, &mut writer, &grown, 1), None);
-        assert_eq!(add(&mut batch, &mut writer, &small, 2), Some(3));
+        assert_eq!(add(&mut batch, &writer, &small, 0), Some(3));
+        assert_eq!(add(&mut batch, &writer, &grown, 1), None);
+        assert_eq!(add(&mut batch, &writer, &small, 2), Some(3));
         assert_eq!(batch.files, vec![(0, 0..3), (2, 3..6)]);
         assert_eq!(batch.buf.as_deref(), Some(&b"abcabc"[..]));
-        batch.flush(&chunker, &mut writer, &mut deferred).unwrap();
+        batch.flush(&chunker, &writer, 0, &mut deferred).unwrap();
         let done = writer.finish_with_ids().unwrap();
         assert_eq!(deferred.len(), 2);
         for (_, f) in &deferred {

@@ -380,7 +380,13 @@ impl Store {
     /// A write pipeline for new chunks. The caller holds a [`crate::gc::SealGuard`] from now
     /// until the run that references the chunks commits, so gc cannot sweep a chunk the writer
     /// found already stored.
-    pub fn writer(&self, _seal: &crate::gc::SealGuard) -> ChunkWriter {
+    pub fn writer(&self, seal: &crate::gc::SealGuard) -> ChunkWriter {
+        self.writer_with_lanes(seal, 1)
+    }
+
+    /// As [`Store::writer`], for `lanes` readers submitting at once (see
+    /// [`WriterConfig::lanes`]).
+    pub fn writer_with_lanes(&self, _seal: &crate::gc::SealGuard, lanes: usize) -> ChunkWriter {
         let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
         ChunkWriter::new(
             self.index.clone(),
@@ -391,6 +397,7 @@ impl Store {
                 compression_level: self.config.compression_level,
                 pack_target_size: self.config.pack_target_size,
                 workers,
+                lanes,
             },
         )
     }

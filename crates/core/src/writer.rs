@@ -1,8 +1,8 @@
 //! The chunk write pipeline: dedup, compression on a worker pool, pack assembly, durable writes.
 //!
 //! ```text
-//! reader (read, cut) --chunks, file pieces--> [workers x N: hash, dedup, compress]
-//!                                                 --> packer (append, hash) --> flusher (put, index)
+//! readers x R (read, cut) --chunks, file pieces--> [workers x N: hash, dedup, compress]
+//!                          --> packer (append to the reader's lane's pack, hash) --> flusher (put, index)
 //! ```
 //!
 //! Two ways in. [`ChunkWriter::submit`] hashes a chunk on the caller's thread, copies it only if
@@ -11,7 +11,9 @@
 //! pool, cuts chunks as ranges of it, and hands each range to the workers
 //! ([`ChunkWriter::submit_many_in_block`], all of a block's chunks in one message, whether cut
 //! from one large file or from the small files that share the block); no chunk is copied on its
-//! way in, and a duplicate is never copied at all. The workers also hash the file itself, in aligned
+//! way in, and a duplicate is never copied at all. Several readers may submit at once, each
+//! on a lane of its own: the packer fills one pack per lane, so a reader's chunks stay together
+//! in packs as one reader's would (ADR 0034). The workers also hash the file itself, in aligned
 //! pieces ([`ChunkWriter::hash_piece`], [`file_hash_from_pieces`]), so that the reader only
 //! reads and cuts. Ids and piece hashes of this second way are known after
 //! [`ChunkWriter::finish_with_ids`], by sequence number.
@@ -29,6 +31,7 @@
 
 use std::collections::HashSet;
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -118,6 +121,10 @@ pub struct WriterConfig {
     pub compression_level: i32,
     pub pack_target_size: u64,
     pub workers: usize,
+    /// Packs filled at once, one per reader of [`ChunkWriter::submit_many_in_block`] (its
+    /// `lane`): each reader's chunks then stay together in packs of their own, as one reader's
+    /// would, instead of alternating block by block with another's. At least 1.
+    pub lanes: usize,
 }
 
 /// A read buffer that chunks are cut from as ranges, shared (`Arc`) by the work items that
@@ -147,7 +154,7 @@ impl Drop for Block {
 struct BlockPool {
     home: Sender<Vec<u8>>,
     free: Receiver<Vec<u8>>,
-    made: usize,
+    made: AtomicUsize,
     cap: usize,
 }
 
@@ -172,6 +179,7 @@ enum Work {
     /// each, record its id under its number, dedup, maybe store. One message for all of them.
     Chunks {
         first: u64,
+        lane: usize,
         block: Arc<Block>,
         ranges: Vec<Range<usize>>,
     },
@@ -258,6 +266,8 @@ impl Stored {
 }
 
 struct Compressed {
+    /// The pack lane it goes to (see [`WriterConfig::lanes`]).
+    lane: usize,
     id: ChunkId,
     codec: Codec,
     raw_len: usize,
@@ -273,9 +283,10 @@ pub struct ChunkWriter {
     flusher: Option<JoinHandle<()>>,
     shared: Arc<Shared>,
     pool: BlockPool,
-    submitted: u64,
-    in_blocks: u64,
-    pieces: u64,
+    lanes: usize,
+    submitted: AtomicU64,
+    in_blocks: AtomicU64,
+    pieces: AtomicU64,
 }
 
 impl ChunkWriter {
@@ -288,6 +299,7 @@ impl ChunkWriter {
         config: WriterConfig,
     ) -> Self {
         let workers_n = config.workers.max(1);
+        let lanes = config.lanes.max(1);
         let (to_workers, work_rx) = bounded::<Work>(workers_n * 4);
         let (to_packer, pack_rx) = bounded::<Compressed>(workers_n * 4);
         // Compression buffers the packer is done with, back to the workers.
@@ -325,7 +337,12 @@ impl ChunkWriter {
             std::thread::Builder::new()
                 .name("afs-packer".into())
                 .spawn(move || {
-                    pack_loop(pack_rx, to_flusher, recycle_rx, spare_tx, target, &shared)
+                    let out = PackOut {
+                        to_flusher,
+                        recycled: recycle_rx,
+                        spare: spare_tx,
+                    };
+                    pack_loop(pack_rx, out, lanes, target, &shared)
                 })
                 .expect("spawn packer")
         };
@@ -339,9 +356,10 @@ impl ChunkWriter {
                 })
                 .expect("spawn flusher")
         };
-        // Enough blocks for the reader to fill one while each worker hashes another and the
-        // queues hold a few more; each is FILE_PIECE plus a chunk's tail.
-        let cap = 2 * workers_n + 2;
+        // Enough blocks for each reader to fill one while it keeps the one before (a file's
+        // uncut tail), each worker hashes another and the queues hold a few more; each is
+        // FILE_PIECE plus a chunk's tail.
+        let cap = 2 * workers_n + 2 * lanes;
         let (home, free) = bounded::<Vec<u8>>(cap);
         Self {
             to_workers: Some(to_workers),
@@ -352,17 +370,18 @@ impl ChunkWriter {
             pool: BlockPool {
                 home,
                 free,
-                made: 0,
+                made: AtomicUsize::new(0),
                 cap,
             },
-            submitted: 0,
-            in_blocks: 0,
-            pieces: 0,
+            lanes,
+            submitted: AtomicU64::new(0),
+            in_blocks: AtomicU64::new(0),
+            pieces: AtomicU64::new(0),
         }
     }
 
     /// Stores a chunk (unless the store has it) and returns its reference.
-    pub fn submit(&mut self, data: &[u8]) -> Result<ChunkRef> {
+    pub fn submit(&self, data: &[u8]) -> Result<ChunkRef> {
         let id = ChunkId::of(data);
         self.submit_hashed(id, data)?;
         Ok(ChunkRef(id, data.len() as u32))
@@ -370,8 +389,8 @@ impl ChunkWriter {
 
     /// As [`ChunkWriter::submit`] with the id already computed; copies `data` only if the
     /// chunk is new.
-    pub fn submit_hashed(&mut self, id: ChunkId, data: &[u8]) -> Result<()> {
-        self.submitted += 1;
+    pub fn submit_hashed(&self, id: ChunkId, data: &[u8]) -> Result<()> {
+        self.submitted.fetch_add(1, Ordering::Relaxed);
         if !self.shared.claim(&id)? {
             return Ok(());
         }
@@ -380,14 +399,18 @@ impl ChunkWriter {
 
     /// An empty buffer of at least `capacity` bytes from the pool, to read into and then
     /// [`share`](ChunkWriter::share). Waits while every block of the pool is in use.
-    pub fn block_buffer(&mut self, capacity: usize) -> Result<Vec<u8>> {
-        let p = &mut self.pool;
+    pub fn block_buffer(&self, capacity: usize) -> Result<Vec<u8>> {
+        let p = &self.pool;
+        let made_one = || {
+            p.made
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                    (n < p.cap).then_some(n + 1)
+                })
+                .is_ok()
+        };
         let mut buf = match p.free.try_recv() {
             Ok(b) => b,
-            Err(_) if p.made < p.cap => {
-                p.made += 1;
-                Vec::new()
-            }
+            Err(_) if made_one() => Vec::new(),
             Err(_) => loop {
                 match p.free.recv_timeout(Duration::from_millis(100)) {
                     Ok(b) => break b,
@@ -411,21 +434,24 @@ impl ChunkWriter {
 
     /// Queues the chunks `block[range]` of each of `ranges`, in one message to the workers,
     /// without hashing or copying them here; returns the sequence number of the first (the
-    /// others follow it), whose ids [`ChunkWriter::finish_with_ids`] gives.
+    /// others follow it), whose ids [`ChunkWriter::finish_with_ids`] gives. New chunks go to
+    /// the packs of `lane` (taken modulo [`WriterConfig::lanes`]): several readers may submit
+    /// at once, each on a lane of its own.
     pub fn submit_many_in_block(
-        &mut self,
+        &self,
+        lane: usize,
         block: &Arc<Block>,
         ranges: Vec<Range<usize>>,
     ) -> Result<u64> {
-        let first = self.in_blocks;
+        let n = ranges.len() as u64;
+        let first = self.in_blocks.fetch_add(n, Ordering::Relaxed);
         if ranges.is_empty() {
             return Ok(first);
         }
-        let n = ranges.len() as u64;
-        self.submitted += n;
-        self.in_blocks += n;
+        self.submitted.fetch_add(n, Ordering::Relaxed);
         self.send(Work::Chunks {
             first,
+            lane: lane % self.lanes,
             block: block.clone(),
             ranges,
         })?;
@@ -436,15 +462,14 @@ impl ChunkWriter {
     /// for [`hash_file_piece`] on a worker; returns its sequence number, whose result
     /// [`ChunkWriter::finish_with_ids`] gives.
     pub fn hash_piece(
-        &mut self,
+        &self,
         block: &Arc<Block>,
         range: Range<usize>,
         offset: u64,
         whole_file: bool,
     ) -> Result<u64> {
         debug_assert!(offset.is_multiple_of(FILE_PIECE as u64));
-        let seq = self.pieces;
-        self.pieces += 1;
+        let seq = self.pieces.fetch_add(1, Ordering::Relaxed);
         self.send(Work::Piece {
             seq,
             block: block.clone(),
@@ -455,7 +480,7 @@ impl ChunkWriter {
         Ok(seq)
     }
 
-    fn send(&mut self, w: Work) -> Result<()> {
+    fn send(&self, w: Work) -> Result<()> {
         if self.shared.failed() {
             return Err(self.take_error());
         }
@@ -497,15 +522,15 @@ impl ChunkWriter {
             return Err(e);
         }
         let mut stats = *lock(&self.shared.stats);
-        stats.chunks = self.submitted;
+        stats.chunks = *self.submitted.get_mut();
+        let in_blocks = *self.in_blocks.get_mut();
+        let n_pieces = *self.pieces.get_mut();
         let ids = std::mem::take(&mut *lock(&self.shared.ids));
         let pieces = std::mem::take(&mut *lock(&self.shared.pieces));
-        if ids.len() as u64 != self.in_blocks || pieces.len() as u64 != self.pieces {
+        if ids.len() as u64 != in_blocks || pieces.len() as u64 != n_pieces {
             return Err(Error::Internal(format!(
-                "{} chunks in blocks but {} ids, {} file pieces but {} results",
-                self.in_blocks,
+                "{in_blocks} chunks in blocks but {} ids, {n_pieces} file pieces but {} results",
                 ids.len(),
-                self.pieces,
                 pieces.len()
             )));
         }
@@ -554,7 +579,7 @@ fn compress_loop(
         Err(e) => return shared.fail(e),
     };
     // Compresses (or keeps raw) a new chunk and hands it to the packer.
-    let mut store = |id: ChunkId, data: Stored| {
+    let mut store = |lane: usize, id: ChunkId, data: Stored| {
         let raw = data.bytes();
         let raw_len = raw.len();
         match encoder.encode(raw, &mut out) {
@@ -568,6 +593,7 @@ fn compress_loop(
                     Stored::Owned(std::mem::replace(&mut out, next))
                 };
                 let msg = Compressed {
+                    lane,
                     id,
                     codec,
                     raw_len,
@@ -587,10 +613,11 @@ fn compress_loop(
         }
         match work {
             Work::New(id, data) => {
-                store(id, Stored::Owned(data));
+                store(0, id, Stored::Owned(data));
             }
             Work::Chunks {
                 first,
+                lane,
                 block,
                 ranges,
             } => {
@@ -599,7 +626,7 @@ fn compress_loop(
                         break;
                     }
                     if let Some(id) = new_in_block(shared, seq, &block, range.clone()) {
-                        store(id, Stored::InBlock(block.clone(), range));
+                        store(lane, id, Stored::InBlock(block.clone(), range));
                     }
                 }
             }
@@ -640,50 +667,61 @@ struct SealedPack {
     entries: Vec<crate::pack::PackEntry>,
 }
 
-/// Appends compressed chunks to a pack; hands each full pack to the flusher, so that building
-/// the next pack overlaps with writing (and fsyncing) the last one.
-fn pack_loop(
-    rx: Receiver<Compressed>,
+/// Where the packer's packs go, and the buffers it gets back and hands on.
+struct PackOut {
     to_flusher: Sender<SealedPack>,
+    /// Buffers of packs the flusher has written, for the next packs.
     recycled: Receiver<Vec<u8>>,
+    /// Compression buffers the packer is done with, back to the workers.
     spare: Sender<Vec<u8>>,
-    target: u64,
-    shared: &Shared,
-) {
+}
+
+/// Appends compressed chunks to a pack of their lane; hands each full pack to the flusher, so
+/// that building the next pack overlaps with writing (and fsyncing) the last one.
+fn pack_loop(rx: Receiver<Compressed>, out: PackOut, lanes: usize, target: u64, shared: &Shared) {
     let _guard = FailOnPanic(shared, "packer");
     // A pack ends with the chunk that takes it past the target, then its table: room for the
     // target and a large chunk means the buffer never grows (it would, by copies, otherwise).
     let capacity = usize::try_from(target).unwrap_or(usize::MAX / 2) + (2 << 20);
     let next_buffer = || {
-        recycled
+        out.recycled
             .try_recv()
             .unwrap_or_else(|_| Vec::with_capacity(capacity))
     };
-    let mut builder = PackBuilder::with_buffer(next_buffer());
+    // One pack being filled per lane, started at the lane's first chunk.
+    let mut builders: Vec<Option<PackBuilder>> = (0..lanes.max(1)).map(|_| None).collect();
     let hand_off = |b: PackBuilder| -> bool {
         if b.is_empty() {
             return true;
         }
         let (id, bytes, entries) = b.finish();
-        to_flusher.send(SealedPack { id, bytes, entries }).is_ok()
+        out.to_flusher
+            .send(SealedPack { id, bytes, entries })
+            .is_ok()
     };
     for c in rx {
         if shared.failed() {
             continue;
         }
+        let slot = &mut builders[c.lane % lanes.max(1)];
+        let builder = slot.get_or_insert_with(|| PackBuilder::with_buffer(next_buffer()));
         builder.add(c.id, c.codec, c.raw_len, c.stored.bytes());
         if let Stored::Owned(buf) = c.stored {
-            let _ = spare.try_send(buf);
+            let _ = out.spare.try_send(buf);
         }
         if builder.len() as u64 >= target {
-            let full = std::mem::replace(&mut builder, PackBuilder::with_buffer(next_buffer()));
+            let full = slot.take().expect("a builder was just filled");
             if !hand_off(full) {
                 return shared.fail(Error::Internal("pack flusher stopped".into()));
             }
         }
     }
     if !shared.failed() {
-        hand_off(builder);
+        for b in builders.into_iter().flatten() {
+            if !hand_off(b) {
+                return shared.fail(Error::Internal("pack flusher stopped".into()));
+            }
+        }
     }
 }
 
@@ -729,6 +767,7 @@ fn flush_loop(
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::collections::HashMap;
 
     fn data(n: usize, seed: u8) -> Vec<u8> {
         (0..n)
@@ -779,6 +818,90 @@ mod tests {
             let d = data(len, seed);
             prop_assert_eq!(by_pieces(&d, 1024 << shift), blake3::hash(&d));
         }
+    }
+
+    /// Two readers submitting at once on lanes of their own: every pack holds the chunks of
+    /// one lane only, and every chunk is stored once and recorded under its sequence number.
+    #[test]
+    fn each_lane_fills_packs_of_its_own() {
+        use crate::store::{InitOptions, Store};
+        let dir = tempfile::tempdir().unwrap();
+        let opts = InitOptions {
+            pack_target_size: 1 << 20,
+            ..InitOptions::default()
+        };
+        let store = Store::init(&dir.path().join("store"), &opts).unwrap();
+        let seal = store.seal_guard();
+        let writer = store.writer_with_lanes(&seal, 2);
+        const CHUNK: usize = 32 << 10;
+        // Lane 0 submits the chunks of seeds 0..8, lane 1 those of 100..108, from two threads
+        // at once, one block (a seed) at a time; lane 1 also resubmits lane 0's first seed.
+        let blocks = |lane: usize| -> Vec<u8> {
+            if lane == 0 {
+                (0..8u8).collect()
+            } else {
+                (100..108u8).chain([0]).collect()
+            }
+        };
+        let submitted: Vec<Vec<(u64, ChunkId)>> = std::thread::scope(|s| {
+            let w = &writer;
+            let hs: Vec<_> = (0..2)
+                .map(|lane| {
+                    s.spawn(move || {
+                        let mut out = Vec::new();
+                        for seed in blocks(lane) {
+                            let mut buf = w.block_buffer(4 * CHUNK).unwrap();
+                            buf.extend_from_slice(&data(4 * CHUNK, seed));
+                            let block = w.share(buf);
+                            let ranges: Vec<_> =
+                                (0..4).map(|i| i * CHUNK..(i + 1) * CHUNK).collect();
+                            let first = w
+                                .submit_many_in_block(lane, &block, ranges.clone())
+                                .unwrap();
+                            for (seq, r) in (first..).zip(ranges) {
+                                out.push((seq, ChunkId::of(&block[r])));
+                            }
+                        }
+                        out
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let done = writer.finish_with_ids().unwrap();
+        for (seq, id) in submitted.iter().flatten() {
+            assert_eq!(
+                done.ids[*seq as usize], *id,
+                "id recorded under sequence {seq}"
+            );
+        }
+        assert_eq!(done.stats.chunks, 68);
+        assert_eq!(
+            done.stats.new_chunks, 64,
+            "lane 1's copy of seed 0 is stored once"
+        );
+
+        let lane_of: HashMap<ChunkId, usize> = submitted
+            .iter()
+            .enumerate()
+            .flat_map(|(lane, ids)| ids.iter().map(move |(_, id)| (*id, lane)))
+            .collect();
+        // Seed 0's chunks were submitted on both lanes: either may have taken them on.
+        let seed0: HashSet<ChunkId> = submitted[0][..4].iter().map(|(_, id)| *id).collect();
+        let mut packed = 0;
+        let packs = store.objects().list("packs/").unwrap();
+        assert!(packs.len() >= 2, "{} packs", packs.len());
+        for meta in packs {
+            let table = crate::pack::read_table(store.objects(), &meta.key).unwrap();
+            let lanes: HashSet<usize> = table
+                .iter()
+                .filter(|e| !seed0.contains(&e.chunk))
+                .map(|e| lane_of[&e.chunk])
+                .collect();
+            assert!(lanes.len() <= 1, "{} mixes lanes {lanes:?}", meta.key);
+            packed += table.len();
+        }
+        assert_eq!(packed, 64);
     }
 
     #[test]

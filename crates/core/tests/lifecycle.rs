@@ -261,12 +261,14 @@ fn namespace_and_store_defaults_apply_to_new_runs_only() {
 }
 
 /// Three runs: `a` shares 40% of its bytes with `keep`, `b` shares nothing. In a store whose
-/// packs hold more than a run (each ingest's chunks then make one pack, in whatever order the
-/// writer's workers hand them over), expiring `a` and `b` leaves a pack 60% dead (rewritten)
-/// and a pack fully dead (deleted).
+/// packs hold more than a run, each of `a`'s and `b`'s one file makes one pack (in whatever
+/// order the writer's workers hand its chunks over, whichever reader cut it), so expiring `a`
+/// and `b` leaves a pack 60% dead (rewritten) and a pack fully dead (deleted).
 fn scenario(t: &T, s: &Store) -> (Vec<(&'static str, Vec<u8>)>, RunRef) {
     let shared = random(10, 600_000);
-    let a_files = vec![("shared", shared.clone()), ("own", random(11, 900_000))];
+    // `keep` has the first 600 KB of `a`'s file as a file of its own: the same chunks but
+    // the one that crosses into the rest.
+    let a_files = vec![("all", [shared.clone(), random(11, 900_000)].concat())];
     let keep_files = vec![("shared", shared), ("mine", random(12, 300_000))];
     let a = ingest(t, s, "ns/a", &a_files);
     let b = ingest(t, s, "ns/b", &[("x", random(13, 700_000))]);
