@@ -792,7 +792,23 @@ impl Index {
         now_ns: i64,
         event_detail: serde_json::Value,
     ) -> Result<i64> {
-        self.durable(|s| s.insert_sealed_run_tx(m, digest, now_ns, event_detail, false))
+        self.insert_sealed_run_when(m, digest, now_ns, event_detail, || Ok(()))
+    }
+
+    /// [`Index::insert_sealed_run`], committed only once `ready` has returned `Ok` (the
+    /// manifest is durable): its rows are written meanwhile, so that storing the manifest and
+    /// writing the index overlap. An error from `ready` rolls the run back.
+    pub fn insert_sealed_run_when(
+        &mut self,
+        m: &Manifest,
+        digest: &ManifestDigest,
+        now_ns: i64,
+        event_detail: serde_json::Value,
+        ready: impl FnOnce() -> Result<()>,
+    ) -> Result<i64> {
+        let mut ready = Some(ready);
+        let mut ready = || ready.take().map_or(Ok(()), |f| f());
+        self.durable(|s| s.insert_sealed_run_tx(m, digest, now_ns, event_detail, false, &mut ready))
             .map(|(id, _)| id)
     }
 
@@ -807,7 +823,9 @@ impl Index {
         now_ns: i64,
         event_detail: serde_json::Value,
     ) -> Result<(i64, u64)> {
-        self.durable(|s| s.insert_sealed_run_tx(m, digest, now_ns, event_detail, true))
+        self.durable(|s| {
+            s.insert_sealed_run_tx(m, digest, now_ns, event_detail, true, &mut || Ok(()))
+        })
     }
 
     fn insert_sealed_run_tx(
@@ -817,6 +835,7 @@ impl Index {
         now_ns: i64,
         event_detail: serde_json::Value,
         lost_ok: bool,
+        ready: &mut dyn FnMut() -> Result<()>,
     ) -> Result<(i64, u64)> {
         let path = self.path.clone();
         let err = sql_err(&path);
@@ -876,6 +895,7 @@ impl Index {
             default_retention.as_ref(),
             now_ns,
         )?;
+        ready()?;
         tx.commit().map_err(&err)?;
         Ok((run_id, lost))
     }

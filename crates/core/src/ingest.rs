@@ -1181,6 +1181,35 @@ mod tests {
         assert!(store.verify(None, &NoProgress).unwrap().ok());
     }
 
+    /// The manifest is stored while the index writes the run, but a manifest that cannot be
+    /// stored leaves no run behind: the index commits only after the manifest is durable.
+    #[test]
+    fn a_manifest_that_cannot_be_stored_seals_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        let store = Store::init(&root, &InitOptions::default()).unwrap();
+        let src = one_file_src(dir.path(), 100_000, 3);
+        let run = RunRef::parse("ns/r").unwrap();
+        // A file where the manifests' directory would be: every manifest put fails.
+        let manifests = root.join("objects/manifests");
+        let _ = fs::remove_dir_all(&manifests);
+        fs::write(&manifests, b"").unwrap();
+        let err = store
+            .ingest_dir(&src, &run, BTreeMap::new(), &NoProgress)
+            .unwrap_err();
+        assert!(!matches!(err, Error::AlreadyExists(_)), "{err}");
+        assert!(store.runs(None).unwrap().is_empty(), "no run after {err}");
+        assert!(store.index().run(&run).unwrap().is_none());
+
+        fs::remove_file(&manifests).unwrap();
+        store
+            .ingest_dir(&src, &run, BTreeMap::new(), &NoProgress)
+            .unwrap();
+        assert_eq!(store.runs(None).unwrap().len(), 1);
+        let (_, m) = store.manifest(&run).unwrap();
+        assert_eq!(m.entries.len(), 2);
+    }
+
     /// However many readers cut a tree's files, the run's manifest is the same: files of every
     /// size, in groups of small ones and alone, empty, linked and duplicated.
     #[test]

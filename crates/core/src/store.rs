@@ -407,9 +407,30 @@ impl Store {
     pub fn commit_manifest(&self, m: &mut Manifest) -> Result<(ManifestDigest, u64)> {
         m.canonicalize();
         let bytes = m.canonical_bytes()?;
-        let (digest, stored) = manifest::store_manifest(&*self.objects, &bytes)?;
+        let digest = ManifestDigest::of(&bytes);
         let (at, detail) = self.seal_record(m, &digest);
-        self.index().insert_sealed_run(m, &digest, at, detail)?;
+        // The manifest is compressed and stored (durably) while the index writes the run's
+        // rows; the index commits only after the manifest is durable, as if one followed the
+        // other.
+        let stored = std::thread::scope(|s| -> Result<u64> {
+            let objects = &*self.objects;
+            let put = std::thread::Builder::new()
+                .name("afs-manifest".into())
+                .spawn_scoped(s, || manifest::store_manifest(objects, &bytes))
+                .map_err(|e| Error::Internal(format!("spawn manifest writer: {e}")))?;
+            let mut stored = 0;
+            let ready = || -> Result<()> {
+                let (put_digest, n) = put
+                    .join()
+                    .map_err(|_| Error::Internal("manifest writer panicked".into()))??;
+                debug_assert_eq!(put_digest, digest);
+                stored = n;
+                Ok(())
+            };
+            self.index()
+                .insert_sealed_run_when(m, &digest, at, detail, ready)?;
+            Ok(stored)
+        })?;
         tracing::info!(run = %format!("{}/{}", m.namespace, m.run), manifest = %digest, "run sealed");
         self.record_lifecycle();
         Ok((digest, stored))
