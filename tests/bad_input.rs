@@ -50,7 +50,11 @@ fn unreadable_file_names_the_path_and_seals_nothing() {
         err.contains("sub/secret.bin"),
         "error must name the path: {err}"
     );
-    assert!(err.contains("ermission denied"), "{err}");
+    assert_eq!(
+        err.matches("ermission denied").count(),
+        1,
+        "the reason, once: {err}"
+    );
     // Nothing was sealed, and a readable tree ingests afterwards.
     assert_eq!(runs(&env).as_array().unwrap().len(), 0);
     fs::set_permissions(

@@ -40,7 +40,7 @@ const KERNEL_READ_AHEAD_KB: u64 = 4096;
 /// The errno for an engine error: one arm per variant.
 pub fn errno(e: &Error) -> Errno {
     match e {
-        Error::Io { source, .. } => source.raw_os_error().map_or(Errno::EIO, Errno::from_i32),
+        Error::Io { err, .. } => err.raw_os_error().map_or(Errno::EIO, Errno::from_i32),
         Error::Corrupt { .. } | Error::MissingObject { .. } => Errno::EIO,
         Error::Backend { .. } | Error::Index { .. } | Error::Internal(_) => Errno::EIO,
         Error::Invalid { .. } | Error::State(_) => Errno::EINVAL,

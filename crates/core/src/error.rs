@@ -20,13 +20,13 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// A local file-system operation failed.
-    #[error("{op} {path}: {source}")]
+    /// A local file-system operation failed. The system's reason is part of the message and
+    /// not also a `source`: printed with its causes (`{:#}`), the message would repeat it.
+    #[error("{op} {path}: {err}")]
     Io {
         op: &'static str,
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        err: std::io::Error,
     },
     /// Stored bytes do not match what the index or their own framing says they are.
     #[error("corrupt {what}: {reason}")]
@@ -109,7 +109,7 @@ impl Error {
         Error::Io {
             op,
             path: path.into(),
-            source,
+            err: source,
         }
     }
 
@@ -138,7 +138,7 @@ impl Error {
     /// pack, a staging file or the index. Nothing was lost; the work can be retried once there
     /// is room.
     pub fn is_disk_full(&self) -> bool {
-        matches!(self, Error::Io { source, .. } if io_disk_full(source))
+        matches!(self, Error::Io { err, .. } if io_disk_full(err))
     }
 
     /// An ENOSPC error of `op` on `path`, for a full disk seen other than as a failed system
@@ -147,7 +147,7 @@ impl Error {
         Error::Io {
             op,
             path: path.into(),
-            source: std::io::Error::from_raw_os_error(nix::libc::ENOSPC),
+            err: std::io::Error::from_raw_os_error(nix::libc::ENOSPC),
         }
     }
 }
