@@ -528,6 +528,15 @@ impl SmallFiles {
 /// sequential within a file) and keeps a pack lane of its own.
 const MAX_READERS: usize = 4;
 
+/// How many readers an ingest of `total` bytes of files uses: one per core, at most
+/// [`MAX_READERS`], and no more than the run has packs' worth of bytes, since each reader's
+/// lane ends the ingest with a partial pack: a small run is read by one and leaves one pack.
+fn auto_readers(total: u64, pack_target: u64) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let packs = usize::try_from(total / pack_target.max(1)).unwrap_or(usize::MAX);
+    cores.min(MAX_READERS).min(packs).max(1)
+}
+
 /// The regular files of a run in groups a reader takes at once, in path order: a file larger
 /// than a maximum chunk alone, and consecutive smaller files together up to one read block, so
 /// that they share a block (and a stretch of a pack) as one reader would have put them.
@@ -727,11 +736,11 @@ impl Store {
         progress: &dyn Progress,
         before_commit: &mut dyn FnMut(&Manifest) -> Result<()>,
     ) -> Result<IngestReport> {
-        let readers = std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_READERS));
-        self.ingest_dir_with_readers(src, run, metadata, progress, before_commit, readers)
+        self.ingest_dir_with_readers(src, run, metadata, progress, before_commit, None)
     }
 
-    /// [`Store::ingest_dir_checked`] with `readers` threads reading and cutting files.
+    /// [`Store::ingest_dir_checked`] with `readers` threads reading and cutting files, or as
+    /// many as [`auto_readers`] gives.
     pub(crate) fn ingest_dir_with_readers(
         &self,
         src: &Path,
@@ -739,7 +748,7 @@ impl Store {
         metadata: BTreeMap<String, String>,
         progress: &dyn Progress,
         before_commit: &mut dyn FnMut(&Manifest) -> Result<()>,
-        readers: usize,
+        readers: Option<usize>,
     ) -> Result<IngestReport> {
         if let Some(existing) = self.index().run(run)? {
             return Err(Error::AlreadyExists(format!(
@@ -766,7 +775,10 @@ impl Store {
 
         let chunker = Chunker::new(self.config().chunker)?;
         let seal = self.seal_guard();
-        let writer = self.writer_with_lanes(&seal, readers.max(1));
+        let readers = readers
+            .unwrap_or_else(|| auto_readers(total, self.config().pack_target_size))
+            .max(1);
+        let writer = self.writer_with_lanes(&seal, readers);
         let mut entries = Vec::with_capacity(walked.len());
         let mut first_name: HashMap<(u64, u64), String> = HashMap::new();
         // The regular files to read, by entry index, in path order.
@@ -1210,6 +1222,31 @@ mod tests {
         assert_eq!(m.entries.len(), 2);
     }
 
+    /// A run smaller than a pack is read by one reader and leaves one pack, not a partial
+    /// pack per core; a large one gets a reader per core, up to the limit.
+    #[test]
+    fn a_run_smaller_than_a_pack_leaves_one_pack() {
+        let target = InitOptions::default().pack_target_size;
+        assert_eq!(auto_readers(0, target), 1);
+        assert_eq!(auto_readers(target - 1, target), 1);
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(auto_readers(100 * target, target), cores.min(MAX_READERS));
+
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        fs::create_dir_all(&src).unwrap();
+        // 6 MB in 300 files: three read blocks' worth, which readers would share out.
+        for i in 0..300u32 {
+            fs::write(src.join(format!("f{i:03}")), content(20_000, i)).unwrap();
+        }
+        let store = Store::init(&dir.path().join("store"), &InitOptions::default()).unwrap();
+        let run = RunRef::parse("ns/r").unwrap();
+        store
+            .ingest_dir(&src, &run, BTreeMap::new(), &NoProgress)
+            .unwrap();
+        assert_eq!(store.stats().unwrap().packs, 1);
+    }
+
     /// However many readers cut a tree's files, the run's manifest is the same: files of every
     /// size, in groups of small ones and alone, empty, linked and duplicated.
     #[test]
@@ -1255,7 +1292,7 @@ mod tests {
                     BTreeMap::new(),
                     &NoProgress,
                     &mut |_| Ok(()),
-                    readers,
+                    Some(readers),
                 )
                 .unwrap();
             assert!(store.verify(None, &NoProgress).unwrap().damage.is_empty());
