@@ -5,10 +5,11 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use nix::fcntl::{AT_FDCWD, AtFlags};
+use nix::fcntl::{AT_FDCWD, AtFlags, OFlag};
 use nix::sys::stat::{Mode, SFlag, UtimensatFlags, mknod, utimensat};
 use nix::sys::time::TimeSpec;
 use nix::unistd::{Gid, Uid, fchownat};
@@ -27,11 +28,73 @@ pub struct ExportReport {
     pub warnings: Vec<String>,
 }
 
-fn dest_path(dest: &Path, e: &Entry) -> PathBuf {
-    if e.path == ROOT {
-        dest.to_path_buf()
-    } else {
-        dest.join(&e.path)
+/// Paths at or above this many bytes are reached through a directory descriptor (see
+/// [`Reach`]): the kernel refuses paths of `PATH_MAX` (4,096) bytes or more.
+const LONG_PATH: usize = 3072;
+
+/// How the export names its entries to the kernel. A run's tree may be deeper than `PATH_MAX`
+/// allows one path to name (a producer writing through the mount works relative to open
+/// directories); such an entry is named as `/proc/self/fd/N/NAME`, where N is a descriptor of
+/// its parent directory, opened one component at a time (never following a symlink). The few
+/// parents opened last are kept, as consecutive entries share them.
+struct Reach<'a> {
+    dest: &'a Path,
+    /// Most recent first: (directory relative to `dest`, its descriptor).
+    anchors: Vec<(String, OwnedFd)>,
+}
+
+impl<'a> Reach<'a> {
+    fn new(dest: &'a Path) -> Self {
+        Self {
+            dest,
+            anchors: Vec::new(),
+        }
+    }
+
+    /// A path the kernel takes for entry `rel` (a manifest path) under the destination.
+    fn path(&mut self, rel: &str) -> Result<PathBuf> {
+        let full = if rel == ROOT {
+            self.dest.to_path_buf()
+        } else {
+            self.dest.join(rel)
+        };
+        if full.as_os_str().len() < LONG_PATH {
+            return Ok(full);
+        }
+        let Some((dir, name)) = rel.rsplit_once('/') else {
+            return Ok(full);
+        };
+        let fd = self.anchor(dir)?;
+        Ok(PathBuf::from(format!("/proc/self/fd/{fd}/{name}")))
+    }
+
+    fn anchor(&mut self, dir: &str) -> Result<i32> {
+        if let Some(i) = self.anchors.iter().position(|(d, _)| d == dir) {
+            let a = self.anchors.remove(i);
+            self.anchors.insert(0, a);
+            return Ok(self.anchors[0].1.as_raw_fd());
+        }
+        let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        let mut fd: OwnedFd = nix::fcntl::open(self.dest, flags, Mode::empty())
+            .map_err(nix_io("open directory", self.dest))?;
+        for comp in dir.split('/') {
+            if comp.is_empty() || comp == "." || comp == ".." {
+                return Err(Error::corrupt(
+                    "manifest path",
+                    format!("{dir:?} has an empty, . or .. component"),
+                ));
+            }
+            fd = nix::fcntl::openat(&fd, comp, flags, Mode::empty()).map_err(|e| {
+                Error::io(
+                    "open directory",
+                    self.dest.join(dir),
+                    std::io::Error::from(e),
+                )
+            })?;
+        }
+        self.anchors.insert(0, (dir.to_owned(), fd));
+        self.anchors.truncate(4);
+        Ok(self.anchors[0].1.as_raw_fd())
     }
 }
 
@@ -59,9 +122,11 @@ impl Store {
         let is_root = Uid::effective().is_root();
         // Entries not created (device nodes as non-root), by path: their links are not either.
         let mut skipped: std::collections::HashSet<&str> = std::collections::HashSet::new();
+        let mut reach = Reach::new(dest);
+        let mut reach_target = Reach::new(dest);
         // Create everything, writable by us while we work.
         for e in &manifest.entries {
-            let p = dest_path(dest, e);
+            let p = reach.path(&e.path)?;
             match e.kind {
                 Kind::Dir => {
                     if e.path != ROOT {
@@ -97,7 +162,7 @@ impl Store {
                             "hard link without target",
                         )
                     })?;
-                    let tp = dest.join(t);
+                    let tp = reach_target.path(t)?;
                     if skipped.contains(t) {
                         report.warnings.push(format!(
                             "{}: not linked to {t}, which was not created",
@@ -142,7 +207,7 @@ impl Store {
             if e.kind == Kind::Hardlink {
                 continue;
             }
-            let p = dest_path(dest, e);
+            let p = reach.path(&e.path)?;
             if fs::symlink_metadata(&p).is_err() {
                 continue; // skipped above with a warning
             }
@@ -239,5 +304,114 @@ impl Store {
             ));
         }
         Ok(pos)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::os::unix::fs::MetadataExt;
+
+    use super::*;
+    use crate::id::FileHash;
+    use crate::manifest::{MANIFEST_FORMAT, Manifest, XattrValue};
+    use crate::store::{InitOptions, NoProgress};
+
+    /// A run whose tree is deeper than one path may name (a producer writing through the mount
+    /// can make one) exports whole: directories, a file with its xattr, a symlink and a hard
+    /// link to the deep file from the top, each with its mode and time.
+    #[test]
+    fn a_tree_deeper_than_path_max_exports() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::init(&dir.path().join("store"), &InitOptions::default()).unwrap();
+        let content = b"at the bottom".to_vec();
+        let seal = store.seal_guard();
+        let writer = store.writer(&seal);
+        let chunk = writer.submit(&content).unwrap();
+        writer.finish().unwrap();
+
+        let mtime_ns = 1_700_000_000_123_456_789;
+        let entry = |path: &str, kind: Kind| Entry {
+            path: path.to_owned(),
+            kind,
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+            size: 0,
+            mtime_ns,
+            blake3: None,
+            chunks: Vec::new(),
+            target: None,
+            rdev: None,
+            xattrs: BTreeMap::new(),
+        };
+        let mut entries = vec![entry(ROOT, Kind::Dir)];
+        // 24 directories of 200-byte names: 4,824 bytes, past PATH_MAX.
+        let mut deepest = String::new();
+        for i in 0..24 {
+            let name = format!("{i:02}{}", "d".repeat(198));
+            deepest = if deepest.is_empty() {
+                name
+            } else {
+                format!("{deepest}/{name}")
+            };
+            entries.push(entry(&deepest, Kind::Dir));
+        }
+        let file_path = format!("{deepest}/file");
+        let mut f = entry(&file_path, Kind::File);
+        f.mode = 0o640;
+        f.size = content.len() as u64;
+        f.blake3 = Some(FileHash::of(&content));
+        f.chunks = vec![chunk];
+        f.xattrs
+            .insert("user.note".into(), XattrValue::Text("deep".into()));
+        entries.push(f);
+        let link_path = format!("{deepest}/link");
+        let mut l = entry(&link_path, Kind::Symlink);
+        l.target = Some("file".into());
+        l.size = 4;
+        entries.push(l);
+        let mut h = entry("top-hardlink", Kind::Hardlink);
+        h.target = Some(file_path.clone());
+        entries.push(h);
+        let mut m = Manifest {
+            format: MANIFEST_FORMAT,
+            namespace: "ns".into(),
+            run: "deep".into(),
+            sealed_at: "2026-12-02T00:00:00Z".into(),
+            metadata: BTreeMap::new(),
+            entries,
+        };
+        store.commit_manifest(&mut m).unwrap();
+        drop(seal);
+
+        let dest = dir.path().join("out");
+        let run = RunRef::parse("ns/deep").unwrap();
+        let report = store.export(&run, &dest, &NoProgress).unwrap();
+        assert_eq!(report.entries, 28);
+        assert!(
+            fs::metadata(dest.join(&file_path)).is_err(),
+            "the kernel takes the whole path"
+        );
+
+        let top = dest.join("top-hardlink");
+        assert_eq!(fs::read(&top).unwrap(), content);
+        let mut reach = Reach::new(&dest);
+        let p = reach.path(&file_path).unwrap();
+        assert!(p.starts_with("/proc/self/fd"), "{}", p.display());
+        assert_eq!(fs::read(&p).unwrap(), content);
+        let md = fs::metadata(&p).unwrap();
+        assert_eq!((md.mode() & 0o7777, md.nlink()), (0o640, 2));
+        assert_eq!(md.ino(), fs::metadata(&top).unwrap().ino());
+        assert_eq!((md.mtime(), md.mtime_nsec()), (1_700_000_000, 123_456_789));
+        assert_eq!(
+            xattr::get(&p, "user.note").unwrap().as_deref(),
+            Some(&b"deep"[..])
+        );
+        let link = reach.path(&link_path).unwrap();
+        assert_eq!(fs::read_link(&link).unwrap(), Path::new("file"));
+        let d = fs::metadata(reach.path(&deepest).unwrap()).unwrap();
+        assert!(d.is_dir());
+        assert_eq!((d.mode() & 0o7777, d.mtime()), (0o755, 1_700_000_000));
     }
 }
