@@ -1247,6 +1247,60 @@ mod tests {
         assert_eq!(store.stats().unwrap().packs, 1);
     }
 
+    /// A failure on one reader stops the others and seals nothing: the ingest's client goes
+    /// away (the progress says cancelled) while three readers are cutting a tree; the same
+    /// tree then ingests under the same name, with every chunk the readers stored reused.
+    #[test]
+    fn a_failure_on_one_reader_stops_them_all_and_seals_nothing() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        struct GoneAfter(u64, AtomicU64);
+        impl Progress for GoneAfter {
+            fn inc(&self, bytes: u64) {
+                self.1.fetch_add(bytes, Ordering::Relaxed);
+            }
+            fn cancelled(&self) -> bool {
+                self.1.load(Ordering::Relaxed) >= self.0
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        fs::create_dir_all(&src).unwrap();
+        for i in 0..6u32 {
+            fs::write(src.join(format!("big-{i}")), content(3 * FILE_PIECE, i)).unwrap();
+        }
+        for i in 0..200u32 {
+            fs::write(src.join(format!("small-{i:03}")), content(9_000, 100 + i)).unwrap();
+        }
+        let store = Store::init(&dir.path().join("store"), &InitOptions::default()).unwrap();
+        let run = RunRef::parse("ns/r").unwrap();
+        let gone = GoneAfter(5 * FILE_PIECE as u64, AtomicU64::new(0));
+        let err = store
+            .ingest_dir_with_readers(&src, &run, BTreeMap::new(), &gone, &mut |_| Ok(()), Some(3))
+            .unwrap_err();
+        assert!(matches!(err, Error::Cancelled(_)), "{err}");
+        let read = gone.1.load(Ordering::Relaxed);
+        assert!(
+            read < 12 * FILE_PIECE as u64,
+            "the readers stopped: {read} bytes read"
+        );
+        assert!(store.runs(None).unwrap().is_empty());
+
+        let report = store
+            .ingest_dir_with_readers(
+                &src,
+                &run,
+                BTreeMap::new(),
+                &NoProgress,
+                &mut |_| Ok(()),
+                Some(3),
+            )
+            .unwrap();
+        assert!(report.new_chunks < report.chunks, "{report:?}");
+        assert!(store.verify(None, &NoProgress).unwrap().damage.is_empty());
+        let (_, m) = store.manifest(&run).unwrap();
+        assert_eq!(m.entries.len(), 207);
+    }
+
     /// However many readers cut a tree's files, the run's manifest is the same: files of every
     /// size, in groups of small ones and alone, empty, linked and duplicated.
     #[test]
