@@ -15,6 +15,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
 use std::io::{ErrorKind, Read, Seek};
 use std::ops::Range;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -50,8 +51,19 @@ pub struct IngestReport {
 
 struct Walked {
     path: String,
+    /// Where to open it: its path, or for an entry deeper than one path can name, a path
+    /// through a descriptor of its directory (see [`walk`]).
     fs_path: PathBuf,
+    /// Its path under the source when `fs_path` is not that, for messages.
+    deep: Option<PathBuf>,
     meta: fs::Metadata,
+}
+
+impl Walked {
+    /// The path to show a user.
+    fn shown(&self) -> &Path {
+        self.deep.as_deref().unwrap_or(&self.fs_path)
+    }
 }
 
 fn utf8_name(p: &Path, name: &std::ffi::OsStr) -> Result<String> {
@@ -68,7 +80,13 @@ fn utf8_name(p: &Path, name: &std::ffi::OsStr) -> Result<String> {
 
 /// The tree under `root`, without the directory `store` (the store's own root, when the
 /// source holds it: a store does not ingest itself).
-fn walk(root: &Path, store: Option<(u64, u64)>) -> Result<Vec<Walked>> {
+///
+/// A tree may be deeper than one path can name (`PATH_MAX`). A directory whose path reaches
+/// [`crate::export::LONG_PATH`] bytes is opened (its path is still short enough then: its
+/// parent's was not) and its entries are named through that descriptor, as
+/// `/proc/self/fd/N/NAME`; the descriptors are returned with the tree and must be kept open
+/// while its files are read.
+fn walk(root: &Path, store: Option<(u64, u64)>) -> Result<(Vec<Walked>, Vec<OwnedFd>)> {
     use std::os::unix::fs::MetadataExt;
     let meta = fs::symlink_metadata(root).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => {
@@ -91,9 +109,27 @@ fn walk(root: &Path, store: Option<(u64, u64)>) -> Result<Vec<Walked>> {
     let mut out = vec![Walked {
         path: ROOT.into(),
         fs_path: root.to_path_buf(),
+        deep: None,
         meta,
     }];
-    let mut stack: Vec<(PathBuf, String)> = vec![(root.to_path_buf(), String::new())];
+    let mut anchors: Vec<OwnedFd> = Vec::new();
+    // A directory reached through a descriptor of its own, kept in `anchors`.
+    let mut anchored = |dir: &Path| -> Result<PathBuf> {
+        use nix::fcntl::OFlag;
+        let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        let fd = nix::fcntl::open(dir, flags, nix::sys::stat::Mode::empty())
+            .map_err(|e| Error::io("open directory", dir, std::io::Error::from(e)))?;
+        let short = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+        anchors.push(fd);
+        Ok(short)
+    };
+    let long = |p: &Path| p.as_os_str().len() >= crate::export::LONG_PATH;
+    let start = if long(root) {
+        anchored(root)?
+    } else {
+        root.to_path_buf()
+    };
+    let mut stack: Vec<(PathBuf, String)> = vec![(start, String::new())];
     while let Some((dir, rel)) = stack.pop() {
         let rd = fs::read_dir(&dir).map_err(|e| Error::io("read directory", &dir, e))?;
         for ent in rd {
@@ -118,16 +154,25 @@ fn walk(root: &Path, store: Option<(u64, u64)>) -> Result<Vec<Walked>> {
                     tracing::warn!(path = %fs_path.display(), "the store is inside the source tree: left out");
                     continue;
                 }
-                stack.push((fs_path.clone(), path.clone()));
+                // Its entries' paths would be too long: they go through a descriptor of it
+                // (its own path is still short enough, as its parent's was not long).
+                let dir_path = if long(&fs_path) {
+                    anchored(&fs_path)?
+                } else {
+                    fs_path.clone()
+                };
+                stack.push((dir_path, path.clone()));
             }
+            let deep = dir.starts_with("/proc/self/fd").then(|| root.join(&path));
             out.push(Walked {
                 path,
                 fs_path,
+                deep,
                 meta,
             });
         }
     }
-    Ok(out)
+    Ok((out, anchors))
 }
 
 fn read_xattrs(p: &Path) -> Result<BTreeMap<String, XattrValue>> {
@@ -179,7 +224,7 @@ fn base_entry(w: &Walked, kind: Kind) -> Result<Entry> {
             "mtime",
             format!(
                 "{}: {} s since the epoch is outside the years 1677..2262 that artifactfs records",
-                w.fs_path.display(),
+                w.shown().display(),
                 m.mtime()
             ),
         )
@@ -337,13 +382,13 @@ fn unchanged_while_read(f: &File, w: &Walked) -> Result<()> {
             m.ctime_nsec(),
         ]
     }
-    let now = f.metadata().map_err(|e| Error::io("stat", &w.fs_path, e))?;
+    let now = f.metadata().map_err(|e| Error::io("stat", w.shown(), e))?;
     if identity(&w.meta) == identity(&now) {
         return Ok(());
     }
     Err(Error::Busy(format!(
         "{} changed while it was read; nothing was sealed, ingest it again once it is complete",
-        w.fs_path.display()
+        w.shown().display()
     )))
 }
 
@@ -649,16 +694,16 @@ fn read_group(
         if progress.cancelled() {
             return Err(Error::Cancelled(format!(
                 "reading {} was stopped",
-                w.fs_path.display()
+                w.shown().display()
             )));
         }
-        let mut f = File::open(&w.fs_path).map_err(|e| Error::io("open", &w.fs_path, e))?;
+        let mut f = File::open(&w.fs_path).map_err(|e| Error::io("open", w.shown(), e))?;
         let mut read_small = None;
         if w.meta.len() <= small_max {
-            read_small = small.add(chunker, writer, lane, deferred, &mut f, i, &w.fs_path)?;
+            read_small = small.add(chunker, writer, lane, deferred, &mut f, i, w.shown())?;
             if read_small.is_none() {
                 // Grown since it was listed: read again, from the start, as large.
-                f.rewind().map_err(|e| Error::io("seek", &w.fs_path, e))?;
+                f.rewind().map_err(|e| Error::io("seek", w.shown(), e))?;
             }
         }
         if let Some(n) = read_small {
@@ -667,7 +712,7 @@ fn read_group(
             // The small files before it are queued first, so that chunks reach the packs in
             // path order.
             small.flush(chunker, writer, lane, deferred)?;
-            let file = ingest_file_in_blocks(chunker, writer, lane, &mut f, progress, &w.fs_path)?;
+            let file = ingest_file_in_blocks(chunker, writer, lane, &mut f, progress, w.shown())?;
             deferred.push((i, file));
         }
         unchanged_while_read(&f, w)?;
@@ -761,7 +806,8 @@ impl Store {
             fs::metadata(self.root()).ok().map(|m| (m.dev(), m.ino()))
         };
         let started = std::time::Instant::now();
-        let mut walked = walk(src, store_dir)?;
+        // `_anchors` keeps the descriptors deep entries are named through open until the end.
+        let (mut walked, _anchors) = walk(src, store_dir)?;
         walked.sort_by(|a, b| {
             (a.path != ROOT, a.path.as_bytes()).cmp(&(b.path != ROOT, b.path.as_bytes()))
         });
@@ -808,11 +854,11 @@ impl Store {
                 base_entry(w, Kind::Dir)?
             } else if ft.is_symlink() {
                 let target =
-                    fs::read_link(&w.fs_path).map_err(|e| Error::io("read link", &w.fs_path, e))?;
+                    fs::read_link(&w.fs_path).map_err(|e| Error::io("read link", w.shown(), e))?;
                 let target = target.into_os_string().into_string().map_err(|t| {
                     Error::invalid(
                         "symlink target",
-                        format!("{}: {:?} is not UTF-8", w.fs_path.display(), t),
+                        format!("{}: {:?} is not UTF-8", w.shown().display(), t),
                     )
                 })?;
                 let mut e = base_entry(w, Kind::Symlink)?;
@@ -839,7 +885,7 @@ impl Store {
             } else {
                 return Err(Error::invalid(
                     "source",
-                    format!("{}: unknown file type", w.fs_path.display()),
+                    format!("{}: unknown file type", w.shown().display()),
                 ));
             };
             entries.push(entry);
@@ -1245,6 +1291,82 @@ mod tests {
             .ingest_dir(&src, &run, BTreeMap::new(), &NoProgress)
             .unwrap();
         assert_eq!(store.stats().unwrap().packs, 1);
+    }
+
+    /// A source tree deeper than one path can name (`PATH_MAX`) ingests, and exports back
+    /// whole: a file with its xattr and a symlink 4.8 KB down.
+    #[test]
+    fn a_tree_deeper_than_path_max_ingests_and_exports() {
+        use nix::fcntl::{OFlag, open, openat};
+        use nix::sys::stat::Mode;
+        use std::os::fd::AsRawFd;
+        let flags = OFlag::O_PATH | OFlag::O_DIRECTORY;
+        // The directory `names` lead to under `top`, as a descriptor.
+        let descend = |top: &Path, names: &[String]| {
+            let mut fd = open(top, flags, Mode::empty()).unwrap();
+            for n in names {
+                fd = openat(&fd, n.as_str(), flags, Mode::empty()).unwrap();
+            }
+            fd
+        };
+        let via = |fd: &OwnedFd, name: &str| format!("/proc/self/fd/{}/{name}", fd.as_raw_fd());
+
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        fs::create_dir_all(&src).unwrap();
+        let names: Vec<String> = (0..24)
+            .map(|i| format!("{i:02}{}", "d".repeat(198)))
+            .collect();
+        for i in 0..names.len() {
+            let parent = descend(&src, &names[..i]);
+            fs::create_dir(via(&parent, &names[i])).unwrap();
+        }
+        let bottom = descend(&src, &names);
+        let content = content(300_000, 77);
+        fs::write(via(&bottom, "file"), &content).unwrap();
+        xattr::set(via(&bottom, "file"), "user.note", b"deep").unwrap();
+        std::os::unix::fs::symlink("file", via(&bottom, "link")).unwrap();
+        drop(bottom);
+        let deep = names.join("/");
+        assert!(src.join(&deep).as_os_str().len() > 4096);
+
+        let store = Store::init(&dir.path().join("store"), &InitOptions::default()).unwrap();
+        let run = RunRef::parse("ns/deep").unwrap();
+        store
+            .ingest_dir(&src, &run, BTreeMap::new(), &NoProgress)
+            .unwrap();
+        let (_, m) = store.manifest(&run).unwrap();
+        let file = m
+            .entries
+            .iter()
+            .find(|e| e.path == format!("{deep}/file"))
+            .unwrap();
+        assert_eq!(file.blake3, Some(FileHash::of(&content)));
+        assert_eq!(
+            file.xattrs.get("user.note"),
+            Some(&XattrValue::Text("deep".into()))
+        );
+        let link = m
+            .entries
+            .iter()
+            .find(|e| e.path == format!("{deep}/link"))
+            .unwrap();
+        assert_eq!(link.target.as_deref(), Some("file"));
+
+        let out = dir.path().join("out");
+        store.export(&run, &out, &NoProgress).unwrap();
+        let bottom = descend(&out, &names);
+        assert_eq!(fs::read(via(&bottom, "file")).unwrap(), content);
+        assert_eq!(
+            xattr::get(via(&bottom, "file"), "user.note")
+                .unwrap()
+                .as_deref(),
+            Some(&b"deep"[..])
+        );
+        assert_eq!(
+            fs::read_link(via(&bottom, "link")).unwrap(),
+            Path::new("file")
+        );
     }
 
     /// A failure on one reader stops the others and seals nothing: the ingest's client goes
