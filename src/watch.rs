@@ -555,14 +555,31 @@ impl Watch<'_> {
     }
 }
 
-/// Every entry under `root` (`.` for the root itself) with its stat facts.
+/// Every entry under `root` (`.` for the root itself) with its stat facts. A directory deeper
+/// than one path can name is listed through a descriptor of it (`/proc/self/fd/N`), as
+/// `ingest` does.
 fn stat_tree(root: &Path) -> Result<BTreeMap<String, Stamp>> {
+    use nix::fcntl::OFlag;
+    use std::os::fd::{AsRawFd, OwnedFd};
     let mut out = BTreeMap::new();
+    let mut anchors: Vec<OwnedFd> = Vec::new();
     let mut stack = vec![(root.to_path_buf(), ROOT.to_string())];
     while let Some((p, rel)) = stack.pop() {
         let m = std::fs::symlink_metadata(&p).with_context(|| format!("stat {}", p.display()))?;
         if m.is_dir() {
-            for e in std::fs::read_dir(&p).with_context(|| format!("read {}", p.display()))? {
+            // Its entries' paths would be too long for the kernel: go through a descriptor.
+            let listed = if p.as_os_str().len() >= 3072 {
+                let flags =
+                    OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+                let fd = nix::fcntl::open(&p, flags, nix::sys::stat::Mode::empty())
+                    .with_context(|| format!("open {}", p.display()))?;
+                let short = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+                anchors.push(fd);
+                short
+            } else {
+                p.clone()
+            };
+            for e in std::fs::read_dir(&listed).with_context(|| format!("read {}", p.display()))? {
                 let e = e.with_context(|| format!("read {}", p.display()))?;
                 let name = e.file_name().to_string_lossy().into_owned();
                 let child = if rel == ROOT {
@@ -618,6 +635,40 @@ fn quiet_since(dir: &Path) -> Instant {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A run deeper than one path can name is listed whole, and a change at its bottom seen.
+    #[test]
+    fn stat_tree_lists_a_tree_deeper_than_path_max() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut short = dir.path().to_path_buf();
+        let mut keep = Vec::new();
+        let mut rel = Vec::new();
+        for i in 0..24 {
+            let name = format!("{i:02}{}", "d".repeat(198));
+            std::fs::create_dir(short.join(&name)).unwrap();
+            let fd = nix::fcntl::open(
+                &short.join(&name),
+                nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY,
+                nix::sys::stat::Mode::empty(),
+            )
+            .unwrap();
+            use std::os::fd::AsRawFd;
+            short = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+            keep.push(fd);
+            rel.push(name);
+        }
+        std::fs::write(short.join("log"), b"1").unwrap();
+        let deep = format!("{}/log", rel.join("/"));
+        let before = stat_tree(dir.path()).unwrap();
+        assert_eq!(before.len(), 26, "the root, 24 directories and the file");
+        assert_eq!(before[&deep].size, 1);
+        std::fs::write(short.join("log"), b"12").unwrap();
+        let after = stat_tree(dir.path()).unwrap();
+        assert_eq!(
+            first_difference(&before, &after),
+            Some(format!("{deep} changed"))
+        );
+    }
 
     /// The pre-commit comparison sees every kind of change a producer can make.
     #[test]
