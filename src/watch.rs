@@ -568,7 +568,7 @@ fn stat_tree(root: &Path) -> Result<BTreeMap<String, Stamp>> {
         let m = std::fs::symlink_metadata(&p).with_context(|| format!("stat {}", p.display()))?;
         if m.is_dir() {
             // Its entries' paths would be too long for the kernel: go through a descriptor.
-            let listed = if p.as_os_str().len() >= 3072 {
+            let listed = if p.as_os_str().len() >= artifactfs_core::export::LONG_PATH {
                 let flags =
                     OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
                 let fd = nix::fcntl::open(&p, flags, nix::sys::stat::Mode::empty())

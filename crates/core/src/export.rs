@@ -30,7 +30,7 @@ pub struct ExportReport {
 
 /// Paths at or above this many bytes are reached through a directory descriptor (see
 /// [`Reach`]): the kernel refuses paths of `PATH_MAX` (4,096) bytes or more.
-pub(crate) const LONG_PATH: usize = 3072;
+pub const LONG_PATH: usize = 3072;
 
 /// How the export names its entries to the kernel. A run's tree may be deeper than `PATH_MAX`
 /// allows one path to name (a producer writing through the mount works relative to open
