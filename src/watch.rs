@@ -559,21 +559,18 @@ impl Watch<'_> {
 /// than one path can name is listed through a descriptor of it (`/proc/self/fd/N`), as
 /// `ingest` does.
 fn stat_tree(root: &Path) -> Result<BTreeMap<String, Stamp>> {
-    use nix::fcntl::OFlag;
-    use std::os::fd::{AsRawFd, OwnedFd};
+    use artifactfs_core::export::{LONG_PATH, handle_path, open_dir_handle};
     let mut out = BTreeMap::new();
-    let mut anchors: Vec<OwnedFd> = Vec::new();
+    let mut anchors = Vec::new();
     let mut stack = vec![(root.to_path_buf(), ROOT.to_string())];
     while let Some((p, rel)) = stack.pop() {
         let m = std::fs::symlink_metadata(&p).with_context(|| format!("stat {}", p.display()))?;
         if m.is_dir() {
             // Its entries' paths would be too long for the kernel: go through a descriptor.
-            let listed = if p.as_os_str().len() >= artifactfs_core::export::LONG_PATH {
-                let flags =
-                    OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
-                let fd = nix::fcntl::open(&p, flags, nix::sys::stat::Mode::empty())
-                    .with_context(|| format!("open {}", p.display()))?;
-                let short = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+            let listed = if p.as_os_str().len() >= LONG_PATH {
+                let fd =
+                    open_dir_handle(None, &p).with_context(|| format!("open {}", p.display()))?;
+                let short = handle_path(&fd);
                 anchors.push(fd);
                 short
             } else {

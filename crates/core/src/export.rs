@@ -32,6 +32,22 @@ pub struct ExportReport {
 /// [`Reach`]): the kernel refuses paths of `PATH_MAX` (4,096) bytes or more.
 pub const LONG_PATH: usize = 3072;
 
+/// Opens directory `name` (relative to `at`, or as a path) as a handle to name what it holds
+/// through ([`handle_path`]): `O_PATH`, never following a symlink.
+pub fn open_dir_handle(at: Option<&OwnedFd>, name: &Path) -> nix::Result<OwnedFd> {
+    let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    match at {
+        Some(dir) => nix::fcntl::openat(dir, name, flags, Mode::empty()),
+        None => nix::fcntl::open(name, flags, Mode::empty()),
+    }
+}
+
+/// The short path the kernel resolves to directory handle `fd`: `/proc/self/fd/N`, under
+/// which the directory's entries are named whatever the depth of the directory.
+pub fn handle_path(fd: &OwnedFd) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
 /// How the export names its entries to the kernel. A run's tree may be deeper than `PATH_MAX`
 /// allows one path to name (a producer writing through the mount works relative to open
 /// directories); such an entry is named as `/proc/self/fd/N/NAME`, where N is a descriptor of
@@ -64,19 +80,17 @@ impl<'a> Reach<'a> {
         let Some((dir, name)) = rel.rsplit_once('/') else {
             return Ok(full);
         };
-        let fd = self.anchor(dir)?;
-        Ok(PathBuf::from(format!("/proc/self/fd/{fd}/{name}")))
+        Ok(handle_path(self.anchor(dir)?).join(name))
     }
 
-    fn anchor(&mut self, dir: &str) -> Result<i32> {
+    fn anchor(&mut self, dir: &str) -> Result<&OwnedFd> {
         if let Some(i) = self.anchors.iter().position(|(d, _)| d == dir) {
             let a = self.anchors.remove(i);
             self.anchors.insert(0, a);
-            return Ok(self.anchors[0].1.as_raw_fd());
+            return Ok(&self.anchors[0].1);
         }
-        let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
-        let mut fd: OwnedFd = nix::fcntl::open(self.dest, flags, Mode::empty())
-            .map_err(nix_io("open directory", self.dest))?;
+        let mut fd =
+            open_dir_handle(None, self.dest).map_err(nix_io("open directory", self.dest))?;
         for comp in dir.split('/') {
             if comp.is_empty() || comp == "." || comp == ".." {
                 return Err(Error::corrupt(
@@ -84,7 +98,7 @@ impl<'a> Reach<'a> {
                     format!("{dir:?} has an empty, . or .. component"),
                 ));
             }
-            fd = nix::fcntl::openat(&fd, comp, flags, Mode::empty()).map_err(|e| {
+            fd = open_dir_handle(Some(&fd), Path::new(comp)).map_err(|e| {
                 Error::io(
                     "open directory",
                     self.dest.join(dir),
@@ -94,7 +108,7 @@ impl<'a> Reach<'a> {
         }
         self.anchors.insert(0, (dir.to_owned(), fd));
         self.anchors.truncate(4);
-        Ok(self.anchors[0].1.as_raw_fd())
+        Ok(&self.anchors[0].1)
     }
 }
 

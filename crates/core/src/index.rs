@@ -806,9 +806,7 @@ impl Index {
         event_detail: serde_json::Value,
         ready: impl FnOnce() -> Result<()>,
     ) -> Result<i64> {
-        let mut ready = Some(ready);
-        let mut ready = || ready.take().map_or(Ok(()), |f| f());
-        self.durable(|s| s.insert_sealed_run_tx(m, digest, now_ns, event_detail, false, &mut ready))
+        self.durable(|s| s.insert_sealed_run_tx(m, digest, now_ns, event_detail, false, ready))
             .map(|(id, _)| id)
     }
 
@@ -823,9 +821,7 @@ impl Index {
         now_ns: i64,
         event_detail: serde_json::Value,
     ) -> Result<(i64, u64)> {
-        self.durable(|s| {
-            s.insert_sealed_run_tx(m, digest, now_ns, event_detail, true, &mut || Ok(()))
-        })
+        self.durable(|s| s.insert_sealed_run_tx(m, digest, now_ns, event_detail, true, || Ok(())))
     }
 
     fn insert_sealed_run_tx(
@@ -835,7 +831,7 @@ impl Index {
         now_ns: i64,
         event_detail: serde_json::Value,
         lost_ok: bool,
-        ready: &mut dyn FnMut() -> Result<()>,
+        ready: impl FnOnce() -> Result<()>,
     ) -> Result<(i64, u64)> {
         let path = self.path.clone();
         let err = sql_err(&path);

@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
 use std::io::{ErrorKind, Read, Seek};
 use std::ops::Range;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -113,24 +113,23 @@ fn walk(root: &Path, store: Option<(u64, u64)>) -> Result<(Vec<Walked>, Vec<Owne
         meta,
     }];
     let mut anchors: Vec<OwnedFd> = Vec::new();
-    // A directory reached through a descriptor of its own, kept in `anchors`.
-    let mut anchored = |dir: &Path| -> Result<PathBuf> {
-        use nix::fcntl::OFlag;
-        let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
-        let fd = nix::fcntl::open(dir, flags, nix::sys::stat::Mode::empty())
+    // Where to list a directory from: its path, or if the paths of its entries would be too
+    // long, a handle of it (its own path is still short enough: its parent's was not long),
+    // kept in `anchors`. True in the second case.
+    let mut listed_from = |dir: &Path| -> Result<(PathBuf, bool)> {
+        if dir.as_os_str().len() < crate::export::LONG_PATH {
+            return Ok((dir.to_path_buf(), false));
+        }
+        let fd = crate::export::open_dir_handle(None, dir)
             .map_err(|e| Error::io("open directory", dir, std::io::Error::from(e)))?;
-        let short = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+        let short = crate::export::handle_path(&fd);
         anchors.push(fd);
-        Ok(short)
+        Ok((short, true))
     };
-    let long = |p: &Path| p.as_os_str().len() >= crate::export::LONG_PATH;
-    let start = if long(root) {
-        anchored(root)?
-    } else {
-        root.to_path_buf()
-    };
-    let mut stack: Vec<(PathBuf, String)> = vec![(start, String::new())];
-    while let Some((dir, rel)) = stack.pop() {
+    let (start, deep) = listed_from(root)?;
+    let mut stack: Vec<(PathBuf, String, bool)> = vec![(start, String::new(), deep)];
+    // `in_deep`: the directory is named through a handle (its path, or an ancestor's).
+    while let Some((dir, rel, in_deep)) = stack.pop() {
         let rd = fs::read_dir(&dir).map_err(|e| Error::io("read directory", &dir, e))?;
         for ent in rd {
             let ent = ent.map_err(|e| Error::io("read directory", &dir, e))?;
@@ -154,16 +153,10 @@ fn walk(root: &Path, store: Option<(u64, u64)>) -> Result<(Vec<Walked>, Vec<Owne
                     tracing::warn!(path = %fs_path.display(), "the store is inside the source tree: left out");
                     continue;
                 }
-                // Its entries' paths would be too long: they go through a descriptor of it
-                // (its own path is still short enough, as its parent's was not long).
-                let dir_path = if long(&fs_path) {
-                    anchored(&fs_path)?
-                } else {
-                    fs_path.clone()
-                };
-                stack.push((dir_path, path.clone()));
+                let (dir_path, anchored) = listed_from(&fs_path)?;
+                stack.push((dir_path, path.clone(), in_deep || anchored));
             }
-            let deep = dir.starts_with("/proc/self/fd").then(|| root.join(&path));
+            let deep = in_deep.then(|| root.join(&path));
             out.push(Walked {
                 path,
                 fs_path,
@@ -1065,6 +1058,26 @@ mod tests {
         src
     }
 
+    impl Store {
+        /// [`Store::ingest_dir_with_readers`] without metadata or a last word.
+        fn ingest_with_readers(
+            &self,
+            src: &Path,
+            run: &RunRef,
+            progress: &dyn Progress,
+            readers: usize,
+        ) -> Result<IngestReport> {
+            self.ingest_dir_with_readers(
+                src,
+                run,
+                BTreeMap::new(),
+                progress,
+                &mut |_| Ok(()),
+                Some(readers),
+            )
+        }
+    }
+
     /// A clock that moves 700 ms on by every reading.
     struct Ticking(Mutex<std::time::SystemTime>);
 
@@ -1396,9 +1409,7 @@ mod tests {
         let store = Store::init(&dir.path().join("store"), &InitOptions::default()).unwrap();
         let run = RunRef::parse("ns/r").unwrap();
         let gone = GoneAfter(5 * FILE_PIECE as u64, AtomicU64::new(0));
-        let err = store
-            .ingest_dir_with_readers(&src, &run, BTreeMap::new(), &gone, &mut |_| Ok(()), Some(3))
-            .unwrap_err();
+        let err = store.ingest_with_readers(&src, &run, &gone, 3).unwrap_err();
         assert!(matches!(err, Error::Cancelled(_)), "{err}");
         let read = gone.1.load(Ordering::Relaxed);
         assert!(
@@ -1408,14 +1419,7 @@ mod tests {
         assert!(store.runs(None).unwrap().is_empty());
 
         let report = store
-            .ingest_dir_with_readers(
-                &src,
-                &run,
-                BTreeMap::new(),
-                &NoProgress,
-                &mut |_| Ok(()),
-                Some(3),
-            )
+            .ingest_with_readers(&src, &run, &NoProgress, 3)
             .unwrap();
         assert!(report.new_chunks < report.chunks, "{report:?}");
         assert!(store.verify(None, &NoProgress).unwrap().damage.is_empty());
@@ -1462,14 +1466,7 @@ mod tests {
             let store = Store::init(&root, &InitOptions::default()).unwrap();
             let run = RunRef::parse("ns/run").unwrap();
             let report = store
-                .ingest_dir_with_readers(
-                    &src,
-                    &run,
-                    BTreeMap::new(),
-                    &NoProgress,
-                    &mut |_| Ok(()),
-                    Some(readers),
-                )
+                .ingest_with_readers(&src, &run, &NoProgress, readers)
                 .unwrap();
             assert!(store.verify(None, &NoProgress).unwrap().damage.is_empty());
             let (_, m) = store.manifest(&run).unwrap();
