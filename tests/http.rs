@@ -1438,11 +1438,16 @@ fn an_upload_onto_a_full_disk_gets_507_and_stores_nothing() {
     let used = disk.used();
 
     // A body larger than the disk, streamed: 507 with a JSON error naming the cause.
+    // It arrives at a trickle, so most of it is still to come when the disk fills: the
+    // client reads the answer all the same.
     let r = client()
         .put(s.url("/v1/runs/lab/r1/files/big.bin"))
-        .body(common::bytes(48 << 20, 4))
+        .body(Trickle::body(
+            common::bytes(48 << 20, 4),
+            Duration::from_millis(5),
+        ))
         .send()
-        .unwrap();
+        .expect("the answer to an upload onto a full disk");
     assert_eq!(r.status(), 507);
     let v = json_of(r);
     assert_eq!(v["code"], "disk_full", "{v}");
@@ -1502,4 +1507,80 @@ fn an_upload_onto_a_full_disk_gets_507_and_stores_nothing() {
     assert_eq!(get_bytes(&s, "/v1/runs/lab/r1/files/big.bin"), big);
     s.stop();
     env.ok(&["verify"]);
+}
+
+/// A request body handed out a MiB at a time with a pause after each, as a client on a slow
+/// link sends it: the server's refusal lands while most of it is still to come.
+struct Trickle {
+    data: std::io::Cursor<Vec<u8>>,
+    pause: Duration,
+}
+
+impl Trickle {
+    fn body(data: Vec<u8>, pause: Duration) -> reqwest::blocking::Body {
+        let len = data.len() as u64;
+        reqwest::blocking::Body::sized(
+            Trickle {
+                data: std::io::Cursor::new(data),
+                pause,
+            },
+            len,
+        )
+    }
+}
+
+impl std::io::Read for Trickle {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        const MIB: u64 = 1 << 20;
+        let at = self.data.position();
+        if at.is_multiple_of(MIB) && at > 0 {
+            std::thread::sleep(self.pause);
+        }
+        let n = buf.len().min((MIB - at % MIB) as usize);
+        self.data.read(&mut buf[..n])
+    }
+}
+
+#[test]
+fn a_refused_upload_is_answered_to_a_client_still_sending() {
+    // The server refuses a streamed body before reading it (the run is sealed) or partway
+    // (an upload running past its declared length); a client still writing its body reads
+    // the error, not a connection reset under its write.
+    let env = Env::new();
+    let s = Server::start(&env);
+    create_run(&s, "lab", "done", json!({}));
+    put(&s, "lab/done", "a.txt", b"a".to_vec());
+    seal(&s, "lab/done");
+    let r = client()
+        .put(s.url("/v1/runs/lab/done/files/big.bin"))
+        .body(Trickle::body(
+            common::bytes(24 << 20, 5),
+            Duration::from_millis(20),
+        ))
+        .send()
+        .expect("the answer to a PUT into a sealed run");
+    assert_eq!(r.status(), 409);
+    let v = json_of(r);
+    assert!(v["message"].as_str().unwrap().contains("sealed"), "{v}");
+
+    // Partway: a resumable upload of 4 MiB sent 24; nothing past its end is kept.
+    create_run(&s, "lab", "open", json!({}));
+    let loc = new_upload(&s, "lab", "open", "big.bin", 4 << 20);
+    let data = common::bytes(24 << 20, 6);
+    let r = client()
+        .patch(s.url(&loc))
+        .header("upload-offset", 0)
+        .header("content-type", "application/offset+octet-stream")
+        .body(Trickle::body(data.clone(), Duration::from_millis(20)))
+        .send()
+        .expect("the answer to a PATCH past the upload's length");
+    assert_eq!(r.status(), 413);
+    assert!(
+        json_of(r)["message"]
+            .as_str()
+            .unwrap()
+            .contains("past its end")
+    );
+    assert!(head_offset(&s, &loc) <= 4 << 20);
+    s.stop();
 }

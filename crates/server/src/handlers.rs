@@ -11,7 +11,7 @@ use artifactfs_core::id::ManifestDigest;
 use artifactfs_core::manifest::{Entry, Kind};
 use artifactfs_core::stream::StreamOptions;
 use artifactfs_core::{Error, RunRef};
-use axum::body::{Body, Bytes};
+use axum::body::{Body, BodyDataStream, Bytes};
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
@@ -861,10 +861,9 @@ async fn read_whole(body: Body, len: u64) -> ApiResult<Vec<u8>> {
 
 async fn stream_into(
     mut put: Put,
-    body: Body,
+    stream: &mut BodyDataStream,
     counter: Option<&std::sync::atomic::AtomicU64>,
 ) -> ApiResult<(Put, blake3::Hasher)> {
-    let mut stream = body.into_data_stream();
     let mut buf: Vec<u8> = Vec::with_capacity(PIECE);
     let mut hasher = blake3::Hasher::new();
     loop {
@@ -898,6 +897,38 @@ async fn stream_into(
             return Ok((put, hasher));
         }
     }
+}
+
+/// At most this much of a refused body is read and thrown away before the error is answered.
+const LINGER_BYTES: u64 = 1 << 30;
+/// For at most this long in all, and no longer than [`LINGER_IDLE`] without data.
+const LINGER_TIME: Duration = Duration::from_secs(30);
+const LINGER_IDLE: Duration = Duration::from_secs(5);
+
+/// Reads and discards what is left of a request body that an error cut short, within bounds,
+/// so that a client still writing it reads the error (a 507 on a full disk, say) instead of a
+/// connection reset under its write. Beyond the bounds the connection closes as before. A
+/// client that asked `Expect: 100-continue` and was not yet told to go on sends nothing more,
+/// so its body is left alone.
+async fn linger(parts: &axum::http::request::Parts, stream: &mut BodyDataStream, read: bool) {
+    let waiting = parts
+        .headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if waiting && !read {
+        return;
+    }
+    let deadline = tokio::time::Instant::now() + LINGER_TIME;
+    let mut dropped = 0u64;
+    while dropped < LINGER_BYTES {
+        let idle = tokio::time::Instant::now() + LINGER_IDLE;
+        match tokio::time::timeout_at(deadline.min(idle), stream.next()).await {
+            Ok(Some(Ok(chunk))) => dropped += chunk.len() as u64,
+            Ok(Some(Err(_)) | None) => return,
+            Err(_) => break,
+        }
+    }
+    tracing::debug!(dropped, "stopped reading a refused request body");
 }
 
 pub async fn put_file(State(app): State<App>, req: Request) -> ApiResult {
@@ -934,15 +965,26 @@ pub async fn put_file(State(app): State<App>, req: Request) -> ApiResult {
             stored
         }
         _ => {
-            let put = blocking(move || Ok(Put::begin(vfs, &run, &path2)?)).await?;
-            let (put, hasher) = stream_into(put, body, Some(&app.metrics.ingest_bytes)).await?;
-            if let Some(d) = declared
-                && d != put.written
-            {
-                return Err(wrong_length(d, put.written));
+            let mut stream = body.into_data_stream();
+            let mut read = false;
+            let stored = async {
+                let put = blocking(move || Ok(Put::begin(vfs, &run, &path2)?)).await?;
+                read = true;
+                let (put, hasher) =
+                    stream_into(put, &mut stream, Some(&app.metrics.ingest_bytes)).await?;
+                if let Some(d) = declared
+                    && d != put.written
+                {
+                    return Err(wrong_length(d, put.written));
+                }
+                let size = blocking(move || Ok(put.commit()?)).await?;
+                Ok((size, hasher.finalize()))
             }
-            let size = blocking(move || Ok(put.commit()?)).await?;
-            (size, hasher.finalize())
+            .await;
+            if stored.is_err() {
+                linger(&parts, &mut stream, read).await;
+            }
+            stored?
         }
     };
     let hash = hash.to_hex().to_string();
@@ -1108,51 +1150,59 @@ pub async fn upload_append(State(app): State<App>, req: Request) -> ApiResult {
     let file = Arc::new(file);
     let mut at = offset;
     let mut stream = body.into_data_stream();
-    let mut buf: Vec<u8> = Vec::with_capacity(PIECE);
     let mut failure: Option<ApiError> = None;
-    loop {
-        let next = stream.next().await;
-        let last = next.is_none();
-        match next {
-            Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
-            Some(Err(e)) => {
-                failure = Some(ApiError::bad_request(format!(
-                    "the request body broke off at offset {}: {e}",
-                    at + buf.len() as u64
-                )));
+    let written: ApiResult<()> = async {
+        let mut buf: Vec<u8> = Vec::with_capacity(PIECE);
+        loop {
+            let next = stream.next().await;
+            let last = next.is_none();
+            match next {
+                Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
+                Some(Err(e)) => {
+                    failure = Some(ApiError::bad_request(format!(
+                        "the request body broke off at offset {}: {e}",
+                        at + buf.len() as u64
+                    )));
+                }
+                None => {}
             }
-            None => {}
+            let stop = last || failure.is_some();
+            if let Some(l) = meta.length
+                && at + buf.len() as u64 > l
+            {
+                failure = Some(ApiError::too_large(format!(
+                    "upload {id} is {l} bytes long; this would write past its end"
+                )));
+                buf.clear();
+            }
+            if buf.len() >= PIECE || (stop && !buf.is_empty()) {
+                let data = std::mem::replace(&mut buf, Vec::with_capacity(PIECE));
+                let f = file.clone();
+                let n = data.len() as u64;
+                blocking(move || {
+                    use std::io::Write;
+                    (&*f).write_all(&data)?;
+                    Ok(())
+                })
+                .await?;
+                at += n;
+                app.metrics.upload_bytes.fetch_add(n, Ordering::Relaxed);
+            }
+            if stop || failure.is_some() {
+                return Ok(());
+            }
         }
-        let stop = last || failure.is_some();
-        if let Some(l) = meta.length
-            && at + buf.len() as u64 > l
-        {
-            failure = Some(ApiError::too_large(format!(
-                "upload {id} is {l} bytes long; this would write past its end"
-            )));
-            buf.clear();
-        }
-        if buf.len() >= PIECE || (stop && !buf.is_empty()) {
-            let data = std::mem::replace(&mut buf, Vec::with_capacity(PIECE));
-            let f = file.clone();
-            let n = data.len() as u64;
-            blocking(move || {
-                use std::io::Write;
-                (&*f).write_all(&data)?;
-                Ok(())
-            })
-            .await?;
-            at += n;
-            app.metrics.upload_bytes.fetch_add(n, Ordering::Relaxed);
-        }
-        if stop || failure.is_some() {
-            break;
-        }
+    }
+    .await;
+    if written.is_err() || failure.is_some() {
+        linger(&parts, &mut stream, true).await;
     }
     // What was received is durable before the offset is reported, also when the body broke
     // off: the client resumes from there.
     let f = file.clone();
-    blocking(move || Ok(f.sync_all()?)).await?;
+    let synced = blocking(move || Ok(f.sync_all()?)).await;
+    written?;
+    synced?;
     if let Some(e) = failure {
         return Err(e);
     }
