@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use artifactfs_core::chunker::ChunkerParams;
@@ -55,6 +56,19 @@ struct Cli {
     /// More log output (-v info, -vv debug); ARTIFACTFS_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
+
+    /// How long to wait for a store another command (ingest, gc, …) holds before giving up
+    /// with exit status 5; 0 gives up at once. A running mount, server or watch is not waited
+    /// for: commands reach it over its control socket.
+    #[arg(
+        long,
+        global = true,
+        env = "ARTIFACTFS_LOCK_WAIT",
+        value_name = "DURATION",
+        default_value = "2m",
+        value_parser = humantime::parse_duration
+    )]
+    lock_wait: Duration,
 
     #[command(subcommand)]
     command: Command,
@@ -428,6 +442,72 @@ pub fn open_store(dir: &Path) -> Result<Store> {
     crate::tier::open_store(dir)
 }
 
+/// `--lock-wait`, set once from the command line.
+static LOCK_WAIT: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+
+/// How often a waiting command tries the store's lock again.
+const LOCK_RETRY: Duration = Duration::from_millis(200);
+
+/// What [`open_or_reach`] found.
+pub enum Reached {
+    /// The store was free: it is open here.
+    Here(Box<Store>),
+    /// The process that owns it answers on its control socket; `locked` said it is owned.
+    Owner {
+        stream: std::os::unix::net::UnixStream,
+        locked: anyhow::Error,
+    },
+}
+
+/// Opens the store. While another process holds its lock: an owner that answers on the
+/// control socket (a mount, `serve`, `watch`) is returned to talk to; a holder that does not
+/// (a command such as `ingest` or `gc`, which ends by itself) is waited for, up to
+/// `--lock-wait`, with one line on standard error that says so.
+pub fn open_or_reach(dir: &Path) -> Result<Reached> {
+    let wait = LOCK_WAIT.get().copied().unwrap_or_default();
+    let started = std::time::Instant::now();
+    let mut said = false;
+    loop {
+        let locked = match open_store(dir) {
+            Ok(store) => return Ok(Reached::Here(Box::new(store))),
+            Err(e) if matches!(e.downcast_ref::<Error>(), Some(Error::Locked { .. })) => e,
+            Err(e) => return Err(e),
+        };
+        let sock = crate::control::socket_path(dir);
+        match crate::control::connect(dir) {
+            Ok(Some(stream)) => return Ok(Reached::Owner { stream, locked }),
+            Ok(None) => {}
+            Err(e) => {
+                return Err(locked.context(format!("cannot connect to {}: {e}", sock.display())));
+            }
+        }
+        if started.elapsed() >= wait {
+            let waited = if wait.is_zero() {
+                String::new()
+            } else {
+                format!(
+                    "; waited {} (--lock-wait)",
+                    humantime::format_duration(wait)
+                )
+            };
+            return Err(locked.context(format!(
+                "no mount answers on {} (only a mount, server or watch takes commands for its \
+                 store; another command holds it){waited}",
+                sock.display()
+            )));
+        }
+        if !said {
+            said = true;
+            eprintln!(
+                "artifactfs: {}; waiting up to {} for it (--lock-wait)",
+                locked.root_cause(),
+                humantime::format_duration(wait)
+            );
+        }
+        std::thread::sleep(LOCK_RETRY.min(wait.saturating_sub(started.elapsed())));
+    }
+}
+
 pub fn is_empty_or_missing(dir: &Path) -> bool {
     match std::fs::read_dir(dir) {
         Ok(mut rd) => rd.next().is_none(),
@@ -471,6 +551,9 @@ fn parse_meta(items: &[String]) -> Result<BTreeMap<String, String>> {
 pub fn run() -> Result<ExitCode> {
     let cli = Cli::parse();
     init_logging(cli.verbose, matches!(cli.command, Command::Serve { .. }));
+    LOCK_WAIT
+        .set(cli.lock_wait)
+        .expect("the lock wait is set once");
     let store_dir = match cli.store {
         Some(s) => s,
         None => default_store()?,
@@ -620,13 +703,11 @@ fn engine_verb(store_dir: &Path, cmd: Command) -> Result<u8> {
                 .with_context(|| format!("cannot initialise store {}", store_dir.display()))?,
         );
     }
-    let opened = open_store(store_dir);
-    let store = match opened {
-        Ok(store) => store,
-        Err(e) if matches!(e.downcast_ref::<Error>(), Some(Error::Locked { .. })) => {
-            return crate::control::forward(store_dir, &cmd, e);
+    let store = match open_or_reach(store_dir)? {
+        Reached::Here(store) => *store,
+        Reached::Owner { stream, locked } => {
+            return crate::control::forward(store_dir, stream, &cmd, locked);
         }
-        Err(e) => return Err(e),
     };
     let stdout = std::io::stdout();
     let tty = stdout.is_terminal();

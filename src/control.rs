@@ -134,28 +134,38 @@ impl Write for FrameWriter<'_> {
 // ------------------------------------------------------------------------------------------
 // Client
 
-/// Runs `cmd` in the process that owns the store, copying its output here; returns its exit
-/// status. `locked` is the error that said the store is owned: it is what the caller gets
-/// (exit status 5) when no owner answers on the socket.
-pub fn forward(store_dir: &Path, cmd: &Command, locked: anyhow::Error) -> Result<u8> {
-    let path = store_dir.join(SOCKET);
-    let stream = match UnixStream::connect(&path) {
-        Ok(s) => s,
+/// Connects to the store owner's control socket; `Ok(None)` when nobody listens on it (no
+/// socket file, or a dead owner's), as when the store is held by a command such as `ingest`.
+pub fn connect(store_dir: &Path) -> std::io::Result<Option<UnixStream>> {
+    match UnixStream::connect(store_dir.join(SOCKET)) {
+        Ok(s) => Ok(Some(s)),
         Err(e)
             if matches!(
                 e.kind(),
                 std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
             ) =>
         {
-            return Err(locked.context(format!(
-                "no mount answers on {} (only a mount takes commands for its store)",
-                path.display()
-            )));
+            Ok(None)
         }
-        Err(e) => {
-            return Err(locked.context(format!("cannot connect to {}: {e}", path.display())));
-        }
-    };
+        Err(e) => Err(e),
+    }
+}
+
+/// The path of the store's control socket, for messages.
+pub fn socket_path(store_dir: &Path) -> PathBuf {
+    store_dir.join(SOCKET)
+}
+
+/// Runs `cmd` in the process that owns the store, over `stream` (from [`connect`]), copying
+/// its output here; returns its exit status. `locked` is the error that said the store is
+/// owned: it is what the caller gets (exit status 5) when the owner does not answer.
+pub fn forward(
+    store_dir: &Path,
+    stream: UnixStream,
+    cmd: &Command,
+    locked: anyhow::Error,
+) -> Result<u8> {
+    let path = store_dir.join(SOCKET);
     stream
         .set_read_timeout(Some(HELLO_TIMEOUT))
         .context("set a timeout on the control socket")?;

@@ -115,20 +115,23 @@ pub fn open_for_mount(dir: &Path, verb: &str) -> Result<Store> {
                 .with_context(|| format!("cannot initialise store {}", dir.display()))?,
         );
     }
-    crate::cli::open_store(dir).map_err(|e| {
-        let holder = match e.downcast_ref::<Error>() {
-            Some(Error::Locked { holder, .. }) => Some(holder.clone()),
-            _ => None,
-        };
-        match holder {
-            Some(holder) => e.context(format!(
-                "cannot {verb} {}: it is already owned by {holder} (a running mount, server or \
-                 watch, or another command); stop it first",
-                dir.display()
-            )),
-            None => e,
+    match crate::cli::open_or_reach(dir) {
+        Ok(crate::cli::Reached::Here(store)) => Ok(*store),
+        Ok(crate::cli::Reached::Owner { locked: e, .. }) | Err(e) => {
+            let holder = match e.downcast_ref::<Error>() {
+                Some(Error::Locked { holder, .. }) => Some(holder.clone()),
+                _ => None,
+            };
+            Err(match holder {
+                Some(holder) => e.context(format!(
+                    "cannot {verb} {}: it is already owned by {holder} (a running mount, server \
+                     or watch, or another command); stop it first",
+                    dir.display()
+                )),
+                None => e,
+            })
         }
-    })
+    }
 }
 
 /// Starts `mount --foreground` as a new session and returns once the mount is ready.

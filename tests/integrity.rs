@@ -414,16 +414,42 @@ fn a_damaged_run_expires_and_gc_leaves_a_clean_store() {
 }
 
 #[test]
-fn a_second_process_cannot_open_a_store_in_use() {
+fn a_command_waits_for_a_store_another_command_holds() {
     let env = setup();
+    // Held by a process that takes no commands (as `ingest` or `gc` would).
     let held = artifactfs_core::Store::open(&env.store()).unwrap();
-    let out = env.run(&["runs"]);
+    // Told not to wait: refused at once, exit status 5, naming the holder.
+    let out = env.run(&["runs", "--lock-wait", "0"]);
     assert_eq!(out.status.code(), Some(5));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("in use") && err.contains(&std::process::id().to_string()),
         "{err}"
     );
+    // Waiting a little: still refused, and it says it waited.
+    let out = env.run(&["runs", "--lock-wait", "300ms"]);
+    assert_eq!(out.status.code(), Some(5));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "in use by another process (pid {}); waiting up to 300ms",
+            std::process::id()
+        )),
+        "{err}"
+    );
+    assert!(err.contains("waited 300ms (--lock-wait)"), "{err}");
+    // By default it waits: the holder lets go while it waits, and the command runs.
+    let child = env
+        .std_cmd(&["runs"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(700));
     drop(held);
-    assert!(env.run(&["runs"]).status.success());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("waiting up to 2m"), "{err}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("lab/"));
 }

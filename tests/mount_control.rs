@@ -188,7 +188,7 @@ fn a_dead_mount_does_not_hang_commands_and_a_second_mount_is_refused() {
         .open(env.store().join("lock"))
         .unwrap();
     lock.try_lock().unwrap();
-    let out = run_in(&env, &["runs"]);
+    let out = run_in(&env, &["runs", "--lock-wait", "0"]);
     assert_eq!(out.status.code(), Some(5));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no mount answers"));
     drop(lock);
@@ -202,6 +202,27 @@ fn a_dead_mount_does_not_hang_commands_and_a_second_mount_is_refused() {
 
 /// `cat` of a large file through the mount streams: the mount's peak memory does not grow by
 /// the file's size.
+#[test]
+fn a_mount_started_while_a_command_holds_the_store_waits_for_it() {
+    let env = Env::new();
+    ok_in(&env, &["init"]);
+    // Held by a process that takes no commands, as an `ingest` would, for a moment.
+    let held = artifactfs_core::Store::open(&env.store()).unwrap();
+    let letgo = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(700));
+        drop(held);
+    });
+    let m = Mount::start(&env, &env.path("mnt"), &["--seal-after", "1h"]);
+    letgo.join().unwrap();
+    assert!(
+        m.log_text().contains("waiting up to 2m for it (--lock-wait)"),
+        "{}",
+        m.log_text()
+    );
+    fs::create_dir_all(m.p("ns/r")).unwrap();
+    assert!(ok_in(&env, &["runs"]).contains("ns/r\topen"));
+}
+
 #[test]
 fn cat_through_the_mount_streams() {
     let env = Env::new();

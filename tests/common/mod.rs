@@ -74,6 +74,7 @@ impl Env {
         let mut c = Command::cargo_bin("artifactfs").expect("binary");
         c.arg("--store").arg(self.store()).args(args);
         c.env_remove("ARTIFACTFS_STORE");
+        c.env_remove("ARTIFACTFS_LOCK_WAIT");
         match &self.clock {
             Some(p) => c.env("ARTIFACTFS_CLOCK_FILE", p),
             None => c.env_remove("ARTIFACTFS_CLOCK_FILE"),
@@ -86,6 +87,7 @@ impl Env {
         let mut c = std::process::Command::new(assert_cmd::cargo::cargo_bin("artifactfs"));
         c.arg("--store").arg(self.store()).args(args);
         c.env_remove("ARTIFACTFS_STORE");
+        c.env_remove("ARTIFACTFS_LOCK_WAIT");
         match &self.clock {
             Some(p) => c.env("ARTIFACTFS_CLOCK_FILE", p),
             None => c.env_remove("ARTIFACTFS_CLOCK_FILE"),
