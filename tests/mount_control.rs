@@ -215,7 +215,8 @@ fn a_mount_started_while_a_command_holds_the_store_waits_for_it() {
     let m = Mount::start(&env, &env.path("mnt"), &["--seal-after", "1h"]);
     letgo.join().unwrap();
     assert!(
-        m.log_text().contains("waiting up to 2m for it (--lock-wait)"),
+        m.log_text()
+            .contains("waiting up to 2m for it (--lock-wait)"),
         "{}",
         m.log_text()
     );

@@ -113,6 +113,15 @@ impl PackBuilder {
         });
     }
 
+    /// Appends every chunk of `other`, in its order, after this pack's.
+    pub fn append(&mut self, other: &PackBuilder) {
+        for e in &other.entries {
+            let at = e.offset as usize;
+            let stored = &other.buf[at..at + e.stored_len as usize];
+            self.add(e.chunk, e.codec, e.raw_len as usize, stored);
+        }
+    }
+
     /// Seals the pack: appends table and footer, returns its id, bytes and entries.
     pub fn finish(mut self) -> (PackId, Vec<u8>, Vec<PackEntry>) {
         let start = self.buf.len();

@@ -45,7 +45,7 @@ use crate::id::ChunkId;
 use crate::index::{ReadPool, SharedIndex};
 use crate::manifest::ChunkRef;
 use crate::objstore::ObjectStore;
-use crate::pack::{PackBuilder, pack_key};
+use crate::pack::{HEADER, PackBuilder, pack_key};
 
 /// New bytes of a file in each read block, and the size of the pieces its whole-file BLAKE3 is
 /// computed in. A power-of-two multiple of BLAKE3's 1 KiB chunk: every piece but the last is
@@ -716,12 +716,31 @@ fn pack_loop(rx: Receiver<Compressed>, out: PackOut, lanes: usize, target: u64, 
             }
         }
     }
-    if !shared.failed() {
-        for b in builders.into_iter().flatten() {
-            if !hand_off(b) {
-                return shared.fail(Error::Internal("pack flusher stopped".into()));
+    if shared.failed() {
+        return;
+    }
+    // The lanes' last packs are partial: those that fit together within the target become
+    // one pack (each lane's chunks still in a row), so several lanes leave no more small
+    // packs behind than one would.
+    let mut tail: Option<PackBuilder> = None;
+    for b in builders.into_iter().flatten() {
+        let full = match tail.as_mut() {
+            Some(t) if (t.len() + b.len() - HEADER.len()) as u64 <= target => {
+                t.append(&b);
+                None
             }
+            _ => tail.replace(b),
+        };
+        if let Some(full) = full
+            && !hand_off(full)
+        {
+            return shared.fail(Error::Internal("pack flusher stopped".into()));
         }
+    }
+    if let Some(t) = tail
+        && !hand_off(t)
+    {
+        shared.fail(Error::Internal("pack flusher stopped".into()));
     }
 }
 
@@ -775,6 +794,16 @@ mod tests {
             .collect()
     }
 
+    /// `n` incompressible bytes.
+    fn noise(n: usize, seed: u8) -> Vec<u8> {
+        let mut d = vec![0; n];
+        blake3::Hasher::new()
+            .update(&[seed])
+            .finalize_xof()
+            .fill(&mut d);
+        d
+    }
+
     /// Hashes `d` in pieces of `piece` bytes the way ingest does.
     fn by_pieces(d: &[u8], piece: usize) -> blake3::Hash {
         if d.len() <= piece {
@@ -820,8 +849,9 @@ mod tests {
         }
     }
 
-    /// Two readers submitting at once on lanes of their own: every pack holds the chunks of
-    /// one lane only, and every chunk is stored once and recorded under its sequence number.
+    /// Two readers submitting at once on lanes of their own: every full pack holds the chunks
+    /// of one lane only (the lanes' partial last packs may end up together, each lane's chunks
+    /// in a row), and every chunk is stored once and recorded under its sequence number.
     #[test]
     fn each_lane_fills_packs_of_its_own() {
         use crate::store::{InitOptions, Store};
@@ -851,7 +881,7 @@ mod tests {
                         let mut out = Vec::new();
                         for seed in blocks(lane) {
                             let mut buf = w.block_buffer(4 * CHUNK).unwrap();
-                            buf.extend_from_slice(&data(4 * CHUNK, seed));
+                            buf.extend_from_slice(&noise(4 * CHUNK, seed));
                             let block = w.share(buf);
                             let ranges: Vec<_> =
                                 (0..4).map(|i| i * CHUNK..(i + 1) * CHUNK).collect();
@@ -889,19 +919,81 @@ mod tests {
         // Seed 0's chunks were submitted on both lanes: either may have taken them on.
         let seed0: HashSet<ChunkId> = submitted[0][..4].iter().map(|(_, id)| *id).collect();
         let mut packed = 0;
+        let mut mixed = 0;
         let packs = store.objects().list("packs/").unwrap();
         assert!(packs.len() >= 2, "{} packs", packs.len());
         for meta in packs {
-            let table = crate::pack::read_table(store.objects(), &meta.key).unwrap();
-            let lanes: HashSet<usize> = table
+            let mut table = crate::pack::read_table(store.objects(), &meta.key).unwrap();
+            table.sort_by_key(|e| e.offset);
+            let mut lanes: Vec<usize> = table
                 .iter()
                 .filter(|e| !seed0.contains(&e.chunk))
                 .map(|e| lane_of[&e.chunk])
                 .collect();
-            assert!(lanes.len() <= 1, "{} mixes lanes {lanes:?}", meta.key);
+            lanes.dedup();
+            let distinct: HashSet<usize> = lanes.iter().copied().collect();
+            assert_eq!(
+                lanes.len(),
+                distinct.len(),
+                "{}: lanes interleave",
+                meta.key
+            );
+            if distinct.len() > 1 {
+                mixed += 1;
+                assert!(
+                    meta.size < 1 << 20,
+                    "{} mixes lanes {lanes:?} and is full",
+                    meta.key
+                );
+            }
             packed += table.len();
         }
+        assert!(mixed <= 1, "{mixed} packs mix lanes");
         assert_eq!(packed, 64);
+    }
+
+    /// Lanes that each end with a partial pack leave one pack between them when their tails
+    /// fit in one, and their chunks read back from it.
+    #[test]
+    fn the_lanes_partial_last_packs_become_one() {
+        use crate::store::{InitOptions, Store};
+        let dir = tempfile::tempdir().unwrap();
+        let opts = InitOptions {
+            pack_target_size: 1 << 20,
+            ..InitOptions::default()
+        };
+        let store = Store::init(&dir.path().join("store"), &opts).unwrap();
+        let seal = store.seal_guard();
+        let submit = |w: &ChunkWriter, lane: usize, d: &[u8]| {
+            let mut buf = w.block_buffer(d.len()).unwrap();
+            buf.extend_from_slice(d);
+            let block = w.share(buf);
+            let whole: Range<usize> = 0..d.len();
+            w.submit_many_in_block(lane, &block, Vec::from([whole]))
+                .unwrap();
+        };
+        let writer = store.writer_with_lanes(&seal, 3);
+        // Three lanes of 200 KiB each (incompressible): 600 KiB, under one pack's target.
+        let mut want = Vec::new();
+        for lane in 0..3 {
+            let d = noise(200 << 10, lane as u8 + 40);
+            submit(&writer, lane, &d);
+            want.push((ChunkId::of(&d), d));
+        }
+        let stats = writer.finish().unwrap();
+        assert_eq!(stats.new_chunks, 3);
+        assert_eq!(stats.packs, 1, "{stats:?}");
+        assert_eq!(store.objects().list("packs/").unwrap().len(), 1);
+        for (id, d) in want {
+            assert_eq!(store.read_chunk(&id).unwrap(), d);
+        }
+
+        // Tails that do not fit together in one pack stay apart: 3 × 400 KiB is two packs.
+        let writer = store.writer_with_lanes(&seal, 3);
+        for lane in 0..3 {
+            submit(&writer, lane, &noise(400 << 10, lane as u8 + 50));
+        }
+        assert_eq!(writer.finish().unwrap().packs, 2);
     }
 
     #[test]
