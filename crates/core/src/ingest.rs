@@ -744,6 +744,12 @@ fn stream_chunks(
         size += n as u64;
         chunker.push(&buf[..n], &mut emit)?;
         progress.inc(n as u64);
+        if progress.cancelled() {
+            return Err(Error::Cancelled(format!(
+                "reading {} was stopped",
+                src_name.display()
+            )));
+        }
     }
     chunker.finish(&mut emit)?;
     BUF.with(|b| *b.borrow_mut() = buf);

@@ -20,7 +20,7 @@ use crate::error::Result;
 use crate::id::FileHash;
 use crate::ingest::ingest_stream;
 use crate::manifest::ChunkRef;
-use crate::store::{NoProgress, Store};
+use crate::store::{Progress, Store};
 
 /// A file is chunked ahead at most this many times (a log reopened and appended to again and
 /// again is left to its seal).
@@ -68,6 +68,9 @@ struct State {
     done: HashMap<i64, Done>,
     times: HashMap<i64, u32>,
     stop: bool,
+    /// Bytes read ahead so far (for tests).
+    #[cfg(test)]
+    read: u64,
 }
 
 struct Shared {
@@ -192,6 +195,12 @@ impl PreSeal {
         st.queue.retain(|j| j.inode != inode);
     }
 
+    /// Bytes read ahead so far (for tests).
+    #[cfg(test)]
+    pub fn bytes_read(&self) -> u64 {
+        self.shared.lock().read
+    }
+
     /// How many files are queued or being chunked (for tests).
     #[cfg(test)]
     pub fn pending(&self) -> usize {
@@ -290,6 +299,27 @@ fn next_job(shared: &Shared, files: usize, bytes: u64, draining: &mut bool) -> O
     }
 }
 
+/// The file being chunked ahead: its reading stops once its content has moved on (written,
+/// truncated or deleted meanwhile: the result could not be used) or the mount stops, so that
+/// neither a seal nor an unmount waits for a large file nobody needs any more.
+struct Current<'a> {
+    shared: &'a Shared,
+    inode: i64,
+    version: u64,
+}
+
+impl Progress for Current<'_> {
+    #[cfg(test)]
+    fn inc(&self, bytes: u64) {
+        self.shared.lock().read += bytes;
+    }
+
+    fn cancelled(&self) -> bool {
+        let st = self.shared.lock();
+        st.stop || st.gens.get(&self.inode).map(|g| g.1) != Some(self.version)
+    }
+}
+
 /// Chunks queued files through one writer until the batch ends; a file's result counts only
 /// once the writer's commit succeeded.
 fn chunk_batch(store: &Store, staging: &Path, shared: &Shared) -> Vec<(Job, Option<Done>)> {
@@ -311,11 +341,16 @@ fn chunk_batch(store: &Store, staging: &Path, shared: &Shared) -> Vec<(Job, Opti
             Some(d) => Ok(Some(d)),
             None => store.index_deferred().meta(|m| m.inline_data(job.inode)),
         };
+        let current = Current {
+            shared,
+            inode: job.inode,
+            version: job.version,
+        };
         let r = match inline {
-            Ok(Some(d)) => ingest_stream(store, &mut writer, &d[..], &NoProgress, &p),
+            Ok(Some(d)) => ingest_stream(store, &mut writer, &d[..], &current, &p),
             Ok(None) => File::open(&p)
                 .map_err(|e| crate::Error::io("open", &p, e))
-                .and_then(|f| ingest_stream(store, &mut writer, f, &NoProgress, &p)),
+                .and_then(|f| ingest_stream(store, &mut writer, f, &current, &p)),
             Err(e) => Err(e),
         };
         let done = match r {

@@ -885,6 +885,61 @@ fn vfs_closed_files_are_chunked_ahead_of_the_seal() {
     assert_eq!(v.preseal.pending(), 0);
 }
 
+/// A large file being chunked ahead that is deleted, or changed, meanwhile stops being read:
+/// the seal (which waits for the batch holding it) and the unmount do not wait for a file
+/// nobody needs any more.
+#[test]
+fn a_file_changed_or_deleted_while_chunked_ahead_stops_being_read() {
+    const BIG: u64 = 16 << 30;
+    let tmp = tempfile::tempdir().unwrap();
+    let v = Vfs::new(new_store(tmp.path()), VfsOptions::default()).unwrap();
+    let run = open_run(&v, "ns", "r");
+    let truncate = |ino: u64, size: u64| {
+        let set = SetAttr {
+            size: Some(size),
+            ..Default::default()
+        };
+        v.setattr(ino, set, None).unwrap();
+    };
+    let started = |before: u64| {
+        while v.preseal.bytes_read() == before {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+
+    // Deleted: a 16 GiB sparse file, closed (queued), unlinked and forgotten while read.
+    let big = write_file(&v, run, "big", b"x");
+    v.remember(&v.getattr(big).unwrap());
+    let (fh, _) = v.open(big, true).unwrap();
+    truncate(big, BIG);
+    v.release(fh).unwrap();
+    started(0);
+    v.unlink(run, os("big")).unwrap();
+    v.forget(big, 1);
+    v.preseal.wait_idle();
+    let read = v.preseal.bytes_read();
+    assert!(read < BIG, "read all {read} bytes of a deleted file");
+
+    // Changed: truncated to a few bytes while read; the new content is what the seal takes.
+    let other = write_file(&v, run, "other", b"y");
+    let (fh, _) = v.open(other, true).unwrap();
+    truncate(other, BIG);
+    v.release(fh).unwrap();
+    started(read);
+    truncate(other, 3);
+    v.preseal.wait_idle();
+    assert!(v.preseal.bytes_read() - read < BIG);
+    v.seal(&RunRef::parse("ns/r").unwrap()).unwrap();
+    let store = v.store();
+    let r = RunRef::parse("ns/r").unwrap();
+    let mut out = Vec::new();
+    store
+        .read_file_to(&store.entry(&r, "other").unwrap(), &mut out)
+        .unwrap();
+    assert_eq!(out, b"y\0\0");
+    assert!(store.entry(&r, "big").is_err());
+}
+
 #[test]
 fn a_minimal_acl_is_a_chmod_by_the_owner_only() {
     let tmp = tempfile::tempdir().unwrap();
