@@ -203,6 +203,11 @@ fn sealed_runs_are_immutable_and_seal_triggers_work() {
     assert_eq!(errno(fs::create_dir(run.join("d"))), EROFS);
     assert_eq!(errno(fs::remove_dir(run.join("sub"))), EROFS);
     assert_eq!(
+        errno(fs::remove_dir(&run)),
+        EPERM,
+        "a sealed run is not removed"
+    );
+    assert_eq!(
         errno(fs::set_permissions(
             run.join("f"),
             fs::Permissions::from_mode(0o600)
@@ -492,6 +497,49 @@ fn bad_input_is_refused_with_the_right_errno() {
         m.log_text().contains("only directories can be made"),
         "EPERM is logged"
     );
+}
+
+/// `rm -rf` of an open run removes it and frees its name; not while a file of it is open,
+/// nor while it has a hold.
+#[test]
+fn rm_rf_removes_an_open_run() {
+    let env = Env::new();
+    let m = Mount::start(&env, &env.path("mnt"), &["--seal-after", "1h"]);
+    let run = m.p("ns/typo");
+    fs::create_dir_all(run.join("d/e")).unwrap();
+    fs::write(run.join("d/e/big"), vec![7u8; 3 << 20]).unwrap();
+    fs::write(run.join("small"), b"x").unwrap();
+    std::os::unix::fs::symlink("small", run.join("link")).unwrap();
+
+    let open = File::open(run.join("small")).unwrap();
+    let rm = || Command::new("rm").arg("-rf").arg(&run).output().unwrap();
+    let out = rm();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("busy"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(open);
+    env.ok(&["hold", "add", "ns/typo", "keep", "--reason", "audit"]);
+    assert_eq!(errno(fs::remove_dir(&run)), 1, "EPERM with a hold");
+    env.ok(&["hold", "rm", "ns/typo", "keep"]);
+    let out = rm();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!run.exists());
+    assert!(!env.ok(&["runs"]).contains("ns/typo"));
+    assert!(m.log_text().contains("run removed"), "{}", m.log_text());
+
+    // The name is free again, and the store is whole.
+    fs::create_dir(&run).unwrap();
+    fs::write(run.join("f"), b"second").unwrap();
+    seal(&run);
+    assert_eq!(env.ok(&["cat", "ns/typo/f"]), "second");
+    env.ok(&["verify"]);
 }
 
 /// `fallocate` in an open run: plain allocation extends the file with zeros, KEEP_SIZE

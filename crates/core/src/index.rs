@@ -2043,6 +2043,68 @@ impl Meta<'_> {
             .map_err(self.err())
     }
 
+    /// Removes open run `run_id` (`rmdir` of its directory): refused unless the run is open,
+    /// its root directory is empty and it has no hold. Its rows go (inodes left without a name
+    /// with it), the name is free again, and `run.removed` is appended.
+    pub fn remove_open_run(&self, run_id: i64, r: &RunRef, now_ns: i64) -> Result<()> {
+        let (state, root): (String, Option<i64>) = self
+            .conn
+            .query_row(
+                "SELECT state, root_ino FROM runs WHERE id = ?1",
+                params![run_id],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .optional()
+            .map_err(self.err())?
+            .ok_or_else(|| Error::NotFound(format!("run {r}")))?;
+        if state != "open" {
+            return Err(Error::NotPermitted(format!(
+                "run {r} is {state}: a sealed run is deleted by retention and gc, not rmdir"
+            )));
+        }
+        if let Some(root) = root
+            && self.has_children(root)?
+        {
+            return Err(Error::NotEmpty(format!("run {r}")));
+        }
+        let holds: Vec<String> = self
+            .conn
+            .prepare("SELECT name FROM holds WHERE run = ?1 ORDER BY name")
+            .and_then(|mut s| {
+                s.query_map(params![run_id], |row| row.get(0))?
+                    .collect::<rusqlite::Result<_>>()
+            })
+            .map_err(self.err())?;
+        if !holds.is_empty() {
+            return Err(Error::NotPermitted(format!(
+                "run {r} has holds ({}): remove them before removing the run",
+                holds.join(", ")
+            )));
+        }
+        let conn = self.conn;
+        (|| -> rusqlite::Result<()> {
+            conn.execute(
+                "DELETE FROM dentries WHERE parent IN (SELECT ino FROM inodes WHERE run = ?1)",
+                params![run_id],
+            )?;
+            conn.execute("DELETE FROM inodes WHERE run = ?1", params![run_id])?;
+            conn.execute("DELETE FROM run_meta WHERE run = ?1", params![run_id])?;
+            conn.execute("DELETE FROM runs WHERE id = ?1", params![run_id])?;
+            Ok(())
+        })()
+        .map_err(self.err())?;
+        append_event(
+            self.conn,
+            now_ns,
+            "run.removed",
+            Some(&r.namespace),
+            Some(&r.run),
+            &serde_json::json!({"why": "rmdir"}),
+        )
+        .map_err(self.err())?;
+        Ok(())
+    }
+
     /// Ids of open runs.
     pub fn open_runs(&self) -> Result<Vec<i64>> {
         let mut s = self

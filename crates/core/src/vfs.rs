@@ -3399,11 +3399,7 @@ impl Vfs {
                 tracing::info!(namespace = name, "namespace removed");
                 return Ok(());
             }
-            Node::Namespace(_) => {
-                let e = Error::NotPermitted(format!("run {name}: runs are not removed with rmdir"));
-                tracing::warn!("refused: {e}");
-                return Err(e);
-            }
+            Node::Namespace(id) => return self.remove_open_run(st, id, name, now),
             _ => {}
         }
         let dir = self.writable(p, "rmdir")?;
@@ -3422,6 +3418,52 @@ impl Vfs {
         })?;
         self.forget_subdirs(&[dir]);
         self.touch(&mut st, run);
+        Ok(())
+    }
+
+    /// `rmdir` of a run directory: an open run that is empty, has no open file and no hold
+    /// is removed, and its name is free again (a run made by mistake need not wait to be
+    /// sealed and expire). A sealed run is deleted by retention and gc only (EPERM).
+    fn remove_open_run(
+        &self,
+        mut st: MutexGuard<'_, State>,
+        ns_id: i64,
+        name: &str,
+        now: i64,
+    ) -> Result<()> {
+        let ns = self
+            .meta(|m| m.namespace_by_id(ns_id))?
+            .ok_or_else(|| Error::NotFound(format!("namespace {ns_id}")))?;
+        let r = RunRef::new(&ns.name, name)?;
+        let refused = |e: Error| {
+            tracing::warn!(run = %r, "rmdir refused: {e}");
+            e
+        };
+        let (run_id, _) = self
+            .meta(|m| m.run_of(&ns.name, name))?
+            .ok_or_else(|| Error::NotFound(format!("run {r}")))?;
+        // A seal of it that is under way ends first (then the run is sealed: EPERM).
+        while st.sealing.contains(&run_id) {
+            st = self.sealed_cv.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        let open = st.runs.get(&run_id).map_or(0, |a| a.open);
+        if open > 0 {
+            return Err(refused(Error::Busy(format!(
+                "run {r} has {open} open files"
+            ))));
+        }
+        self.meta_write_freeing("rmdir", |m| {
+            m.remove_open_run(run_id, &r, now)?;
+            let mut ns = ns.clone();
+            ns.mtime_ns = now;
+            m.update_namespace(&ns)
+        })
+        .map_err(refused)?;
+        st.runs.remove(&run_id);
+        drop(st);
+        self.preseal.forget_run(run_id);
+        remove_staging(&self.staging, run_id);
+        tracing::info!(run = %r, id = run_id, "run removed");
         Ok(())
     }
 

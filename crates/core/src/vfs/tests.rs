@@ -493,6 +493,73 @@ fn vfs_namespace_link_counts_are_its_runs() {
     assert_eq!(ns_nlink("ns"), 6);
 }
 
+/// `rmdir` of a run directory removes an open run that is empty, has no open file and no hold;
+/// its name is free again. A sealed run stays (EPERM).
+#[test]
+fn vfs_rmdir_removes_an_empty_open_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let v = Vfs::new(new_store(tmp.path()), VfsOptions::default()).unwrap();
+    let store = v.store();
+    let ns_nlink = || v.lookup(ROOT_INO, os("ns")).unwrap().nlink;
+    let run = open_run(&v, "ns", "typo");
+    let f = write_file(&v, run, "f", &random_bytes(300 << 10, 1));
+    v.setxattr(run, os("user.note"), b"x", 0).unwrap();
+    assert_eq!(ns_nlink(), 3);
+
+    // Not empty; then with a file open (unlinked, still open): busy.
+    let ns = v.lookup(ROOT_INO, os("ns")).unwrap().ino;
+    assert!(matches!(v.rmdir(ns, os("typo")), Err(Error::NotEmpty(_))));
+    let (fh, _) = v.open(f, false).unwrap();
+    v.unlink(run, os("f")).unwrap();
+    assert!(matches!(v.rmdir(ns, os("typo")), Err(Error::Busy(_))));
+    v.release(fh).unwrap();
+
+    // A hold keeps it.
+    store
+        .place_hold(&RunRef::new("ns", "typo").unwrap(), "audit", b"keep")
+        .unwrap();
+    assert!(matches!(
+        v.rmdir(ns, os("typo")),
+        Err(Error::NotPermitted(m)) if m.contains("audit")
+    ));
+    store
+        .remove_hold(&RunRef::new("ns", "typo").unwrap(), "audit")
+        .unwrap();
+
+    v.rmdir(ns, os("typo")).unwrap();
+    assert!(matches!(v.lookup(ns, os("typo")), Err(Error::NotFound(_))));
+    assert_eq!(ns_nlink(), 2);
+    assert!(store.run(&RunRef::new("ns", "typo").unwrap()).is_err());
+    let ev = store.events(0, 1000).unwrap();
+    let last = ev.last().unwrap();
+    assert_eq!(
+        (last.kind.as_str(), last.run.as_deref()),
+        ("run.removed", Some("typo"))
+    );
+    let open = v.meta(|m| m.open_runs()).unwrap();
+    assert!(open.is_empty(), "{open:?}");
+    assert!(!v.staging.join("1").exists(), "its staging directory went");
+    // The name is free again; nothing references a chunk of the removed file.
+    let again = open_run(&v, "ns", "typo");
+    let names: Vec<String> = v
+        .readdir(again)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert!(names.iter().all(|n| n == "." || n == ".."), "{names:?}");
+    assert_eq!(store.index().refcount_mismatches().unwrap(), vec![]);
+
+    // A sealed run is not removed by rmdir.
+    write_file(&v, again, "g", b"g");
+    v.seal(&RunRef::new("ns", "typo").unwrap()).unwrap();
+    assert!(matches!(
+        v.rmdir(ns, os("typo")),
+        Err(Error::NotPermitted(_))
+    ));
+    assert!(store.verify(None, &NoProgress).unwrap().ok());
+}
+
 /// A directory's link count is 2 + its subdirectories, through every change that adds, removes
 /// or moves one (the counts are remembered between `getattr`s).
 #[test]
