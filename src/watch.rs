@@ -476,9 +476,29 @@ impl Watch<'_> {
             Some(RunState::Pending(p)) if p.marker => "marker",
             _ => "quiet",
         };
+        // inotify can miss changes (a directory deeper than PATH_MAX, which it cannot watch by
+        // path; a watch limit reached; a queue overflow): a run sealed for being quiet must
+        // also look quiet on disk, by its entries' change times.
+        let listed = stat_tree(&dir);
+        if why == "quiet"
+            && let Ok(before) = &listed
+        {
+            let changed = last_change(before);
+            if changed.elapsed() < self.args.seal_after {
+                tracing::warn!(
+                    run = %r, dir = %dir.display(),
+                    "changed {:.1?} ago without an inotify event; waiting for it to be quiet",
+                    changed.elapsed()
+                );
+                if let Some(RunState::Pending(p)) = self.runs.get_mut(name) {
+                    p.last = changed;
+                }
+                return;
+            }
+        }
         tracing::info!(run = %r, reason = why, "sealing");
         let outcome =
-            stat_tree(&dir).and_then(|before| {
+            listed.and_then(|before| {
                 self.store
                     .ingest_dir_checked(&dir, &r, BTreeMap::new(), &NoProgress, &mut |_| {
                         match stat_tree(&dir) {
@@ -617,11 +637,16 @@ fn first_difference(a: &BTreeMap<String, Stamp>, b: &BTreeMap<String, Stamp>) ->
 /// When the run in `dir` last changed, as an instant: its newest ctime, so that a restarted
 /// watcher continues the quiet period instead of starting it again.
 fn quiet_since(dir: &Path) -> Instant {
+    stat_tree(dir).map_or_else(|_| Instant::now(), |t| last_change(&t))
+}
+
+/// When the newest entry of a listed tree last changed (its ctime), as an `Instant`: now for
+/// an empty tree or a time in the future.
+fn last_change(tree: &BTreeMap<String, Stamp>) -> Instant {
     let now = Instant::now();
-    let newest = stat_tree(dir)
-        .ok()
-        .and_then(|t| t.values().map(|s| s.ctime_ns).max());
-    let Some(ns) = newest else { return now };
+    let Some(ns) = tree.values().map(|s| s.ctime_ns).max() else {
+        return now;
+    };
     let changed = SystemTime::UNIX_EPOCH + Duration::from_nanos(ns.max(0) as u64);
     match SystemTime::now().duration_since(changed) {
         Ok(ago) => now.checked_sub(ago).unwrap_or(now),

@@ -298,3 +298,59 @@ fn a_run_that_fills_the_disk_seals_once_there_is_room() {
     env.ok(&["export", &name, out.to_str().unwrap()]);
     common::assert_same_tree(&run, &out);
 }
+
+/// A file deeper than PATH_MAX, appended to every 500 ms for 6 s: inotify cannot watch its
+/// directory by path and reports none of it, yet the run is not sealed while it changes (the
+/// watcher checks the tree's change times before a quiet seal): the sealed file has every line.
+#[test]
+fn changes_inotify_misses_still_keep_a_run_from_sealing() {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    let env = Env::new();
+    let spool = env.path("gb");
+    std::fs::create_dir(&spool).unwrap();
+    let w = Watcher::start(&env, &spool, &["--namespace", "lab"], "watch.log");
+
+    // The directories, each named through a descriptor of its parent.
+    let run = spool.join("deep");
+    std::fs::create_dir(&run).unwrap();
+    let mut dir = File::open(&run).unwrap();
+    let via = |d: &File, name: &str| format!("/proc/self/fd/{}/{name}", d.as_raw_fd());
+    for i in 0..24 {
+        let name = format!("{i:02}{}", "d".repeat(198));
+        std::fs::create_dir(via(&dir, &name)).unwrap();
+        dir = File::open(via(&dir, &name)).unwrap();
+    }
+    const LINES: usize = 12;
+    for k in 0..LINES {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(via(&dir, "deep.txt"))
+            .unwrap();
+        writeln!(f, "line {k:02}").unwrap();
+        drop(f);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let (sealed, _) = w.next_sealed();
+    assert_eq!(sealed, "lab/deep");
+    let manifest: serde_json::Value =
+        serde_json::from_str(&env.ok(&["manifest", "lab/deep", "--json"])).unwrap();
+    let deep = manifest["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["path"].as_str().unwrap().ends_with("/deep.txt"))
+        .expect("deep.txt in the manifest");
+    assert_eq!(
+        deep["size"],
+        "line 00\n".len() * LINES,
+        "the run sealed while its deep file still grew"
+    );
+    assert!(
+        w.log().contains("without an inotify event"),
+        "the tree's change times held the seal back:\n{}",
+        w.log()
+    );
+    w.stop();
+}
