@@ -55,10 +55,27 @@ pub fn pack_id_from_key(key: &str) -> Option<PackId> {
 
 /// A pack being assembled in memory.
 pub struct PackBuilder {
+    /// `start` bytes of padding (see [`PackBuilder::with_aligned_buffer`]), then the pack.
     buf: Vec<u8>,
+    start: usize,
     entries: Vec<PackEntry>,
-    /// BLAKE3 of `buf` so far: the pack id once the table and footer are in.
+    /// BLAKE3 of the pack so far: the pack id once the table and footer are in.
     hasher: blake3::Hasher,
+}
+
+/// A finished pack in the buffer it was built in: its bytes are `buf[start..]`.
+pub struct FinishedPack {
+    pub id: PackId,
+    pub buf: Vec<u8>,
+    pub start: usize,
+    pub entries: Vec<PackEntry>,
+}
+
+impl FinishedPack {
+    /// The pack's bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.buf[self.start..]
+    }
 }
 
 impl Default for PackBuilder {
@@ -74,13 +91,31 @@ impl PackBuilder {
 
     /// A builder that appends to `buf` (cleared first): a buffer of the pack's expected size
     /// avoids growing it by copies, and a written pack's buffer can be reused for the next one.
-    pub fn with_buffer(mut buf: Vec<u8>) -> Self {
+    pub fn with_buffer(buf: Vec<u8>) -> Self {
+        Self::in_buffer(buf, 0)
+    }
+
+    /// [`PackBuilder::with_buffer`], with the pack starting at an address of `buf` that is a
+    /// multiple of `align` (a few padding bytes first): as long as the buffer does not grow,
+    /// the finished pack can be written with `O_DIRECT` straight from it, without a copy.
+    pub fn with_aligned_buffer(buf: Vec<u8>, align: usize) -> Self {
+        Self::in_buffer(buf, align)
+    }
+
+    fn in_buffer(mut buf: Vec<u8>, align: usize) -> Self {
         buf.clear();
+        let start = match buf.as_ptr().align_offset(align.max(1)) {
+            // Padding only where it fits without moving the buffer.
+            pad if pad < align && pad + HEADER.len() <= buf.capacity() => pad,
+            _ => 0,
+        };
+        buf.resize(start, 0);
         buf.extend_from_slice(HEADER);
         let mut hasher = blake3::Hasher::new();
         hasher.update(HEADER);
         Self {
             buf,
+            start,
             entries: Vec::new(),
             hasher,
         }
@@ -88,7 +123,7 @@ impl PackBuilder {
 
     /// Bytes so far (header and blobs).
     pub fn len(&self) -> usize {
-        self.buf.len()
+        self.buf.len() - self.start
     }
 
     pub fn is_empty(&self) -> bool {
@@ -101,7 +136,7 @@ impl PackBuilder {
 
     /// Appends one stored chunk.
     pub fn add(&mut self, chunk: ChunkId, codec: Codec, raw_len: usize, stored: &[u8]) {
-        let offset = self.buf.len() as u64;
+        let offset = self.len() as u64;
         self.buf.extend_from_slice(stored);
         self.hasher.update(stored);
         self.entries.push(PackEntry {
@@ -116,24 +151,38 @@ impl PackBuilder {
     /// Appends every chunk of `other`, in its order, after this pack's.
     pub fn append(&mut self, other: &PackBuilder) {
         for e in &other.entries {
-            let at = e.offset as usize;
+            let at = other.start + e.offset as usize;
             let stored = &other.buf[at..at + e.stored_len as usize];
             self.add(e.chunk, e.codec, e.raw_len as usize, stored);
         }
     }
 
     /// Seals the pack: appends table and footer, returns its id, bytes and entries.
-    pub fn finish(mut self) -> (PackId, Vec<u8>, Vec<PackEntry>) {
-        let start = self.buf.len();
+    pub fn finish(self) -> (PackId, Vec<u8>, Vec<PackEntry>) {
+        let mut p = self.finish_in_buffer();
+        if p.start > 0 {
+            p.buf.drain(..p.start);
+        }
+        (p.id, p.buf, p.entries)
+    }
+
+    /// Seals the pack, leaving it where it was built (after the padding of
+    /// [`PackBuilder::with_aligned_buffer`]).
+    pub fn finish_in_buffer(mut self) -> FinishedPack {
+        let at = self.buf.len();
         let table = encode_table(&self.entries);
         self.buf.extend_from_slice(&table);
         self.buf
             .extend_from_slice(&(table.len() as u64).to_le_bytes());
         self.buf.extend_from_slice(blake3::hash(&table).as_bytes());
         self.buf.extend_from_slice(FOOTER_MAGIC);
-        self.hasher.update(&self.buf[start..]);
-        let id = PackId::from(self.hasher.finalize());
-        (id, self.buf, self.entries)
+        self.hasher.update(&self.buf[at..]);
+        FinishedPack {
+            id: PackId::from(self.hasher.finalize()),
+            buf: self.buf,
+            start: self.start,
+            entries: self.entries,
+        }
     }
 }
 
@@ -308,12 +357,23 @@ mod tests {
                 .collect();
             let mut fresh = PackBuilder::new();
             let mut reused = PackBuilder::with_buffer(vec![0xAA; 3000]);
+            let mut aligned = PackBuilder::with_aligned_buffer(Vec::with_capacity(1 << 20), 4096);
+            let mut padded = PackBuilder::with_aligned_buffer(Vec::with_capacity(1 << 20), 4096);
             for c in &chunks {
                 fresh.add(ChunkId::of(c), Codec::Raw, c.len(), c);
                 reused.add(ChunkId::of(c), Codec::Raw, c.len(), c);
+                aligned.add(ChunkId::of(c), Codec::Raw, c.len(), c);
+                padded.add(ChunkId::of(c), Codec::Raw, c.len(), c);
             }
             let (id, bytes, entries) = fresh.finish();
             proptest::prop_assert_eq!(id, PackId::of(&bytes));
+            // Built at an aligned address, the same pack, left in place or taken out.
+            let in_place = aligned.finish_in_buffer();
+            proptest::prop_assert_eq!(in_place.bytes().as_ptr().align_offset(4096), 0);
+            proptest::prop_assert_eq!(in_place.bytes(), &bytes[..]);
+            proptest::prop_assert_eq!(in_place.id, id);
+            proptest::prop_assert_eq!(&in_place.entries, &entries);
+            proptest::prop_assert_eq!(padded.finish(), (id, bytes.clone(), entries.clone()));
             proptest::prop_assert_eq!(reused.finish(), (id, bytes, entries));
         }
     }
