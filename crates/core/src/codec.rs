@@ -60,7 +60,12 @@ impl Encoder {
         if let Some(z) = self.zstd.as_mut()
             && data.len() >= 64
         {
-            out.reserve(zstd::zstd_safe::compress_bound(data.len()));
+            // Room for the worst case, in a buffer of its own if `out` is too small: `reserve`
+            // would copy the old contents over (realloc), though they are cleared.
+            let bound = zstd::zstd_safe::compress_bound(data.len());
+            if out.capacity() < bound {
+                *out = Vec::with_capacity(bound);
+            }
             let n = z
                 .compress_to_buffer(data, out)
                 .map_err(|e| Error::Internal(format!("zstd compress: {e}")))?;

@@ -328,9 +328,11 @@ impl ChunkWriter {
             .collect();
         drop(to_packer);
         // One pack may wait while another is written: bounded memory, overlapping I/O. A
-        // written pack's buffer goes back to the packer for the next pack.
+        // written pack's buffer goes back to the packer for the next pack; room for one per
+        // lane, so that none is dropped (and a fresh one faulted in, page by page) while the
+        // lanes take turns.
         let (to_flusher, flush_rx) = bounded::<SealedPack>(1);
-        let (recycle_tx, recycle_rx) = bounded::<Vec<u8>>(1);
+        let (recycle_tx, recycle_rx) = bounded::<Vec<u8>>(lanes + 1);
         let packer = {
             let shared = shared.clone();
             let target = config.pack_target_size;
