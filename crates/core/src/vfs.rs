@@ -4423,7 +4423,7 @@ fn remove_staging(staging: &Path, run_id: i64) {
     if let Err(e) = fs::remove_dir_all(&dir) {
         tracing::warn!(
             run = run_id,
-            "sealed, but its staging directory {} stays (removed at the next mount): {e}",
+            "its staging directory {} stays (a sealed run's is removed at the next mount): {e}",
             dir.display()
         );
     }
