@@ -445,6 +445,11 @@ pub fn open_store(dir: &Path) -> Result<Store> {
 /// `--lock-wait`, set once from the command line.
 static LOCK_WAIT: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
 
+/// `--lock-wait` as given (0 until the command line is read).
+pub fn lock_wait() -> Duration {
+    LOCK_WAIT.get().copied().unwrap_or_default()
+}
+
 /// How often a waiting command tries the store's lock again.
 const LOCK_RETRY: Duration = Duration::from_millis(200);
 
@@ -464,7 +469,7 @@ pub enum Reached {
 /// (a command such as `ingest` or `gc`, which ends by itself) is waited for, up to
 /// `--lock-wait`, with one line on standard error that says so.
 pub fn open_or_reach(dir: &Path) -> Result<Reached> {
-    let wait = LOCK_WAIT.get().copied().unwrap_or_default();
+    let wait = lock_wait();
     let started = std::time::Instant::now();
     let mut said = false;
     loop {

@@ -147,7 +147,13 @@ pub fn detach(a: &MountArgs) -> Result<()> {
         .with_context(|| format!("cannot open {}", log_path.display()))?;
     let exe = std::env::current_exe().context("cannot find the artifactfs executable")?;
     let mut cmd = Command::new(exe);
-    cmd.arg("--store").arg(&a.store);
+    // Should another command take the store between that check and the child's start, the
+    // child waits for it as this process would have.
+    let wait = crate::cli::lock_wait();
+    cmd.arg("--store")
+        .arg(&a.store)
+        .arg("--lock-wait")
+        .arg(humantime::format_duration(wait).to_string());
     for _ in 0..a.verbose.max(1) {
         cmd.arg("-v");
     }
@@ -171,7 +177,7 @@ pub fn detach(a: &MountArgs) -> Result<()> {
     }
     cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
     let mut child = cmd.spawn().context("cannot start the mount process")?;
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_secs(60) + wait;
     loop {
         if is_mounted(&mp) {
             // The mount shows before the mount process has set its readahead: set it here too,
@@ -196,8 +202,9 @@ pub fn detach(a: &MountArgs) -> Result<()> {
         }
         if Instant::now() > deadline {
             bail!(
-                "the mount at {} was not ready after 60 s (see {})",
+                "the mount at {} was not ready after {} (see {})",
                 mp.display(),
+                humantime::format_duration(Duration::from_secs(60) + wait),
                 log_path.display()
             );
         }

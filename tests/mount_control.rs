@@ -222,6 +222,27 @@ fn a_mount_started_while_a_command_holds_the_store_waits_for_it() {
     );
     fs::create_dir_all(m.p("ns/r")).unwrap();
     assert!(ok_in(&env, &["runs"]).contains("ns/r\topen"));
+    drop(m);
+
+    // Detached: `mount` returns 0 once the mount is up, after the wait.
+    let held = artifactfs_core::Store::open(&env.store()).unwrap();
+    let letgo = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(700));
+        drop(held);
+    });
+    let mnt = env.path("mnt2");
+    fs::create_dir_all(&mnt).unwrap();
+    let out = run_in(
+        &env,
+        &["mount", mnt.to_str().unwrap(), "--seal-after", "1h"],
+    );
+    letgo.join().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("waiting up to 2m"), "{err}");
+    assert!(common::mount::is_mounted(&mnt));
+    assert!(ok_in(&env, &["runs"]).contains("ns/r\topen"));
+    ok_in(&env, &["umount", mnt.to_str().unwrap()]);
 }
 
 #[test]
