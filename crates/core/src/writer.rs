@@ -850,18 +850,23 @@ mod tests {
         }
     }
 
+    /// A new store whose packs target 1 MiB, in a temporary directory kept with it.
+    fn store_of_1mib_packs() -> (tempfile::TempDir, crate::store::Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = crate::store::InitOptions {
+            pack_target_size: 1 << 20,
+            ..Default::default()
+        };
+        let store = crate::store::Store::init(&dir.path().join("store"), &opts).unwrap();
+        (dir, store)
+    }
+
     /// Two readers submitting at once on lanes of their own: every full pack holds the chunks
     /// of one lane only (the lanes' partial last packs may end up together, each lane's chunks
     /// in a row), and every chunk is stored once and recorded under its sequence number.
     #[test]
     fn each_lane_fills_packs_of_its_own() {
-        use crate::store::{InitOptions, Store};
-        let dir = tempfile::tempdir().unwrap();
-        let opts = InitOptions {
-            pack_target_size: 1 << 20,
-            ..InitOptions::default()
-        };
-        let store = Store::init(&dir.path().join("store"), &opts).unwrap();
+        let (_dir, store) = store_of_1mib_packs();
         let seal = store.seal_guard();
         let writer = store.writer_with_lanes(&seal, 2);
         const CHUNK: usize = 32 << 10;
@@ -957,13 +962,7 @@ mod tests {
     /// fit in one, and their chunks read back from it.
     #[test]
     fn the_lanes_partial_last_packs_become_one() {
-        use crate::store::{InitOptions, Store};
-        let dir = tempfile::tempdir().unwrap();
-        let opts = InitOptions {
-            pack_target_size: 1 << 20,
-            ..InitOptions::default()
-        };
-        let store = Store::init(&dir.path().join("store"), &opts).unwrap();
+        let (_dir, store) = store_of_1mib_packs();
         let seal = store.seal_guard();
         let submit = |w: &ChunkWriter, lane: usize, d: &[u8]| {
             let mut buf = w.block_buffer(d.len()).unwrap();
