@@ -137,7 +137,7 @@ impl Write for FrameWriter<'_> {
 /// Connects to the store owner's control socket; `Ok(None)` when nobody listens on it (no
 /// socket file, or a dead owner's), as when the store is held by a command such as `ingest`.
 pub fn connect(store_dir: &Path) -> std::io::Result<Option<UnixStream>> {
-    match UnixStream::connect(store_dir.join(SOCKET)) {
+    match UnixStream::connect(socket_path(store_dir)) {
         Ok(s) => Ok(Some(s)),
         Err(e)
             if matches!(
@@ -165,7 +165,7 @@ pub fn forward(
     cmd: &Command,
     locked: anyhow::Error,
 ) -> Result<u8> {
-    let path = store_dir.join(SOCKET);
+    let path = socket_path(store_dir);
     stream
         .set_read_timeout(Some(HELLO_TIMEOUT))
         .context("set a timeout on the control socket")?;
@@ -250,7 +250,7 @@ impl Server {
     /// Binds `STORE/control.sock` (replacing a stale one: the caller owns the store's lock)
     /// and answers commands against `vfs` from background threads.
     pub fn start(store_dir: &Path, vfs: Arc<Vfs>) -> Result<Self> {
-        let path = store_dir.join(SOCKET);
+        let path = socket_path(store_dir);
         match std::fs::remove_file(&path) {
             Ok(()) => tracing::info!(socket = %path.display(), "removed a stale control socket"),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

@@ -106,8 +106,9 @@ fn canonical_mountpoint(p: &Path) -> Result<PathBuf> {
     Ok(c)
 }
 
-/// Opens (or creates) the store to be mounted; a store that is owned already is refused with
-/// a message that says so (exit status 5).
+/// Opens (or creates) the store to be mounted. A store owned by a mount, server or watcher is
+/// refused with a message that says so (exit status 5); one held by a command is waited for
+/// (`--lock-wait`, see [`crate::cli::open_or_reach`]).
 pub fn open_for_mount(dir: &Path, verb: &str) -> Result<Store> {
     if crate::cli::is_empty_or_missing(dir) {
         drop(
